@@ -1,0 +1,112 @@
+"""Stage 3: answer an English question with phi-2 (or a phi-2-family fine-tune).
+
+The prompt is the model card's QA format, `Instruct: <question>\\nOutput:`. Generation runs on an
+engine (generation.py: transformers' `generate`; fast_generate.py: static cache and CUDA graphs),
+stops at end-of-text or where phi-2 starts a new turn (stop_sequences.py), and the text is trimmed
+there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .errors import InputTooLongError, ModelLoadError
+from .generation import FINISH_STOP, Engine, GenerationSettings, TransformersEngine
+from .loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype, status
+from .stop_sequences import find_stop, trim_answer
+
+DEFAULT_LLM = "microsoft/phi-2"
+PROMPT = "Instruct: {question}\nOutput:"
+ENGINE_CHOICES = ("auto", "fast", "transformers")
+HOLD_BACK = 24  # characters of a new line held back while streaming (longer than any stop line)
+
+
+@dataclass
+class AnswerText:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+
+
+def choose_engine(choice: str, model, eos_token_id: int, device: torch.device) -> Engine:
+    """The engine `--engine` names; `auto` takes the fast one wherever it can serve."""
+    if choice == "transformers":
+        return TransformersEngine(model, eos_token_id)
+    from .fast_generate import FastPhiEngine
+
+    reason = FastPhiEngine.unsupported_reason(model, device)
+    if reason is None:
+        return FastPhiEngine(model, eos_token_id)
+    if choice == "fast":
+        raise ModelLoadError(f"--engine fast cannot serve here: {reason}; use --engine transformers")
+    status(f"using transformers' generate ({reason})")
+    return TransformersEngine(model, eos_token_id)
+
+
+class Answerer:
+    def __init__(self, model, tokenizer, engine: Engine, name: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.name = name
+        self.max_positions = getattr(model.config, "max_position_embeddings", 2048)
+
+    @classmethod
+    def from_pretrained(cls, name: str = DEFAULT_LLM, *, device: str | torch.device = "auto",
+                        dtype: str | None = None, engine: str = "auto") -> "Answerer":
+        from transformers import AutoModelForCausalLM
+
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        directory = locate_model(name, "--llm")
+        model = load_pretrained(AutoModelForCausalLM, directory, name, device, resolve_dtype(dtype, device))
+        tokenizer = load_tokenizer(directory, name)
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+        return cls(model, tokenizer, choose_engine(engine, model, eos, device), name)
+
+    def _stops(self, ids) -> bool:
+        return find_stop(self.tokenizer.decode(ids, skip_special_tokens=False)) is not None
+
+    def encode(self, question: str, max_new_tokens: int) -> list[int]:
+        ids = self.tokenizer(PROMPT.format(question=question.strip()))["input_ids"]
+        if len(ids) + max_new_tokens > self.max_positions:
+            raise InputTooLongError(
+                f"the question is {len(ids)} tokens long in English; {self.name} reads at most"
+                f" {self.max_positions} tokens, {max_new_tokens} of them kept for the answer (--max-new-tokens)"
+            )
+        return ids
+
+    def answer(self, questions: list[str], settings: GenerationSettings) -> list[AnswerText]:
+        """Answer English questions together, in one batch."""
+        prompts = [self.encode(q, settings.max_new_tokens) for q in questions]
+        generated = self.engine.generate(prompts, settings, self._stops)
+        answers = []
+        for prompt, row in zip(prompts, generated):
+            text, cut = trim_answer(self.tokenizer.decode(row.token_ids, skip_special_tokens=True))
+            reason = FINISH_STOP if cut else row.finish_reason
+            answers.append(AnswerText(text, reason, len(prompt), len(row.token_ids)))
+        return answers
+
+    def stream(self, question: str, settings: GenerationSettings) -> Iterator[str]:
+        """The answer's text as it is generated, piece by piece, ending at the first stop."""
+        prompt = self.encode(question, settings.max_new_tokens)
+        ids: list[int] = []
+        shown = 0
+        for token in self.engine.stream(prompt, settings, self._stops):
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+            stop = find_stop(text)
+            if stop is not None:
+                break
+            # Hold back half a character and a short last line: it may be the start of a stop line.
+            line_start = text.rfind("\n") + 1
+            ready = text.rstrip("\ufffd") if len(text) - line_start >= HOLD_BACK else text[:line_start]
+            if len(ready) > shown:
+                yield ready[shown:]
+                shown = len(ready)
+        final = trim_answer(self.tokenizer.decode(ids, skip_special_tokens=True))[0]
+        if len(final) > shown:
+            yield final[shown:]

@@ -1,0 +1,169 @@
+"""Token generation for the answer stage: the settings, the result, and the transformers engine.
+
+An engine turns prompts (token ids) into generated token ids. Two engines share this contract:
+`TransformersEngine` here (any device, any causal LM) and `FastPhiEngine` in `fast_generate.py`
+(phi-2 family on CUDA, static cache and captured decode steps). The answer stage picks one and never
+looks inside it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+
+# Given one row's generated ids so far, True once a stop sequence has appeared in its text.
+StopCheck = Callable[[Sequence[int]], bool]
+
+FINISH_EOS = "eos"  # the model wrote end-of-text
+FINISH_STOP = "stop"  # a stop sequence appeared (phi-2 starting an invented follow-up)
+FINISH_LENGTH = "length"  # max_new_tokens reached
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Generated:
+    token_ids: list[int]  # generated ids, without the prompt and without end-of-text
+    finish_reason: str
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], settings: GenerationSettings,
+                 stop_check: StopCheck | None = None) -> list[Generated]: ...
+
+    def stream(self, prompt: list[int], settings: GenerationSettings,
+               stop_check: StopCheck | None = None) -> Iterator[int]: ...
+
+
+def finish_row(ids: Sequence[int], eos_token_id: int, max_new_tokens: int,
+               stop_check: StopCheck | None) -> Generated:
+    """Cut a row's ids at end-of-text and name why it finished.
+
+    A row stopped by a stop sequence is padded with end-of-text afterwards, so the stop check comes
+    first: it names the true reason for such a row.
+    """
+    ids = list(ids)
+    ended = eos_token_id in ids
+    body = ids[: ids.index(eos_token_id)] if ended else ids[:max_new_tokens]
+    if stop_check is not None and stop_check(body):
+        return Generated(body, FINISH_STOP)
+    return Generated(body, FINISH_EOS if ended else FINISH_LENGTH)
+
+
+class _StopEachRow:
+    """A transformers stopping criterion: per row, stop on a stop sequence."""
+
+    def __init__(self, prompt_length: int, stop_check: StopCheck):
+        self.prompt_length = prompt_length
+        self.stop_check = stop_check
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        rows = input_ids[:, self.prompt_length:].tolist()
+        done = [self.stop_check(row) for row in rows]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _QueueStreamer:
+    """Receives tokens from `generate` (running in a thread) and hands them to an iterator."""
+
+    def __init__(self):
+        self.tokens: queue.Queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first sends the prompt itself
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.tokens.put(token)
+
+    def end(self) -> None:
+        self.tokens.put(None)
+
+
+class TransformersEngine:
+    """`model.generate` with left padding, stop sequences and seeded sampling."""
+
+    name = "transformers"
+
+    def __init__(self, model, eos_token_id: int, pad_token_id: int | None = None):
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+
+    def _generate_kwargs(self, settings: GenerationSettings, prompt_length: int,
+                         stop_check: StopCheck | None) -> dict:
+        from transformers import StoppingCriteriaList
+
+        kwargs = dict(
+            max_new_tokens=settings.max_new_tokens, eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id, do_sample=not settings.greedy,
+        )
+        if not settings.greedy:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if stop_check is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopEachRow(prompt_length, stop_check)])
+        return kwargs
+
+    def _batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad prompts so every row's next token lands in the same column."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        return ids.to(self.model.device), mask.to(self.model.device)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], settings: GenerationSettings,
+                 stop_check: StopCheck | None = None) -> list[Generated]:
+        ids, mask = self._batch(prompts)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                  **self._generate_kwargs(settings, ids.shape[1], stop_check))
+        new = out[:, ids.shape[1]:].tolist()
+        return [finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check) for row in new]
+
+    def stream(self, prompt: list[int], settings: GenerationSettings,
+               stop_check: StopCheck | None = None) -> Iterator[int]:
+        """Yield generated ids as they come; ends at end-of-text, a stop sequence or the length."""
+        ids, mask = self._batch([prompt])
+        streamer = _QueueStreamer()
+        kwargs = self._generate_kwargs(settings, ids.shape[1], stop_check)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kwargs)
+            finally:
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        while (token := streamer.tokens.get()) is not None:
+            if token == self.eos_token_id:
+                break
+            yield token
+        worker.join()

@@ -1,0 +1,189 @@
+"""The whole pipeline: detect -> translate (ja->en) -> answer -> translate (en->ja) -> render.
+
+This module only composes the stages. `BilingualQA` loads the three models once per process and
+answers one question (`ask`) or many together (`ask_batch`, each stage batched across questions).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .answer import DEFAULT_LLM, Answerer
+from .detect import detect_language, require_supported
+from .errors import BilingualQAError, EmptyInputError, InputTooLongError
+from .generation import GenerationSettings
+from .loading import locate_model, resolve_device
+from .render import render
+from .translate import Translator
+
+DEFAULT_JA_EN = "Helsinki-NLP/opus-mt-ja-en"
+DEFAULT_EN_JA = "staka/fugumt-en-ja"
+MAX_QUESTION_CHARS = 4000  # far past what phi-2's 2048 positions hold; refused before any model runs
+
+
+def default_models() -> dict[str, str]:
+    """The models used when none is named: environment variables first, then the published ones."""
+    return {
+        "llm": os.environ.get("BILINGUAL_QA_LLM", DEFAULT_LLM),
+        "ja_en": os.environ.get("BILINGUAL_QA_JA_EN", DEFAULT_JA_EN),
+        "en_ja": os.environ.get("BILINGUAL_QA_EN_JA", DEFAULT_EN_JA),
+    }
+
+
+@dataclass
+class QAResult:
+    source_lang: str
+    question_en: str
+    question_ja: str
+    answer_en: str
+    answer_ja: str
+    finish_reason: str
+    models: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+    engine: str = ""
+    mt_backend: str = ""
+    generated_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def render(self, fmt: str = "text") -> str:
+        return render(self, fmt)
+
+
+def check_question(text: str) -> str:
+    if not text or not text.strip():
+        raise EmptyInputError("the question is empty: type a question in Japanese or English")
+    if len(text) > MAX_QUESTION_CHARS:
+        raise InputTooLongError(f"the question is {len(text)} characters long; the limit is {MAX_QUESTION_CHARS}")
+    return text.strip()
+
+
+class _StageClock:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[stage] = round(now - since, 4)
+        return now
+
+
+class BilingualQA:
+    def __init__(self, answerer: Answerer, ja_en: Translator, en_ja: Translator):
+        self.answerer = answerer
+        self.ja_en = ja_en
+        self.en_ja = en_ja
+
+    @classmethod
+    def from_pretrained(cls, llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None, *,
+                        device: str = "auto", dtype: str | None = None, engine: str = "auto",
+                        mt_backend: str = "auto", beams: int | None = None) -> "BilingualQA":
+        """Load the three models (hub ids or local directories) once, onto one device.
+
+        `beams` is the translators' beam width; by default each model's published generation config.
+        """
+        names = default_models()
+        llm, ja_en, en_ja = llm or names["llm"], ja_en or names["ja_en"], en_ja or names["en_ja"]
+        resolved = resolve_device(device)
+        for name, option in ((llm, "--llm"), (ja_en, "--ja-en"), (en_ja, "--en-ja")):
+            locate_model(name, option)  # a missing model fails now, before minutes of loading
+        translators = [
+            Translator.from_pretrained(name, device=resolved, dtype=dtype, backend=mt_backend,
+                                       target_lang=target, option=option, num_beams=beams)
+            for name, target, option in ((ja_en, "en", "--ja-en"), (en_ja, "ja", "--en-ja"))
+        ]
+        answerer = Answerer.from_pretrained(llm, device=resolved, dtype=dtype, engine=engine)
+        return cls(answerer, *translators)
+
+    @property
+    def models(self) -> dict[str, str]:
+        return {"llm": self.answerer.name, "ja_en": self.ja_en.name, "en_ja": self.en_ja.name}
+
+    def ask(self, text: str, *, source_lang: str | None = None,
+            settings: GenerationSettings = GenerationSettings()) -> QAResult:
+        """Answer one question; a problem with it raises a BilingualQAError."""
+        result = self.ask_batch([text], source_lang=source_lang, settings=settings)[0]
+        if isinstance(result, BilingualQAError):
+            raise result
+        return result
+
+    def ask_batch(self, texts: list[str], *, source_lang: str | None = None,
+                  settings: GenerationSettings = GenerationSettings()) -> list[QAResult | BilingualQAError]:
+        """Answer many questions, each stage batched across them; a bad question gets its error
+        in its place and the others go on."""
+        clock = _StageClock()
+        langs: list[str | BilingualQAError] = []
+        for text in texts:
+            try:
+                question = check_question(text)
+                langs.append(require_supported(source_lang or detect_language(question)))
+            except BilingualQAError as error:
+                langs.append(error)
+        t = clock.lap("detect", clock.start)
+
+        ja_rows = [i for i, lang in enumerate(langs) if lang == "ja"]
+        question_en = {i: texts[i].strip() for i, lang in enumerate(langs) if lang == "en"}
+        question_en.update(zip(ja_rows, self.ja_en.translate([texts[i].strip() for i in ja_rows])))
+        t = clock.lap("translate_question", t)
+
+        answers = self._answer_each(question_en, settings, langs)
+        t = clock.lap("answer", t)
+
+        en_rows = [i for i in answers if langs[i] == "en"]
+        answered = sorted(answers)
+        ja_texts = self.en_ja.translate([answers[i].text for i in answered] + [question_en[i] for i in en_rows])
+        answer_ja = dict(zip(answered, ja_texts))
+        question_ja = {i: texts[i].strip() for i in ja_rows} | dict(zip(en_rows, ja_texts[len(answered):]))
+        clock.lap("translate_answer", t)
+        clock.timings["total"] = round(time.perf_counter() - clock.start, 4)
+
+        results: list[QAResult | BilingualQAError] = []
+        for i, lang in enumerate(langs):
+            if isinstance(lang, BilingualQAError):
+                results.append(lang)
+                continue
+            results.append(QAResult(
+                source_lang=lang, question_en=question_en[i], question_ja=question_ja[i],
+                answer_en=answers[i].text, answer_ja=answer_ja[i], finish_reason=answers[i].finish_reason,
+                models=self.models, timings=dict(clock.timings), engine=self.answerer.engine.name,
+                mt_backend=self.ja_en.backend.name, generated_tokens=answers[i].generated_tokens,
+            ))
+        return results
+
+    def _answer_each(self, question_en: dict[int, str], settings: GenerationSettings, langs: list) -> dict:
+        """Answer the questions that fit phi-2 together; one that is too long gets its error."""
+        prompts_ok = {}
+        for i, question in question_en.items():
+            try:
+                self.answerer.encode(question, settings.max_new_tokens)
+                prompts_ok[i] = question
+            except InputTooLongError as error:
+                langs[i] = error
+        rows = sorted(prompts_ok)
+        return dict(zip(rows, self.answerer.answer([prompts_ok[i] for i in rows], settings))) if rows else {}
+
+    def compare(self, text: str, llms: list[str], *, source_lang: str | None = None,
+                settings: GenerationSettings = GenerationSettings(), dtype: str | None = None,
+                engine: str = "auto") -> list[QAResult]:
+        """The same question through several phi-2-family models (base vs fine-tune, as in the
+        source article); translation models are loaded once, each LLM in turn."""
+        results = []
+        device = self.answerer.model.device
+        for index, name in enumerate(llms):
+            if index > 0 or name != self.answerer.name:
+                self._replace_llm(name, device, dtype, engine)
+            results.append(self.ask(text, source_lang=source_lang, settings=settings))
+        return results
+
+    def _replace_llm(self, name: str, device: torch.device, dtype: str | None, engine: str) -> None:
+        # Free the previous model first: two 5.6 GB models need not fit on the GPU together.
+        self.answerer = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.answerer = Answerer.from_pretrained(name, device=device, dtype=dtype, engine=engine)

@@ -1,0 +1,42 @@
+"""Stage 5: show the question and answer in English, then in Japanese.
+
+`text` is the source article's layout (English, a line `### ---`, Japanese); `markdown` has
+headings; `json` is one object for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .qa import QAResult
+
+FORMATS = ("text", "markdown", "json")
+DIVIDER = "### ---"
+
+
+def render_text(result: "QAResult") -> str:
+    return "\n".join([
+        f"Q: {result.question_en}", "", result.answer_en, "", DIVIDER, "",
+        f"Q: {result.question_ja}", "", result.answer_ja, "",
+    ])
+
+
+def render_markdown(result: "QAResult") -> str:
+    return "\n".join([
+        "## English", "", f"**Q:** {result.question_en}", "", result.answer_en, "",
+        "## 日本語", "", f"**質問:** {result.question_ja}", "", result.answer_ja, "",
+        f"<sub>model: {result.models['llm']} · finish: {result.finish_reason}</sub>", "",
+    ])
+
+
+def render_json(result: "QAResult") -> str:
+    return json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n"
+
+
+def render(result: "QAResult", fmt: str = "text") -> str:
+    renderers = {"text": render_text, "markdown": render_markdown, "json": render_json}
+    if fmt not in renderers:
+        raise ValueError(f"unknown format '{fmt}': use one of {', '.join(FORMATS)}")
+    return renderers[fmt](result)

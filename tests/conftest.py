@@ -1,0 +1,52 @@
+"""Session fixtures: tiny checkpoints in the published formats, built once, and an offline hub."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Set before transformers or huggingface_hub is imported anywhere: no test may reach the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_tiny_marian, build_tiny_phi2  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_phi2_dir(tiny_models_dir) -> Path:
+    return build_tiny_phi2(tiny_models_dir / "phi-2")
+
+
+@pytest.fixture(scope="session")
+def tiny_ja_en_dir(tiny_models_dir) -> Path:
+    return build_tiny_marian(tiny_models_dir / "opus-mt-ja-en", "ja", "en")
+
+
+@pytest.fixture(scope="session")
+def tiny_en_ja_dir(tiny_models_dir) -> Path:
+    return build_tiny_marian(tiny_models_dir / "fugumt-en-ja", "en", "ja")
+
+
+@pytest.fixture(scope="session")
+def model_args(tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_dir) -> list[str]:
+    """CLI options that point every stage at the tiny checkpoints."""
+    return ["--llm", str(tiny_phi2_dir), "--ja-en", str(tiny_ja_en_dir), "--en-ja", str(tiny_en_ja_dir)]
+
+
+@pytest.fixture(scope="session")
+def qa(tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_dir):
+    """The whole pipeline on the tiny checkpoints, loaded once (as a process would)."""
+    from pipeline import BilingualQA
+
+    return BilingualQA.from_pretrained(str(tiny_phi2_dir), str(tiny_ja_en_dir), str(tiny_en_ja_dir),
+                                       device="cpu", engine="transformers", mt_backend="transformers",
+                                       beams=1)

@@ -1,0 +1,91 @@
+"""The whole pipeline through the Python API, on tiny checkpoints of the published formats."""
+
+import json
+
+import pytest
+
+from pipeline import BilingualQA, GenerationSettings, QAResult
+from pipeline.errors import EmptyInputError, UnsupportedLanguageError
+
+SETTINGS = GenerationSettings(max_new_tokens=16)
+JA_QUESTION = "金利が上昇すると、どのように個人や企業の経済活動に影響を与えるのでしょうか？"
+
+
+def test_japanese_question_gets_both_languages(qa):
+    result = qa.ask(JA_QUESTION, settings=SETTINGS)
+    assert isinstance(result, QAResult)
+    assert result.source_lang == "ja"
+    assert result.question_ja == JA_QUESTION  # the original, not a round trip
+    assert result.question_en and result.answer_en and result.answer_ja
+    assert result.question_en == qa.ja_en.translate([JA_QUESTION])[0]
+    assert result.answer_ja == qa.en_ja.translate([result.answer_en])[0]
+
+
+def test_english_question_is_kept_and_translated_to_japanese(qa):
+    question = "How do rising interest rates affect companies?"
+    result = qa.ask(question, settings=SETTINGS)
+    assert result.source_lang == "en" and result.question_en == question
+    assert result.question_ja == qa.en_ja.translate([question])[0]
+
+
+def test_answer_is_what_the_answer_stage_gives(qa):
+    question = "What is inflation?"
+    result = qa.ask(question, settings=SETTINGS)
+    assert result.answer_en == qa.answerer.answer([question], SETTINGS)[0].text
+
+
+def test_json_has_the_contract_fields(qa):
+    data = json.loads(qa.ask("What is a bond?", settings=SETTINGS).render("json"))
+    for key in ("source_lang", "question_en", "question_ja", "answer_en", "answer_ja", "finish_reason",
+                "models", "timings"):
+        assert key in data
+    assert set(data["models"]) == {"llm", "ja_en", "en_ja"}
+    assert set(data["timings"]) >= {"detect", "translate_question", "answer", "translate_answer", "total"}
+    assert data["finish_reason"] in ("eos", "stop", "length")
+
+
+def test_text_format_is_the_articles_layout(qa):
+    result = qa.ask("What is a bond?", settings=SETTINGS)
+    text = result.render("text")
+    english, japanese = text.split("\n### ---\n")
+    assert result.answer_en in english and result.answer_ja in japanese
+    assert result.question_ja in japanese
+
+
+def test_markdown_format_has_both_sections(qa):
+    text = qa.ask("What is a bond?", settings=SETTINGS).render("markdown")
+    assert "## English" in text and "## 日本語" in text
+
+
+def test_batch_answers_match_single_answers_and_bad_rows_stay_in_place(qa):
+    questions = ["What is a bond?", "", "利率上升会如何影响个人和企业的经济活动？", JA_QUESTION]
+    results = qa.ask_batch(questions, settings=SETTINGS)
+    assert isinstance(results[1], EmptyInputError)
+    assert isinstance(results[2], UnsupportedLanguageError)
+    for index in (0, 3):
+        single = qa.ask(questions[index], settings=SETTINGS)
+        assert results[index].answer_en == single.answer_en
+        assert results[index].answer_ja == single.answer_ja
+
+
+def test_forced_source_language_skips_detection(qa):
+    result = qa.ask("円安", source_lang="en", settings=SETTINGS)
+    assert result.source_lang == "en" and result.question_en == "円安"
+
+
+def test_empty_question_raises(qa):
+    with pytest.raises(EmptyInputError):
+        qa.ask("   ", settings=SETTINGS)
+
+
+def test_compare_runs_each_model_and_keeps_the_translators(qa, tiny_phi2_dir, tmp_path):
+    from tiny_models import build_tiny_phi2
+
+    other = build_tiny_phi2(tmp_path / "fine-tune", layers=1)
+    compared = BilingualQA(qa.answerer, qa.ja_en, qa.en_ja)
+    ja_en = compared.ja_en
+    results = compared.compare("What is a bond?", [str(tiny_phi2_dir), str(other)], settings=SETTINGS,
+                               engine="transformers")
+    assert [r.models["llm"] for r in results] == [str(tiny_phi2_dir), str(other)]
+    assert results[0].question_ja == results[1].question_ja
+    assert compared.ja_en is ja_en

@@ -1,0 +1,215 @@
+"""Build tiny checkpoints in the published formats of phi-2 and MarianMT.
+
+The hub cannot be reached from any machine of this project, so tests (and the benchmarks, at the
+published shapes) build their own checkpoints: the published config.json with smaller dimensions,
+random safetensors weights, Marian sentencepiece files trained on a small corpus written here, and a
+byte-level BPE tokenizer for phi-2. The product's own loading code then reads them exactly as it
+reads a hub download.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+PUBLISHED = Path(__file__).parent / "published_configs"
+
+ENGLISH_CORPUS = """\
+How do rising interest rates affect households and companies?
+When interest rates rise, borrowing becomes more expensive for people and firms.
+Companies may delay new investments because loans cost more.
+Households often spend less and save more when rates are high.
+What is inflation and why does it matter?
+Inflation is the rate at which prices rise over time.
+Central banks raise rates to slow down inflation.
+A bond pays a fixed interest to its holder until it matures.
+Stocks represent a share of ownership in a company.
+Diversification spreads risk across many different assets.
+The exchange rate tells how much one currency is worth in another.
+A weaker yen makes Japanese exports cheaper abroad.
+Mortgage payments increase when variable rates go up.
+Saving early lets compound interest work for a long time.
+The budget shows income, spending and the balance left over.
+Please explain the difference between a loan and a lease.
+Write a short answer in plain English.
+Exercise 3: calculate the interest on a loan of 1000 dollars.
+Question: what happens to bond prices when rates rise?
+Answer: bond prices usually fall when interest rates rise.
+def compound(principal, rate, years):
+    return principal * (1 + rate) ** years
+print(compound(1000, 0.05, 10))
+The quick brown fox jumps over the lazy dog.
+It was a sunny day, and the market opened higher than expected.
+Economists disagree about how fast the economy will grow next year.
+""".splitlines()
+
+JAPANESE_CORPUS = """\
+金利が上昇すると、どのように個人や企業の経済活動に影響を与えるのでしょうか？
+金利が上がると、人や企業にとって借り入れの費用が高くなります。
+企業は融資の費用が増えるので、新しい投資を遅らせることがあります。
+金利が高いとき、家計は支出を減らし、貯蓄を増やすことが多いです。
+インフレとは何ですか、そしてなぜ重要なのですか？
+インフレは物価が時間とともに上昇する割合です。
+中央銀行はインフレを抑えるために金利を引き上げます。
+債券は満期まで保有者に一定の利息を支払います。
+株式は会社の所有権の一部を表します。
+分散投資はリスクを多くの異なる資産に広げます。
+為替レートはある通貨が別の通貨でどれだけの価値があるかを示します。
+円安は日本の輸出品を海外で安くします。
+変動金利が上がると住宅ローンの返済額が増えます。
+早く貯蓄を始めると複利が長い間働きます。
+予算は収入、支出、そして残った残高を示します。
+ローンとリースの違いを説明してください。
+簡単な日本語で短く答えてください。
+今日は晴れていて、市場は予想よりも高く始まりました。
+経済学者は来年の経済成長の速さについて意見が分かれています。
+東京の株式市場は午後に少し下がりました。
+これはペンです。私は学生です。
+ひらがな、カタカナ、漢字を使って文章を書きます。
+""".splitlines()
+
+EOS = "<|endoftext|>"
+
+
+def _train_sentencepiece(lines: list[str], prefix: Path, vocab_size: int) -> None:
+    import sentencepiece as spm
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
+        f.write("\n".join(lines * 4))
+    spm.SentencePieceTrainer.train(
+        input=f.name,
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    Path(f.name).unlink()
+
+
+def _spm_pieces(model_file: Path) -> list[str]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+
+
+def build_tiny_marian(path: Path, source: str, target: str, *, d_model: int = 32,
+                      layers: int = 2, ffn: int = 64, heads: int = 4) -> Path:
+    """A MarianMT checkpoint of the published opus-mt schema with tiny dimensions.
+
+    Like the published models: `</s>` is id 0, `<unk>` id 1, `<pad>` the last id and the decoder
+    start; source.spm/target.spm are sentencepiece models; vocab.json maps pieces of both to ids.
+    """
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    corpora = {"ja": JAPANESE_CORPUS, "en": ENGLISH_CORPUS}
+    work = path / "_spm"
+    work.mkdir(exist_ok=True)
+    _train_sentencepiece(corpora[source], work / "source", 250)
+    _train_sentencepiece(corpora[target], work / "target", 250)
+    (work / "source.model").rename(path / "source.spm")
+    (work / "target.model").rename(path / "target.spm")
+    for leftover in work.iterdir():
+        leftover.unlink()
+    work.rmdir()
+
+    vocab = {"</s>": 0, "<unk>": 1}
+    for piece in _spm_pieces(path / "source.spm") + _spm_pieces(path / "target.spm"):
+        if piece not in vocab and piece not in ("<s>", "</s>", "<unk>", "<pad>"):
+            vocab[piece] = len(vocab)
+    pad_id = len(vocab)
+    vocab["<pad>"] = pad_id
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
+
+    published = json.loads((PUBLISHED / "Helsinki-NLP--opus-mt-ja-en" / "config.json").read_text())
+    published.update(
+        d_model=d_model, encoder_layers=layers, decoder_layers=layers, num_hidden_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+        vocab_size=pad_id + 1, decoder_vocab_size=pad_id + 1,
+        pad_token_id=pad_id, decoder_start_token_id=pad_id, bad_words_ids=[[pad_id]],
+    )
+    config = MarianConfig(**published)
+    torch.manual_seed(0)
+    model = MarianMTModel(config).eval()
+    # With the default tiny init every input decodes to the same token; a wider spread makes the
+    # output depend on the input, as a trained model's does, so tests can tell rows apart.
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and "layer_norm" not in name and "embed_positions" not in name:
+                weight.normal_(0, 0.3)
+    # The generation_config.json published beside opus-mt checkpoints.
+    for key in ("bad_words_ids", "bos_token_id", "decoder_start_token_id", "eos_token_id",
+                "forced_eos_token_id", "max_length", "num_beams", "pad_token_id"):
+        setattr(model.generation_config, key, published[key])
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer = MarianTokenizer(
+        source_spm=str(path / "source.spm"), target_spm=str(path / "target.spm"),
+        vocab=str(path / "vocab.json"), source_lang=source, target_lang=target,
+    )
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_phi2_tokenizer(path: Path):
+    """A byte-level BPE tokenizer like phi-2's (CodeGen/GPT-2 style), trained on the small corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    bpe.train_from_iterator(ENGLISH_CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS,
+        model_max_length=2048, clean_up_tokenization_spaces=False,
+    )
+    tokenizer.save_pretrained(path)
+    config_file = Path(path) / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["tokenizer_class"] = "CodeGenTokenizer"  # as published for phi-2
+    config_file.write_text(json.dumps(tokenizer_config, indent=1))
+    return tokenizer
+
+
+def phi2_config(**shape):
+    """The published phi-2 config, with `shape` overriding its dimensions."""
+    from transformers import PhiConfig
+
+    published = json.loads((PUBLISHED / "microsoft--phi-2" / "config.json").read_text())
+    for key in ("_name_or_path", "transformers_version", "torch_dtype", "architectures"):
+        published.pop(key, None)
+    published.update(shape)
+    return PhiConfig(**published)
+
+
+def build_tiny_phi2(path: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """A PhiForCausalLM checkpoint of the published schema with tiny dimensions."""
+    from transformers import PhiForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_phi2_tokenizer(path)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    vocab_rows = ((len(tokenizer) + 63) // 64) * 64  # phi-2 pads its embedding past the tokenizer too
+    config = phi2_config(
+        hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab_rows,
+        bos_token_id=eos_id, eos_token_id=eos_id,
+    )
+    torch.manual_seed(0)
+    model = PhiForCausalLM(config).eval().to(dtype)
+    model.generation_config.pad_token_id = eos_id
+    model.save_pretrained(path, safe_serialization=True)
+    return path
