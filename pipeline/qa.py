@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -17,7 +18,7 @@ from .detect import detect_language, require_supported
 from .errors import BilingualQAError, EmptyInputError, InputTooLongError
 from .generation import GenerationSettings
 from .loading import locate_model, resolve_device
-from .render import render
+from .render import DIVIDER, render
 from .translate import Translator
 
 DEFAULT_JA_EN = "Helsinki-NLP/opus-mt-ja-en"
@@ -167,6 +168,21 @@ class BilingualQA:
                 langs[i] = error
         rows = sorted(prompts_ok)
         return dict(zip(rows, self.answerer.answer([prompts_ok[i] for i in rows], settings))) if rows else {}
+
+    def stream_text(self, text: str, *, source_lang: str | None = None,
+                    settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
+        """The `text` layout piece by piece, the English answer as phi-2 writes it (for a terminal)."""
+        question = check_question(text)
+        lang = require_supported(source_lang or detect_language(question))
+        question_en = self.ja_en.translate([question])[0] if lang == "ja" else question
+        yield f"Q: {question_en}\n\n"
+        pieces = []
+        for piece in self.answerer.stream(question_en, settings):
+            pieces.append(piece)
+            yield piece
+        answer_en = "".join(pieces)
+        answer_ja, *question_ja = self.en_ja.translate([answer_en] + ([question] if lang == "en" else []))
+        yield f"\n\n{DIVIDER}\n\nQ: {question_ja[0] if question_ja else question}\n\n{answer_ja}\n"
 
     def compare(self, text: str, llms: list[str], *, source_lang: str | None = None,
                 settings: GenerationSettings = GenerationSettings(), dtype: str | None = None,

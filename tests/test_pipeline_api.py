@@ -89,3 +89,9 @@ def test_compare_runs_each_model_and_keeps_the_translators(qa, tiny_phi2_dir, tm
     assert [r.models["llm"] for r in results] == [str(tiny_phi2_dir), str(other)]
     assert results[0].question_ja == results[1].question_ja
     assert compared.ja_en is ja_en
+
+
+@pytest.mark.parametrize("question", ["What is a bond?", JA_QUESTION])
+def test_streamed_layout_equals_the_rendered_answer(qa, question):
+    streamed = "".join(qa.stream_text(question, settings=SETTINGS))
+    assert streamed == qa.ask(question, settings=SETTINGS).render("text")

@@ -98,8 +98,11 @@ def _spm_pieces(model_file: Path) -> list[str]:
 
 
 def build_tiny_marian(path: Path, source: str, target: str, *, d_model: int = 32,
-                      layers: int = 2, ffn: int = 64, heads: int = 4) -> Path:
+                      layers: int = 2, ffn: int = 64, heads: int = 4, vocab_size: int | None = None) -> Path:
     """A MarianMT checkpoint of the published opus-mt schema with tiny dimensions.
+
+    `vocab_size` pads the vocabulary with unused pieces up to a published size (60716 for
+    opus-mt-ja-en), so benchmarks pay the published embedding and output-projection costs.
 
     Like the published models: `</s>` is id 0, `<unk>` id 1, `<pad>` the last id and the decoder
     start; source.spm/target.spm are sentencepiece models; vocab.json maps pieces of both to ids.
@@ -123,6 +126,8 @@ def build_tiny_marian(path: Path, source: str, target: str, *, d_model: int = 32
     for piece in _spm_pieces(path / "source.spm") + _spm_pieces(path / "target.spm"):
         if piece not in vocab and piece not in ("<s>", "</s>", "<unk>", "<pad>"):
             vocab[piece] = len(vocab)
+    while vocab_size is not None and len(vocab) < vocab_size - 1:
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)
     pad_id = len(vocab)
     vocab["<pad>"] = pad_id
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -144,6 +149,7 @@ def build_tiny_marian(path: Path, source: str, target: str, *, d_model: int = 32
         for name, weight in model.named_parameters():
             if weight.dim() == 2 and "layer_norm" not in name and "embed_positions" not in name:
                 weight.normal_(0, 0.3)
+        model.model.shared.weight[pad_id].zero_()  # as in the published checkpoints (padding_idx)
     # The generation_config.json published beside opus-mt checkpoints.
     for key in ("bad_words_ids", "bos_token_id", "decoder_start_token_id", "eos_token_id",
                 "forced_eos_token_id", "max_length", "num_beams", "pad_token_id"):
@@ -194,22 +200,29 @@ def phi2_config(**shape):
 
 
 def build_tiny_phi2(path: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-                    dtype: torch.dtype = torch.float32) -> Path:
-    """A PhiForCausalLM checkpoint of the published schema with tiny dimensions."""
+                    dtype: torch.dtype = torch.float32, vocab_rows: int | None = None,
+                    device: str = "cpu") -> Path:
+    """A PhiForCausalLM checkpoint of the published schema with tiny dimensions.
+
+    With hidden=2560, layers=32, heads=32, vocab_rows=51200 it has phi-2's published shape (random
+    weights; build it on a GPU with device="cuda", dtype=torch.float16 to take seconds, not minutes).
+    """
     from transformers import PhiForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_phi2_tokenizer(path)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    vocab_rows = ((len(tokenizer) + 63) // 64) * 64  # phi-2 pads its embedding past the tokenizer too
+    # phi-2 pads its embedding past the tokenizer too
+    vocab_rows = vocab_rows or ((len(tokenizer) + 63) // 64) * 64
     config = phi2_config(
         hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab_rows,
         bos_token_id=eos_id, eos_token_id=eos_id,
     )
     torch.manual_seed(0)
-    model = PhiForCausalLM(config).eval().to(dtype)
+    with torch.device(device):
+        model = PhiForCausalLM(config).eval().to(dtype)
     model.generation_config.pad_token_id = eos_id
     model.save_pretrained(path, safe_serialization=True)
     return path

@@ -1,0 +1,55 @@
+"""The README is the front door: its commands must work as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", README, re.S)
+
+
+def readme_commands() -> list[str]:
+    return [line.split("  #")[0].strip() for block in bash_blocks() for line in block.splitlines()
+            if "bilingual-qa " in line and not line.lstrip().startswith("#")]
+
+
+def test_install_command_is_the_one_ci_runs():
+    install = next(line for block in bash_blocks() for line in block.splitlines() if "pip install" in line)
+    pip_args = install.split("pip install", 1)[1].strip()
+    assert f"pip install --quiet {pip_args}" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_test_command_is_the_one_ci_runs():
+    assert "pytest\n" in bash_blocks()
+    assert re.search(r"^HF_HUB_OFFLINE=1 pytest$", (ROOT / ".ci" / "run").read_text(), re.M)
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_runs(command, tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_dir, tmp_path):
+    """Commands that name no model run on the tiny checkpoints (set as the defaults through the
+    environment variables); commands that name hub models or directories this machine lacks must
+    fail with the one-line error that says how to pass a local directory."""
+    executable = shutil.which("bilingual-qa", path=str(Path(sys.executable).parent)) or "bilingual-qa"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path),
+           "BILINGUAL_QA_LLM": str(tiny_phi2_dir), "BILINGUAL_QA_JA_EN": str(tiny_ja_en_dir),
+           "BILINGUAL_QA_EN_JA": str(tiny_en_ja_dir)}
+    shell = command.replace("bilingual-qa", executable, 1) + " --max-new-tokens 8 --beams 1"
+    proc = subprocess.run(["bash", "-c", shell], capture_output=True, env=env, timeout=300, cwd=tmp_path)
+    names_models = re.search(r"--(llm|ja-en|en-ja) ", command)
+    if names_models:
+        assert proc.returncode == 2 and b"Traceback" not in proc.stderr, proc.stderr.decode()
+        assert b"pass a local directory" in proc.stderr or b"does not exist" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout.strip()
