@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/bilingual-qa-bench")
     parser.add_argument("--answer-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--engines", default="auto,transformers")
+    parser.add_argument("--configs", default="auto/auto,auto/transformers,transformers/transformers",
+                        help="engine/mt-backend pairs to run in process")
     parser.add_argument("--beams", type=int, default=None)
     args = parser.parse_args()
 
@@ -115,8 +116,9 @@ def main() -> None:
     data, wall = run_cli(paths, args.answer_tokens, beams)
     rows = [{"run": f"CLI subprocess ({data['engine']}/{data['mt_backend']}), wall {wall:.1f} s",
              "tokens": data["generated_tokens"], **data["timings"]}]
-    for engine in args.engines.split(","):
-        rows += in_process(paths, args.answer_tokens, engine, "auto", args.beams, args.repeats)
+    for config in args.configs.split(","):
+        engine, mt_backend = config.split("/")
+        rows += in_process(paths, args.answer_tokens, engine, mt_backend, args.beams, args.repeats)
     print()
     print(table(rows))
     out = os.environ.get("OUT")

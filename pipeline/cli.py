@@ -18,6 +18,7 @@ from .generation import GenerationSettings
 from .mt_backend import BACKEND_CHOICES
 from .qa import BilingualQA, check_question
 from .render import FORMATS
+from .translate import DEFAULT_BATCH_TOKENS
 
 EXIT_USER_ERROR = 2
 
@@ -115,14 +116,32 @@ def main() -> None:
               help="phi-2-family model: hub id or local directory [default: microsoft/phi-2].")
 @model_options
 @generation_options
+@click.option("--batch", "batch_path", type=click.Path(dir_okay=False), default=None,
+              help="Answer every question of this .txt/.jsonl/.csv/.tsv file (no QUESTION) into --output.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="With --batch: the answers, one JSON object per question (.jsonl).")
+@click.option("--field", default=None, help="With --batch: JSONL field holding the question [default: text].")
+@click.option("--column", default=None, help="With --batch: CSV/TSV column holding the question [default: text].")
+@click.option("--errors", "errors_path", type=click.Path(dir_okay=False), default=None,
+              help="With --batch: bad rows file [default: OUTPUT.errors.jsonl].")
+@click.option("--restart", is_flag=True, help="With --batch: start over, overwriting the output.")
+@click.option("--quiet", "-q", is_flag=True, help="With --batch: no progress and no summary on stderr.")
 @user_errors
 def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
-        temperature, top_p, seed, source_lang):
-    """Answer QUESTION (or stdin) and show it in English and Japanese."""
+        temperature, top_p, seed, source_lang, batch_path, output, field, column, errors_path, restart, quiet):
+    """Answer QUESTION (or stdin) and show it in English and Japanese; with --batch FILE, answer every
+    question of FILE into --output (JSON lines), exactly once and resumable."""
+    if batch_path is not None:
+        return ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet,
+                              dict(llm=llm, ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, engine=engine,
+                                   mt_backend=mt_backend, beams=beams),
+                              settings_from(max_new_tokens, temperature, top_p, seed), source_lang)
+    if output or field or column or errors_path or restart or quiet:
+        fail("--output, --field, --column, --errors, --restart and --quiet go with --batch")
     question = read_question(question)
     forced = validate_language(question, source_lang)
     qa = BilingualQA.from_pretrained(llm, ja_en, en_ja, device=device, dtype=dtype, engine=engine,
-                                     mt_backend=mt_backend, beams=beams)
+                                     mt_backend=mt_backend, beams=beams, one_shot=True)
     result = qa.ask(question, source_lang=forced, settings=settings_from(max_new_tokens, temperature, top_p, seed))
     click.echo(result.render(fmt), nl=False)
 
@@ -141,10 +160,79 @@ def compare(question, llms, fmt, ja_en, en_ja, device, dtype, mt_backend, beams,
     question = read_question(question)
     forced = validate_language(question, source_lang)
     qa = BilingualQA.from_pretrained(llms[0], ja_en, en_ja, device=device, dtype=dtype, engine=engine,
-                                     mt_backend=mt_backend, beams=beams)
+                                     mt_backend=mt_backend, beams=beams, one_shot=True)
     results = qa.compare(question, list(llms), source_lang=forced, dtype=dtype, engine=engine,
                          settings=settings_from(max_new_tokens, temperature, top_p, seed))
     click.echo(render_comparison(results, fmt), nl=False)
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Output file, of the input's type; resumed if a run of the same job stopped.")
+@click.option("--to", "target", type=click.Choice(["en", "ja"]), required=True, help="Target language.")
+@click.option("--from", "source", type=click.Choice(["auto", "ja", "en"]), default="auto", show_default=True,
+              help="Source language; auto detects per row and copies rows already in the target language.")
+@model_options
+@click.option("--batch-tokens", type=click.IntRange(16), default=DEFAULT_BATCH_TOKENS, show_default=True,
+              help="Token budget of one translation batch (padded).")
+@click.option("--chunk-rows", type=click.IntRange(1), default=512, show_default=True,
+              help="Rows per committed chunk: a crash costs at most this much work.")
+@click.option("--field", default=None, help="JSONL field holding the text [default: text].")
+@click.option("--column", default=None, help="CSV/TSV column holding the text [default: text].")
+@click.option("--errors", "errors_path", type=click.Path(dir_okay=False), default=None,
+              help="Bad rows file [default: OUTPUT.errors.jsonl].")
+@click.option("--restart", is_flag=True, help="Start over, overwriting the output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary on stderr.")
+@user_errors
+def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, mt_backend, beams, batch_tokens,
+              chunk_rows, field, column, errors_path, restart, quiet):
+    """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash."""
+    from . import jobs
+    from .qa import default_models
+    from .translate import Translator
+
+    names = default_models()
+    model, option = (ja_en or names["ja_en"], "--ja-en") if target == "en" else (en_ja or names["en_ja"], "--en-ja")
+    options = {"model": model, "beams": beams, "batch_tokens": batch_tokens, "mt_backend": mt_backend, "dtype": dtype}
+
+    def load() -> Translator:  # only the model this direction needs, and only if there is work
+        return Translator.from_pretrained(model, device=device, dtype=dtype, backend=mt_backend, target_lang=target,
+                                          num_beams=beams, batch_tokens=batch_tokens, option=option)
+
+    summary = jobs.translate_file(input_path, output, to=target, load_translator=load, options=options,
+                                  source_lang=source, field=jobs.field_for(input_path, field, column),
+                                  errors=errors_path, restart=restart, quiet=quiet, chunk_rows=chunk_rows)
+    if not quiet:
+        click.echo(f"bilingual-qa: {summary.describe()}", err=True)
+
+
+def ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet, load: dict,
+                   settings: GenerationSettings, source_lang: str) -> None:
+    """`ask --batch`: every question of a file, answered in batches, exactly once and resumable."""
+    from . import jobs
+    from .qa import default_models
+
+    if question is not None:
+        fail("give QUESTION or --batch FILE, not both")
+    if output is None:
+        fail("--batch needs --output ANSWERS.jsonl")
+    names = default_models()
+    models = {"llm": load["llm"] or names["llm"], "ja_en": load["ja_en"] or names["ja_en"],
+              "en_ja": load["en_ja"] or names["en_ja"]}
+    options = {"models": models, **{key: load[key] for key in ("dtype", "engine", "mt_backend", "beams")}}
+
+    def load_qa() -> BilingualQA:
+        return BilingualQA.from_pretrained(models["llm"], models["ja_en"], models["en_ja"], device=load["device"],
+                                           dtype=load["dtype"], engine=load["engine"],
+                                           mt_backend=load["mt_backend"], beams=load["beams"])
+
+    summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=options,
+                            source_lang=None if source_lang == "auto" else source_lang, settings=settings,
+                            field=jobs.field_for(batch_path, field, column), errors=errors_path,
+                            restart=restart, quiet=quiet)
+    if not quiet:
+        click.echo(f"bilingual-qa: {summary.describe()}", err=True)
 
 
 def render_comparison(results, fmt: str) -> str:

@@ -84,10 +84,13 @@ class BilingualQA:
     @classmethod
     def from_pretrained(cls, llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None, *,
                         device: str = "auto", dtype: str | None = None, engine: str = "auto",
-                        mt_backend: str = "auto", beams: int | None = None) -> "BilingualQA":
+                        mt_backend: str = "auto", beams: int | None = None,
+                        one_shot: bool = False) -> "BilingualQA":
         """Load the three models (hub ids or local directories) once, onto one device.
 
         `beams` is the translators' beam width; by default each model's published generation config.
+        `one_shot` says the process asks one question and ends (the CLI's `ask`): translation then
+        skips the fast path's graph capture, which only pays off over many questions.
         """
         names = default_models()
         llm, ja_en, en_ja = llm or names["llm"], ja_en or names["ja_en"], en_ja or names["en_ja"]
@@ -96,7 +99,8 @@ class BilingualQA:
             locate_model(name, option)  # a missing model fails now, before minutes of loading
         translators = [
             Translator.from_pretrained(name, device=resolved, dtype=dtype, backend=mt_backend,
-                                       target_lang=target, option=option, num_beams=beams)
+                                       target_lang=target, option=option, num_beams=beams,
+                                       one_shot=one_shot)
             for name, target, option in ((ja_en, "en", "--ja-en"), (en_ja, "ja", "--en-ja"))
         ]
         answerer = Answerer.from_pretrained(llm, device=resolved, dtype=dtype, engine=engine)
@@ -203,3 +207,14 @@ class BilingualQA:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         self.answerer = Answerer.from_pretrained(name, device=device, dtype=dtype, engine=engine)
+
+    def ask_file(self, input, output, *, source_lang: str | None = None,
+                 settings: GenerationSettings = GenerationSettings(), field: str = "text", errors=None,
+                 restart: bool = False, quiet: bool = False, chunk_rows: int | None = None):
+        """Answer every question of a .txt/.jsonl/.csv/.tsv file into a .jsonl file, exactly once and
+        resumable (see jobs.py); returns a JobSummary."""
+        from . import jobs
+
+        return jobs.ask_file(input, output, load_qa=lambda: self, options=jobs.qa_options(self),
+                             source_lang=source_lang, settings=settings, field=field, errors=errors,
+                             restart=restart, quiet=quiet, chunk_rows=chunk_rows or jobs.ASK_CHUNK_ROWS)

@@ -28,6 +28,13 @@ def output_bound(source_tokens: int) -> int:
     return min(MODEL_MAX_TOKENS - 1, 2 * source_tokens + 16)
 
 
+def _guess_target_lang(tokenizer, name: str) -> str:
+    """"ja" for a model into Japanese (by its tokenizer's target, else its name), else "en"."""
+    declared = str(getattr(tokenizer, "target_lang", "") or "")
+    into = declared or name.rstrip("/").rsplit("-", 1)[-1]
+    return "ja" if into.lower() in ("ja", "jap", "jpn") else "en"
+
+
 @dataclass
 class TranslationBatch:
     indices: list[int]
@@ -48,16 +55,20 @@ class Translator:
     @classmethod
     def from_pretrained(cls, name: str, *, device: str | torch.device = "auto", dtype: str | None = None,
                         backend: str = "auto", target_lang: str | None = None, num_beams: int | None = None,
-                        batch_tokens: int = DEFAULT_BATCH_TOKENS, option: str = "--ja-en") -> "Translator":
-        """Load a MarianMT model by hub id or local directory (`option` names it in error messages)."""
+                        batch_tokens: int = DEFAULT_BATCH_TOKENS, option: str = "--ja-en",
+                        one_shot: bool = False) -> "Translator":
+        """Load a MarianMT model by hub id or local directory (`option` names it in error messages).
+
+        `one_shot`: this process translates only a little (one question), see select_mt_backend.
+        """
         from transformers import MarianMTModel
 
         device = device if isinstance(device, torch.device) else resolve_device(device)
         directory = locate_model(name, option)
         model = load_pretrained(MarianMTModel, directory, name, device, resolve_dtype(dtype, device))
         tokenizer = load_tokenizer(directory, name)
-        target = target_lang or getattr(tokenizer, "target_lang", None) or name.rstrip("/")[-2:]
-        return cls(model, tokenizer, select_mt_backend(backend, model, directory, device), name=name,
+        target = target_lang or _guess_target_lang(tokenizer, name)
+        return cls(model, tokenizer, select_mt_backend(backend, model, directory, device, one_shot), name=name,
                    target_lang=target, num_beams=num_beams, batch_tokens=batch_tokens)
 
     def count_tokens(self, text: str) -> int:
@@ -126,3 +137,14 @@ class Translator:
             half = len(batch) // 2
             return self._generate(batch[:half]) + self._generate(batch[half:])
         return [out[: output_bound(len(row))] for row, out in zip(batch, outputs)]
+
+    def translate_file(self, input, output, *, source_lang: str = "auto", field: str = "text",
+                       errors=None, restart: bool = False, quiet: bool = False, chunk_rows: int | None = None):
+        """Translate every row of a .txt/.jsonl/.csv/.tsv file into this model's target language,
+        exactly once and resumable (see jobs.py); returns a JobSummary."""
+        from . import jobs
+
+        return jobs.translate_file(input, output, to=self.target_lang, load_translator=lambda: self,
+                                   options=jobs.translator_options(self), source_lang=source_lang, field=field,
+                                   errors=errors, restart=restart, quiet=quiet,
+                                   chunk_rows=chunk_rows or jobs.TRANSLATE_CHUNK_ROWS)

@@ -1,0 +1,204 @@
+"""Rows per second of a file translation job: our job runner against plain loops over transformers.
+
+    PYTHONPATH=. python benchmarks/batch_translate.py [--device cuda] [--rows 10000] [--beams 1,6]
+
+The input is a generated .txt file of Japanese rows (one sentence each, 1 to 5 clauses of the tiny
+corpus joined by "、", so lengths vary as in real files). The model has the published
+opus-mt-ja-en shape (d_model 512, 6+6 layers, ffn 2048, 8 heads, vocab 60716, random weights); its
+tokenizer is the tiny sentencepiece one of tests/tiny_models.py, its vocab.json padded with filler
+pieces to the published 60716 ids, so the output projection costs what the published one does (the
+tiny sentencepiece splits Japanese into more pieces than the published one would).
+
+A random model does not know when to stop, so </s> is suppressed (final_logits_bias -1e4) and every
+system decodes exactly --new-tokens tokens per row (our Translator's per-row bound, 2n+16, is set to
+that constant here); the systems then do the same work, and their outputs can be compared token for
+token. This understates what sorting by length gains with a real model, whose output lengths follow
+the input's.
+
+Systems:
+- job runner: `Translator.translate_file` (the `bilingual-qa translate` job: read, chunk, sort by length,
+  token-budget batches, write, fsync and commit per chunk), with each --backends backend.
+- one row at a time / batches of --batch-size in input order: what transformers'
+  `pipeline("translation")` did (tokenizer with padding -> generate -> batch_decode). That pipeline was
+  removed in transformers 5 (KeyError "The task translation has been removed"), so the loops call the
+  same steps directly. They run on the first --single-rows / --baseline-rows rows only (rows/s is a
+  rate; the table says how many rows each measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import pipeline.translate as translate_module  # noqa: E402
+from pipeline import Translator  # noqa: E402
+from tiny_models import JAPANESE_CORPUS, PUBLISHED, build_tiny_marian  # noqa: E402
+
+VOCAB = 60716
+
+
+def build_checkpoint(directory: Path) -> Path:
+    """A MarianMT checkpoint of the published shape whose tokenizer covers all 60716 ids."""
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    tiny = build_tiny_marian(directory / "tiny", "ja", "en")
+    config = json.loads((PUBLISHED / "Helsinki-NLP--opus-mt-ja-en" / "config.json").read_text())
+    for key in ("_name_or_path", "architectures"):
+        config.pop(key)
+    torch.manual_seed(0)
+    model = MarianMTModel(MarianConfig(**config)).eval()
+    with torch.no_grad():
+        model.final_logits_bias[0, config["eos_token_id"]] = -1e4  # every row runs to the bound
+        model.get_input_embeddings().weight[config["pad_token_id"]].zero_()
+    for key in ("bad_words_ids", "decoder_start_token_id", "eos_token_id", "forced_eos_token_id",
+                "max_length", "num_beams", "pad_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, config[key])
+    path = directory / "opus-mt-ja-en-shape"
+    model.save_pretrained(path)
+    pieces = [p for p in json.loads((tiny / "vocab.json").read_text(encoding="utf-8")) if p != "<pad>"]
+    pieces += [f"▁filler{i}" for i in range(VOCAB - 1 - len(pieces))]
+    vocab = {piece: i for i, piece in enumerate(pieces)} | {"<pad>": VOCAB - 1}
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    for name in ("source.spm", "target.spm"):
+        shutil.copy(tiny / name, path / name)
+    MarianTokenizer(source_spm=str(path / "source.spm"), target_spm=str(path / "target.spm"),
+                    vocab=str(path / "vocab.json"), source_lang="ja", target_lang="en").save_pretrained(path)
+    return path
+
+
+def japanese_rows(count: int, seed: int = 0) -> list[str]:
+    """One sentence per row: 1-5 clauses joined by "、" (not a sentence end, so no row is split)."""
+    clauses = [line.rstrip("。？") for line in JAPANESE_CORPUS if line.count("。") + line.count("？") <= 1]
+    rng = random.Random(seed)
+    return ["、".join(rng.choice(clauses) for _ in range(rng.choice([1, 1, 2, 2, 3, 5]))) + "。"
+            for _ in range(count)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def job_runner(checkpoint: Path, source: Path, work: Path, device, backend: str, beams: int, rows: list[str]):
+    translator = Translator.from_pretrained(str(checkpoint), device=device, backend=backend, num_beams=beams)
+    translator.translate(rows[:256])  # warm-up: CUDA context, graphs, kernels
+    output = work / f"job-{backend}-{beams}.txt"
+    sync(device)
+    started = time.perf_counter()
+    summary = translator.translate_file(source, output, source_lang="ja", quiet=True, restart=True)
+    sync(device)
+    seconds = time.perf_counter() - started
+    assert summary.done == len(rows), summary
+    return seconds, output.read_text(encoding="utf-8").splitlines(), translator.backend.name
+
+
+def baseline_model(checkpoint: Path, device):
+    from transformers import MarianMTModel, MarianTokenizer
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = MarianMTModel.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    return model, MarianTokenizer.from_pretrained(checkpoint)
+
+
+@torch.inference_mode()
+def pipeline_style(model, tokenizer, rows: list[str], batch_size: int, beams: int, new_tokens: int, device):
+    """The steps of transformers 4's TranslationPipeline over consecutive batches, in input order."""
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        encoded = tokenizer(rows[start:start + batch_size], return_tensors="pt", padding=True, truncation=True)
+        generated = model.generate(**encoded.to(device), num_beams=beams, do_sample=False, max_length=None,
+                                   max_new_tokens=new_tokens + 1)  # +1: generate forces </s> into the last
+        outputs += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    return outputs
+
+
+def time_baseline(model, tokenizer, rows, batch_size, beams, new_tokens, device, work: Path):
+    pipeline_style(model, tokenizer, rows[:min(len(rows), 2 * batch_size)], batch_size, beams, new_tokens, device)
+    sync(device)
+    started = time.perf_counter()
+    outputs = pipeline_style(model, tokenizer, rows, batch_size, beams, new_tokens, device)
+    (work / f"baseline-{batch_size}-{beams}.txt").write_text("".join(o + "\n" for o in outputs), encoding="utf-8")
+    sync(device)
+    return time.perf_counter() - started, outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=10_000, help="rows of the generated file (job runner)")
+    parser.add_argument("--baseline-rows", type=int, default=None, help="rows the batched loop runs [--rows]")
+    parser.add_argument("--single-rows", type=int, default=200, help="rows the one-at-a-time loop runs")
+    parser.add_argument("--batch-size", type=int, default=32, help="the pipeline-style loop's batch_size")
+    parser.add_argument("--beams", default="1", help="comma-separated beam widths")
+    parser.add_argument("--backends", default="auto", help="comma-separated --mt-backend values for the job")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per row by every system")
+    parser.add_argument("--work", default=None, help="scratch directory [a temporary one]")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    work = Path(args.work or tempfile.mkdtemp(prefix="batch_translate-"))
+    work.mkdir(parents=True, exist_ok=True)
+    translate_module.output_bound = lambda source_tokens: args.new_tokens  # see the module docstring
+
+    checkpoint = build_checkpoint(work)
+    rows = japanese_rows(args.rows)
+    source = work / "input.txt"
+    source.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+    print(f"{len(rows):,} rows, {source.stat().st_size:,} bytes, {min(map(len, rows))}-{max(map(len, rows))} "
+          f"characters per row; scratch {work}", flush=True)
+
+    model, tokenizer = baseline_model(checkpoint, device)
+    table = []
+    for beams in [int(b) for b in args.beams.split(",")]:
+        single_rows = rows[:args.single_rows]
+        seconds, single = time_baseline(model, tokenizer, single_rows, 1, beams, args.new_tokens, device, work)
+        table.append(("loop, one row at a time", beams, len(single_rows), seconds, "-"))
+        print(table[-1], flush=True)
+        batch_rows = rows[:args.baseline_rows or len(rows)]
+        seconds, batched = time_baseline(model, tokenizer, batch_rows, args.batch_size, beams, args.new_tokens,
+                                         device, work)
+        table.append((f"loop, batch_size={args.batch_size} in input order", beams, len(batch_rows), seconds,
+                      agreement(batched, single)))
+        print(table[-1], flush=True)
+        for backend in args.backends.split(","):
+            seconds, job, name = job_runner(checkpoint, source, work, device, backend, beams, rows)
+            table.append((f"job runner, --mt-backend {backend} ({name})", beams, len(rows), seconds,
+                          agreement(job, single)))
+            print(table[-1], flush=True)
+    print_table(table, device, args)
+
+
+def agreement(outputs: list[str], reference: list[str]) -> str:
+    same = sum(a == b for a, b in zip(outputs, reference))
+    return f"{same}/{min(len(outputs), len(reference))}"
+
+
+def print_table(table, device, args) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n## batch_translate: {args.rows:,}-row Japanese .txt file, opus-mt-ja-en shape (random weights), "
+          f"{args.new_tokens} tokens decoded per row")
+    print(f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device {name}; "
+          f"torch {torch.__version__}; transformers {__import__('transformers').__version__}; "
+          f"python {platform.python_version()}")
+    print(f"command: PYTHONPATH=. python benchmarks/batch_translate.py {' '.join(sys.argv[1:])}\n")
+    print("| system | beams | rows measured | seconds | rows/s | same text as one-at-a-time |")
+    print("|---|---|---|---|---|---|")
+    for system, beams, rows, seconds, same in table:
+        print(f"| {system} | {beams} | {rows:,} | {seconds:,.1f} | {rows / seconds:,.1f} | {same} |")
+
+
+if __name__ == "__main__":
+    main()

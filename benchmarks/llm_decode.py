@@ -1,0 +1,311 @@
+"""phi-2 decode speed: transformers' generate, its static-cache generate, and FastPhiEngine.
+
+Builds phi-2 at the published shape (tests/published_configs) with random fp16 weights directly on
+the GPU, then prints one table: tokens/s and ms per generated token at several batch sizes, the
+bandwidth floor measured in the same run (a large device-to-device copy), prefill time at 1,024
+tokens, start-up time, peak GPU memory, and fp16 greedy agreement between the engine and generate.
+
+    PYTHONPATH=. python benchmarks/llm_decode.py            # everything (~4 minutes on an H100)
+    PYTHONPATH=. python benchmarks/llm_decode.py --quick    # batch 1 and 128, no static-cache path
+
+The table is also written to $OUT/llm_decode.md when OUT is set (or to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from pipeline.fast_generate import FastPhiEngine  # noqa: E402
+from pipeline.generation import GenerationSettings  # noqa: E402
+
+EOS = 50256
+VOCAB_DRAWN = 50000  # prompt ids are drawn below the tokenizer's size
+
+
+def build_model():
+    """phi-2's published config, random fp16 weights, allocated on the GPU (no CPU copy)."""
+    from tiny_models import phi2_config
+    from transformers import PhiForCausalLM
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("cuda"):
+            model = PhiForCausalLM(phi2_config()).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def wall(fn, repeat: int = 1) -> float:
+    """Median seconds of `repeat` calls, synchronising around each."""
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 2 GiB device-to-device copy, counting bytes read and written."""
+    src = torch.empty(1 << 30, dtype=torch.float16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / 20
+    del src, dst
+    return 2 * (1 << 30) * 2 / seconds
+
+
+def prompts_for(batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB_DRAWN, (batch, length), generator=generator).tolist()
+
+
+def hf_generate(model, prompts, new_tokens: int, **kwargs) -> torch.Tensor:
+    ids = torch.tensor(prompts, device="cuda")
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=EOS,
+                          temperature=None, top_p=None, top_k=None, **kwargs)[:, ids.shape[1]:]
+
+
+class Table:
+    def __init__(self):
+        self.rows: list[tuple[str, ...]] = []
+
+    def add(self, what: str, batch, tokens_per_s, ms_per_step, note: str = "") -> None:
+        fmt = lambda x, spec: format(x, spec) if isinstance(x, (int, float)) else str(x)  # noqa: E731
+        row = (what, str(batch), fmt(tokens_per_s, ",.0f"), fmt(ms_per_step, ".2f"), note)
+        self.rows.append(row)
+        print("  " + " | ".join(row), flush=True)
+
+    def markdown(self) -> str:
+        lines = ["| path | batch | tokens/s | ms/step | note |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def section(name: str, fn) -> None:
+    """Run one part; a failure is printed and the rest of the benchmark still runs."""
+    print(f"\n== {name}", flush=True)
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - a benchmark reports every part it can
+        traceback.print_exc()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 128, no static-cache path")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--plain-tokens", type=int, default=64,
+                        help="new tokens for plain generate (its ms/step is flat; 256 only costs time)")
+    parser.add_argument("--static-batches", default="1", help="batches for the static-cache generate")
+    parser.add_argument("--skip-transformers", action="store_true", help="time only FastPhiEngine")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the decode step's kernels by GPU time (batch 1 and the largest)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    batches = [1, 128] if args.quick else [1, 8, 32, 128]
+    static_batches = [] if args.quick else [int(b) for b in args.static_batches.split(",") if b]
+    table, facts = Table(), {}
+
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    header = [
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"device: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)",
+        f"versions: torch {torch.__version__} (CUDA {torch.version.cuda}), transformers "
+        f"{transformers.__version__}, triton {triton_version}",
+        f"command: {' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}",
+        f"workload: phi-2 published shape, random fp16 weights, {args.prompt_len}-token prompts, "
+        f"{args.new_tokens} new tokens (plain generate: {args.plain_tokens}), greedy",
+    ]
+    print("\n".join(header), flush=True)
+
+    began = time.perf_counter()
+    model = build_model()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"model built in {time.perf_counter() - began:.1f} s: {weight_bytes / 1e9:.2f} GB of weights")
+
+    def floor():
+        bandwidth = copy_bandwidth()
+        facts["bandwidth"] = bandwidth
+        step = weight_bytes / bandwidth
+        table.add("floor: weights read once per step", 1, 1 / step, step * 1e3,
+                  f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+
+    def plain():
+        for batch in batches:
+            prompts = prompts_for(batch, args.prompt_len)
+            hf_generate(model, prompts, 4)
+            seconds = wall(lambda: hf_generate(model, prompts, args.plain_tokens))
+            table.add("model.generate", batch, batch * args.plain_tokens / seconds,
+                      seconds / args.plain_tokens * 1e3)
+
+    def static():
+        for batch in static_batches:
+            prompts = prompts_for(batch, args.prompt_len)
+            first = wall(lambda: hf_generate(model, prompts, args.new_tokens, cache_implementation="static"))
+            seconds = wall(lambda: hf_generate(model, prompts, args.new_tokens, cache_implementation="static"))
+            table.add('generate(cache_implementation="static")', batch, batch * args.new_tokens / seconds,
+                      seconds / args.new_tokens * 1e3, f"first call (compiles) {first:.1f} s")
+
+    engines = {}
+
+    def fast():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        engine = FastPhiEngine(model, EOS, max_batch_size=max(batches))
+        warm = engine.warmup(batch_sizes=batches, seq_len=args.prompt_len + args.new_tokens)
+        facts["startup"] = time.perf_counter() - began
+        facts["warmup"] = warm
+        engines["fast"] = engine
+        settings = GenerationSettings(max_new_tokens=args.new_tokens)
+        for batch in batches:
+            prompts = prompts_for(batch, args.prompt_len)
+            engine.generate(prompts, settings)
+            out = []
+            seconds = wall(lambda: out.append(engine.generate(prompts, settings)), repeat=3)
+            produced = sum(len(g.token_ids) for g in out[-1])
+            note = "" if produced == batch * args.new_tokens else f"{produced} tokens (eos hit)"
+            table.add("FastPhiEngine.generate", batch, batch * args.new_tokens / seconds,
+                      seconds / args.new_tokens * 1e3, note)
+        prompt = prompts_for(1, args.prompt_len)[0]
+        seconds = wall(lambda: list(engine.stream(prompt, settings)), repeat=3)
+        table.add("FastPhiEngine.stream", 1, args.new_tokens / seconds, seconds / args.new_tokens * 1e3,
+                  "tokens reach the host every step")
+        facts["peak_memory"] = torch.cuda.max_memory_allocated()
+        facts["cache_bytes"] = engine._k_cache.nbytes * 2
+
+    def prefill():
+        engine = engines["fast"]
+        prompt = prompts_for(1, 1024)
+        one = GenerationSettings(max_new_tokens=1)
+        engine.generate(prompt, one)
+        facts["prefill"] = wall(lambda: engine.generate(prompt, one), repeat=5)
+        ids = torch.tensor(prompt, device="cuda")
+        with torch.inference_mode():
+            model(ids)
+            facts["prefill_hf"] = wall(lambda: model(ids), repeat=5)
+
+    def torch_attention():
+        engine = FastPhiEngine(model, EOS, max_batch_size=8, use_triton=False)
+        engine.warmup(batch_sizes=(1, 8), seq_len=args.prompt_len + args.new_tokens)
+        settings = GenerationSettings(max_new_tokens=args.new_tokens)
+        for batch in (1, 8):
+            prompts = prompts_for(batch, args.prompt_len)
+            engine.generate(prompts, settings)
+            seconds = wall(lambda: engine.generate(prompts, settings), repeat=3)
+            table.add("FastPhiEngine, SDPA over the whole cache", batch, batch * args.new_tokens / seconds,
+                      seconds / args.new_tokens * 1e3, "variant: use_triton=False")
+        del engine
+
+    def agreement():
+        engine, count, length = engines["fast"], 32, 64
+        prompts = prompts_for(count, args.prompt_len, seed=1)
+        theirs = hf_generate(model, prompts, length).tolist()
+        ours = [g.token_ids for g in engine.generate(prompts, GenerationSettings(max_new_tokens=length))]
+        same = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y))
+        prefixes = []
+        for x, y in zip(ours, theirs):
+            n = 0
+            while n < min(len(x), len(y)) and x[n] == y[n]:
+                n += 1
+            prefixes.append(n)
+        alone = [engine.generate([p], GenerationSettings(max_new_tokens=length))[0].token_ids
+                 for p in prompts[:8]]
+        streamed = list(engine.stream(prompts[0], GenerationSettings(max_new_tokens=length)))
+        facts["agreement"] = (
+            f"{count} prompts x {length} tokens vs model.generate (fp16, batched): "
+            f"{same / (count * length):.1%} of tokens identical position by position, "
+            f"{sum(n == length for n in prefixes)}/{count} rows identical throughout, "
+            f"mean common prefix {statistics.mean(prefixes):.1f} tokens; "
+            f"batch rows vs alone: {sum(a == b for a, b in zip(ours, alone))}/8 identical; "
+            f"stream == generate: {streamed == alone[0]}")
+
+    def profile():
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        from pipeline.phi_decode import decode_step
+
+        engine = engines["fast"]
+        for batch in sorted({1, max(batches)}):
+            engine.generate(prompts_for(batch, args.prompt_len), GenerationSettings(max_new_tokens=160))
+            rows = engine._bucket(batch)
+            state = engine._state(rows)  # the cache as the last call left it: ~190 columns per row
+            step = lambda: decode_step(engine.weights, state, engine.cos, engine.sin,  # noqa: E731
+                                       use_triton=engine.use_triton, splits=engine._splits(rows))
+            with torch.inference_mode():
+                step()
+                torch.cuda.synchronize()
+                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        step()
+                    torch.cuda.synchronize()
+            print(f"-- eager decode step, batch {batch}, 5 steps (kernel times; graphs remove the gaps)")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+
+    section("bandwidth floor", floor)
+    section("FastPhiEngine", fast)
+    section("prefill", prefill)
+    if args.profile:
+        section("profile", profile)
+    section("fp16 greedy agreement", agreement)
+    if not args.quick:
+        section("FastPhiEngine variant: torch attention", torch_attention)
+    if not args.skip_transformers:
+        section("model.generate", plain)
+    if static_batches and not args.skip_transformers:
+        section("static-cache generate", static)
+
+    lines = header + ["", table.markdown(), ""]
+    if "prefill" in facts:
+        lines.append(f"- prefill, 1,024-token prompt, batch 1 (FastPhiEngine.generate with max_new_tokens=1): "
+                     f"{facts['prefill'] * 1e3:.1f} ms (model forward: {facts['prefill_hf'] * 1e3:.1f} ms)")
+    if "startup" in facts:
+        lines.append(f"- start-up: {facts['startup']:.1f} s (engine + warmup for batches {batches}; "
+                     f"warmup alone {facts['warmup']:.1f} s)")
+        lines.append(f"- peak GPU memory during the engine runs: {facts['peak_memory'] / 2**30:.1f} GiB "
+                     f"(weights {weight_bytes / 2**30:.1f} GiB, KV cache {facts['cache_bytes'] / 2**30:.1f} GiB)")
+    if "agreement" in facts:
+        lines.append(f"- agreement: {facts['agreement']}")
+    report = "\n".join(lines)
+    print("\n" + report)
+    target = args.out or (os.path.join(os.environ["OUT"], "llm_decode.md") if os.environ.get("OUT") else None)
+    if target:
+        Path(target).write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

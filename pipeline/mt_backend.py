@@ -1,0 +1,136 @@
+"""Machine-translation backends: source token ids in, target token ids out.
+
+The `Translator` (translate.py) owns tokenisation, sentence splitting, batching and length bounds;
+a backend only decodes. Every backend keeps this contract, so the translator, the batch job runner
+and the sentence splitter use any of them unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .errors import ModelLoadError
+from .loading import status
+
+
+class MTBackend(Protocol):
+    name: str
+
+    def generate(self, batch: list[list[int]], max_new_tokens: int, num_beams: int) -> list[list[int]]:
+        """Translate each row of source ids (ending in </s>, unpadded).
+
+        Returns each row's target ids without the decoder start token, end-of-sentence or padding,
+        at most `max_new_tokens` long.
+        """
+        ...
+
+
+def strip_special(ids: list[int], eos_token_id: int, pad_token_id: int, limit: int) -> list[int]:
+    """A generated row up to its end-of-sentence, without padding."""
+    out = []
+    for token in ids:
+        if token == eos_token_id:
+            break
+        if token != pad_token_id:
+            out.append(token)
+    return out[:limit]
+
+
+class TransformersMTBackend:
+    """MarianMTModel.generate on right-padded batches."""
+
+    name = "transformers"
+
+    def __init__(self, model):
+        self.model = model
+        self.pad_token_id = model.config.pad_token_id
+        self.eos_token_id = model.config.eos_token_id
+
+    @torch.inference_mode()
+    def generate(self, batch: list[list[int]], max_new_tokens: int, num_beams: int) -> list[list[int]]:
+        width = max(len(row) for row in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, row in enumerate(batch):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        out = self.model.generate(
+            input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+            # One more than asked: generate forces </s> into its last step, which would make a row
+            # cut by the bound one token shorter than the same row in a batch with a larger bound.
+            max_new_tokens=max_new_tokens + 1, num_beams=num_beams, do_sample=False,
+            max_length=None, early_stopping=True if num_beams > 1 else False,
+        )
+        # Column 0 is the decoder start token.
+        return [strip_special(row[1:], self.eos_token_id, self.pad_token_id, max_new_tokens)
+                for row in out.tolist()]
+
+
+BACKEND_CHOICES = ("auto", "transformers", "ctranslate2", "fast")
+
+
+def notice(message: str) -> None:
+    """A one-line note for the user on stderr, beside the other status lines."""
+    status(f"note: {message}")
+
+
+def _pad_embedding_is_zero(model) -> bool:
+    """CTranslate2 starts Marian's decoder from a zero vector, as the published checkpoints' pad
+    row is; a checkpoint with another pad row would translate differently there."""
+    weight = model.get_input_embeddings().weight
+    return bool(weight[model.config.pad_token_id].abs().max() == 0)
+
+
+def _ctranslate2_backend(model, model_dir) -> MTBackend:
+    from .ctranslate2_backend import CTranslate2Backend, ctranslate2_available
+
+    if not ctranslate2_available():
+        raise ModelLoadError("the ctranslate2 backend needs the optional extra: pip install 'bilingual-qa[cpu-fast]'")
+    if model_dir is None:
+        raise ModelLoadError("the ctranslate2 backend needs the model's directory to convert it")
+    if not _pad_embedding_is_zero(model):
+        raise ModelLoadError("this Marian checkpoint has a non-zero <pad> embedding, which CTranslate2 cannot reproduce")
+    return CTranslate2Backend(model_dir)
+
+
+def select_mt_backend(choice: str, model, model_dir: str, device: torch.device,
+                      one_shot: bool = False) -> MTBackend:
+    """The backend `--mt-backend` names; `auto` picks the fastest one that can serve `device`.
+
+    auto: the fast torch path on CUDA; CTranslate2 on the CPU when installed; else transformers
+    (with a one-line notice). An explicit choice that cannot serve raises ModelLoadError.
+    `one_shot` says the process translates one question and its answer, then ends: on CUDA the
+    fast path's graph capture (about 5 s on first use, measured in docs/benchmarks.md) costs more
+    than it saves there, so auto keeps transformers.
+    """
+    device = torch.device(device)
+    if choice not in BACKEND_CHOICES:
+        raise ModelLoadError(f"unknown translation backend {choice!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    if choice == "transformers":
+        return TransformersMTBackend(model)
+    if choice == "fast":
+        if device.type != "cuda":
+            raise ModelLoadError("the fast translation backend needs a CUDA device; use --mt-backend auto on the CPU")
+        from .fast_marian import FastMarianBackend
+
+        return FastMarianBackend(model)
+    if choice == "ctranslate2":
+        if device.type != "cpu":
+            raise ModelLoadError("the ctranslate2 backend runs on the CPU only here; use --mt-backend fast on CUDA")
+        return _ctranslate2_backend(model, model_dir)
+    # auto
+    if device.type == "cuda" and one_shot:
+        return TransformersMTBackend(model)
+    if device.type == "cuda":
+        from .fast_marian import FastMarianBackend
+
+        return FastMarianBackend(model)
+    if device.type == "cpu":
+        try:
+            return _ctranslate2_backend(model, model_dir)
+        except ModelLoadError as reason:
+            notice(f"translating with transformers: {reason}")
+            return TransformersMTBackend(model)
+    return TransformersMTBackend(model)

@@ -1,0 +1,190 @@
+"""Translation backends give generate's tokens: the fast torch path, CTranslate2, and the choice."""
+
+from __future__ import annotations
+
+import filecmp
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import BilingualQAError, ModelLoadError
+from pipeline.fast_marian import FastMarianBackend
+from pipeline.mt_backend import TransformersMTBackend, select_mt_backend
+
+needs_ct2 = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("ctranslate2") is None, reason="ctranslate2 not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def _sources(vocab: int) -> list[list[int]]:
+    rng = random.Random(5)
+    return [[rng.randrange(2, vocab - 1) for _ in range(rng.randrange(1, 30))] + [0] for _ in range(16)]
+
+
+def _eos_bias(model) -> float:
+    """An end-of-sentence bias under which rows end at many different steps, some at once and
+    some never, so masking and early stop are exercised (the tiny weights differ between library
+    versions, so it is chosen, not fixed)."""
+    rows, spread = _sources(model.config.vocab_size), {}
+    for bias in (2.0, 3.0, 4.0, 5.0, 6.0):
+        with torch.no_grad():
+            model.final_logits_bias[0, model.config.eos_token_id] = bias
+        lengths = [len(r) for r in TransformersMTBackend(model).generate(rows, 20, 1)]
+        spread[bias] = len(set(lengths)) + (0 in lengths) + (20 in lengths)
+    return max(spread, key=spread.get)
+
+
+@pytest.fixture(scope="session")
+def published(tiny_ja_en_dir, tmp_path_factory) -> tuple[Path, float]:
+    """A tiny ja->en checkpoint as published (zero <pad> embedding row), with an end-of-sentence
+    bias that makes rows finish at different steps; and that bias."""
+    from transformers import MarianMTModel
+
+    model = MarianMTModel.from_pretrained(tiny_ja_en_dir).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.pad_token_id].zero_()
+    bias = _eos_bias(model)
+    with torch.no_grad():
+        model.final_logits_bias[0, model.config.eos_token_id] = bias
+    path = tmp_path_factory.mktemp("published") / "tiny-ja-en"
+    model.save_pretrained(path)
+    for name in ("vocab.json", "source.spm", "target.spm", "tokenizer_config.json"):
+        shutil.copy(tiny_ja_en_dir / name, path / name)
+    return path, bias
+
+
+@pytest.fixture(scope="session")
+def marian_dir(published) -> Path:
+    return published[0]
+
+
+def load(published: tuple[Path, float], device: str = "cpu"):
+    """The checkpoint, with its bias set again: transformers 5.17 may not reload it."""
+    from transformers import MarianMTModel
+
+    model = MarianMTModel.from_pretrained(published[0]).eval()
+    with torch.no_grad():
+        model.final_logits_bias[0, model.config.eos_token_id] = published[1]
+    return model.to(device)
+
+
+@pytest.fixture(scope="session")
+def model(published):
+    return load(published)
+
+
+@pytest.fixture(scope="session")
+def sources(model) -> list[list[int]]:
+    return _sources(model.config.vocab_size)
+
+
+def test_fast_greedy_is_token_identical_to_generate(model, sources):
+    fast = FastMarianBackend(model, use_graphs=False)
+    for max_new_tokens in (1, 6, 20):
+        expected = TransformersMTBackend(model).generate(sources, max_new_tokens, 1)
+        got = fast.generate(sources, max_new_tokens, 1)
+        assert [i for i in range(len(got)) if got[i] != expected[i]] == [], (max_new_tokens, got, expected)
+    lengths = {len(row) for row in expected}
+    assert min(lengths) < max_new_tokens and len(lengths) > 2   # rows end at different steps
+
+
+def test_fast_beam_search_is_token_identical_to_generate(model, sources):
+    fast = FastMarianBackend(model, use_graphs=False)
+    for beams, max_new_tokens in ((4, 16), (3, 7)):
+        assert fast.generate(sources, max_new_tokens, beams) == \
+            TransformersMTBackend(model).generate(sources, max_new_tokens, beams)
+
+
+def test_fast_backend_keeps_order_across_many_small_launches(model, sources):
+    # max_rows=5: several launches per length bucket, and batches padded with filler rows.
+    fast = FastMarianBackend(model, use_graphs=False, max_rows=5)
+    expected = TransformersMTBackend(model).generate(sources, 12, 1)
+    assert fast.generate(sources, 12, 1) == expected
+    assert fast.generate(sources[:1], 12, 1) == expected[:1]
+
+
+def test_fast_backend_never_emits_pad_or_eos(model, sources):
+    out = FastMarianBackend(model, use_graphs=False).generate(sources, 25, 2)
+    assert all(model.config.pad_token_id not in row and 0 not in row and len(row) <= 25 for row in out)
+
+
+@needs_cuda
+def test_fast_backend_with_cuda_graphs_matches_generate(published, sources):
+    cuda_model = load(published, "cuda")
+    fast = FastMarianBackend(cuda_model)
+    assert fast.use_graphs
+    reference = TransformersMTBackend(cuda_model)
+    for beams in (1, 4):
+        expected = reference.generate(sources, 24, beams)
+        agree = sum(a == b for a, b in zip(fast.generate(sources, 24, beams), expected))
+        # float32 on a GPU: the kernels differ from generate's, so allow a rare argmax tie flip.
+        assert agree >= len(sources) - 1
+
+
+@needs_ct2
+def test_ctranslate2_float32_is_token_identical_to_generate_greedy(marian_dir, model, sources, tmp_path):
+    from pipeline.ctranslate2_backend import CTranslate2Backend
+
+    ct2 = CTranslate2Backend(marian_dir, quantization="float32", cache_root=tmp_path)
+    for max_new_tokens in (1, 8, 30):
+        assert ct2.generate(sources, max_new_tokens, 1) == \
+            TransformersMTBackend(model).generate(sources, max_new_tokens, 1)
+
+
+@needs_ct2
+def test_ctranslate2_conversion_matches_the_converter_cli_and_is_reused(marian_dir, sources, tmp_path):
+    import ctranslate2
+
+    from pipeline.ctranslate2_backend import CTranslate2Backend
+
+    ours = CTranslate2Backend(marian_dir, cache_root=tmp_path / "cache")   # int8, converted now
+    cli = tmp_path / "cli"
+    subprocess.run([sys.executable, "-m", "ctranslate2.converters.transformers", "--model", str(marian_dir),
+                    "--output_dir", str(cli), "--quantization", "int8"], check=True, capture_output=True)
+    assert filecmp.cmp(ours.model_path / "model.bin", cli / "model.bin", shallow=False)
+    translator = ctranslate2.Translator(str(cli), device="cpu")
+    tokens = [ours.tokenizer.convert_ids_to_tokens(row) for row in sources]
+    expected = [ours.tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in translator.translate_batch(
+        tokens, beam_size=1, max_decoding_length=20, min_decoding_length=0)]
+    assert ours.generate(sources, 20, 1) == expected
+
+    stamp = (ours.model_path / "model.bin").stat().st_mtime_ns
+    again = CTranslate2Backend(marian_dir, cache_root=tmp_path / "cache")
+    assert again.model_path == ours.model_path
+    assert (again.model_path / "model.bin").stat().st_mtime_ns == stamp   # not converted twice
+
+
+def test_explicit_fast_backend_on_cpu_is_a_user_error(model, marian_dir):
+    with pytest.raises(ModelLoadError):
+        select_mt_backend("fast", model, str(marian_dir), torch.device("cpu"))
+    with pytest.raises(BilingualQAError):
+        select_mt_backend("nonsense", model, str(marian_dir), torch.device("cpu"))
+
+
+def test_auto_on_cpu_without_ctranslate2_falls_back_with_one_notice(model, marian_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)   # as if the extra were not installed
+    backend = select_mt_backend("auto", model, str(marian_dir), torch.device("cpu"))
+    assert backend.name == "transformers"
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    with pytest.raises(ModelLoadError):
+        select_mt_backend("ctranslate2", model, str(marian_dir), torch.device("cpu"))
+
+
+@needs_ct2
+def test_auto_on_cpu_uses_ctranslate2_when_installed(model, marian_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    backend = select_mt_backend("auto", model, str(marian_dir), torch.device("cpu"))
+    assert backend.name == "ctranslate2"
+    assert backend.model_path.is_relative_to(tmp_path)
+
+
+def test_auto_keeps_transformers_for_a_checkpoint_ctranslate2_cannot_reproduce(published, marian_dir, capsys):
+    odd = load(published)
+    with torch.no_grad():
+        odd.get_input_embeddings().weight[odd.config.pad_token_id] = 1.0
+    capsys.readouterr()
+    assert select_mt_backend("auto", odd, str(marian_dir), torch.device("cpu")).name == "transformers"
+    assert capsys.readouterr().err.count("\n") == 1
