@@ -126,9 +126,11 @@ def main() -> None:
               help="With --batch: bad rows file [default: OUTPUT.errors.jsonl].")
 @click.option("--restart", is_flag=True, help="With --batch: start over, overwriting the output.")
 @click.option("--quiet", "-q", is_flag=True, help="With --batch: no progress and no summary on stderr.")
+@click.option("--stream", is_flag=True, help="Show the English answer as phi-2 writes it (--format text).")
 @user_errors
 def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
-        temperature, top_p, seed, source_lang, batch_path, output, field, column, errors_path, restart, quiet):
+        temperature, top_p, seed, source_lang, batch_path, output, field, column, errors_path, restart, quiet,
+        stream):
     """Answer QUESTION (or stdin) and show it in English and Japanese; with --batch FILE, answer every
     question of FILE into --output (JSON lines), exactly once and resumable."""
     if batch_path is not None:
@@ -138,11 +140,19 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
                               settings_from(max_new_tokens, temperature, top_p, seed), source_lang)
     if output or field or column or errors_path or restart or quiet:
         fail("--output, --field, --column, --errors, --restart and --quiet go with --batch")
+    if stream and fmt != "text":
+        fail("--stream goes with --format text")
     question = read_question(question)
     forced = validate_language(question, source_lang)
     qa = BilingualQA.from_pretrained(llm, ja_en, en_ja, device=device, dtype=dtype, engine=engine,
                                      mt_backend=mt_backend, beams=beams, one_shot=True)
-    result = qa.ask(question, source_lang=forced, settings=settings_from(max_new_tokens, temperature, top_p, seed))
+    settings = settings_from(max_new_tokens, temperature, top_p, seed)
+    if stream:
+        for piece in qa.stream_text(question, source_lang=forced, settings=settings):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        return
+    result = qa.ask(question, source_lang=forced, settings=settings)
     click.echo(result.render(fmt), nl=False)
 
 

@@ -109,3 +109,14 @@ def test_cuda_device_without_gpu_is_refused(model_args):
 
 def test_unknown_option_is_one_line_error():
     assert_one_line_error(run_cli("ask", "--no-such-option"), "--no-such-option")
+
+
+def test_streamed_output_equals_the_plain_text_output(model_args):
+    args = ["ask", "What is a bond?", *model_args, "--max-new-tokens", "10", "--beams", "1"]
+    plain, streamed = run_cli(*args), run_cli(*args, "--stream")
+    assert streamed.returncode == 0, streamed.stderr.decode()
+    assert streamed.stdout == plain.stdout
+
+
+def test_stream_with_json_is_refused(model_args):
+    assert_one_line_error(run_cli("ask", "What is a bond?", *model_args, "--stream", "--format", "json"), "--stream")
