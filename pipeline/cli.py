@@ -76,6 +76,27 @@ def generation_options(command):
     return command
 
 
+def job_options(prefix: str, holds: str):
+    """Options of a batch job over a file (`translate`, `ask --batch`); `prefix` starts each help."""
+    def lead(text: str) -> str:
+        return prefix + text
+
+    options = [
+        click.option("--field", default=None, help=lead(f"JSONL field holding the {holds} [default: text].")),
+        click.option("--column", default=None, help=lead(f"CSV/TSV column holding the {holds} [default: text].")),
+        click.option("--errors", "errors_path", type=click.Path(dir_okay=False), default=None,
+                     help=lead("Bad rows file [default: OUTPUT.errors.jsonl].")),
+        click.option("--restart", is_flag=True, help=lead("Start over, overwriting the output.")),
+        click.option("--quiet", "-q", is_flag=True, help=lead("No progress and no summary on stderr.")),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
 def read_question(question: str | None) -> str:
     """The question from the argument, or from stdin when it is absent or '-'."""
     if question is None or question == "-":
@@ -120,12 +141,7 @@ def main() -> None:
               help="Answer every question of this .txt/.jsonl/.csv/.tsv file (no QUESTION) into --output.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="With --batch: the answers, one JSON object per question (.jsonl).")
-@click.option("--field", default=None, help="With --batch: JSONL field holding the question [default: text].")
-@click.option("--column", default=None, help="With --batch: CSV/TSV column holding the question [default: text].")
-@click.option("--errors", "errors_path", type=click.Path(dir_okay=False), default=None,
-              help="With --batch: bad rows file [default: OUTPUT.errors.jsonl].")
-@click.option("--restart", is_flag=True, help="With --batch: start over, overwriting the output.")
-@click.option("--quiet", "-q", is_flag=True, help="With --batch: no progress and no summary on stderr.")
+@job_options("With --batch: ", "question")
 @click.option("--stream", is_flag=True, help="Show the English answer as phi-2 writes it (--format text).")
 @user_errors
 def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
@@ -188,12 +204,7 @@ def compare(question, llms, fmt, ja_en, en_ja, device, dtype, mt_backend, beams,
               help="Token budget of one translation batch (padded).")
 @click.option("--chunk-rows", type=click.IntRange(1), default=512, show_default=True,
               help="Rows per committed chunk: a crash costs at most this much work.")
-@click.option("--field", default=None, help="JSONL field holding the text [default: text].")
-@click.option("--column", default=None, help="CSV/TSV column holding the text [default: text].")
-@click.option("--errors", "errors_path", type=click.Path(dir_okay=False), default=None,
-              help="Bad rows file [default: OUTPUT.errors.jsonl].")
-@click.option("--restart", is_flag=True, help="Start over, overwriting the output.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary on stderr.")
+@job_options("", "text")
 @user_errors
 def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, mt_backend, beams, batch_tokens,
               chunk_rows, field, column, errors_path, restart, quiet):

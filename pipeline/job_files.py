@@ -69,6 +69,18 @@ def _lines(f: BinaryIO, offset: int, line: int) -> Iterator[tuple[int, int, byte
         line += 1
 
 
+def _decoded_lines(f: BinaryIO, offset: int, line: int) -> Iterator[tuple[InputRow, str | None]]:
+    """Each line as a row and its text (a leading BOM dropped); None, with the row's error set,
+    where the line is not valid UTF-8."""
+    for number, end, raw in _lines(f, offset, line):
+        row = InputRow(number, end, raw)
+        try:
+            text = _decode(raw[len(BOM):] if offset == 0 and number == 1 and raw.startswith(BOM) else raw)
+        except UnicodeDecodeError as error:
+            row.error, text = _bad_utf8(error), None
+        yield row, text
+
+
 class TxtReader:
     """One text per line; an empty (or blank) line is a blank row."""
 
@@ -78,16 +90,10 @@ class TxtReader:
         self.path = path
 
     def rows(self, f: BinaryIO, offset: int, line: int) -> Iterator[InputRow]:
-        for number, end, raw in _lines(f, offset, line):
-            row = InputRow(number, end, raw)
-            try:
-                text = _decode(raw[len(BOM):] if offset == 0 and number == 1 and raw.startswith(BOM) else raw)
-            except UnicodeDecodeError as error:
-                row.error = _bad_utf8(error)
-                yield row
-                continue
-            row.blank = not text.strip()
-            row.text = None if row.blank else text
+        for row, text in _decoded_lines(f, offset, line):
+            if text is not None:
+                row.blank = not text.strip()
+                row.text = None if row.blank else text
             yield row
 
 
@@ -100,17 +106,10 @@ class JsonlReader:
         self.key = key
 
     def rows(self, f: BinaryIO, offset: int, line: int) -> Iterator[InputRow]:
-        for number, end, raw in _lines(f, offset, line):
-            row = InputRow(number, end, raw)
-            try:
-                source = _decode(raw[len(BOM):] if offset == 0 and number == 1 and raw.startswith(BOM) else raw)
-            except UnicodeDecodeError as error:
-                row.error = _bad_utf8(error)
-                yield row
-                continue
-            if not source.strip():
+        for row, source in _decoded_lines(f, offset, line):
+            if source is not None and not source.strip():
                 row.blank = True
-            else:
+            elif source is not None:
                 self._parse(row, source)
             yield row
 
