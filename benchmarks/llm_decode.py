@@ -7,6 +7,7 @@ tokens, start-up time, peak GPU memory, and fp16 greedy agreement between the en
 
     PYTHONPATH=. python benchmarks/llm_decode.py            # everything (~4 minutes on an H100)
     PYTHONPATH=. python benchmarks/llm_decode.py --quick    # batch 1 and 128, no static-cache path
+    PYTHONPATH=. python benchmarks/llm_decode.py --skip-transformers --tune-attention   # kernel study
 
 The table is also written to $OUT/llm_decode.md when OUT is set (or to --out).
 """
@@ -116,6 +117,130 @@ def section(name: str, fn) -> None:
         traceback.print_exc()
 
 
+# ---- attention kernel study (--tune-attention) -------------------------------------------------
+
+def attention_candidates():
+    """Kernel and tile variants of the decode attention: CUDA-core sums and tensor-core dots, the head
+    read padded to 128 or as 64 + 16, tiles of 16-128 columns, 1-4 warps, 1-4 pipeline stages."""
+    from pipeline.phi_decode import AttentionConfig
+
+    out = [AttentionConfig("sum", n, w, st, 1, dims) for dims in (False, True) for n in (32, 64)
+           for w in (2, 4) for st in (1, 3)]
+    out += [AttentionConfig("sum", n, 1, st, 1, True) for n in (16, 32) for st in (1, 3)]
+    out += [AttentionConfig("dot", n, w, st, 1, True) for n in (32, 64, 128) for w in (2, 4) for st in (2, 3, 4)]
+    out += [AttentionConfig("dot", 16, w, 3, 1, True) for w in (1, 2)] + [AttentionConfig("dot", 32, 1, 3, 1, True)]
+    out += [AttentionConfig("dot", n, 4, 3, 1, False) for n in (32, 64)]
+    return out
+
+
+class AttentionBench:
+    """32 layers of decode attention (rope + cache write + attention [+ merge]) captured in one graph,
+    over a random cache of `length` columns per row: the shape one decode step reads."""
+
+    def __init__(self, engine, rows: int, length: int):
+        from pipeline.phi_decode import DecodeState
+
+        w = engine.weights
+        self.engine, self.length = engine, length
+        cache = engine._k_cache
+        assert cache.shape[1] >= rows and cache.shape[3] > length
+        self.k, self.v = engine._k_cache[:, :rows], engine._v_cache[:, :rows]
+        long = dict(dtype=torch.long, device=engine.device)
+        self.state = DecodeState(torch.zeros(rows, **long), torch.full((rows,), length - 1, **long),
+                                 torch.tensor([length - 1], **long), torch.zeros(rows, **long), self.k, self.v)
+        gen = torch.Generator(device=engine.device).manual_seed(rows)
+        self.qkv = torch.randn((rows, 3 * w.heads * w.head_dim), device=engine.device, dtype=w.dtype,
+                               generator=gen)
+
+    def layers(self, config) -> list[torch.Tensor]:
+        from pipeline.phi_decode import triton_attention
+
+        e = self.engine
+        return [triton_attention(self.qkv, self.state, self.k[i], self.v[i], e.cos, e.sin, e.weights, config)
+                for i in range(self.k.shape[0])]
+
+    def reference(self) -> torch.Tensor:
+        """Layer 0's attention by SDPA in fp32 over columns 0..length-1 (after one kernel wrote the
+        current key and value, which every variant writes identically)."""
+        from pipeline.phi_decode import AttentionConfig, triton_attention
+
+        from pipeline.phi_decode import _rotate  # the torch path's rotary, for the query
+
+        e, w = self.engine, self.engine.weights
+        triton_attention(self.qkv, self.state, self.k[0], self.v[0], e.cos, e.sin, w, AttentionConfig())
+        raw = self.qkv.view(-1, 3, w.heads, 1, w.head_dim)[:, 0]
+        pos = self.state.positions
+        q = _rotate(raw, e.cos[pos][:, None, None], e.sin[pos][:, None, None], w.rotary_dim)
+        keys = self.k[0][:, :, : self.length].float()
+        values = self.v[0][:, :, : self.length].float()
+        return torch.nn.functional.scaled_dot_product_attention(q.float(), keys, values).reshape(q.shape[0], -1)
+
+    def time(self, config, replays: int = 15) -> tuple[float, float]:
+        """(median us per layer, relative error of layer 0 against the fp32 reference)."""
+        outs = self.layers(config)  # compile, then capture
+        torch.cuda.synchronize()
+        error = ((outs[0].float() - self.ref).norm() / self.ref.norm()).item()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.layers(config)
+        graph.replay()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / self.k.shape[0])
+        del graph
+        return statistics.median(times), error
+
+
+def tune_attention(engine, batches: list[int], length: int, log: list[str]) -> dict:
+    """Time every candidate at each batch size; return the fastest correct one per batch bucket."""
+    from dataclasses import replace
+
+    from pipeline import phi_decode
+
+    kv_bytes = lambda rows: 2 * rows * engine.weights.heads * length * engine.weights.head_dim * 2  # noqa: E731
+    best = {}
+    for rows in batches:
+        bench = AttentionBench(engine, rows, length)
+        bench.ref = bench.reference()
+        now = phi_decode.attention_config(rows)
+        splits_first = now.splits
+        results = []
+        for config in attention_candidates():
+            config = replace(config, splits=splits_first)
+            try:
+                us, error = bench.time(config)
+            except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported, skipped
+                log.append(f"b{rows} {config}: failed {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            results.append((us, error, config))
+        good = sorted(r for r in results if r[1] < 2e-3)
+        for us, error, config in good[:4]:  # the best few, at other split counts
+            for splits in sorted({1, 2, 4, 8, 16, 32} - {splits_first}):
+                if rows * splits > 512:
+                    continue
+                try:
+                    results.append((*bench.time(replace(config, splits=splits)), replace(config, splits=splits)))
+                except Exception as exc:  # noqa: BLE001
+                    log.append(f"b{rows} splits {splits}: failed {exc}")
+        results.sort(key=lambda r: r[0])
+        for us, error, config in results:
+            flag = "" if error < 2e-3 else "  WRONG"
+            log.append(f"b{rows} len {length}: {us:7.1f} us/layer {kv_bytes(rows) / us / 1e6:5.2f} TB/s "
+                       f"err {error:.1e} {config}{flag}")
+        current = next((r for r in results if r[2] == now), None)
+        winner = next(r for r in results if r[1] < 2e-3)
+        best[rows] = winner[2]
+        print(f"  attention b{rows}: current {now} {current[0] if current else float('nan'):.1f} us/layer; "
+              f"best {winner[2]} {winner[0]:.1f} us/layer ({kv_bytes(rows) / winner[0] / 1e6:.2f} TB/s)", flush=True)
+        del bench
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 128, no static-cache path")
@@ -127,6 +252,12 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true", help="time only FastPhiEngine")
     parser.add_argument("--profile", action="store_true",
                         help="also print the decode step's kernels by GPU time (batch 1 and the largest)")
+    parser.add_argument("--tune-attention", action="store_true",
+                        help="time the attention kernel variants first and use the fastest per batch size")
+    parser.add_argument("--layer-variants", action="store_true",
+                        help="also time batches >= 17 with the GELU as its own kernel, and with qkv, dense, "
+                             "fc1, fc2 as four products per layer")
+    parser.add_argument("--no-sdpa-variant", action="store_true", help="skip the use_triton=False engine")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     batches = [1, 128] if args.quick else [1, 8, 32, 128]
@@ -181,6 +312,28 @@ def main() -> None:
 
     engines = {}
 
+    def tune():
+        from pipeline import phi_decode
+
+        engine = FastPhiEngine(model, EOS, max_batch_size=max(batches), use_graphs=False)
+        length = args.prompt_len + args.new_tokens // 2  # the mean cache length over a generate call
+        engine._ensure_cache(max(batches), args.prompt_len + args.new_tokens)
+        engine._k_cache.normal_()
+        engine._v_cache.normal_()
+        log: list[str] = []
+        try:
+            with torch.inference_mode():
+                best = tune_attention(engine, batches, length, log)
+        finally:
+            if os.environ.get("OUT"):
+                Path(os.environ["OUT"], "attention_tune.txt").write_text("\n".join(log) + "\n")
+            del engine
+            torch.cuda.empty_cache()
+        for rows, config in best.items():
+            phi_decode.ATTENTION_CONFIGS[rows] = config
+        print("  ATTENTION_CONFIGS = {" + ", ".join(f"{r}: {c}" for r, c in best.items()) + "}")
+        facts["tuned"] = best
+
     def fast():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -230,6 +383,29 @@ def main() -> None:
                       seconds / args.new_tokens * 1e3, "variant: use_triton=False")
         del engine
 
+    def variant(label: str, note: str, **flags) -> None:
+        """The engine again with phi_decode's module flags changed (batches on the fused path only)."""
+        from pipeline import phi_decode
+
+        sizes = [b for b in batches if b >= phi_decode.FUSED_MIN_ROWS]
+        saved = {name: getattr(phi_decode, name) for name in flags}
+        for name, value in flags.items():
+            setattr(phi_decode, name, value)
+        try:
+            engine = FastPhiEngine(model, EOS, max_batch_size=max(sizes))
+            engine.warmup(batch_sizes=sizes, seq_len=args.prompt_len + args.new_tokens)
+            settings = GenerationSettings(max_new_tokens=args.new_tokens)
+            for batch in sizes:
+                prompts = prompts_for(batch, args.prompt_len)
+                engine.generate(prompts, settings)
+                seconds = wall(lambda: engine.generate(prompts, settings), repeat=3)  # noqa: B023
+                table.add(label, batch, batch * args.new_tokens / seconds, seconds / args.new_tokens * 1e3, note)
+            del engine
+        finally:
+            for name, value in saved.items():
+                setattr(phi_decode, name, value)
+            torch.cuda.empty_cache()
+
     def agreement():
         engine, count, length = engines["fast"], 32, 64
         prompts = prompts_for(count, args.prompt_len, seed=1)
@@ -265,7 +441,7 @@ def main() -> None:
             rows = engine._bucket(batch)
             state = engine._state(rows)  # the cache as the last call left it: ~190 columns per row
             step = lambda: decode_step(engine.weights, state, engine.cos, engine.sin,  # noqa: E731
-                                       use_triton=engine.use_triton, splits=engine._splits(rows))
+                                       use_triton=engine.use_triton, attention=engine._attention(rows))
             with torch.inference_mode():
                 step()
                 torch.cuda.synchronize()
@@ -277,12 +453,21 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
 
     section("bandwidth floor", floor)
+    if args.tune_attention:
+        section("attention kernel study", tune)
     section("FastPhiEngine", fast)
     section("prefill", prefill)
     if args.profile:
         section("profile", profile)
     section("fp16 greedy agreement", agreement)
-    if not args.quick:
+    if args.layer_variants:
+        section("FastPhiEngine variant: GELU kernel of its own",
+                lambda: variant("FastPhiEngine, GELU as its own kernel", "variant: GELU_IN_ROPE=False",
+                                GELU_IN_ROPE=False))
+        section("FastPhiEngine variant: unfused products",
+                lambda: variant("FastPhiEngine, four products per layer", "variant: qkv, dense, fc1, fc2 unfused",
+                                FUSED_MIN_ROWS=1 << 30))
+    if not args.quick and not args.no_sdpa_variant:
         section("FastPhiEngine variant: torch attention", torch_attention)
     if not args.skip_transformers:
         section("model.generate", plain)
@@ -300,6 +485,9 @@ def main() -> None:
                      f"(weights {weight_bytes / 2**30:.1f} GiB, KV cache {facts['cache_bytes'] / 2**30:.1f} GiB)")
     if "agreement" in facts:
         lines.append(f"- agreement: {facts['agreement']}")
+    if "tuned" in facts:
+        lines.append("- attention kernels chosen by --tune-attention: "
+                     + "; ".join(f"batch {r}: {c}" for r, c in facts["tuned"].items()))
     report = "\n".join(lines)
     print("\n" + report)
     target = args.out or (os.path.join(os.environ["OUT"], "llm_decode.md") if os.environ.get("OUT") else None)

@@ -212,11 +212,17 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed calls per row, at least one")
     parser.add_argument("--static-batches", default="1,64,256", help="batches for the static-cache path")
     parser.add_argument("--static-beams", default="1")
+    parser.add_argument("--generate-beams", default="1,4", help="beams for generate's rows")
     parser.add_argument("--no-agreement", action="store_true")
     parser.add_argument("--agreement-only", action="store_true")
     parser.add_argument("--spread-std", type=float, default=0.1, help="weight std of the agreement model")
     parser.add_argument("--attention-variants", default="",
                         help="CUDA: also time the fast path with these attention modes (efficient,math)")
+    parser.add_argument("--kernel-variants", default="",
+                        help="CUDA: also time the fast path with these Triton kernel sets, ';'-separated "
+                             "(e.g. 'none;norm,top'; the default runs all of attention,norm,top)")
+    parser.add_argument("--agreement-variants", default="",
+                        help="CUDA: also check these kernel sets' agreement with generate, ';'-separated")
     parser.add_argument("--profile", action="store_true", help="CUDA: the fast path's top kernels, batch 1 and 256")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads, torch and CTranslate2 (0: default)")
     parser.add_argument("--cap", type=float, default=240, help="seconds after which a backend gets no more rows")
@@ -237,6 +243,8 @@ def main() -> None:
     static_beams = {int(b) for b in args.static_beams.split(",") if b}
     skip = {("generate static", k, b) for k in beam_options for b in batches
             if b not in static_batches or k not in static_beams}
+    generate_beams = {int(b) for b in args.generate_beams.split(",") if b}
+    skip |= {("generate", k, b) for k in beam_options for b in batches if k not in generate_beams}
     # Ours first, generate's static-cache path (slow to compile) last.
     backends = [("generate", TransformersMTBackend(model), device.type == "cuda")]
     work = Path(tempfile.mkdtemp(prefix="translate-speed-"))
@@ -244,7 +252,9 @@ def main() -> None:
         if device.type == "cuda":
             backends[:0] = [("fast", FastMarianBackend(model), True)] + [
                 (f"fast, attention={mode}", FastMarianBackend(model, attention=mode), True)
-                for mode in args.attention_variants.split(",") if mode]
+                for mode in args.attention_variants.split(",") if mode] + [
+                (f"fast, kernels={parts}", FastMarianBackend(model, kernels=() if parts == "none" else parts.split(",")),
+                 True) for parts in args.kernel_variants.split(";") if parts]
         else:
             backends.append(("fast (eager, no graphs)", FastMarianBackend(model, use_graphs=False), False))
             skip |= {("fast (eager, no graphs)", k, b) for k in beam_options for b in batches if b != 64}
@@ -268,7 +278,8 @@ def main() -> None:
         if args.profile and device.type == "cuda":
             print_profile(backends[0][1], beam_options)
         if not args.no_agreement:
-            print_agreement(device, dtype, work, args.spread_std, command, device_name)
+            print_agreement(device, dtype, work, args.spread_std, command, device_name,
+                            [v for v in args.agreement_variants.split(";") if v])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -294,7 +305,7 @@ def print_profile(fast, beam_options) -> None:
                 print(f"- {e.self_device_time_total / 1000:7.2f} ms  x{e.count:5d}  {e.key[:90]}")
 
 
-def print_agreement(device, dtype, work, std, command, device_name) -> None:
+def print_agreement(device, dtype, work, std, command, device_name, variants=()) -> None:
     spread = published_model(spread=True, seed=2, std=std)
     rows = sources(64, spread.config.vocab_size, seed=3, length=None)
     print(f"\n## agreement on 64 fixed sentences (5-40 tokens, max_new_tokens 40, weights std {std})\n")
@@ -305,6 +316,10 @@ def print_agreement(device, dtype, work, std, command, device_name) -> None:
             for beams in (1, 4):
                 result = agreement(TransformersMTBackend(model), FastMarianBackend(model), rows, beams)
                 print(f"- fast vs generate, {label}, beams {beams}: {result}")
+                for parts in variants:
+                    fast = FastMarianBackend(model, kernels=() if parts == "none" else parts.split(","))
+                    result = agreement(TransformersMTBackend(model), fast, rows, beams)
+                    print(f"- fast, kernels={parts} vs generate, {label}, beams {beams}: {result}")
         return
     if ctranslate2_version() == "not installed":
         print("- ctranslate2 not installed: no int8 agreement")

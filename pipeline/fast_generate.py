@@ -21,8 +21,8 @@ import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.generation import Generated, GenerationSettings, StopCheck, finish_row
-from pipeline.phi_decode import (DecodeState, attention_splits, decode_step, phi_weights, prefill, rope_tables,
-                                 triton)
+from pipeline.phi_decode import (AttentionConfig, DecodeState, attention_config, decode_step, phi_weights, prefill,
+                                 rope_tables, triton)
 
 CACHE_COLUMNS_STEP = 256  # cache length is grown in steps of this many columns
 PREFILL_TOKENS = 16384  # prompts are prefilled in row groups of at most this many (padded) tokens
@@ -226,7 +226,7 @@ class FastPhiEngine:
     def _step(self, state: DecodeState, rows: int, kv_len: int | None = None) -> torch.Tensor:
         """One decode step, then move to the next column (inside the graph when captured)."""
         logits = decode_step(self.weights, state, self.cos, self.sin, use_triton=self.use_triton,
-                             kv_len=kv_len, splits=self._splits(rows))
+                             kv_len=kv_len, attention=self._attention(rows))
         state.col.add_(1)
         state.positions.add_(1)
         return logits
@@ -292,8 +292,9 @@ class FastPhiEngine:
             size *= 2
         return min(size, self.max_batch_size)
 
-    def _splits(self, rows: int) -> int:
-        return attention_splits(rows, self.weights.heads)
+    @staticmethod
+    def _attention(rows: int) -> AttentionConfig:
+        return attention_config(rows)
 
     def _cache_budget(self) -> float:
         """Bytes the cache may take without being asked to: a share of what is free (with it)."""

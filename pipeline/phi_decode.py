@@ -9,8 +9,10 @@ keys are the columns start[b]..col. The decode step reads its inputs from tensor
 numbers that change between steps), so one CUDA graph per batch size can replay it for every token.
 
 On CUDA with Triton, two small kernels replace the rotary/cache-write ops and the attention over the
-cache: the attention kernel reads only each row's valid columns (split along the sequence, as in
-flash-decoding), where scaled_dot_product_attention would read the whole cache under a mask.
+cache: the attention kernel reads only each row's valid columns (optionally split along the sequence,
+as in flash-decoding), where scaled_dot_product_attention would read the whole cache under a mask. At
+batch sizes past 16 rows a layer is two matrix products, [q k v fc1] and [dense fc2], over weights
+stacked in place (`_fused_layer`).
 """
 
 from __future__ import annotations
@@ -32,13 +34,36 @@ except ImportError:  # pragma: no cover - depends on the install
 class PhiLayer:
     ln_w: torch.Tensor
     ln_b: torch.Tensor
-    qkv_w: torch.Tensor  # [3 * hidden, hidden]: q, k, v projections stacked (see fuse_qkv)
-    qkv_b: torch.Tensor
-    dense_w: torch.Tensor
-    fc1_w: torch.Tensor
-    fc1_b: torch.Tensor
-    fc2_w: torch.Tensor
+    in_w: torch.Tensor  # [3 * hidden + inner, hidden]: q, k, v and fc1 stacked (all read the same x)
+    in_b: torch.Tensor
+    out_w: torch.Tensor  # [hidden, hidden + inner]: dense and fc2 side by side (both add to h)
     out_b: torch.Tensor  # dense bias + fc2 bias: both land on the residual stream
+    hidden: int
+
+    # The single projections are views of the stacked tensors (no copies).
+    @property
+    def qkv_w(self) -> torch.Tensor:
+        return self.in_w[:3 * self.hidden]
+
+    @property
+    def qkv_b(self) -> torch.Tensor:
+        return self.in_b[:3 * self.hidden]
+
+    @property
+    def fc1_w(self) -> torch.Tensor:
+        return self.in_w[3 * self.hidden:]
+
+    @property
+    def fc1_b(self) -> torch.Tensor:
+        return self.in_b[3 * self.hidden:]
+
+    @property
+    def dense_w(self) -> torch.Tensor:
+        return self.out_w[:, :self.hidden]
+
+    @property
+    def fc2_w(self) -> torch.Tensor:
+        return self.out_w[:, self.hidden:]
 
 
 @dataclass
@@ -72,29 +97,39 @@ def rope_settings(config) -> tuple[float, float]:
     return float(factor), float(theta)
 
 
-def _fused_parameter(linears) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the q, k, v projections into one tensor and point the modules at views of it.
+def _stacked(weights: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+    """The tensor whose consecutive blocks along `dim` the `weights` already are (views), else None."""
+    first = weights[0]
+    total = sum(w.shape[dim] for w in weights)
+    shape = (total, first.shape[1]) if dim == 0 else (first.shape[0], total)
+    strides = (shape[1], 1)
+    offset = first.storage_offset()
+    for w in weights:
+        if (w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or w.stride() != strides
+                or w.storage_offset() != offset):
+            return None
+        offset += w.shape[0] * strides[0] if dim == 0 else w.shape[1]
+    return first.as_strided(shape, strides, first.storage_offset())
 
-    One matrix product instead of three at every step, without a second copy of the weights: the old
-    tensors are freed as the modules take the views, and the model still runs as before.
+
+def _fused_parameter(linears, dim: int = 0) -> torch.Tensor:
+    """Concatenate the modules' weights along `dim` and point the modules at views of the result.
+
+    One matrix product instead of several at every step, without a second copy of the weights: the old
+    tensors are freed as the modules take the views, and the model still runs as before (a block of
+    columns is a strided view, which matrix products take as it is). Done once per model: a second
+    engine on the same model finds the views and reuses them.
     """
-    weights = [lin.weight for lin in linears]
-    base = weights[0].untyped_storage().data_ptr()
-    stride = weights[0].numel() * weights[0].element_size()
-    already = all(w.untyped_storage().data_ptr() == base and w.storage_offset() * w.element_size() == i * stride
-                  for i, w in enumerate(weights)) and weights[0].storage_offset() == 0
-    if already:
-        rows = sum(w.shape[0] for w in weights)
-        weight = weights[0].as_strided((rows, weights[0].shape[1]), weights[0].stride(), 0)
-    else:
-        weight = torch.cat([w.detach() for w in weights])
+    weights = [lin.weight.detach() for lin in linears]
+    weight = _stacked(weights, dim)
+    if weight is None:
+        weight = torch.cat(weights, dim=dim)
         start = 0
         for lin in linears:
-            rows = lin.weight.shape[0]
-            lin.weight.data = weight[start:start + rows]
-            start += rows
-    bias = torch.cat([lin.bias.detach() for lin in linears])  # small: 3 * hidden values
-    return weight.detach(), bias
+            size = lin.weight.shape[dim]
+            lin.weight.data = weight.narrow(dim, start, size)
+            start += size
+    return weight
 
 
 def phi_weights(model) -> PhiWeights:
@@ -106,12 +141,12 @@ def phi_weights(model) -> PhiWeights:
     layers = []
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        qkv_w, qkv_b = _fused_parameter([attn.q_proj, attn.k_proj, attn.v_proj])
+        inputs = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.fc1]
         layers.append(PhiLayer(
             ln_w=block.input_layernorm.weight.detach(), ln_b=block.input_layernorm.bias.detach(),
-            qkv_w=qkv_w, qkv_b=qkv_b, dense_w=attn.dense.weight.detach(),
-            fc1_w=mlp.fc1.weight.detach(), fc1_b=mlp.fc1.bias.detach(), fc2_w=mlp.fc2.weight.detach(),
-            out_b=(attn.dense.bias + mlp.fc2.bias).detach(),
+            in_w=_fused_parameter(inputs), in_b=torch.cat([lin.bias.detach() for lin in inputs]),
+            out_w=_fused_parameter([attn.dense, mlp.fc2], dim=1),
+            out_b=(attn.dense.bias + mlp.fc2.bias).detach(), hidden=config.hidden_size,
         ))
     return PhiWeights(
         layers=layers, embed=model.model.embed_tokens.weight.detach(),
@@ -237,86 +272,188 @@ class DecodeState:
 
 
 def decode_step(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Tensor, *,
-                use_triton: bool, kv_len: int | None = None, splits: int = 1) -> torch.Tensor:
+                use_triton: bool, kv_len: int | None = None,
+                attention: AttentionConfig | None = None) -> torch.Tensor:
     """One token for every row: write its key/value at column col, return logits [B, vocab].
 
     kv_len bounds the columns the torch attention path reads (col + 1 in eager mode; the whole cache
-    when captured in a graph). The Triton path reads exactly start..col and ignores it.
+    when captured in a graph). The Triton path reads exactly start..col and ignores it; `attention`
+    picks its kernel and tiles (default: attention_config for this batch size).
     """
     batch = s.tokens.shape[0]
     h = F.embedding(s.tokens, w.embed)
-    if not use_triton:
-        kv_len = s.k_cache.shape[3] if kv_len is None else kv_len
-        key_cols = torch.arange(kv_len, device=h.device)
-        mask = ((key_cols[None, :] >= s.starts[:, None]) & (key_cols[None, :] <= s.col))[:, None, None]
-        cos_p, sin_p = cos[s.positions][:, None, None], sin[s.positions][:, None, None]
+    attend = _triton_attend(w, s, cos, sin, attention or attention_config(batch)) if use_triton else \
+        _torch_attend(w, s, cos, sin, kv_len)
+    fused = batch >= FUSED_MIN_ROWS
     pending = None
     for index, layer in enumerate(w.layers):
         x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps, use_triton)
-        qkv = _linear(x, layer.qkv_w, layer.qkv_b, use_triton=use_triton)
-        k_cache, v_cache = s.k_cache[index], s.v_cache[index]
-        if use_triton:
-            attn = triton_attention(qkv, s, k_cache, v_cache, cos, sin, w, splits)
+        if fused:
+            _fused_layer(layer, x, h, lambda *args: attend(index, *args))  # noqa: B023 - called now
         else:
-            q, k, v = qkv.view(batch, 3, w.heads, 1, w.head_dim).unbind(1)
-            q = _rotate(q, cos_p, sin_p, w.rotary_dim)
-            k_cache.index_copy_(2, s.col, _rotate(k, cos_p, sin_p, w.rotary_dim))
-            v_cache.index_copy_(2, s.col, v)
-            attn = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
-                                                  attn_mask=mask)
-            attn = attn.reshape(batch, -1)
-        h = _mlp_and_residual(layer, x, attn, h, use_triton)
+            qkv = _linear(x, layer.qkv_w, layer.qkv_b, use_triton=use_triton)
+            h = _mlp_and_residual(layer, x, attend(index, qkv, None), h, use_triton)
         pending = layer.out_b
     return _logits(w, h, pending, use_triton)
+
+
+def _fused_layer(layer: PhiLayer, x: torch.Tensor, h: torch.Tensor, attend) -> None:
+    """h += [attention | gelu(fc1(x))] @ [dense | fc2].T: two matrix products per layer instead of four.
+
+    q, k, v and fc1 all read x, so one product makes them; attention and the GELU write their outputs
+    side by side, so dense and fc2 become one product too. Wider products keep more of the GPU busy
+    at batch sizes past the skinny kernel's (dense alone has only 2,560 output columns).
+    """
+    hidden = layer.hidden
+    y = torch.addmm(layer.in_b, x, layer.in_w.t())
+    mixed = torch.empty((x.shape[0], layer.out_w.shape[1]), dtype=x.dtype, device=x.device)
+    attend(y[:, :3 * hidden], mixed[:, :hidden], (y[:, 3 * hidden:], mixed[:, hidden:]))
+    h.addmm_(mixed, layer.out_w.t())
+
+
+def _triton_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Tensor,
+                   config: AttentionConfig):
+    def attend(index: int, qkv: torch.Tensor, out: torch.Tensor | None, gelu=None) -> torch.Tensor:
+        if gelu is not None and not GELU_IN_ROPE:
+            torch.ops.aten.gelu.out(gelu[0], approximate="tanh", out=gelu[1])
+            gelu = None
+        return triton_attention(qkv, s, s.k_cache[index], s.v_cache[index], cos, sin, w, config, out, gelu)
+
+    return attend
+
+
+def _torch_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Tensor, kv_len: int | None):
+    """Rotary, cache write and SDPA under a mask over the first kv_len columns (the CPU's path)."""
+    kv_len = s.k_cache.shape[3] if kv_len is None else kv_len
+    key_cols = torch.arange(kv_len, device=s.tokens.device)
+    mask = ((key_cols[None, :] >= s.starts[:, None]) & (key_cols[None, :] <= s.col))[:, None, None]
+    cos_p, sin_p = cos[s.positions][:, None, None], sin[s.positions][:, None, None]
+    batch = s.tokens.shape[0]
+
+    def attend(index: int, qkv: torch.Tensor, out: torch.Tensor | None, gelu=None) -> torch.Tensor:
+        """Attention of qkv's rows; with gelu=(src, dst), also dst = gelu_new(src)."""
+        if gelu is not None:
+            torch.ops.aten.gelu.out(gelu[0], approximate="tanh", out=gelu[1])
+        k_cache, v_cache = s.k_cache[index], s.v_cache[index]
+        q, k, v = qkv.view(batch, 3, w.heads, 1, w.head_dim).unbind(1)
+        q = _rotate(q, cos_p, sin_p, w.rotary_dim)
+        k_cache.index_copy_(2, s.col, _rotate(k, cos_p, sin_p, w.rotary_dim))
+        v_cache.index_copy_(2, s.col, v)
+        attn = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask)
+        attn = attn.reshape(batch, -1)
+        return attn if out is None else out.copy_(attn)
+
+    return attend
 
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels for the decode step (CUDA only).
 
-# Tile choices measured on an H100 at phi-2's shape (benchmarks/llm_decode.py --profile): 32 columns per
-# iteration with 2 warps read the cache fastest from batch 8 up (1.7-1.9 TB/s at batch 128, against
-# 1.1-1.2 for 64 columns and 4 warps); at batch 1 the step is latency-bound and 4 warps do better.
-ATTN_BLOCK_N = 32
 SKINNY_MAX_ROWS = 16  # skinny_linear's tile holds 16 rows (the smallest tensor-core tile)
 SKINNY_BLOCK_N, SKINNY_BLOCK_K = 16, 128
+FUSED_MIN_ROWS = SKINNY_MAX_ROWS + 1  # from here on the decode step runs _fused_layer
+GELU_IN_ROPE = True  # _fused_layer's GELU runs inside the rotary kernel (False: a torch kernel of its own)
 
 
-def attention_warps(rows: int) -> int:
-    return 4 if rows < 8 else 2
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How the decode attention kernel reads the cache.
+
+    kernel: "dot" multiplies on tensor cores (the one query padded to 16 rows: arithmetic is free here,
+    and the loads feeding tl.dot are pipelined through shared memory), "sum" on CUDA cores.
+    split_dims: read an 80-wide head as 64 + 16 columns instead of one tile padded to 128.
+    splits: programs per (row, head) along the sequence (flash-decoding), merged by a second kernel.
+    """
+
+    kernel: str = "sum"
+    block_n: int = 32
+    warps: int = 2
+    stages: int = 1
+    splits: int = 1
+    split_dims: bool = True
 
 
-def attention_splits(rows: int, heads: int) -> int:
-    """Sequence splits per (row, head): about 1,024 programs, at most 8 splits."""
-    splits = 1
-    while rows * heads * splits < 1024 and splits < 8:
-        splits *= 2
-    return splits
+# Per batch-size bucket (the smallest key >= the batch serves it): the fastest of 43 variants x split
+# counts, timed on an H100 at phi-2's shape, cache 160 columns per row (benchmarks/llm_decode.py
+# --tune-attention, 2026-11-25). Per layer, with rope + cache write: batch 1 6.9 us (was 8.2 with the
+# CUDA-core kernel padded to 128), 8: 10.5 (15.6), 32: 26.5 (38.4), 128: 86.4 (111.8; 2.43 TB/s).
+# Many dot variants land within 2% of each other at batch 128; one split per (row, head) won
+# everywhere once the tensor-core kernel pipelines its loads.
+ATTENTION_CONFIGS: dict[int, AttentionConfig] = {
+    1: AttentionConfig("dot", block_n=32, warps=2, stages=4, splits=1),
+    8: AttentionConfig("dot", block_n=32, warps=1, stages=3, splits=1),
+    32: AttentionConfig("dot", block_n=16, warps=1, stages=3, splits=1),
+    128: AttentionConfig("dot", block_n=32, warps=2, stages=2, splits=1),
+}
+
+
+def attention_config(rows: int) -> AttentionConfig:
+    for bucket in sorted(ATTENTION_CONFIGS):
+        if rows <= bucket:
+            return ATTENTION_CONFIGS[bucket]
+    return ATTENTION_CONFIGS[max(ATTENTION_CONFIGS)]
+
+
+def head_split(head_dim: int, split_dims: bool = True) -> tuple[int, int]:
+    """(D0, D1): a head read as D0 + D1 columns, both powers of two, D1 >= 16 or 0.
+
+    80 -> (64, 16). Where no such split exists (or split_dims is off), (next power of two, 0): one
+    padded, masked tile.
+    """
+    padded = triton.next_power_of_2(head_dim) if triton is not None else 1 << (head_dim - 1).bit_length()
+    if not split_dims or padded == head_dim:
+        return padded, 0
+    low = padded // 2
+    rest = head_dim - low
+    if rest >= 16 and rest & (rest - 1) == 0:
+        return low, rest
+    return padded, 0
+
 
 def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor, w: PhiWeights, splits: int) -> torch.Tensor:
-    """Rotary + cache write, then attention of each row's query over its valid cache columns."""
+                     cos: torch.Tensor, sin: torch.Tensor, w: PhiWeights, config: AttentionConfig,
+                     out: torch.Tensor | None = None,
+                     gelu: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Rotary + cache write, then attention of each row's query over its valid cache columns.
+
+    Writes [batch, heads * head_dim] into `out` (rows may be strided, e.g. a block of columns of a
+    wider tensor) or a new tensor. gelu=(src, dst): also dst = gelu_new(src) (the MLP's activation,
+    [batch, inner], rows may be strided), done by the rotary kernel to save a launch per layer.
+    """
     batch, heads, head_dim = qkv.shape[0], w.heads, w.head_dim
     block_d = triton.next_power_of_2(head_dim)
     q = torch.empty((batch, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
+    src, dst = gelu if gelu is not None else (qkv, qkv)
+    per_head = -(-src.shape[1] // heads) if gelu is not None else 1
     _rope_write_kernel[(batch, heads)](
         qkv, q, k_cache, v_cache, cos, sin, s.positions, s.col,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        src, dst, src.stride(0), dst.stride(0), src.shape[1] if gelu is not None else 0, per_head,
         HEADS=heads, HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_D=block_d,
+        HAS_GELU=gelu is not None, BLOCK_G=triton.next_power_of_2(per_head),
     )
-    out = torch.empty((batch, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
+    splits = config.splits
+    if out is None:
+        out = torch.empty((batch, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
     partial = torch.empty((batch * heads, splits, head_dim), device=qkv.device, dtype=torch.float32)
     m = torch.empty((batch * heads, splits), device=qkv.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    _attn_split_kernel[(batch * heads, splits)](
+    d0, d1 = head_split(head_dim, config.split_dims)
+    kernel = _attn_dot_kernel if config.kernel == "dot" else _attn_sum_kernel
+    kernel[(batch * heads, splits)](
         q, k_cache, v_cache, s.starts, s.col, partial, m, l, out,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(head_dim),
-        HEADS=heads, HEAD_DIM=head_dim, SPLITS=splits, BLOCK_N=ATTN_BLOCK_N, BLOCK_D=block_d,
-        num_warps=attention_warps(batch),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(head_dim), splits,
+        out.stride(0), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1, BLOCK_N=config.block_n, D0=d0,
+        D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages, num_warps=config.warps,
+        # fp32 caches (the tiny test models) keep full precision in tl.dot: no tf32
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else None,
+        num_stages=max(config.stages, 1),
     )
     if splits == 1:  # the split kernel wrote the output itself
         return out
-    _attn_merge_kernel[(batch * heads,)](partial, m, l, out, HEAD_DIM=head_dim, SPLITS=splits,
-                                         BLOCK_S=max(2, splits), BLOCK_D=block_d, num_warps=1)
+    _attn_merge_kernel[(batch * heads,)](partial, m, l, out, out.stride(0), HEADS=heads, HEAD_DIM=head_dim,
+                                         SPLITS=splits,
+                                         BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, num_warps=1)
     return out
 
 
@@ -325,10 +462,18 @@ if triton is not None:
     @triton.jit
     def _rope_write_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, col_ptr,
                            stride_qkv, stride_cb, stride_ch, stride_cs,
+                           g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head,
                            HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+                           BLOCK_D: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
+        if HAS_GELU:  # this program's share of the row's MLP activation: gelu_new, tanh via exp
+            g = h * per_head + tl.arange(0, BLOCK_G)
+            in_row = (g < (h + 1) * per_head) & (g < inner)
+            x = tl.load(g_src_ptr + b * stride_g_src + g, mask=in_row, other=0.0).to(tl.float32)
+            z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            y = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+            tl.store(g_dst_ptr + b * stride_g_dst + g, y.to(g_dst_ptr.dtype.element_ty), mask=in_row)
         d = tl.arange(0, BLOCK_D)
         valid = d < HEAD_DIM
         half: tl.constexpr = ROT // 2
@@ -354,50 +499,145 @@ if triton is not None:
         tl.store(v_cache_ptr + dst, v, mask=valid)
 
     @triton.jit
-    def _attn_split_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
-                           stride_cb, stride_ch, stride_cs, scale,
-                           HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _attn_sum_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+                         stride_cb, stride_ch, stride_cs, scale, n_splits, stride_out,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
+                         STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        """Attention of one query over its columns on CUDA cores; head read as D0 (+ D1) columns."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // HEADS
         h = bh % HEADS
         start = tl.load(starts_ptr + b)
         end = tl.load(col_ptr) + 1
-        chunk = tl.cdiv(tl.cdiv(end - start, SPLITS), BLOCK_N) * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(end - start, n_splits), BLOCK_N) * BLOCK_N  # whole tiles per split
         lo = start + split * chunk
         hi = tl.minimum(lo + chunk, end)
-        d = tl.arange(0, BLOCK_D)
-        valid_d = d < HEAD_DIM
-        q = tl.load(q_ptr + bh * HEAD_DIM + d, mask=valid_d, other=0.0).to(tl.float32) * scale
+        d0 = tl.arange(0, D0)
+        d1 = D0 + tl.arange(0, D1)
+        valid0 = d0 < HEAD_DIM  # all true unless the head is one padded tile
+        q0 = tl.load(q_ptr + bh * HEAD_DIM + d0, mask=valid0, other=0.0).to(tl.float32) * scale
+        q1 = tl.load(q_ptr + bh * HEAD_DIM + d1, mask=HAS_TAIL & (d1 < HEAD_DIM), other=0.0).to(tl.float32) * scale
         m_i = tl.full([], float("-inf"), tl.float32)
         l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc0 = tl.zeros([D0], dtype=tl.float32)
+        acc1 = tl.zeros([D1], dtype=tl.float32)
         base = b * stride_cb + h * stride_ch
-        for n0 in range(lo, hi, BLOCK_N):
+        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
             valid_n = n < hi
-            offs = base + n[:, None] * stride_cs + d[None, :]
-            both = valid_n[:, None] & valid_d[None, :]
-            k = tl.load(k_ptr + offs, mask=both, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + offs, mask=both, other=0.0).to(tl.float32)  # in flight with k
-            scores = tl.where(valid_n, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            offs = base + n[:, None] * stride_cs
+            if D0 > HEAD_DIM:
+                mask0 = valid_n[:, None] & valid0[None, :]
+            else:
+                mask0 = valid_n[:, None]
+            k0 = tl.load(k_ptr + offs + d0[None, :], mask=mask0, other=0.0)
+            v0 = tl.load(v_ptr + offs + d0[None, :], mask=mask0, other=0.0)  # in flight with k
+            scores = tl.sum(k0.to(tl.float32) * q0[None, :], axis=1)
+            if HAS_TAIL:
+                k1 = tl.load(k_ptr + offs + d1[None, :], mask=valid_n[:, None], other=0.0)
+                v1 = tl.load(v_ptr + offs + d1[None, :], mask=valid_n[:, None], other=0.0)
+                scores += tl.sum(k1.to(tl.float32) * q1[None, :], axis=1)
+            scores = tl.where(valid_n, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(scores - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            acc0 = acc0 * alpha + tl.sum(p[:, None] * v0.to(tl.float32), axis=0)
+            if HAS_TAIL:
+                acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
-        if SPLITS == 1:
-            tl.store(out_ptr + bh * HEAD_DIM + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=valid_d)
-        else:
-            tl.store(o_ptr + (bh * SPLITS + split) * HEAD_DIM + d, acc, mask=valid_d)
-            tl.store(m_ptr + bh * SPLITS + split, m_i)
-            tl.store(l_ptr + bh * SPLITS + split, l_i)
+        _attn_store(acc0, acc1, m_i, l_i, d0, d1, bh, b * stride_out + h * HEAD_DIM, split, n_splits, o_ptr,
+                    m_ptr, l_ptr, out_ptr, HEAD_DIM, DIRECT, HAS_TAIL)
 
     @triton.jit
-    def _attn_merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _attn_store(acc0, acc1, m_i, l_i, d0, d1, bh, out_row, split, n_splits, o_ptr, m_ptr, l_ptr, out_ptr,
+                    HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr, HAS_TAIL: tl.constexpr):
+        """The normalised output (one split) or this split's partial sums (several)."""
+        valid0 = d0 < HEAD_DIM
+        valid1 = HAS_TAIL & (d1 < HEAD_DIM)
+        if DIRECT:
+            tl.store(out_ptr + out_row + d0, (acc0 / l_i).to(out_ptr.dtype.element_ty), mask=valid0)
+            tl.store(out_ptr + out_row + d1, (acc1 / l_i).to(out_ptr.dtype.element_ty), mask=valid1)
+        else:
+            row = (bh * n_splits + split) * HEAD_DIM
+            tl.store(o_ptr + row + d0, acc0, mask=valid0)
+            tl.store(o_ptr + row + d1, acc1, mask=valid1)
+            tl.store(m_ptr + bh * n_splits + split, m_i)
+            tl.store(l_ptr + bh * n_splits + split, l_i)
+
+    @triton.jit
+    def _attn_dot_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+                         stride_cb, stride_ch, stride_cs, scale, n_splits, stride_out,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
+                         STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        """As _attn_sum_kernel on tensor cores: the query is row 0 of a 16-row tile (rows 1-15 zero).
+
+        The loads feeding tl.dot are what Triton pipelines (cp.async into shared memory, STAGES deep),
+        which keeps more of the cache in flight than plain register loads.
+        """
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // HEADS
+        h = bh % HEADS
+        start = tl.load(starts_ptr + b)
+        end = tl.load(col_ptr) + 1
+        chunk = tl.cdiv(tl.cdiv(end - start, n_splits), BLOCK_N) * BLOCK_N  # whole tiles per split
+        lo = start + split * chunk
+        hi = tl.minimum(lo + chunk, end)
+        dtype = k_ptr.dtype.element_ty
+        r = tl.arange(0, 16)
+        first = r[:, None] == 0
+        d0 = tl.arange(0, D0)
+        d1 = D0 + tl.arange(0, D1)
+        valid0 = d0 < HEAD_DIM
+        q0 = tl.load(q_ptr + bh * HEAD_DIM + d0, mask=valid0, other=0.0)
+        q0 = tl.where(first, q0[None, :], 0.0).to(dtype)
+        q1 = tl.load(q_ptr + bh * HEAD_DIM + d1, mask=HAS_TAIL & (d1 < HEAD_DIM), other=0.0)
+        q1 = tl.where(first, q1[None, :], 0.0).to(dtype)
+        m_i = tl.full([16], float("-inf"), tl.float32)
+        l_i = tl.zeros([16], dtype=tl.float32)
+        acc0 = tl.zeros([16, D0], dtype=tl.float32)
+        acc1 = tl.zeros([16, D1], dtype=tl.float32)
+        base = b * stride_cb + h * stride_ch
+        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+            n = n0 + tl.arange(0, BLOCK_N)
+            valid_n = n < hi
+            offs = base + n[:, None] * stride_cs
+            if D0 > HEAD_DIM:
+                mask0 = valid_n[:, None] & valid0[None, :]
+            else:
+                mask0 = valid_n[:, None]
+            k0 = tl.load(k_ptr + offs + d0[None, :], mask=mask0, other=0.0)
+            v0 = tl.load(v_ptr + offs + d0[None, :], mask=mask0, other=0.0)
+            scores = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+            if HAS_TAIL:
+                k1 = tl.load(k_ptr + offs + d1[None, :], mask=valid_n[:, None], other=0.0)
+                v1 = tl.load(v_ptr + offs + d1[None, :], mask=valid_n[:, None], other=0.0)
+                scores += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+            scores = tl.where(valid_n[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p = p.to(dtype)
+            acc0 = acc0 * alpha[:, None] + tl.dot(p, v0, input_precision=PRECISION)
+            if HAS_TAIL:
+                acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=PRECISION)
+            m_i = m_new
+        # row 0 holds the query's results
+        out0 = tl.sum(tl.where(first, acc0, 0.0), axis=0)
+        out1 = tl.sum(tl.where(first, acc1, 0.0), axis=0)
+        m_0 = tl.max(tl.where(r == 0, m_i, float("-inf")), axis=0)
+        l_0 = tl.sum(tl.where(r == 0, l_i, 0.0), axis=0)
+        _attn_store(out0, out1, m_0, l_0, d0, d1, bh, b * stride_out + h * HEAD_DIM, split, n_splits, o_ptr,
+                    m_ptr, l_ptr, out_ptr, HEAD_DIM, DIRECT, HAS_TAIL)
+
+    @triton.jit
+    def _attn_merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, stride_out, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         bh = tl.program_id(0)
         sp = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
@@ -408,7 +648,8 @@ if triton is not None:
         o = tl.load(o_ptr + (bh * SPLITS + sp)[:, None] * HEAD_DIM + d[None, :],
                     mask=(sp[:, None] < SPLITS) & (d[None, :] < HEAD_DIM), other=0.0)
         out = tl.sum(weight[:, None] * o, axis=0) / tl.sum(weight * l, axis=0)
-        tl.store(out_ptr + bh * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+        row = (bh // HEADS) * stride_out + (bh % HEADS) * HEAD_DIM
+        tl.store(out_ptr + row + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
     @triton.jit
     def _add_layer_norm_kernel(h_ptr, bias_ptr, w_ptr, b_ptr, x_ptr, N, stride, eps,

@@ -70,6 +70,29 @@ def test_each_row_of_a_mixed_length_batch_matches_running_it_alone(fast):
     assert len({tuple(g.token_ids) for g in batch}) > 1  # the rows really differ
 
 
+def test_fused_layer_path_gives_the_tokens_of_transformers(model, eos, reference, monkeypatch):
+    """From FUSED_MIN_ROWS rows up, a layer is two matrix products ([qkv | fc1], [dense | fc2])."""
+    from pipeline import phi_decode
+
+    monkeypatch.setattr(phi_decode, "FUSED_MIN_ROWS", 1)
+    engine = FastPhiEngine(model, eos, use_graphs=False, max_seq_len=256)
+    assert [g.token_ids for g in engine.generate(PROMPTS, GREEDY)] == \
+        [g.token_ids for g in reference.generate(PROMPTS, GREEDY)]
+    assert engine.generate([PROMPTS[2]], GREEDY)[0].token_ids == reference.generate([PROMPTS[2]], GREEDY)[0].token_ids
+
+
+def test_engine_weights_are_views_of_the_models_weights(model, fast):
+    """Stacking the projections copies nothing: the model's modules read the stacked tensors."""
+    layer, block = fast.weights.layers[0], model.model.layers[0]
+    assert block.self_attn.q_proj.weight.data_ptr() == layer.in_w.data_ptr()
+    assert block.mlp.fc1.weight.data_ptr() == layer.fc1_w.data_ptr()
+    assert block.mlp.fc2.weight.data_ptr() == layer.fc2_w.data_ptr()
+    assert block.self_attn.dense.weight.data_ptr() == layer.out_w.data_ptr()
+    again = FastPhiEngine(model, fast.eos_token_id, use_graphs=False, max_seq_len=256)  # reuses the views
+    assert again.weights.layers[0].in_w.data_ptr() == layer.in_w.data_ptr()
+    assert again.weights.layers[0].out_w.data_ptr() == layer.out_w.data_ptr()
+
+
 def test_batches_larger_than_max_batch_size_run_in_groups(model, eos, fast):
     small = FastPhiEngine(model, eos, use_graphs=False, max_batch_size=2, max_seq_len=256)
     assert [g.token_ids for g in small.generate(PROMPTS, GREEDY)] == \
@@ -156,7 +179,7 @@ def test_unsupported_reason_names_non_phi_models_and_plain_cpu(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_give_the_same_tokens_as_the_eager_step(phi2_dir):
+def test_cuda_graphs_give_the_same_tokens_as_the_eager_step(phi2_dir, monkeypatch):
     from transformers import PhiForCausalLM
 
     gpu = PhiForCausalLM.from_pretrained(phi2_dir, dtype=torch.float32).eval().cuda()
@@ -168,3 +191,77 @@ def test_cuda_graphs_give_the_same_tokens_as_the_eager_step(phi2_dir):
     assert got == [g.token_ids for g in eager.generate(PROMPTS, GREEDY)]
     assert got == [g.token_ids for g in reference.generate(PROMPTS, GREEDY)]
     assert list(graphs.stream(PROMPTS[2], GREEDY)) == got[2]
+    from pipeline import phi_decode
+
+    monkeypatch.setattr(phi_decode, "FUSED_MIN_ROWS", 1)  # the layer path of batches past 16 rows
+    fused = FastPhiEngine(gpu, eos, max_batch_size=8)
+    assert [g.token_ids for g in fused.generate(PROMPTS, GREEDY)] == got
+
+
+def _triton_checkable() -> bool:
+    import os
+
+    from pipeline import phi_decode
+
+    return phi_decode.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(not _triton_checkable(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("head_dim", [80, 16])
+def test_every_triton_attention_variant_matches_attention_over_the_valid_columns(head_dim):
+    """Each kernel/tile variant the benchmark may pick: rope + cache write + attention over start..col."""
+    from types import SimpleNamespace
+
+    from pipeline.phi_decode import ATTENTION_CONFIGS, AttentionConfig, DecodeState, triton_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(head_dim)
+    batch, heads, columns, col, rot = 3, 2, 48, 37, head_dim // 4 * 2
+    starts = torch.tensor([0, 5, 30])
+    k_cache = torch.randn(batch, heads, columns, head_dim, generator=gen).to(device)
+    v_cache = torch.randn(batch, heads, columns, head_dim, generator=gen).to(device)
+    qkv = torch.randn(batch, 3 * heads * head_dim, generator=gen).to(device)
+    positions = torch.tensor([col, col - 5, col - 30])
+    angles = torch.rand(64, rot // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(device), torch.cat([angles.sin()] * 2, -1).to(device)
+    w = SimpleNamespace(heads=heads, head_dim=head_dim, rotary_dim=rot)
+
+    # reference in float64: rotate q and k (rotate_half), attend over columns start..col
+    q, k, v = qkv.double().cpu().view(batch, 3, heads, head_dim).unbind(1)
+    c, s = cos.double().cpu()[positions][:, None], sin.double().cpu()[positions][:, None]
+
+    def rotate(x):
+        half = rot // 2
+        r = x[..., :rot]
+        return torch.cat((r * c + torch.cat((-r[..., half:], r[..., :half]), -1) * s, x[..., rot:]), -1)
+
+    keys, values = k_cache.double().cpu().clone(), v_cache.double().cpu().clone()
+    keys[:, :, col], values[:, :, col] = rotate(k), v
+    scores = torch.einsum("bhd,bhnd->bhn", rotate(q), keys) / head_dim ** 0.5
+    cols = torch.arange(columns)
+    scores = scores.masked_fill(~((cols >= starts[:, None]) & (cols <= col))[:, None], float("-inf"))
+    want = torch.einsum("bhn,bhnd->bhd", scores.softmax(-1), values).reshape(batch, -1)
+
+    configs = {AttentionConfig(kernel, 16, 2, stages, splits, split_dims)
+               for kernel in ("sum", "dot") for stages in (1, 3) for splits in (1, 3) for split_dims in (True, False)}
+    for config in sorted(configs | set(ATTENTION_CONFIGS.values()), key=str):  # and the ones in use
+        kc, vc = k_cache.clone(), v_cache.clone()
+        state = DecodeState(torch.zeros(batch, dtype=torch.long, device=device), positions.to(device),
+                            torch.tensor([col], device=device), starts.to(device), kc, vc)
+        wide = torch.full((batch, heads * head_dim + 24), float("nan"), device=device)  # strided rows
+        got = triton_attention(qkv, state, kc, vc, cos, sin, w, config, out=wide[:, 8:-16])
+        assert got.data_ptr() == wide[:, 8:-16].data_ptr() and not wide[:, 8:-16].isnan().any()
+        assert wide[:, :8].isnan().all() and wide[:, -16:].isnan().all()  # nothing written beside it
+        got = got.double().cpu()
+        error = (got - want).norm() / want.norm()
+        assert error < 1e-5, (config, error.item())
+        assert torch.allclose(kc[:, :, col].double().cpu(), keys[:, :, col], atol=1e-5)
+
+    # the rotary kernel also applies the MLP's gelu_new where asked (strided rows, 38 columns per head
+    # for 75 columns: the last head's share is partial)
+    mlp = torch.randn(batch, 90, generator=gen).to(device) * 3
+    wide = torch.full((batch, 100), float("nan"), device=device)
+    triton_attention(qkv, state, kc, vc, cos, sin, w, configs.pop(), gelu=(mlp[:, 15:], wide[:, 20:95]))
+    expected = torch.nn.functional.gelu(mlp[:, 15:].double().cpu(), approximate="tanh")
+    assert torch.allclose(wide[:, 20:95].double().cpu(), expected, atol=1e-5)
+    assert wide[:, :20].isnan().all() and wide[:, 95:].isnan().all()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import filecmp
+import importlib.util
+import os
 import random
 import shutil
 import subprocess
@@ -13,12 +15,19 @@ import pytest
 import torch
 
 from pipeline.errors import BilingualQAError, ModelLoadError
-from pipeline.fast_marian import FastMarianBackend
+from pipeline.fast_marian import KERNEL_PARTS, FastMarianBackend
 from pipeline.mt_backend import TransformersMTBackend, select_mt_backend
 
 needs_ct2 = pytest.mark.skipif(
     __import__("importlib").util.find_spec("ctranslate2") is None, reason="ctranslate2 not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# The Triton kernels run on CUDA, or on the CPU in Triton's interpreter (TRITON_INTERPRET=1).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("triton") is None
+    or (KERNEL_DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs Triton, on CUDA or in its interpreter (TRITON_INTERPRET=1)")
+
 def _sources(vocab: int) -> list[list[int]]:
     rng = random.Random(5)
     return [[rng.randrange(2, vocab - 1) for _ in range(rng.randrange(1, 30))] + [0] for _ in range(16)]
@@ -116,12 +125,78 @@ def test_fast_backend_with_cuda_graphs_matches_generate(published, sources):
     cuda_model = load(published, "cuda")
     fast = FastMarianBackend(cuda_model)
     assert fast.use_graphs
+    assert fast.kernels == (set(KERNEL_PARTS) if importlib.util.find_spec("triton") else set())
     reference = TransformersMTBackend(cuda_model)
     for beams in (1, 4):
         expected = reference.generate(sources, 24, beams)
         agree = sum(a == b for a, b in zip(fast.generate(sources, 24, beams), expected))
         # float32 on a GPU: the kernels differ from generate's, so allow a rare argmax tie flip.
         assert agree >= len(sources) - 1
+
+
+@needs_triton
+def test_decode_attention_kernel_matches_softmax_attention_over_parent_pointers():
+    from pipeline.fast_marian import decode_attention
+
+    torch.manual_seed(0)
+    positions, rows, heads, head_dim, span = 70, 6, 2, 16, 67   # two blocks of 64 positions
+    cache = torch.randn(positions, rows, 2, heads, head_dim, device=KERNEL_DEVICE)
+    q = torch.randn(rows, heads * head_dim, device=KERNEL_DEVICE)
+    origin = torch.randint(0, rows, (positions, rows), dtype=torch.int32, device=KERNEL_DEVICE)
+    got = decode_attention(q, cache[:, :, 0], cache[:, :, 1], span, heads, cache.stride(0), cache.stride(1),
+                           origin=origin)
+    picked = cache[torch.arange(span)[:, None], origin[:span].long().cpu()]   # [span, rows, 2, heads, d]
+    k, v = picked[:, :, 0].permute(1, 2, 0, 3), picked[:, :, 1].permute(1, 2, 0, 3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.view(rows, heads, 1, -1), k, v)
+    assert torch.allclose(got, expected.reshape(rows, -1), atol=1e-5)
+    # Cross-attention: two beams per sentence share its keys; lengths mask the padding.
+    keys = torch.randn(3, positions, heads, head_dim, device=KERNEL_DEVICE)
+    values = torch.randn_like(keys)
+    lengths = torch.tensor([5, 70, 66], device=KERNEL_DEVICE)
+    got = decode_attention(q, keys, values, positions, heads, keys.stride(1), keys.stride(0),
+                           lengths=lengths, group=2)
+    mask = (torch.arange(positions, device=KERNEL_DEVICE)[None, :] < lengths[:, None])[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.view(3, 2, heads, -1).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask)
+    assert torch.allclose(got, expected.transpose(1, 2).reshape(rows, -1), atol=1e-5)
+
+
+@needs_triton
+def test_chunked_top_k_and_add_layer_norm_kernels_match_torch():
+    from pipeline.fast_marian import add_layer_norm, chunk_top
+
+    torch.manual_seed(1)
+    logits = torch.randn(5, 5000, device=KERNEL_DEVICE)   # three chunks, the last partial
+    pad = 4999
+    logits[1, pad] = 100.0   # pad is never picked, but counts in the softmax normaliser
+    logits[2, 4100] = 50.0   # the best in the last chunk
+    values, index = chunk_top(logits, pad, 1)
+    masked = logits.clone()
+    masked[:, pad] = float("-inf")
+    assert torch.equal(index[:, 0], masked.argmax(1)) and torch.equal(values[:, 0], masked.amax(1))
+    values, index, chunk_max, chunk_sum = chunk_top(logits, pad, 4, stats=True)
+    top = chunk_max.amax(1, keepdim=True)
+    lse = top + torch.log((chunk_sum * torch.exp(chunk_max - top)).sum(1, keepdim=True))
+    assert torch.allclose(lse[:, 0], torch.logsumexp(logits, 1))
+    best, at = values.topk(4)
+    assert torch.equal(best, masked.topk(4).values)
+    assert torch.equal(torch.gather(index, 1, at), masked.topk(4).indices)
+    x, y = torch.randn(2, 7, 48, device=KERNEL_DEVICE)
+    weight, bias = torch.randn(2, 48, device=KERNEL_DEVICE)
+    assert torch.allclose(add_layer_norm(x, y, weight, bias, 1e-5),
+                          torch.nn.functional.layer_norm(x + y, (48,), weight, bias, 1e-5), atol=1e-5)
+
+
+@needs_triton
+def test_fast_backend_with_triton_kernels_matches_generate(published, sources):
+    model = load(published, KERNEL_DEVICE)
+    fast = FastMarianBackend(model, use_graphs=KERNEL_DEVICE == "cuda", kernels=KERNEL_PARTS)
+    reference = TransformersMTBackend(model)
+    for beams, max_new_tokens in ((1, 20), (4, 16)):
+        expected = reference.generate(sources, max_new_tokens, beams)
+        agree = sum(a == b for a, b in zip(fast.generate(sources, max_new_tokens, beams), expected))
+        # float32, other kernels than generate's: allow a rare flip between near-equal scores.
+        assert agree >= len(sources) - 1, (beams, agree)
 
 
 @needs_ct2
