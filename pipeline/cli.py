@@ -161,7 +161,7 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
     question = read_question(question)
     forced = validate_language(question, source_lang)
     qa = BilingualQA.from_pretrained(llm, ja_en, en_ja, device=device, dtype=dtype, engine=engine,
-                                     mt_backend=mt_backend, beams=beams, one_shot=True)
+                                     mt_backend=mt_backend, beams=beams)
     settings = settings_from(max_new_tokens, temperature, top_p, seed)
     if stream:
         for piece in qa.stream_text(question, source_lang=forced, settings=settings):
@@ -186,7 +186,7 @@ def compare(question, llms, fmt, ja_en, en_ja, device, dtype, mt_backend, beams,
     question = read_question(question)
     forced = validate_language(question, source_lang)
     qa = BilingualQA.from_pretrained(llms[0], ja_en, en_ja, device=device, dtype=dtype, engine=engine,
-                                     mt_backend=mt_backend, beams=beams, one_shot=True)
+                                     mt_backend=mt_backend, beams=beams)
     results = qa.compare(question, list(llms), source_lang=forced, dtype=dtype, engine=engine,
                          settings=settings_from(max_new_tokens, temperature, top_p, seed))
     click.echo(render_comparison(results, fmt), nl=False)

@@ -95,15 +95,11 @@ def _ctranslate2_backend(model, model_dir) -> MTBackend:
     return CTranslate2Backend(model_dir)
 
 
-def select_mt_backend(choice: str, model, model_dir: str, device: torch.device,
-                      one_shot: bool = False) -> MTBackend:
+def select_mt_backend(choice: str, model, model_dir: str, device: torch.device) -> MTBackend:
     """The backend `--mt-backend` names; `auto` picks the fastest one that can serve `device`.
 
     auto: the fast torch path on CUDA; CTranslate2 on the CPU when installed; else transformers
     (with a one-line notice). An explicit choice that cannot serve raises ModelLoadError.
-    `one_shot` says the process translates one question and its answer, then ends: on CUDA the
-    fast path's graph capture (about 5 s on first use, measured in docs/benchmarks.md) costs more
-    than it saves there, so auto keeps transformers.
     """
     device = torch.device(device)
     if choice not in BACKEND_CHOICES:
@@ -121,8 +117,6 @@ def select_mt_backend(choice: str, model, model_dir: str, device: torch.device,
             raise ModelLoadError("the ctranslate2 backend runs on the CPU only here; use --mt-backend fast on CUDA")
         return _ctranslate2_backend(model, model_dir)
     # auto
-    if device.type == "cuda" and one_shot:
-        return TransformersMTBackend(model)
     if device.type == "cuda":
         from .fast_marian import FastMarianBackend
 

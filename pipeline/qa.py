@@ -84,13 +84,10 @@ class BilingualQA:
     @classmethod
     def from_pretrained(cls, llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None, *,
                         device: str = "auto", dtype: str | None = None, engine: str = "auto",
-                        mt_backend: str = "auto", beams: int | None = None,
-                        one_shot: bool = False) -> "BilingualQA":
+                        mt_backend: str = "auto", beams: int | None = None) -> "BilingualQA":
         """Load the three models (hub ids or local directories) once, onto one device.
 
         `beams` is the translators' beam width; by default each model's published generation config.
-        `one_shot` says the process asks one question and ends (the CLI's `ask`): translation then
-        skips the fast path's graph capture, which only pays off over many questions.
         """
         names = default_models()
         llm, ja_en, en_ja = llm or names["llm"], ja_en or names["ja_en"], en_ja or names["en_ja"]
@@ -99,8 +96,7 @@ class BilingualQA:
             locate_model(name, option)  # a missing model fails now, before minutes of loading
         translators = [
             Translator.from_pretrained(name, device=resolved, dtype=dtype, backend=mt_backend,
-                                       target_lang=target, option=option, num_beams=beams,
-                                       one_shot=one_shot)
+                                       target_lang=target, option=option, num_beams=beams)
             for name, target, option in ((ja_en, "en", "--ja-en"), (en_ja, "ja", "--en-ja"))
         ]
         answerer = Answerer.from_pretrained(llm, device=resolved, dtype=dtype, engine=engine)

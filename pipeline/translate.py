@@ -55,12 +55,8 @@ class Translator:
     @classmethod
     def from_pretrained(cls, name: str, *, device: str | torch.device = "auto", dtype: str | None = None,
                         backend: str = "auto", target_lang: str | None = None, num_beams: int | None = None,
-                        batch_tokens: int = DEFAULT_BATCH_TOKENS, option: str = "--ja-en",
-                        one_shot: bool = False) -> "Translator":
-        """Load a MarianMT model by hub id or local directory (`option` names it in error messages).
-
-        `one_shot`: this process translates only a little (one question), see select_mt_backend.
-        """
+                        batch_tokens: int = DEFAULT_BATCH_TOKENS, option: str = "--ja-en") -> "Translator":
+        """Load a MarianMT model by hub id or local directory (`option` names it in error messages)."""
         from transformers import MarianMTModel
 
         device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -68,7 +64,7 @@ class Translator:
         model = load_pretrained(MarianMTModel, directory, name, device, resolve_dtype(dtype, device))
         tokenizer = load_tokenizer(directory, name)
         target = target_lang or _guess_target_lang(tokenizer, name)
-        return cls(model, tokenizer, select_mt_backend(backend, model, directory, device, one_shot), name=name,
+        return cls(model, tokenizer, select_mt_backend(backend, model, directory, device), name=name,
                    target_lang=target, num_beams=num_beams, batch_tokens=batch_tokens)
 
     def count_tokens(self, text: str) -> int:

@@ -76,13 +76,3 @@ def test_transformers_backend_matches_plain_generate(tiny_ja_en_dir):
         expected.append([t for t in out[1:] if t not in (0, model.config.pad_token_id)][:12])
     assert backend.generate(ids, 12, 1) == expected
 
-
-def test_auto_backend_for_one_question_on_cuda_skips_graph_capture(tiny_ja_en_dir):
-    """One question per process cannot amortise the fast path's capture (docs/benchmarks.md)."""
-    from transformers import MarianMTModel
-
-    from pipeline.mt_backend import select_mt_backend
-
-    model = MarianMTModel.from_pretrained(tiny_ja_en_dir).eval()
-    backend = select_mt_backend("auto", model, str(tiny_ja_en_dir), torch.device("cuda"), one_shot=True)
-    assert isinstance(backend, TransformersMTBackend)
