@@ -210,11 +210,11 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
               chunk_rows, field, column, errors_path, restart, quiet):
     """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash."""
     from . import jobs
-    from .qa import default_models
+    from .qa import model_names
     from .translate import Translator
 
-    names = default_models()
-    model, option = (ja_en or names["ja_en"], "--ja-en") if target == "en" else (en_ja or names["en_ja"], "--en-ja")
+    names = model_names(ja_en=ja_en, en_ja=en_ja)
+    model, option = (names["ja_en"], "--ja-en") if target == "en" else (names["en_ja"], "--en-ja")
     options = {"model": model, "beams": beams, "batch_tokens": batch_tokens, "mt_backend": mt_backend, "dtype": dtype}
 
     def load() -> Translator:  # only the model this direction needs, and only if there is work
@@ -232,15 +232,13 @@ def ask_batch_file(question, batch_path, output, field, column, errors_path, res
                    settings: GenerationSettings, source_lang: str) -> None:
     """`ask --batch`: every question of a file, answered in batches, exactly once and resumable."""
     from . import jobs
-    from .qa import default_models
+    from .qa import model_names
 
     if question is not None:
         fail("give QUESTION or --batch FILE, not both")
     if output is None:
         fail("--batch needs --output ANSWERS.jsonl")
-    names = default_models()
-    models = {"llm": load["llm"] or names["llm"], "ja_en": load["ja_en"] or names["ja_en"],
-              "en_ja": load["en_ja"] or names["en_ja"]}
+    models = model_names(load["llm"], load["ja_en"], load["en_ja"])
     options = {"models": models, **{key: load[key] for key in ("dtype", "engine", "mt_backend", "beams")}}
 
     def load_qa() -> BilingualQA:

@@ -26,12 +26,12 @@ DEFAULT_EN_JA = "staka/fugumt-en-ja"
 MAX_QUESTION_CHARS = 4000  # far past what phi-2's 2048 positions hold; refused before any model runs
 
 
-def default_models() -> dict[str, str]:
-    """The models used when none is named: environment variables first, then the published ones."""
+def model_names(llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None) -> dict[str, str]:
+    """The models to load: those named, else the environment variables, else the published ones."""
     return {
-        "llm": os.environ.get("BILINGUAL_QA_LLM", DEFAULT_LLM),
-        "ja_en": os.environ.get("BILINGUAL_QA_JA_EN", DEFAULT_JA_EN),
-        "en_ja": os.environ.get("BILINGUAL_QA_EN_JA", DEFAULT_EN_JA),
+        "llm": llm or os.environ.get("BILINGUAL_QA_LLM", DEFAULT_LLM),
+        "ja_en": ja_en or os.environ.get("BILINGUAL_QA_JA_EN", DEFAULT_JA_EN),
+        "en_ja": en_ja or os.environ.get("BILINGUAL_QA_EN_JA", DEFAULT_EN_JA),
     }
 
 
@@ -89,8 +89,8 @@ class BilingualQA:
 
         `beams` is the translators' beam width; by default each model's published generation config.
         """
-        names = default_models()
-        llm, ja_en, en_ja = llm or names["llm"], ja_en or names["ja_en"], en_ja or names["en_ja"]
+        names = model_names(llm, ja_en, en_ja)
+        llm, ja_en, en_ja = names["llm"], names["ja_en"], names["en_ja"]
         resolved = resolve_device(device)
         for name, option in ((llm, "--llm"), (ja_en, "--ja-en"), (en_ja, "--en-ja")):
             locate_model(name, option)  # a missing model fails now, before minutes of loading
