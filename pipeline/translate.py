@@ -73,16 +73,24 @@ class Translator:
     def translate(self, texts: list[str]) -> list[str]:
         """Translate each text, keeping paragraphs, line breaks, list markers and code as they are."""
         layouts = [plan_text(text) for text in texts]
-        pieces_per_sentence = [split_to_fit(sentence, MAX_SENTENCE_TOKENS, self.count_tokens)
-                               for layout in layouts for sentence in sentences_of(layout)]
-        flat = [piece for pieces in pieces_per_sentence for piece in pieces]
-        translated = iter(self.translate_sentences(flat))
+        sentences = [sentence for layout in layouts for sentence in sentences_of(layout)]
+        # Each sentence is tokenised once: the ids that measure it are the ids the model reads.
+        pieces_per_sentence, encoded = [], []
+        for sentence, ids in zip(sentences, self._encode(sentences)):
+            if len(ids) - 1 <= MAX_SENTENCE_TOKENS:  # - 1: the </s> the tokenizer appends
+                pieces_per_sentence.append(1)
+                encoded.append(ids)
+            else:
+                pieces = split_to_fit(sentence, MAX_SENTENCE_TOKENS, self.count_tokens)
+                pieces_per_sentence.append(len(pieces))
+                encoded.extend(self._encode(pieces))
+        translated = iter(self._translate_ids(encoded))
         joiner = " " if self.target_lang != "ja" else ""
-        sentences = [joiner.join(next(translated) for _ in pieces) for pieces in pieces_per_sentence]
+        joined = [joiner.join(next(translated) for _ in range(count)) for count in pieces_per_sentence]
         results, position = [], 0
         for layout in layouts:
             count = len(sentences_of(layout))
-            results.append(rebuild(layout, sentences[position:position + count], self.target_lang))
+            results.append(rebuild(layout, joined[position:position + count], self.target_lang))
             position += count
         return results
 
@@ -93,15 +101,18 @@ class Translator:
 
     def translate_sentences(self, sentences: list[str]) -> list[str]:
         """Translate sentences that each fit the model; outputs come back in input order."""
-        if not sentences:
-            return []
-        encoded = self.tokenizer(sentences, truncation=False)["input_ids"]
-        for sentence, ids in zip(sentences, encoded):
+        return self._translate_ids(self._encode(sentences))
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=False)["input_ids"] if texts else []
+
+    def _translate_ids(self, encoded: list[list[int]]) -> list[str]:
+        for ids in encoded:
             if len(ids) > MODEL_MAX_TOKENS:
                 raise InputTooLongError(
                     f"a sentence is {len(ids)} tokens long; {self.name} reads at most {MODEL_MAX_TOKENS}"
                 )
-        outputs: list[str] = [""] * len(sentences)
+        outputs: list[str] = [""] * len(encoded)
         for batch in self._batches(encoded):
             for index, target in zip(batch.indices, self._generate(batch.ids)):
                 outputs[index] = self.tokenizer.decode(target, skip_special_tokens=True).strip()
