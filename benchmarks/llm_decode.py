@@ -63,6 +63,24 @@ def wall(fn, repeat: int = 1) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, replays: int) -> float:
+    """Median milliseconds of one replay of fn (already run once: compiled, warmed) captured in a CUDA graph."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a 2 GiB device-to-device copy, counting bytes read and written."""
     src = torch.empty(1 << 30, dtype=torch.float16, device="cuda").uniform_()
@@ -180,20 +198,7 @@ class AttentionBench:
         outs = self.layers(config)  # compile, then capture
         torch.cuda.synchronize()
         error = ((outs[0].float() - self.ref).norm() / self.ref.norm()).item()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.layers(config)
-        graph.replay()
-        times = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / self.k.shape[0])
-        del graph
-        return statistics.median(times), error
+        return graph_ms(lambda: self.layers(config), replays) * 1e3 / self.k.shape[0], error
 
 
 def tune_attention(engine, batches: list[int], length: int, log: list[str]) -> dict:
@@ -351,6 +356,9 @@ def main() -> None:
             seconds = wall(lambda: out.append(engine.generate(prompts, settings)), repeat=3)
             produced = sum(len(g.token_ids) for g in out[-1])
             note = "" if produced == batch * args.new_tokens else f"{produced} tokens (eos hit)"
+            one = GenerationSettings(max_new_tokens=1)
+            first = wall(lambda: engine.generate(prompts, one), repeat=3)  # noqa: B023 - prefill + 1 token
+            note = "; ".join(filter(None, [note, f"of which prefill {first * 1e3:.1f} ms"]))
             table.add("FastPhiEngine.generate", batch, batch * args.new_tokens / seconds,
                       seconds / args.new_tokens * 1e3, note)
         prompt = prompts_for(1, args.prompt_len)[0]
@@ -452,6 +460,30 @@ def main() -> None:
             print(f"-- eager decode step, batch {batch}, 5 steps (kernel times; graphs remove the gaps)")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
 
+    def breakdown():
+        """Where a batch-128 generate call's time goes: the prefill's kernels, and the decode graph's
+        replays alone against the generate loop's steps (the difference is the loop's own work)."""
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        engine, batch = engines["fast"], max(batches)
+        prompts = prompts_for(batch, args.prompt_len)
+        one = GenerationSettings(max_new_tokens=1)
+        engine.generate(prompts, one)
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.generate(prompts, one)
+            torch.cuda.synchronize()
+        print(f"-- prefill of {batch} x {args.prompt_len} tokens (+ 1 token)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+        engine.generate(prompts, GenerationSettings(max_new_tokens=args.new_tokens))
+        graph, _ = engine._graph_for(engine._bucket(batch))
+        state = engine._state(engine._bucket(batch))
+        replays = 50  # each moves the column on by one: centre them on a generate call's mean column
+        state.col.fill_(args.prompt_len + (args.new_tokens - replays) // 2)
+        state.positions.fill_(args.prompt_len + (args.new_tokens - replays) // 2)
+        seconds = wall(lambda: [graph.replay() for _ in range(replays)])
+        facts["replay"] = (batch, seconds / replays * 1e3)
+
     section("bandwidth floor", floor)
     if args.tune_attention:
         section("attention kernel study", tune)
@@ -459,6 +491,7 @@ def main() -> None:
     section("prefill", prefill)
     if args.profile:
         section("profile", profile)
+        section("batch breakdown", breakdown)
     section("fp16 greedy agreement", agreement)
     if args.layer_variants:
         section("FastPhiEngine variant: GELU kernel of its own",
@@ -483,6 +516,9 @@ def main() -> None:
                      f"warmup alone {facts['warmup']:.1f} s)")
         lines.append(f"- peak GPU memory during the engine runs: {facts['peak_memory'] / 2**30:.1f} GiB "
                      f"(weights {weight_bytes / 2**30:.1f} GiB, KV cache {facts['cache_bytes'] / 2**30:.1f} GiB)")
+    if "replay" in facts:
+        lines.append(f"- the decode graph alone at batch {facts['replay'][0]}, cache at the run's mean column: "
+                     f"{facts['replay'][1]:.2f} ms per replay")
     if "agreement" in facts:
         lines.append(f"- agreement: {facts['agreement']}")
     if "tuned" in facts:

@@ -8,11 +8,12 @@ Rows are left-padded: every row's next token lands in the same cache column `col
 keys are the columns start[b]..col. The decode step reads its inputs from tensors only (no Python
 numbers that change between steps), so one CUDA graph per batch size can replay it for every token.
 
-On CUDA with Triton, two small kernels replace the rotary/cache-write ops and the attention over the
-cache: the attention kernel reads only each row's valid columns (optionally split along the sequence,
-as in flash-decoding), where scaled_dot_product_attention would read the whole cache under a mask. At
-batch sizes past 16 rows a layer is two matrix products, [q k v fc1] and [dense fc2], over weights
-stacked in place (`_fused_layer`).
+On CUDA with Triton, one kernel per layer replaces the rotary, cache-write and attention ops: it reads
+only each row's valid cache columns, where scaled_dot_product_attention would read the whole cache
+under a mask (a rotary kernel and an attention kernel split along the sequence, as in flash-decoding,
+remain as the tuner's alternatives). At batch sizes past 16 rows a layer is two matrix products,
+[q k v fc1] and [dense fc2], over weights stacked in place (`_fused_layer`); the second one's output
+is added to the residual stream by the next layer's norm kernel.
 """
 
 from __future__ import annotations
@@ -208,11 +209,13 @@ def _mlp_and_residual(layer: PhiLayer, x: torch.Tensor, attn: torch.Tensor, h: t
 
 def _add_layer_norm(h: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor, shift: torch.Tensor,
                     eps: float, use_triton: bool = False) -> torch.Tensor:
-    """h += bias (in place, the previous layer's pending biases), then return layer_norm(h)."""
+    """h += bias (in place: the previous layer's pending biases, a vector, or its whole output, a tensor
+    shaped like h), then return layer_norm(h)."""
     if use_triton and h.dim() == 2:
         x = torch.empty_like(h)
+        bias_stride = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
         _add_layer_norm_kernel[(h.shape[0],)](
-            h, bias if bias is not None else h, weight, shift, x, h.shape[1], h.stride(0), eps,
+            h, bias if bias is not None else h, weight, shift, x, h.shape[1], h.stride(0), bias_stride, eps,
             HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(h.shape[1]), num_warps=4)
         return x
     if bias is not None:
@@ -243,20 +246,22 @@ def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: tor
         mask = (causal[None] & real_key) | torch.eye(width, dtype=torch.bool, device=ids.device)[None]
         mask = mask[:, None]
     h = F.embedding(ids, w.embed)
-    pending = None  # biases of the previous layer, not yet on the residual stream
+    hidden, tokens = h.shape[-1], batch * width
+    pending = None  # the previous layer's output, not yet on the residual stream
     for index, layer in enumerate(w.layers):
-        x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps)
-        qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(batch, width, 3, w.heads, w.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, P, head_dim]
-        q = _rotate(q, cos_p, sin_p, w.rotary_dim)
+        x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps).view(tokens, hidden)
+        y = torch.addmm(layer.in_b, x, layer.in_w.t())  # [q k v | fc1], one product as in the decode step
+        q, k, v = y[:, :3 * hidden].view(batch, width, 3, w.heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = _rotate(q, cos_p, sin_p, w.rotary_dim)  # each [B, heads, P, head_dim]
         k = _rotate(k, cos_p, sin_p, w.rotary_dim)
         k_cache[index, :, :, :width] = k
         v_cache[index, :, :, :width] = v
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not padded)
-        attn = attn.transpose(1, 2).reshape(batch, width, -1)
-        h = _mlp_and_residual(layer, x, attn, h)
-        pending = layer.out_b
-    return _logits(w, h[:, -1].contiguous(), pending)
+        mixed = torch.empty((tokens, layer.out_w.shape[1]), dtype=h.dtype, device=h.device)
+        mixed[:, :hidden].view(batch, width, w.heads, w.head_dim).copy_(attn.transpose(1, 2))
+        torch.ops.aten.gelu.out(y[:, 3 * hidden:], approximate="tanh", out=mixed[:, hidden:])
+        pending = torch.addmm(layer.out_b, mixed, layer.out_w.t()).view(batch, width, hidden)
+    return _logits(w, h[:, -1].contiguous(), pending[:, -1])
 
 
 @dataclass
@@ -289,26 +294,28 @@ def decode_step(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Ten
     for index, layer in enumerate(w.layers):
         x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps, use_triton)
         if fused:
-            _fused_layer(layer, x, h, lambda *args: attend(index, *args))  # noqa: B023 - called now
+            pending = _fused_layer(layer, x, h, lambda *args: attend(index, *args))  # noqa: B023 - called now
         else:
             qkv = _linear(x, layer.qkv_w, layer.qkv_b, use_triton=use_triton)
             h = _mlp_and_residual(layer, x, attend(index, qkv, None), h, use_triton)
-        pending = layer.out_b
+            pending = layer.out_b
     return _logits(w, h, pending, use_triton)
 
 
-def _fused_layer(layer: PhiLayer, x: torch.Tensor, h: torch.Tensor, attend) -> None:
-    """h += [attention | gelu(fc1(x))] @ [dense | fc2].T: two matrix products per layer instead of four.
+def _fused_layer(layer: PhiLayer, x: torch.Tensor, h: torch.Tensor, attend) -> torch.Tensor:
+    """[attention | gelu(fc1(x))] @ [dense | fc2].T + biases: two matrix products per layer, not four.
 
     q, k, v and fc1 all read x, so one product makes them; attention and the GELU write their outputs
     side by side, so dense and fc2 become one product too. Wider products keep more of the GPU busy
-    at batch sizes past the skinny kernel's (dense alone has only 2,560 output columns).
+    at batch sizes past the skinny kernel's (dense alone has only 2,560 output columns). Returns the
+    layer's output, which the next layer norm adds to h: a product with a bias vector takes cuBLASLt's
+    fused-bias path, measured faster here than accumulating into h in place.
     """
     hidden = layer.hidden
     y = torch.addmm(layer.in_b, x, layer.in_w.t())
     mixed = torch.empty((x.shape[0], layer.out_w.shape[1]), dtype=x.dtype, device=x.device)
     attend(y[:, :3 * hidden], mixed[:, :hidden], (y[:, 3 * hidden:], mixed[:, hidden:]))
-    h.addmm_(mixed, layer.out_w.t())
+    return torch.addmm(layer.out_b, mixed, layer.out_w.t())
 
 
 def _triton_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Tensor,
@@ -352,7 +359,8 @@ def _torch_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.T
 SKINNY_MAX_ROWS = 16  # skinny_linear's tile holds 16 rows (the smallest tensor-core tile)
 SKINNY_BLOCK_N, SKINNY_BLOCK_K = 16, 128
 FUSED_MIN_ROWS = SKINNY_MAX_ROWS + 1  # from here on the decode step runs _fused_layer
-GELU_IN_ROPE = True  # _fused_layer's GELU runs inside the rotary kernel (False: a torch kernel of its own)
+GELU_IN_ROPE = True  # _fused_layer's GELU runs inside the rotary(+attention) kernel (False: a torch kernel)
+ROPE_IN_ATTENTION = True  # the "dot" kernel (one split) also does the rotary and cache write: one launch
 
 
 @dataclass(frozen=True)
@@ -373,17 +381,16 @@ class AttentionConfig:
     split_dims: bool = True
 
 
-# Per batch-size bucket (the smallest key >= the batch serves it): the fastest of 43 variants x split
-# counts, timed on an H100 at phi-2's shape, cache 160 columns per row (benchmarks/llm_decode.py
-# --tune-attention, 2026-11-25). Per layer, with rope + cache write: batch 1 6.9 us (was 8.2 with the
-# CUDA-core kernel padded to 128), 8: 10.5 (15.6), 32: 26.5 (38.4), 128: 86.4 (111.8; 2.43 TB/s).
-# Many dot variants land within 2% of each other at batch 128; one split per (row, head) won
-# everywhere once the tensor-core kernel pipelines its loads.
+# Per batch-size bucket (the smallest key >= the batch serves it): the fastest variants timed on an H100
+# at phi-2's shape, cache 160 columns per row (benchmarks/llm_decode.py --tune-attention, then
+# benchmarks/decode_step_study.py for the one-kernel form, 2026-11-25). Per layer, rotary and cache
+# write included: batch 1 6.0 us, 8: 8.7, 32: 23.9, 128: 80.8 (2.60 TB/s). Many dot variants land
+# within 2% of each other at batch 128; one split per (row, head) wins everywhere.
 ATTENTION_CONFIGS: dict[int, AttentionConfig] = {
     1: AttentionConfig("dot", block_n=32, warps=2, stages=4, splits=1),
-    8: AttentionConfig("dot", block_n=32, warps=1, stages=3, splits=1),
-    32: AttentionConfig("dot", block_n=16, warps=1, stages=3, splits=1),
-    128: AttentionConfig("dot", block_n=32, warps=2, stages=2, splits=1),
+    8: AttentionConfig("dot", block_n=32, warps=2, stages=3, splits=1),
+    32: AttentionConfig("dot", block_n=16, warps=1, stages=2, splits=1),
+    128: AttentionConfig("dot", block_n=32, warps=1, stages=2, splits=1),
 }
 
 
@@ -422,31 +429,39 @@ def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v
     """
     batch, heads, head_dim = qkv.shape[0], w.heads, w.head_dim
     block_d = triton.next_power_of_2(head_dim)
-    q = torch.empty((batch, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
     src, dst = gelu if gelu is not None else (qkv, qkv)
     per_head = -(-src.shape[1] // heads) if gelu is not None else 1
+    gelu_args = (src, dst, src.stride(0), dst.stride(0), src.shape[1] if gelu is not None else 0, per_head)
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    # fp32 caches (the tiny test models) keep full precision in tl.dot: no tf32
+    precision = "ieee" if k_cache.dtype == torch.float32 else None
+    splits = config.splits
+    d0, d1 = head_split(head_dim, config.split_dims)
+    if out is None:
+        out = torch.empty((batch, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
+    if config.kernel == "dot" and splits == 1 and ROPE_IN_ATTENTION:
+        _rope_attn_kernel[(batch * heads,)](
+            qkv, k_cache, v_cache, cos, sin, s.positions, s.starts, s.col, out, qkv.stride(0), *cache_strides,
+            1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, HEADS=heads, HEAD_DIM=head_dim,
+            ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
+            STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None,
+            BLOCK_G=triton.next_power_of_2(per_head), num_warps=config.warps, num_stages=max(config.stages, 1))
+        return out
+    q = torch.empty((batch, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
     _rope_write_kernel[(batch, heads)](
-        qkv, q, k_cache, v_cache, cos, sin, s.positions, s.col,
-        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        src, dst, src.stride(0), dst.stride(0), src.shape[1] if gelu is not None else 0, per_head,
+        qkv, q, k_cache, v_cache, cos, sin, s.positions, s.col, qkv.stride(0), *cache_strides, *gelu_args,
         HEADS=heads, HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_D=block_d,
         HAS_GELU=gelu is not None, BLOCK_G=triton.next_power_of_2(per_head),
     )
-    splits = config.splits
-    if out is None:
-        out = torch.empty((batch, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
     partial = torch.empty((batch * heads, splits, head_dim), device=qkv.device, dtype=torch.float32)
     m = torch.empty((batch * heads, splits), device=qkv.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    d0, d1 = head_split(head_dim, config.split_dims)
     kernel = _attn_dot_kernel if config.kernel == "dot" else _attn_sum_kernel
     kernel[(batch * heads, splits)](
         q, k_cache, v_cache, s.starts, s.col, partial, m, l, out,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(head_dim), splits,
+        *cache_strides, 1.0 / math.sqrt(head_dim), splits,
         out.stride(0), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1, BLOCK_N=config.block_n, D0=d0,
-        D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages, num_warps=config.warps,
-        # fp32 caches (the tiny test models) keep full precision in tl.dot: no tf32
-        PRECISION="ieee" if k_cache.dtype == torch.float32 else None,
+        D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages, num_warps=config.warps, PRECISION=precision,
         num_stages=max(config.stages, 1),
     )
     if splits == 1:  # the split kernel wrote the output itself
@@ -467,36 +482,58 @@ if triton is not None:
                            BLOCK_D: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        if HAS_GELU:  # this program's share of the row's MLP activation: gelu_new, tanh via exp
-            g = h * per_head + tl.arange(0, BLOCK_G)
-            in_row = (g < (h + 1) * per_head) & (g < inner)
-            x = tl.load(g_src_ptr + b * stride_g_src + g, mask=in_row, other=0.0).to(tl.float32)
-            z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-            y = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
-            tl.store(g_dst_ptr + b * stride_g_dst + g, y.to(g_dst_ptr.dtype.element_ty), mask=in_row)
+        if HAS_GELU:
+            _gelu_share(g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head, b, h, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         valid = d < HEAD_DIM
-        half: tl.constexpr = ROT // 2
-        rotated = d < ROT
-        # rotate_half: feature i < half pairs with i + half (negated), i in [half, ROT) with i - half
-        partner = tl.where(d < half, d + half, tl.where(rotated, d - half, d))
-        sign = tl.where(d < half, -1.0, 1.0)
         pos = tl.load(pos_ptr + b)
-        cos = tl.load(cos_ptr + pos * ROT + d, mask=rotated, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * ROT + d, mask=rotated, other=0.0).to(tl.float32)
-        sin = sin * sign
         base = qkv_ptr + b * stride_qkv + h * HEAD_DIM
-        q = tl.load(base + d, mask=valid, other=0.0).to(tl.float32)
-        q_p = tl.load(base + partner, mask=valid, other=0.0).to(tl.float32)
-        k = tl.load(base + HEADS * HEAD_DIM + d, mask=valid, other=0.0).to(tl.float32)
-        k_p = tl.load(base + HEADS * HEAD_DIM + partner, mask=valid, other=0.0).to(tl.float32)
+        q = _rotated(base, d, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM)
+        k = _rotated(base + HEADS * HEAD_DIM, d, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM)
         v = tl.load(base + 2 * HEADS * HEAD_DIM + d, mask=valid, other=0.0)
-        tl.store(q_ptr + (b * HEADS + h) * HEAD_DIM + d, (q * cos + q_p * sin).to(q_ptr.dtype.element_ty),
-                 mask=valid)
+        tl.store(q_ptr + (b * HEADS + h) * HEAD_DIM + d, q.to(q_ptr.dtype.element_ty), mask=valid)
         col = tl.load(col_ptr)
         dst = b * stride_cb + h * stride_ch + col * stride_cs + d
-        tl.store(k_cache_ptr + dst, (k * cos + k_p * sin).to(k_cache_ptr.dtype.element_ty), mask=valid)
+        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=valid)
         tl.store(v_cache_ptr + dst, v, mask=valid)
+
+    @triton.jit
+    def _gelu_share(g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head, b, h,
+                    BLOCK_G: tl.constexpr):
+        """Program (b, h)'s share of row b's MLP activation: gelu_new, tanh via exp."""
+        g = h * per_head + tl.arange(0, BLOCK_G)
+        in_row = (g < (h + 1) * per_head) & (g < inner)
+        x = tl.load(g_src_ptr + b * stride_g_src + g, mask=in_row, other=0.0).to(tl.float32)
+        z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+        tl.store(g_dst_ptr + b * stride_g_dst + g, y.to(g_dst_ptr.dtype.element_ty), mask=in_row)
+
+    @triton.jit
+    def _rotated(base, d, cos_ptr, sin_ptr, pos, ROT: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Features d of the head at `base` after phi's partial rotary embedding, in fp32 (0 past the head).
+
+        rotate_half: feature i < ROT/2 pairs with i + ROT/2 (negated), i in [ROT/2, ROT) with i - ROT/2;
+        features from ROT on pass through (cos 1, sin 0).
+        """
+        half: tl.constexpr = ROT // 2
+        valid = d < HEAD_DIM
+        rotated = d < ROT
+        partner = tl.where(d < half, d + half, tl.where(rotated, d - half, d))
+        cos = tl.load(cos_ptr + pos * ROT + d, mask=rotated, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * ROT + d, mask=rotated, other=0.0).to(tl.float32)
+        sin = tl.where(d < half, -sin, sin)
+        x = tl.load(base + d, mask=valid, other=0.0).to(tl.float32)
+        x_p = tl.load(base + partner, mask=valid, other=0.0).to(tl.float32)
+        return x * cos + x_p * sin
+
+    @triton.jit
+    def _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N: tl.constexpr):
+        """Cache columns [lo, hi) of row b that split `split` of n_splits reads (whole tiles each)."""
+        start = tl.load(starts_ptr + b)
+        end = tl.load(col_ptr) + 1
+        chunk = tl.cdiv(tl.cdiv(end - start, n_splits), BLOCK_N) * BLOCK_N
+        lo = start + split * chunk
+        return lo, tl.minimum(lo + chunk, end)
 
     @triton.jit
     def _attn_sum_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
@@ -509,11 +546,7 @@ if triton is not None:
         split = tl.program_id(1)
         b = bh // HEADS
         h = bh % HEADS
-        start = tl.load(starts_ptr + b)
-        end = tl.load(col_ptr) + 1
-        chunk = tl.cdiv(tl.cdiv(end - start, n_splits), BLOCK_N) * BLOCK_N  # whole tiles per split
-        lo = start + split * chunk
-        hi = tl.minimum(lo + chunk, end)
+        lo, hi = _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N)
         d0 = tl.arange(0, D0)
         d1 = D0 + tl.arange(0, D1)
         valid0 = d0 < HEAD_DIM  # all true unless the head is one padded tile
@@ -568,40 +601,28 @@ if triton is not None:
             tl.store(l_ptr + bh * n_splits + split, l_i)
 
     @triton.jit
-    def _attn_dot_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
-                         stride_cb, stride_ch, stride_cs, scale, n_splits, stride_out,
-                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
-                         BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
-                         STAGES: tl.constexpr, PRECISION: tl.constexpr):
-        """As _attn_sum_kernel on tensor cores: the query is row 0 of a 16-row tile (rows 1-15 zero).
+    def _attn_dot_loop(q0, q1, k_ptr, v_ptr, base, stride_cs, lo, hi, scale, HEAD_DIM: tl.constexpr,
+                       BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
+                       STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        """Online softmax of the query (q0 | q1, in the cache's dtype) over cache columns lo..hi-1 on
+        tensor cores: the query is row 0 of a 16-row tile (rows 1-15 zero).
 
-        The loads feeding tl.dot are what Triton pipelines (cp.async into shared memory, STAGES deep),
-        which keeps more of the cache in flight than plain register loads.
+        Returns (acc0, acc1, m, l): the unnormalised output, the running max and the sum of weights.
+        The loads feeding tl.dot are what Triton pipelines (cp.async into shared memory, STAGES
+        deep), which keeps more of the cache in flight than plain register loads.
         """
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        b = bh // HEADS
-        h = bh % HEADS
-        start = tl.load(starts_ptr + b)
-        end = tl.load(col_ptr) + 1
-        chunk = tl.cdiv(tl.cdiv(end - start, n_splits), BLOCK_N) * BLOCK_N  # whole tiles per split
-        lo = start + split * chunk
-        hi = tl.minimum(lo + chunk, end)
         dtype = k_ptr.dtype.element_ty
         r = tl.arange(0, 16)
         first = r[:, None] == 0
         d0 = tl.arange(0, D0)
         d1 = D0 + tl.arange(0, D1)
         valid0 = d0 < HEAD_DIM
-        q0 = tl.load(q_ptr + bh * HEAD_DIM + d0, mask=valid0, other=0.0)
         q0 = tl.where(first, q0[None, :], 0.0).to(dtype)
-        q1 = tl.load(q_ptr + bh * HEAD_DIM + d1, mask=HAS_TAIL & (d1 < HEAD_DIM), other=0.0)
         q1 = tl.where(first, q1[None, :], 0.0).to(dtype)
         m_i = tl.full([16], float("-inf"), tl.float32)
         l_i = tl.zeros([16], dtype=tl.float32)
         acc0 = tl.zeros([16, D0], dtype=tl.float32)
         acc1 = tl.zeros([16, D1], dtype=tl.float32)
-        base = b * stride_cb + h * stride_ch
         for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
             valid_n = n < hi
@@ -632,8 +653,81 @@ if triton is not None:
         out1 = tl.sum(tl.where(first, acc1, 0.0), axis=0)
         m_0 = tl.max(tl.where(r == 0, m_i, float("-inf")), axis=0)
         l_0 = tl.sum(tl.where(r == 0, l_i, 0.0), axis=0)
+        return out0, out1, m_0, l_0
+
+    @triton.jit
+    def _attn_dot_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+                         stride_cb, stride_ch, stride_cs, scale, n_splits, stride_out,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
+                         STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        """As _attn_sum_kernel on tensor cores (_attn_dot_loop)."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // HEADS
+        h = bh % HEADS
+        lo, hi = _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N)
+        d0 = tl.arange(0, D0)
+        d1 = D0 + tl.arange(0, D1)
+        q0 = tl.load(q_ptr + bh * HEAD_DIM + d0, mask=d0 < HEAD_DIM, other=0.0)
+        q1 = tl.load(q_ptr + bh * HEAD_DIM + d1, mask=HAS_TAIL & (d1 < HEAD_DIM), other=0.0)
+        out0, out1, m_0, l_0 = _attn_dot_loop(q0, q1, k_ptr, v_ptr, b * stride_cb + h * stride_ch, stride_cs,
+                                              lo, hi, scale, HEAD_DIM, BLOCK_N, D0, D1, HAS_TAIL, STAGES,
+                                              PRECISION)
         _attn_store(out0, out1, m_0, l_0, d0, d1, bh, b * stride_out + h * HEAD_DIM, split, n_splits, o_ptr,
                     m_ptr, l_ptr, out_ptr, HEAD_DIM, DIRECT, HAS_TAIL)
+
+    @triton.jit
+    def _rope_attn_kernel(qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, starts_ptr, col_ptr, out_ptr,
+                          stride_qkv, stride_cb, stride_ch, stride_cs, scale, stride_out,
+                          g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head,
+                          HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr,
+                          D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
+                          PRECISION: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr):
+        """_rope_write_kernel and _attn_dot_kernel (one split) as one kernel: one launch per layer.
+
+        The step's own key and value go to the cache for later steps, but this step takes them from
+        registers: the loop reads the columns before `col`, and the new column joins the softmax last.
+        """
+        bh = tl.program_id(0)
+        b = bh // HEADS
+        h = bh % HEADS
+        if HAS_GELU:
+            _gelu_share(g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head, b, h, BLOCK_G)
+        dtype = k_ptr.dtype.element_ty
+        pos = tl.load(pos_ptr + b)
+        col = tl.load(col_ptr)
+        d0 = tl.arange(0, D0)
+        d1 = D0 + tl.arange(0, D1)
+        valid0 = d0 < HEAD_DIM
+        valid1 = HAS_TAIL & (d1 < HEAD_DIM)
+        row = qkv_ptr + b * stride_qkv + h * HEAD_DIM
+        # rounded to the cache's dtype, as the two-kernel path stores and reads them back
+        q0 = _rotated(row, d0, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM).to(dtype)
+        q1 = _rotated(row, d1, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM).to(dtype)
+        k0 = _rotated(row + HEADS * HEAD_DIM, d0, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM).to(dtype)
+        k1 = _rotated(row + HEADS * HEAD_DIM, d1, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM).to(dtype)
+        v0 = tl.load(row + 2 * HEADS * HEAD_DIM + d0, mask=valid0, other=0.0).to(dtype)
+        v1 = tl.load(row + 2 * HEADS * HEAD_DIM + d1, mask=valid1, other=0.0).to(dtype)
+        base = b * stride_cb + h * stride_ch
+        cell = base + col * stride_cs
+        tl.store(k_ptr + cell + d0, k0, mask=valid0)
+        tl.store(v_ptr + cell + d0, v0, mask=valid0)
+        tl.store(k_ptr + cell + d1, k1, mask=valid1)
+        tl.store(v_ptr + cell + d1, v1, mask=valid1)
+        acc0, acc1, m_i, l_i = _attn_dot_loop(q0, q1, k_ptr, v_ptr, base, stride_cs, tl.load(starts_ptr + b), col,
+                                              scale, HEAD_DIM, BLOCK_N, D0, D1, HAS_TAIL, STAGES, PRECISION)
+        now = (tl.sum(q0.to(tl.float32) * k0.to(tl.float32), axis=0)
+               + tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=0)) * scale
+        top = tl.maximum(m_i, now)
+        earlier = tl.exp(m_i - top)  # 0 when there were no earlier columns (m_i = -inf)
+        current = tl.exp(now - top)
+        total = l_i * earlier + current
+        out = out_ptr + b * stride_out + h * HEAD_DIM
+        tl.store(out + d0, ((acc0 * earlier + v0.to(tl.float32) * current) / total).to(out_ptr.dtype.element_ty),
+                 mask=valid0)
+        tl.store(out + d1, ((acc1 * earlier + v1.to(tl.float32) * current) / total).to(out_ptr.dtype.element_ty),
+                 mask=valid1)
 
     @triton.jit
     def _attn_merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, stride_out, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -652,15 +746,18 @@ if triton is not None:
         tl.store(out_ptr + row + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
     @triton.jit
-    def _add_layer_norm_kernel(h_ptr, bias_ptr, w_ptr, b_ptr, x_ptr, N, stride, eps,
+    def _add_layer_norm_kernel(h_ptr, bias_ptr, w_ptr, b_ptr, x_ptr, N, stride, bias_stride, eps,
                                HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: h += bias (stored back, rounded as torch would), x = layer_norm(h)."""
+        """One row: h += bias (stored back, rounded as torch would), x = layer_norm(h).
+
+        bias_stride 0: one bias vector for every row; else a tensor of rows (a layer's output)."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         valid = cols < N
         h = tl.load(h_ptr + row * stride + cols, mask=valid, other=0.0)
         if HAS_BIAS:
-            h = (h.to(tl.float32) + tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32))
+            bias = tl.load(bias_ptr + row * bias_stride + cols, mask=valid, other=0.0)
+            h = h.to(tl.float32) + bias.to(tl.float32)
             h = h.to(h_ptr.dtype.element_ty)
             tl.store(h_ptr + row * stride + cols, h, mask=valid)
         h = h.to(tl.float32)

@@ -167,6 +167,27 @@ def test_generation_stops_at_the_cache_length(model, eos):
         engine.generate([list(range(10, 50))], GREEDY)
 
 
+def test_cache_holds_the_columns_asked_for_and_grows_by_half_at_least(model, eos):
+    """Columns beyond those in use slow attention down, so the cache is sized to the need, rounded up
+    to CACHE_COLUMNS_STEP; growing, it takes 1.5x its old size at least, so reallocations stay few."""
+    from pipeline.fast_generate import CACHE_COLUMNS_STEP
+
+    engine = FastPhiEngine(model, eos, use_graphs=False, max_seq_len=2048)
+    columns = lambda: engine._k_cache.shape[3]  # noqa: E731
+    engine._ensure_cache(4, 100)
+    assert engine._k_cache.shape[1] == 4 and columns() == -(-100 // CACHE_COLUMNS_STEP) * CACHE_COLUMNS_STEP
+    held = engine._k_cache
+    engine._ensure_cache(2, 60)  # fits: kept as it is
+    assert engine._k_cache is held
+    engine._ensure_cache(4, columns() + 1)  # one column more: half as many again
+    assert columns() == -(-held.shape[3] * 3 // 2 // CACHE_COLUMNS_STEP) * CACHE_COLUMNS_STEP
+    grown = columns()
+    engine._ensure_cache(8, 10)  # more rows: the columns held are kept
+    assert engine._k_cache.shape[1] == 8 and columns() == grown
+    engine._ensure_cache(8, 5000)  # never past the model's reach
+    assert columns() == 2048
+
+
 def test_unsupported_reason_names_non_phi_models_and_plain_cpu(model):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -208,20 +229,26 @@ def _triton_checkable() -> bool:
 
 @pytest.mark.skipif(not _triton_checkable(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("head_dim", [80, 16])
-def test_every_triton_attention_variant_matches_attention_over_the_valid_columns(head_dim):
-    """Each kernel/tile variant the benchmark may pick: rope + cache write + attention over start..col."""
+@pytest.mark.parametrize("rope_in_attention", [True, False])
+def test_every_triton_attention_variant_matches_attention_over_the_valid_columns(head_dim, rope_in_attention,
+                                                                                 monkeypatch):
+    """Each kernel/tile variant the benchmark may pick: rope + cache write + attention over start..col,
+    as one kernel or as a rotary kernel and an attention kernel."""
     from types import SimpleNamespace
 
+    from pipeline import phi_decode
     from pipeline.phi_decode import ATTENTION_CONFIGS, AttentionConfig, DecodeState, triton_attention
+
+    monkeypatch.setattr(phi_decode, "ROPE_IN_ATTENTION", rope_in_attention)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(head_dim)
-    batch, heads, columns, col, rot = 3, 2, 48, 37, head_dim // 4 * 2
-    starts = torch.tensor([0, 5, 30])
+    batch, heads, columns, col, rot = 4, 2, 48, 37, head_dim // 4 * 2
+    starts = torch.tensor([0, 5, 30, col])  # the last row's only column is this step's
     k_cache = torch.randn(batch, heads, columns, head_dim, generator=gen).to(device)
     v_cache = torch.randn(batch, heads, columns, head_dim, generator=gen).to(device)
     qkv = torch.randn(batch, 3 * heads * head_dim, generator=gen).to(device)
-    positions = torch.tensor([col, col - 5, col - 30])
+    positions = col - starts
     angles = torch.rand(64, rot // 2, generator=gen) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1).to(device), torch.cat([angles.sin()] * 2, -1).to(device)
     w = SimpleNamespace(heads=heads, head_dim=head_dim, rotary_dim=rot)
@@ -260,8 +287,10 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
     # the rotary kernel also applies the MLP's gelu_new where asked (strided rows, 38 columns per head
     # for 75 columns: the last head's share is partial)
     mlp = torch.randn(batch, 90, generator=gen).to(device) * 3
-    wide = torch.full((batch, 100), float("nan"), device=device)
-    triton_attention(qkv, state, kc, vc, cos, sin, w, configs.pop(), gelu=(mlp[:, 15:], wide[:, 20:95]))
     expected = torch.nn.functional.gelu(mlp[:, 15:].double().cpu(), approximate="tanh")
-    assert torch.allclose(wide[:, 20:95].double().cpu(), expected, atol=1e-5)
-    assert wide[:, :20].isnan().all() and wide[:, 95:].isnan().all()
+    for kernel in ("dot", "sum"):
+        wide = torch.full((batch, 100), float("nan"), device=device)
+        triton_attention(qkv, state, kc, vc, cos, sin, w, AttentionConfig(kernel),
+                         gelu=(mlp[:, 15:], wide[:, 20:95]))
+        assert torch.allclose(wide[:, 20:95].double().cpu(), expected, atol=1e-5)
+        assert wide[:, :20].isnan().all() and wide[:, 95:].isnan().all()
