@@ -94,8 +94,8 @@ def attention_variants(engine, rows: int, length: int):
     kv_bytes = 2 * rows * engine.weights.heads * length * engine.weights.head_dim * 2
     now = attention_config(rows)
     candidates = [(now, False), (now, True)]
-    candidates += [(AttentionConfig("dot", n, warps, stages, 1, True), True) for n in (16, 32, 64)
-                   for warps in (1, 2, 4) for stages in (2, 3, 4)]
+    candidates += [(AttentionConfig("dot", n, warps, stages, 1, True, regs), True) for n in (16, 32)
+                   for warps in (1, 2) for stages in (2, 3) for regs in (None, 128, 96)]
     results = []
     for config, fused in candidates:
         phi_decode.ROPE_IN_ATTENTION = fused
@@ -114,6 +114,50 @@ def attention_variants(engine, rows: int, length: int):
         f"{results[0][0]:.1f}, one kernel {results[1][0]:.1f})")
     del bench
     return good[0][2]
+
+
+def padded_gemms(rows: int, copies: int = 8) -> None:
+    """The layer's products and the LM head at `rows` rows with their weights padded by zero rows or
+    columns: cuBLAS chooses its tiles (and so how evenly they fill the SMs) by shape. Times one call
+    (median over `copies` weight tensors in turn, so nothing stays in L2), against the unpadded one."""
+    half = torch.float16
+    cases = {  # name: (out features N, in features K, the unpadded N, K)
+        "in  [q k v fc1]": (17920, 2560), "out [dense fc2]": (2560, 12800), "lm head": (51200, 2560),
+    }
+    for name, (n, k) in cases.items():
+        base = None
+        pads = [(dn, 0) for dn in (0, 32, 64, 128, 256, 512, 1024, 2048)] + [(0, dk) for dk in (64, 256, 1024)]
+        for dn, dk in pads:
+            weights = [torch.randn(n + dn, k + dk, device="cuda", dtype=half) for _ in range(copies)]
+            bias = torch.randn(n + dn, device="cuda", dtype=half)
+            x = torch.randn(rows, k + dk, device="cuda", dtype=half)
+            ms = graph_ms(lambda: [torch.addmm(bias, x, w.t()) for w in weights]) / copies  # noqa: B023
+            base = base or ms
+            say(f"padded {name} N {n}+{dn} K {k}+{dk}: {ms * 1e3:6.1f} us ({base / ms:5.3f}x the unpadded), "
+                f"{n * k * 2 / ms / 1e9:5.2f} TB/s of the real weights")
+            del weights
+        torch.cuda.empty_cache()
+
+
+def small_kernel_warps(engine, batches: list[int], length: int) -> None:
+    """Warps for the small kernels: the layer norm (whole decode steps) and the rotary (the prefill)."""
+    from llm_decode import prompts_for, wall
+
+    from pipeline.generation import GenerationSettings
+
+    for rows in batches:
+        step_variants(engine, rows, length, {f"layer norm, {n} warps": {"NORM_WARPS": n} for n in (1, 2, 4, 8, 16)})
+    engine._k_cache = engine._v_cache = None
+    torch.cuda.empty_cache()
+    saved = phi_decode.ROPE_WARPS
+    for rows in batches:
+        prompts = prompts_for(rows, 32)
+        for warps in (1, 2, 4):
+            phi_decode.ROPE_WARPS = warps
+            engine.generate(prompts, GenerationSettings(max_new_tokens=1))
+            ms = wall(lambda: engine.generate(prompts, GenerationSettings(max_new_tokens=1)), repeat=5) * 1e3  # noqa: B023
+            say(f"prefill b{rows} x 32 tokens, rotary kernel {warps} warps: {ms:.1f} ms")
+    phi_decode.ROPE_WARPS = saved
 
 
 def one_layer(engine, batches: list[int], length: int) -> None:
@@ -297,6 +341,10 @@ def main() -> None:
     parser.add_argument("--tma-gemm", action="store_true", help="also time a persistent Triton TMA GEMM")
     parser.add_argument("--skip-steps", action="store_true", help="skip the attention and whole-step variants")
     parser.add_argument("--cache-columns", default="", help="also time attention over caches this long")
+    parser.add_argument("--padded-gemms", action="store_true",
+                        help="only the products at 128 rows with zero-padded weights (cuBLAS picks tiles by shape)")
+    parser.add_argument("--warps", action="store_true",
+                        help="only the layer norm's and the rotary kernel's warps: steps and the batch's prefill")
     parser.add_argument("--profile-once", action="store_true",
                         help="run one layer's attention and products once per batch size (a target for ncu)")
     args = parser.parse_args()
@@ -311,6 +359,12 @@ def main() -> None:
     with torch.inference_mode():
         if args.profile_once:
             one_layer(engine, batches, args.length)
+            return
+        if args.padded_gemms:
+            padded_gemms(max(batches))
+            return
+        if args.warps:
+            small_kernel_warps(engine, batches, args.length)
             return
         for rows in [] if args.skip_steps else batches:
             best = attention_variants(engine, rows, args.length)

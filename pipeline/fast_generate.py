@@ -263,7 +263,7 @@ class FastPhiEngine:
         for first in range(0, len(prompts), group):
             rows = slice(first, min(first + group, len(prompts)))
             logits.append(prefill(self.weights, ids[rows], starts[rows], state.k_cache[:, rows],
-                                  state.v_cache[:, rows], self.cos, self.sin))
+                                  state.v_cache[:, rows], self.cos, self.sin, self.use_triton))
         return starts, torch.cat(logits)
 
     def _load_state(self, state: DecodeState, first: torch.Tensor, starts: torch.Tensor, width: int,

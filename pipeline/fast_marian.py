@@ -571,6 +571,7 @@ def chunk_top(logits: torch.Tensor, pad: int, k: int, stats: bool = False):
 
 
 if triton is not None:
+    from pipeline.norm_kernels import layer_norm_row
 
     @triton.jit(do_not_specialize=["span"])
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, origin_ptr, lengths_ptr, span,
@@ -619,12 +620,8 @@ if triton is not None:
         # The sum rounded to the tensors' dtype first, as torch's x + y then layer_norm would.
         h = (tl.load(x_ptr + row * N + cols, mask=valid, other=0.0)
              + tl.load(y_ptr + row * N + cols, mask=valid, other=0.0)).to(tl.float32)
-        mean = tl.sum(h, axis=0) / N
-        centred = tl.where(valid, h - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / N + eps)
-        w = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * N + cols, (centred * rstd * w + b).to(out_ptr.dtype.element_ty), mask=valid)
+        out = layer_norm_row(h, valid, cols, N, w_ptr, b_ptr, eps)
+        tl.store(out_ptr + row * N + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _chunk_top_kernel(x_ptr, val_ptr, idx_ptr, max_ptr, sum_ptr, vocab, stride, pad,

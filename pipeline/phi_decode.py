@@ -216,7 +216,7 @@ def _add_layer_norm(h: torch.Tensor, bias: torch.Tensor | None, weight: torch.Te
         bias_stride = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
         _add_layer_norm_kernel[(h.shape[0],)](
             h, bias if bias is not None else h, weight, shift, x, h.shape[1], h.stride(0), bias_stride, eps,
-            HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(h.shape[1]), num_warps=4)
+            HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(h.shape[1]), num_warps=NORM_WARPS)
         return x
     if bias is not None:
         h.add_(bias)
@@ -229,15 +229,19 @@ def _logits(w: PhiWeights, h: torch.Tensor, bias: torch.Tensor, use_triton: bool
 
 
 def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: torch.Tensor,
-            v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
     """Run left-padded prompts ids [B, P], fill cache columns 0..P-1, return the last column's logits.
 
     starts[b] is the first real column of row b. k_cache/v_cache are [layers, B, heads, S, head_dim].
+    With use_triton, one kernel per layer does the rotary, the cache write and the GELU
+    (rope_and_cache_write), where torch takes a dozen elementwise kernels and copies.
     """
     batch, width = ids.shape
     cols = torch.arange(width, device=ids.device)
     positions = (cols[None, :] - starts[:, None]).clamp_(min=0)
-    cos_p, sin_p = cos[positions][:, None], sin[positions][:, None]  # [B, 1, P, rot]
+    if not use_triton:
+        cos_p, sin_p = cos[positions][:, None], sin[positions][:, None]  # [B, 1, P, rot]
+    first_col = torch.zeros(1, dtype=torch.long, device=ids.device)
     padded = bool((starts > 0).any())
     mask = None
     if padded:  # causal, no pad keys; a pad query sees itself so its (unused) row stays finite
@@ -251,15 +255,20 @@ def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: tor
     for index, layer in enumerate(w.layers):
         x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps).view(tokens, hidden)
         y = torch.addmm(layer.in_b, x, layer.in_w.t())  # [q k v | fc1], one product as in the decode step
-        q, k, v = y[:, :3 * hidden].view(batch, width, 3, w.heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q = _rotate(q, cos_p, sin_p, w.rotary_dim)  # each [B, heads, P, head_dim]
-        k = _rotate(k, cos_p, sin_p, w.rotary_dim)
-        k_cache[index, :, :, :width] = k
-        v_cache[index, :, :, :width] = v
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not padded)
         mixed = torch.empty((tokens, layer.out_w.shape[1]), dtype=h.dtype, device=h.device)
+        if use_triton:
+            q = rope_and_cache_write(y, k_cache[index], v_cache[index], cos, sin, positions.view(-1), first_col,
+                                     width, w, gelu=(y[:, 3 * hidden:], mixed[:, hidden:]))
+            k, v = k_cache[index, :, :, :width], v_cache[index, :, :, :width]
+        else:
+            q, k, v = y[:, :3 * hidden].view(batch, width, 3, w.heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q = _rotate(q, cos_p, sin_p, w.rotary_dim)  # each [B, heads, P, head_dim]
+            k = _rotate(k, cos_p, sin_p, w.rotary_dim)
+            k_cache[index, :, :, :width] = k
+            v_cache[index, :, :, :width] = v
+            torch.ops.aten.gelu.out(y[:, 3 * hidden:], approximate="tanh", out=mixed[:, hidden:])
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not padded)
         mixed[:, :hidden].view(batch, width, w.heads, w.head_dim).copy_(attn.transpose(1, 2))
-        torch.ops.aten.gelu.out(y[:, 3 * hidden:], approximate="tanh", out=mixed[:, hidden:])
         pending = torch.addmm(layer.out_b, mixed, layer.out_w.t()).view(batch, width, hidden)
     return _logits(w, h[:, -1].contiguous(), pending[:, -1])
 
@@ -360,6 +369,8 @@ SKINNY_MAX_ROWS = 16  # skinny_linear's tile holds 16 rows (the smallest tensor-
 SKINNY_BLOCK_N, SKINNY_BLOCK_K = 16, 128
 FUSED_MIN_ROWS = SKINNY_MAX_ROWS + 1  # from here on the decode step runs _fused_layer
 GELU_IN_ROPE = True  # _fused_layer's GELU runs inside the rotary(+attention) kernel (False: a torch kernel)
+NORM_WARPS = 16  # warps per row of the layer-norm kernel (decode_step_study.py --warps: 1% faster than 4 at batch 1)
+ROPE_WARPS = 1  # warps per (token, head) of the rotary kernel (prefill of 128 x 32 tokens: 41.0 ms, 44.2 with 4)
 ROPE_IN_ATTENTION = True  # the "dot" kernel (one split) also does the rotary and cache write: one launch
 
 
@@ -379,18 +390,19 @@ class AttentionConfig:
     stages: int = 1
     splits: int = 1
     split_dims: bool = True
+    maxnreg: int | None = None  # registers per thread the compiler may use (fewer: more programs per SM)
 
 
 # Per batch-size bucket (the smallest key >= the batch serves it): the fastest variants timed on an H100
 # at phi-2's shape, cache 160 columns per row (benchmarks/llm_decode.py --tune-attention, then
 # benchmarks/decode_step_study.py for the one-kernel form, 2026-11-25). Per layer, rotary and cache
-# write included: batch 1 6.0 us, 8: 8.7, 32: 23.9, 128: 80.8 (2.60 TB/s). Many dot variants land
+# write included: batch 1 6.0 us, 8: 8.7, 32: 23.1, 128: 79.1 (2.65 TB/s). Many dot variants land
 # within 2% of each other at batch 128; one split per (row, head) wins everywhere.
 ATTENTION_CONFIGS: dict[int, AttentionConfig] = {
     1: AttentionConfig("dot", block_n=32, warps=2, stages=4, splits=1),
     8: AttentionConfig("dot", block_n=32, warps=2, stages=3, splits=1),
     32: AttentionConfig("dot", block_n=16, warps=1, stages=2, splits=1),
-    128: AttentionConfig("dot", block_n=32, warps=1, stages=2, splits=1),
+    128: AttentionConfig("dot", block_n=16, warps=1, stages=3, splits=1),
 }
 
 
@@ -415,6 +427,28 @@ def head_split(head_dim: int, split_dims: bool = True) -> tuple[int, int]:
     if rest >= 16 and rest & (rest - 1) == 0:
         return low, rest
     return padded, 0
+
+
+def rope_and_cache_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, positions: torch.Tensor, col: torch.Tensor, tokens: int, w: PhiWeights,
+                         gelu: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Rotary and cache write for `tokens` consecutive tokens per batch row (Triton).
+
+    qkv [batch * tokens, >= 3 * hidden] (rows may be strided), positions [batch * tokens] (each
+    token's rotary position); token t of row b goes to cache column col + t. Returns the rotated
+    queries, [batch, heads, tokens, head_dim]. gelu=(src, dst): also dst = gelu_new(src), row by row.
+    """
+    heads, head_dim = w.heads, w.head_dim
+    q = torch.empty((qkv.shape[0] // tokens, heads, tokens, head_dim), device=qkv.device, dtype=qkv.dtype)
+    src, dst = gelu if gelu is not None else (qkv, qkv)
+    per_head = -(-src.shape[1] // heads) if gelu is not None else 1
+    _rope_write_kernel[(qkv.shape[0], heads)](
+        qkv, q, k_cache, v_cache, cos, sin, positions, col, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), tokens, src, dst, src.stride(0), dst.stride(0), src.shape[1] if gelu is not None else 0,
+        per_head, HEADS=heads, HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        HAS_GELU=gelu is not None, BLOCK_G=triton.next_power_of_2(per_head), num_warps=ROPE_WARPS,
+    )
+    return q
 
 
 def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -445,14 +479,10 @@ def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v
             1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, HEADS=heads, HEAD_DIM=head_dim,
             ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
             STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None,
-            BLOCK_G=triton.next_power_of_2(per_head), num_warps=config.warps, num_stages=max(config.stages, 1))
+            BLOCK_G=triton.next_power_of_2(per_head), num_warps=config.warps, num_stages=max(config.stages, 1),
+            maxnreg=config.maxnreg)
         return out
-    q = torch.empty((batch, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
-    _rope_write_kernel[(batch, heads)](
-        qkv, q, k_cache, v_cache, cos, sin, s.positions, s.col, qkv.stride(0), *cache_strides, *gelu_args,
-        HEADS=heads, HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_D=block_d,
-        HAS_GELU=gelu is not None, BLOCK_G=triton.next_power_of_2(per_head),
-    )
+    q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, s.positions, s.col, 1, w, gelu)
     partial = torch.empty((batch * heads, splits, head_dim), device=qkv.device, dtype=torch.float32)
     m = torch.empty((batch * heads, splits), device=qkv.device, dtype=torch.float32)
     l = torch.empty_like(m)
@@ -462,7 +492,7 @@ def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v
         *cache_strides, 1.0 / math.sqrt(head_dim), splits,
         out.stride(0), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1, BLOCK_N=config.block_n, D0=d0,
         D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages, num_warps=config.warps, PRECISION=precision,
-        num_stages=max(config.stages, 1),
+        num_stages=max(config.stages, 1), maxnreg=config.maxnreg,
     )
     if splits == 1:  # the split kernel wrote the output itself
         return out
@@ -473,26 +503,31 @@ def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v
 
 
 if triton is not None:
+    from pipeline.norm_kernels import layer_norm_row
 
     @triton.jit
     def _rope_write_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, col_ptr,
-                           stride_qkv, stride_cb, stride_ch, stride_cs,
+                           stride_qkv, stride_cb, stride_ch, stride_cs, tokens,
                            g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head,
                            HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
                            BLOCK_D: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr):
-        b = tl.program_id(0)
+        """One head of one token: rotary on q (to q, [batch, heads, tokens, head_dim]) and k, k and v
+        into cache column col + (the token's place in its row), optionally the MLP's GELU share."""
+        r = tl.program_id(0)  # qkv row: token r % tokens of batch row r // tokens
         h = tl.program_id(1)
+        b = r // tokens
+        t = r % tokens
         if HAS_GELU:
-            _gelu_share(g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head, b, h, BLOCK_G)
+            _gelu_share(g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head, r, h, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         valid = d < HEAD_DIM
-        pos = tl.load(pos_ptr + b)
-        base = qkv_ptr + b * stride_qkv + h * HEAD_DIM
+        pos = tl.load(pos_ptr + r)
+        base = qkv_ptr + r * stride_qkv + h * HEAD_DIM
         q = _rotated(base, d, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM)
         k = _rotated(base + HEADS * HEAD_DIM, d, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM)
         v = tl.load(base + 2 * HEADS * HEAD_DIM + d, mask=valid, other=0.0)
-        tl.store(q_ptr + (b * HEADS + h) * HEAD_DIM + d, q.to(q_ptr.dtype.element_ty), mask=valid)
-        col = tl.load(col_ptr)
+        tl.store(q_ptr + ((b * HEADS + h) * tokens + t) * HEAD_DIM + d, q.to(q_ptr.dtype.element_ty), mask=valid)
+        col = tl.load(col_ptr) + t
         dst = b * stride_cb + h * stride_ch + col * stride_cs + d
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=valid)
         tl.store(v_cache_ptr + dst, v, mask=valid)
@@ -760,13 +795,8 @@ if triton is not None:
             h = h.to(tl.float32) + bias.to(tl.float32)
             h = h.to(h_ptr.dtype.element_ty)
             tl.store(h_ptr + row * stride + cols, h, mask=valid)
-        h = h.to(tl.float32)
-        mean = tl.sum(h, axis=0) / N
-        centred = tl.where(valid, h - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / N + eps)
-        w = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-        tl.store(x_ptr + row * stride + cols, (centred * rstd * w + b).to(x_ptr.dtype.element_ty), mask=valid)
+        x = layer_norm_row(h.to(tl.float32), valid, cols, N, w_ptr, b_ptr, eps)
+        tl.store(x_ptr + row * stride + cols, x.to(x_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _skinny_linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
