@@ -94,8 +94,8 @@ def attention_variants(engine, rows: int, length: int):
     kv_bytes = 2 * rows * engine.weights.heads * length * engine.weights.head_dim * 2
     now = attention_config(rows)
     candidates = [(now, False), (now, True)]
-    candidates += [(AttentionConfig("dot", n, warps, stages, 1, True, regs), True) for n in (16, 32)
-                   for warps in (1, 2) for stages in (2, 3) for regs in (None, 128, 96)]
+    candidates += [(AttentionConfig("dot", n, warps, stages, 1, True), True) for n in (16, 32, 64)
+                   for warps in (1, 2, 4) for stages in (2, 3, 4)]
     results = []
     for config, fused in candidates:
         phi_decode.ROPE_IN_ATTENTION = fused

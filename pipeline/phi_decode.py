@@ -390,7 +390,6 @@ class AttentionConfig:
     stages: int = 1
     splits: int = 1
     split_dims: bool = True
-    maxnreg: int | None = None  # registers per thread the compiler may use (fewer: more programs per SM)
 
 
 # Per batch-size bucket (the smallest key >= the batch serves it): the fastest variants timed on an H100
@@ -479,8 +478,7 @@ def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v
             1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, HEADS=heads, HEAD_DIM=head_dim,
             ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
             STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None,
-            BLOCK_G=triton.next_power_of_2(per_head), num_warps=config.warps, num_stages=max(config.stages, 1),
-            maxnreg=config.maxnreg)
+            BLOCK_G=triton.next_power_of_2(per_head), num_warps=config.warps, num_stages=max(config.stages, 1))
         return out
     q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, s.positions, s.col, 1, w, gelu)
     partial = torch.empty((batch * heads, splits, head_dim), device=qkv.device, dtype=torch.float32)
@@ -492,7 +490,7 @@ def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v
         *cache_strides, 1.0 / math.sqrt(head_dim), splits,
         out.stride(0), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1, BLOCK_N=config.block_n, D0=d0,
         D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages, num_warps=config.warps, PRECISION=precision,
-        num_stages=max(config.stages, 1), maxnreg=config.maxnreg,
+        num_stages=max(config.stages, 1),
     )
     if splits == 1:  # the split kernel wrote the output itself
         return out
