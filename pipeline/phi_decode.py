@@ -239,9 +239,10 @@ def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: tor
     batch, width = ids.shape
     cols = torch.arange(width, device=ids.device)
     positions = (cols[None, :] - starts[:, None]).clamp_(min=0)
-    if not use_triton:
+    if use_triton:
+        first_col = torch.zeros(1, dtype=torch.long, device=ids.device)  # token t of a row -> column t
+    else:
         cos_p, sin_p = cos[positions][:, None], sin[positions][:, None]  # [B, 1, P, rot]
-    first_col = torch.zeros(1, dtype=torch.long, device=ids.device)
     padded = bool((starts > 0).any())
     mask = None
     if padded:  # causal, no pad keys; a pad query sees itself so its (unused) row stays finite
@@ -439,15 +440,22 @@ def rope_and_cache_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     heads, head_dim = w.heads, w.head_dim
     q = torch.empty((qkv.shape[0] // tokens, heads, tokens, head_dim), device=qkv.device, dtype=qkv.dtype)
-    src, dst = gelu if gelu is not None else (qkv, qkv)
-    per_head = -(-src.shape[1] // heads) if gelu is not None else 1
+    gelu_args, block_g = _gelu_share_args(gelu, qkv, heads)
     _rope_write_kernel[(qkv.shape[0], heads)](
         qkv, q, k_cache, v_cache, cos, sin, positions, col, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), tokens, src, dst, src.stride(0), dst.stride(0), src.shape[1] if gelu is not None else 0,
-        per_head, HEADS=heads, HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        HAS_GELU=gelu is not None, BLOCK_G=triton.next_power_of_2(per_head), num_warps=ROPE_WARPS,
+        k_cache.stride(2), tokens, *gelu_args, HEADS=heads, HEAD_DIM=head_dim, ROT=w.rotary_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), HAS_GELU=gelu is not None, BLOCK_G=block_g, num_warps=ROPE_WARPS,
     )
     return q
+
+
+def _gelu_share_args(gelu: tuple[torch.Tensor, torch.Tensor] | None, qkv: torch.Tensor, heads: int):
+    """The kernels' GELU arguments (src, dst, their row strides, width, columns per head program) and the
+    block that holds one program's share; with no GELU asked for, placeholders the kernel never reads."""
+    src, dst = gelu if gelu is not None else (qkv, qkv)
+    per_head = -(-src.shape[1] // heads) if gelu is not None else 1
+    args = (src, dst, src.stride(0), dst.stride(0), src.shape[1] if gelu is not None else 0, per_head)
+    return args, triton.next_power_of_2(per_head)
 
 
 def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -462,9 +470,7 @@ def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v
     """
     batch, heads, head_dim = qkv.shape[0], w.heads, w.head_dim
     block_d = triton.next_power_of_2(head_dim)
-    src, dst = gelu if gelu is not None else (qkv, qkv)
-    per_head = -(-src.shape[1] // heads) if gelu is not None else 1
-    gelu_args = (src, dst, src.stride(0), dst.stride(0), src.shape[1] if gelu is not None else 0, per_head)
+    gelu_args, block_g = _gelu_share_args(gelu, qkv, heads)
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     # fp32 caches (the tiny test models) keep full precision in tl.dot: no tf32
     precision = "ieee" if k_cache.dtype == torch.float32 else None
@@ -478,7 +484,7 @@ def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v
             1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, HEADS=heads, HEAD_DIM=head_dim,
             ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
             STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None,
-            BLOCK_G=triton.next_power_of_2(per_head), num_warps=config.warps, num_stages=max(config.stages, 1))
+            BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1))
         return out
     q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, s.positions, s.col, 1, w, gelu)
     partial = torch.empty((batch * heads, splits, head_dim), device=qkv.device, dtype=torch.float32)
