@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -333,16 +334,180 @@ def cache_strides(rows: int, length: int, columns: list[int], layers: int = 8) -
             torch.cuda.empty_cache()
 
 
+def lt_algos(engine, batches: list[int], count: int = 24) -> None:
+    """Each product of a layer (and the LM head) through every algorithm cuBLASLt's heuristic lists,
+    over all 32 layers' weights, against torch.addmm (the heuristic's first pick)."""
+    from lt_matmul import LtLinear
+
+    w = engine.weights
+    products = {  # weights, biases, GELU epilogue, accumulate into a tensor (dense: C = the MLP's part)
+        "qkv": ([l.qkv_w for l in w.layers], [l.qkv_b for l in w.layers], False, False),
+        "fc1+gelu": ([l.fc1_w for l in w.layers], [l.fc1_b for l in w.layers], True, False),
+        "fc2": ([l.fc2_w for l in w.layers], [l.out_b for l in w.layers], False, False),
+        "dense+C": ([l.dense_w for l in w.layers], [None for l in w.layers], False, True),
+        "in": ([l.in_w for l in w.layers], [l.in_b for l in w.layers], False, False),
+        "out": ([l.out_w for l in w.layers], [l.out_b for l in w.layers], False, False),
+        "lm": ([w.lm_w] * 4, [w.lm_b] * 4, False, False),
+    }
+    for rows in batches:
+        for name, (weights, biases, gelu, accumulate) in products.items():
+            x = torch.randn(rows, weights[0].shape[1], device="cuda", dtype=torch.float16)
+            c = torch.randn(rows, weights[0].shape[0], device="cuda", dtype=torch.float16)
+            nbytes = sum(t.numel() * 2 for t in weights)
+
+            def torch_product(t, b):
+                if accumulate:  # noqa: B023
+                    return torch.addmm(c, x, t.t())  # noqa: B023
+                if gelu:  # noqa: B023
+                    return torch._addmm_activation(b, x, t.t(), use_gelu=True)  # noqa: B023
+                return torch.addmm(b, x, t.t())  # noqa: B023
+
+            base = graph_ms(lambda: [torch_product(t, b) for t, b in zip(weights, biases)])  # noqa: B023
+            say(f"lt {name} b{rows} torch: {base / len(weights) * 1e3:6.1f} us/product "
+                f"{nbytes / base / 1e9:5.2f} TB/s")
+            want = torch_product(weights[0], biases[0]).float()
+            linears = [LtLinear(t, b, rows, gelu=gelu, accumulate=accumulate) for t, b in zip(weights, biases)]
+            for index, heuristic in enumerate(linears[0].candidates(count)):
+                info = linears[0].describe(index, heuristic)
+                for lin in linears:
+                    lin.use(heuristic)
+                try:
+                    got = linears[0](x, c=c if accumulate else None).float()  # noqa: B023
+                    error = ((got - want).norm() / want.norm()).item()
+                    ms = graph_ms(lambda: [lin(x, c=c if accumulate else None) for lin in linears])  # noqa: B023
+                    say(f"lt {name} b{rows} {info}: {ms / len(weights) * 1e3:6.1f} us/product "
+                        f"{nbytes / ms / 1e9:5.2f} TB/s ({base / ms:5.3f}x addmm) err {error:.1e}")
+                except Exception as exc:  # noqa: BLE001
+                    say(f"lt {name} b{rows} {info}: failed {type(exc).__name__}: {str(exc)[:160]}")
+
+
+def overlap(engine, rows: int, length: int, carveouts: list[int]) -> None:
+    """A layer's attention beside its MLP on a second stream, the MLP's products on fewer SMs.
+
+    phi-2's MLP reads the layer norm's output, not attention's, so fc1 (with its GELU as cuBLASLt's
+    epilogue) and fc2 can run while attention reads the cache; dense then adds attention's share.
+    Timed over all 32 layers (their own weights and cache) against the fused one-stream layer. The
+    engine's form is "split, attention launched first" on all SMs (phi_decode._layer_mlp_beside);
+    `carveouts` lists SM counts for the side stream's products (torch's SM carve-out for cuBLASLt)."""
+    from pipeline.phi_decode import DecodeState, attention_config, triton_attention
+
+    w, e = engine.weights, engine
+    long = dict(dtype=torch.long, device="cuda")
+    state = DecodeState(torch.zeros(rows, **long), torch.full((rows,), length - 1, **long),
+                        torch.tensor([length - 1], **long), torch.zeros(rows, **long),
+                        engine._k_cache[:, :rows], engine._v_cache[:, :rows])
+    config = attention_config(rows)
+    hidden = w.layers[0].hidden
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.float16)
+    outs: list[torch.Tensor] = [None] * len(w.layers)
+
+    def fused():
+        for i, layer in enumerate(w.layers):
+            y = torch.addmm(layer.in_b, x, layer.in_w.t())
+            mixed = torch.empty((rows, layer.out_w.shape[1]), dtype=x.dtype, device=x.device)
+            triton_attention(y[:, :3 * hidden], state, state.k_cache[i], state.v_cache[i], e.cos, e.sin, w, config,
+                             mixed[:, :hidden], (y[:, 3 * hidden:], mixed[:, hidden:]))
+            outs[i] = torch.addmm(layer.out_b, mixed, layer.out_w.t())
+
+    side = torch.cuda.Stream()
+
+    def mlp(layer, carveout):
+        if carveout:
+            torch._C._set_sm_carveout_experimental(carveout)
+        up = torch._addmm_activation(layer.fc1_b, x, layer.fc1_w.t(), use_gelu=True)
+        part = torch.addmm(layer.out_b, up, layer.fc2_w.t())
+        if carveout:
+            torch._C._set_sm_carveout_experimental(None)
+        return part
+
+    def split(carveout=0, streams=True, mlp_first=True):
+        main = torch.cuda.current_stream()
+        for i, layer in enumerate(w.layers):
+            if streams:
+                side.wait_stream(main)
+            def attention():
+                qkv = torch.addmm(layer.qkv_b, x, layer.qkv_w.t())  # noqa: B023
+                return triton_attention(qkv, state, state.k_cache[i], state.v_cache[i], e.cos, e.sin, w,  # noqa: B023
+                                        config)
+            if mlp_first:
+                with torch.cuda.stream(side if streams else main):
+                    part = mlp(layer, carveout)
+                attn = attention()
+            else:
+                attn = attention()
+                with torch.cuda.stream(side if streams else main):
+                    part = mlp(layer, carveout)
+            if streams:
+                main.wait_stream(side)
+            outs[i] = torch.addmm(part, attn, layer.dense_w.t())
+
+    def hybrid(carveout=0, attention_first=True):
+        """[q k v fc1] in one product as now; GELU and fc2 on the side stream beside attention."""
+        main = torch.cuda.current_stream()
+        for i, layer in enumerate(w.layers):
+            y = torch.addmm(layer.in_b, x, layer.in_w.t())
+            side.wait_stream(main)
+
+            def mlp_part():
+                if carveout:
+                    torch._C._set_sm_carveout_experimental(carveout)
+                up = F.gelu(y[:, 3 * hidden:], approximate="tanh")  # noqa: B023
+                part = torch.addmm(layer.out_b, up, layer.fc2_w.t())  # noqa: B023
+                if carveout:
+                    torch._C._set_sm_carveout_experimental(None)
+                return part
+
+            if not attention_first:
+                with torch.cuda.stream(side):
+                    part = mlp_part()
+            attn = triton_attention(y[:, :3 * hidden], state, state.k_cache[i], state.v_cache[i], e.cos, e.sin, w,
+                                    config)
+            if attention_first:
+                with torch.cuda.stream(side):
+                    part = mlp_part()
+            main.wait_stream(side)
+            outs[i] = torch.addmm(part, attn, layer.dense_w.t())
+
+    fused()
+    reference = [o.float() for o in outs]
+    variants = {"fused, one stream": fused, "split, one stream": lambda: split(streams=False)}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for g in carveouts:
+        variants[f"hybrid, attention first, MLP on {g} SMs"] = lambda g=g: hybrid(sms - g)
+        variants[f"split, MLP launched first, MLP on {g} SMs"] = lambda g=g: split(sms - g)
+        variants[f"split, attention launched first, MLP on {g} SMs"] = lambda g=g: split(sms - g, mlp_first=False)
+    for name, fn in variants.items():
+        try:
+            fn()
+            torch.cuda.synchronize()
+            error = max(((o.float() - r).norm() / r.norm()).item() for o, r in zip(outs, reference))
+            ms = graph_ms(fn)
+            again = graph_ms(fn)
+            say(f"overlap b{rows} len {length} {name:45s} {ms / 32 * 1e3:6.1f} us/layer "
+                f"(again {again / 32 * 1e3:6.1f}) err {error:.1e}")
+        except Exception as exc:  # noqa: BLE001
+            say(f"overlap b{rows} {name}: failed {type(exc).__name__}: {str(exc)[:200]}")
+    # the MLP's products alone, to see the carve-out take effect
+    for g in carveouts:
+        ms = graph_ms(lambda g=g: [mlp(layer, sms - g) for layer in w.layers])
+        say(f"overlap b{rows} MLP products alone on {g} SMs: {ms / 32 * 1e3:6.1f} us/layer")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--length", type=int, default=160, help="cached columns per row (mean of a 32+256 run)")
     parser.add_argument("--skip-gemm", action="store_true", help="skip the cuBLAS products timed alone")
     parser.add_argument("--tma-gemm", action="store_true", help="also time a persistent Triton TMA GEMM")
+    parser.add_argument("--no-tiles", action="store_true", help="skip the attention tile search before the steps")
     parser.add_argument("--skip-steps", action="store_true", help="skip the attention and whole-step variants")
     parser.add_argument("--cache-columns", default="", help="also time attention over caches this long")
     parser.add_argument("--padded-gemms", action="store_true",
                         help="only the products at 128 rows with zero-padded weights (cuBLAS picks tiles by shape)")
+    parser.add_argument("--lt-algos", action="store_true",
+                        help="only the products through each algorithm cuBLASLt's heuristic lists")
+    parser.add_argument("--overlap", default="",
+                        help="only attention beside the MLP on a second stream, the MLP's products on these many SMs")
     parser.add_argument("--warps", action="store_true",
                         help="only the layer norm's and the rotary kernel's warps: steps and the batch's prefill")
     parser.add_argument("--profile-once", action="store_true",
@@ -363,18 +528,28 @@ def main() -> None:
         if args.padded_gemms:
             padded_gemms(max(batches))
             return
+        if args.overlap:
+            for rows in batches:
+                overlap(engine, rows, args.length, [int(c) for c in args.overlap.split(",")])
+            return
+        if args.lt_algos:
+            lt_algos(engine, batches)
+            return
         if args.warps:
             small_kernel_warps(engine, batches, args.length)
             return
         for rows in [] if args.skip_steps else batches:
-            best = attention_variants(engine, rows, args.length)
+            tiles = phi_decode.attention_config(rows)
+            best = tiles if args.no_tiles else attention_variants(engine, rows, args.length)
             tuned = dict(phi_decode.ATTENTION_CONFIGS)
             tuned[min(b for b in tuned if b >= rows)] = best
             variants = {
-                "rotary kernel + attention kernel": {"ROPE_IN_ATTENTION": False},
-                "rotary in the attention kernel": {},
-                "+ best attention tiles": {"ATTENTION_CONFIGS": tuned},
-                "rotary in attention (again)": {},
+                "fused layer": {"MLP_BESIDE_ATTENTION": False},
+                "MLP beside attention": {"MLP_BESIDE_ATTENTION": True},
+                "MLP beside, no PDL": {"MLP_BESIDE_ATTENTION": True, "PDL": False},
+                "fused layer (again)": {"MLP_BESIDE_ATTENTION": False},
+                "MLP beside (again)": {"MLP_BESIDE_ATTENTION": True},
+                "MLP beside, + best attention tiles": {"ATTENTION_CONFIGS": tuned, "MLP_BESIDE_ATTENTION": True},
             }
             step_variants(engine, rows, args.length, variants)
         gemm_rows = max(batches)

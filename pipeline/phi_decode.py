@@ -11,9 +11,10 @@ numbers that change between steps), so one CUDA graph per batch size can replay 
 On CUDA with Triton, one kernel per layer replaces the rotary, cache-write and attention ops: it reads
 only each row's valid cache columns, where scaled_dot_product_attention would read the whole cache
 under a mask (a rotary kernel and an attention kernel split along the sequence, as in flash-decoding,
-remain as the tuner's alternatives). At batch sizes past 16 rows a layer is two matrix products,
-[q k v fc1] and [dense fc2], over weights stacked in place (`_fused_layer`); the second one's output
-is added to the residual stream by the next layer's norm kernel.
+remain as the tuner's alternatives). At batch sizes past 16 rows the MLP runs on a second stream
+beside attention (`_layer_mlp_beside`); without Triton a layer is two matrix products, [q k v fc1]
+and [dense fc2], over weights stacked in place (`_fused_layer`). Either way the layer's outputs
+are added to the residual stream by the next layer's norm kernel.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class PhiLayer:
     in_b: torch.Tensor
     out_w: torch.Tensor  # [hidden, hidden + inner]: dense and fc2 side by side (both add to h)
     out_b: torch.Tensor  # dense bias + fc2 bias: both land on the residual stream
+    dense_b: torch.Tensor
+    fc2_b: torch.Tensor
     hidden: int
 
     # The single projections are views of the stacked tensors (no copies).
@@ -147,7 +150,8 @@ def phi_weights(model) -> PhiWeights:
             ln_w=block.input_layernorm.weight.detach(), ln_b=block.input_layernorm.bias.detach(),
             in_w=_fused_parameter(inputs), in_b=torch.cat([lin.bias.detach() for lin in inputs]),
             out_w=_fused_parameter([attn.dense, mlp.fc2], dim=1),
-            out_b=(attn.dense.bias + mlp.fc2.bias).detach(), hidden=config.hidden_size,
+            out_b=(attn.dense.bias + mlp.fc2.bias).detach(), dense_b=attn.dense.bias.detach(),
+            fc2_b=mlp.fc2.bias.detach(), hidden=config.hidden_size,
         ))
     return PhiWeights(
         layers=layers, embed=model.model.embed_tokens.weight.detach(),
@@ -207,24 +211,32 @@ def _mlp_and_residual(layer: PhiLayer, x: torch.Tensor, attn: torch.Tensor, h: t
     return h
 
 
-def _add_layer_norm(h: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor, shift: torch.Tensor,
+def _add_layer_norm(h: torch.Tensor, pending, weight: torch.Tensor, shift: torch.Tensor,
                     eps: float, use_triton: bool = False) -> torch.Tensor:
-    """h += bias (in place: the previous layer's pending biases, a vector, or its whole output, a tensor
-    shaped like h), then return layer_norm(h)."""
+    """h += pending (in place), then return layer_norm(h).
+
+    pending is what the previous layer has not yet added to the residual stream: None, its biases
+    (a vector), its output (a tensor shaped like h), or its two branches' outputs (a pair, summed in
+    fp32 before the one rounding to h's dtype).
+    """
+    adds = pending if isinstance(pending, tuple) else (pending,) if pending is not None else ()
     if use_triton and h.dim() == 2:
         x = torch.empty_like(h)
-        bias_stride = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
+        first, second = (adds + (h, h))[:2]
+        strides = [0 if t.dim() == 1 else t.stride(0) for t in (first, second)]
         _add_layer_norm_kernel[(h.shape[0],)](
-            h, bias if bias is not None else h, weight, shift, x, h.shape[1], h.stride(0), bias_stride, eps,
-            HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(h.shape[1]), num_warps=NORM_WARPS)
+            h, first, second, weight, shift, x, h.shape[1], h.stride(0), *strides, eps, ADDS=len(adds),
+            BLOCK=triton.next_power_of_2(h.shape[1]), num_warps=NORM_WARPS, **_pdl())
         return x
-    if bias is not None:
-        h.add_(bias)
+    if len(adds) == 2:
+        h.add_(adds[0].float() + adds[1])
+    elif adds:
+        h.add_(adds[0])
     return F.layer_norm(h, h.shape[-1:], weight, shift, eps)
 
 
-def _logits(w: PhiWeights, h: torch.Tensor, bias: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
-    x = _add_layer_norm(h, bias, w.final_ln_w, w.final_ln_b, w.eps, use_triton)
+def _logits(w: PhiWeights, h: torch.Tensor, pending, use_triton: bool = False) -> torch.Tensor:
+    x = _add_layer_norm(h, pending, w.final_ln_w, w.final_ln_b, w.eps, use_triton)
     return torch.addmm(w.lm_b, x, w.lm_w.t())
 
 
@@ -233,8 +245,9 @@ def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: tor
     """Run left-padded prompts ids [B, P], fill cache columns 0..P-1, return the last column's logits.
 
     starts[b] is the first real column of row b. k_cache/v_cache are [layers, B, heads, S, head_dim].
-    With use_triton, one kernel per layer does the rotary, the cache write and the GELU
-    (rope_and_cache_write), where torch takes a dozen elementwise kernels and copies.
+    With use_triton, one kernel per layer does the rotary and the cache write (rope_and_cache_write),
+    where torch takes a dozen elementwise kernels and copies. The two branches' outputs reach the
+    residual stream through the next layer norm, as in the decode step.
     """
     batch, width = ids.shape
     cols = torch.arange(width, device=ids.device)
@@ -250,28 +263,29 @@ def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: tor
         real_key = cols[None, None, :] >= starts[:, None, None]
         mask = (causal[None] & real_key) | torch.eye(width, dtype=torch.bool, device=ids.device)[None]
         mask = mask[:, None]
-    h = F.embedding(ids, w.embed)
-    hidden, tokens = h.shape[-1], batch * width
-    pending = None  # the previous layer's output, not yet on the residual stream
+    tokens = batch * width
+    h = F.embedding(ids, w.embed).view(tokens, -1)
+    hidden = h.shape[-1]
+    pending = None  # the previous layer's outputs, not yet on the residual stream
     for index, layer in enumerate(w.layers):
-        x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps).view(tokens, hidden)
-        y = torch.addmm(layer.in_b, x, layer.in_w.t())  # [q k v | fc1], one product as in the decode step
-        mixed = torch.empty((tokens, layer.out_w.shape[1]), dtype=h.dtype, device=h.device)
+        x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps, use_triton)
+        qkv = torch.addmm(layer.qkv_b, x, layer.qkv_w.t())
         if use_triton:
-            q = rope_and_cache_write(y, k_cache[index], v_cache[index], cos, sin, positions.view(-1), first_col,
-                                     width, w, gelu=(y[:, 3 * hidden:], mixed[:, hidden:]))
+            q = rope_and_cache_write(qkv, k_cache[index], v_cache[index], cos, sin, positions.view(-1), first_col,
+                                     width, w)
             k, v = k_cache[index, :, :, :width], v_cache[index, :, :, :width]
         else:
-            q, k, v = y[:, :3 * hidden].view(batch, width, 3, w.heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = qkv.view(batch, width, 3, w.heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q = _rotate(q, cos_p, sin_p, w.rotary_dim)  # each [B, heads, P, head_dim]
             k = _rotate(k, cos_p, sin_p, w.rotary_dim)
             k_cache[index, :, :, :width] = k
             v_cache[index, :, :, :width] = v
-            torch.ops.aten.gelu.out(y[:, 3 * hidden:], approximate="tanh", out=mixed[:, hidden:])
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not padded)
-        mixed[:, :hidden].view(batch, width, w.heads, w.head_dim).copy_(attn.transpose(1, 2))
-        pending = torch.addmm(layer.out_b, mixed, layer.out_w.t()).view(batch, width, hidden)
-    return _logits(w, h[:, -1].contiguous(), pending[:, -1])
+        attn = attn.transpose(1, 2).reshape(tokens, hidden)
+        pending = (torch.addmm(layer.dense_b, attn, layer.dense_w.t()),
+                   torch.addmm(layer.fc2_b, _fc1_gelu(layer, x), layer.fc2_w.t()))
+    last = slice(width - 1, None, width)  # each row's last column
+    return _logits(w, h[last].contiguous(), tuple(p[last] for p in pending), use_triton)
 
 
 @dataclass
@@ -300,10 +314,13 @@ def decode_step(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Ten
     attend = _triton_attend(w, s, cos, sin, attention or attention_config(batch)) if use_triton else \
         _torch_attend(w, s, cos, sin, kv_len)
     fused = batch >= FUSED_MIN_ROWS
+    beside = _side_stream(h) if fused and use_triton and MLP_BESIDE_ATTENTION else None
     pending = None
     for index, layer in enumerate(w.layers):
         x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps, use_triton)
-        if fused:
+        if beside is not None:
+            pending = _layer_mlp_beside(layer, x, lambda *args: attend(index, *args), beside)  # noqa: B023
+        elif fused:
             pending = _fused_layer(layer, x, h, lambda *args: attend(index, *args))  # noqa: B023 - called now
         else:
             qkv = _linear(x, layer.qkv_w, layer.qkv_b, use_triton=use_triton)
@@ -326,6 +343,45 @@ def _fused_layer(layer: PhiLayer, x: torch.Tensor, h: torch.Tensor, attend) -> t
     mixed = torch.empty((x.shape[0], layer.out_w.shape[1]), dtype=x.dtype, device=x.device)
     attend(y[:, :3 * hidden], mixed[:, :hidden], (y[:, 3 * hidden:], mixed[:, hidden:]))
     return torch.addmm(layer.out_b, mixed, layer.out_w.t())
+
+
+def _fc1_gelu(layer: PhiLayer, x: torch.Tensor) -> torch.Tensor:
+    """gelu_new(fc1(x)). On CUDA cuBLASLt applies the GELU (tanh form) to the product's fp32 sums as
+    it writes them; torch's CPU version of that op applies the erf GELU instead, so the CPU takes
+    two ops."""
+    if x.is_cuda:
+        return torch._addmm_activation(layer.fc1_b, x, layer.fc1_w.t(), use_gelu=True)
+    return F.gelu(torch.addmm(layer.fc1_b, x, layer.fc1_w.t()), approximate="tanh")
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(like: torch.Tensor) -> torch.cuda.Stream:
+    if like.device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[like.device] = torch.cuda.Stream(like.device)
+    return _SIDE_STREAMS[like.device]
+
+
+def _layer_mlp_beside(layer: PhiLayer, x: torch.Tensor, attend,
+                      side: torch.cuda.Stream) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's output with the MLP on a second stream while attention reads the cache.
+
+    phi-2's MLP reads the layer norm's output, not attention's, so fc1 (its GELU done by cuBLASLt
+    on the fp32 sums) and fc2 need not wait for attention; the GPU fills the gaps of one with the
+    other. Returns the pair (dense(attention), fc2(gelu(fc1(x)))), biases included, which the next
+    layer norm adds to h (two products with a bias vector take cuBLASLt's fused-bias path; dense
+    accumulating onto fc2's output would not). Memory is safe across the streams without
+    record_stream: every tensor one stream reads from the other is made before a wait and freed
+    after the join, which orders any reuse.
+    """
+    main = torch.cuda.current_stream()
+    side.wait_stream(main)
+    attn = attend(torch.addmm(layer.qkv_b, x, layer.qkv_w.t()), None)
+    with torch.cuda.stream(side):
+        mlp = torch.addmm(layer.fc2_b, _fc1_gelu(layer, x), layer.fc2_w.t())
+    main.wait_stream(side)
+    return torch.addmm(layer.dense_b, attn, layer.dense_w.t()), mlp
 
 
 def _triton_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Tensor,
@@ -368,10 +424,12 @@ def _torch_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.T
 
 SKINNY_MAX_ROWS = 16  # skinny_linear's tile holds 16 rows (the smallest tensor-core tile)
 SKINNY_BLOCK_N, SKINNY_BLOCK_K = 16, 128
-FUSED_MIN_ROWS = SKINNY_MAX_ROWS + 1  # from here on the decode step runs _fused_layer
+FUSED_MIN_ROWS = SKINNY_MAX_ROWS + 1  # from here on: _layer_mlp_beside (Triton) or _fused_layer
 GELU_IN_ROPE = True  # _fused_layer's GELU runs inside the rotary(+attention) kernel (False: a torch kernel)
 NORM_WARPS = 16  # warps per row of the layer-norm kernel (decode_step_study.py --warps: 1% faster than 4 at batch 1)
 ROPE_WARPS = 1  # warps per (token, head) of the rotary kernel (prefill of 128 x 32 tokens: 41.0 ms, 44.2 with 4)
+MLP_BESIDE_ATTENTION = True  # batches on the fused path: the MLP on a second stream (_layer_mlp_beside)
+PDL = True  # layer norm and attention start while the product before them drains (programmatic dependent launch)
 ROPE_IN_ATTENTION = True  # the "dot" kernel (one split) also does the rotary and cache write: one launch
 
 
@@ -449,6 +507,16 @@ def rope_and_cache_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return q
 
 
+def _pdl() -> dict:
+    """Launch options and the kernel flag for programmatic dependent launch, where Triton has it.
+
+    The kernel's programs are then placed on the GPU while the previous kernel (a cuBLAS product)
+    finishes, and wait for its results inside (_wait_for_inputs), instead of being launched after it.
+    """
+    on = PDL and HAS_GRID_WAIT
+    return {"launch_pdl": True, "PDL": True} if on else {"PDL": False}
+
+
 def _gelu_share_args(gelu: tuple[torch.Tensor, torch.Tensor] | None, qkv: torch.Tensor, heads: int):
     """The kernels' GELU arguments (src, dst, their row strides, width, columns per head program) and the
     block that holds one program's share; with no GELU asked for, placeholders the kernel never reads."""
@@ -484,7 +552,7 @@ def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v
             1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, HEADS=heads, HEAD_DIM=head_dim,
             ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
             STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None,
-            BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1))
+            BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1), **_pdl())
         return out
     q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, s.positions, s.col, 1, w, gelu)
     partial = torch.empty((batch * heads, splits, head_dim), device=qkv.device, dtype=torch.float32)
@@ -506,8 +574,20 @@ def triton_attention(qkv: torch.Tensor, s: DecodeState, k_cache: torch.Tensor, v
     return out
 
 
+HAS_GRID_WAIT = triton is not None and hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
+
 if triton is not None:
     from pipeline.norm_kernels import layer_norm_row
+
+    if HAS_GRID_WAIT:
+        @triton.jit
+        def _wait_for_inputs():
+            """Block until the kernel launched before this one has finished and its writes are visible."""
+            tl.extra.cuda.gdc_wait()
+    else:  # pragma: no cover - Triton before 3.4; _pdl() never asks for the wait then
+        @triton.jit
+        def _wait_for_inputs():
+            pass
 
     @triton.jit
     def _rope_write_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, col_ptr,
@@ -722,12 +802,15 @@ if triton is not None:
                           g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head,
                           HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr,
                           D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
-                          PRECISION: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr):
+                          PRECISION: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr,
+                          PDL: tl.constexpr):
         """_rope_write_kernel and _attn_dot_kernel (one split) as one kernel: one launch per layer.
 
         The step's own key and value go to the cache for later steps, but this step takes them from
         registers: the loop reads the columns before `col`, and the new column joins the softmax last.
         """
+        if PDL:
+            _wait_for_inputs()
         bh = tl.program_id(0)
         b = bh // HEADS
         h = bh % HEADS
@@ -785,19 +868,22 @@ if triton is not None:
         tl.store(out_ptr + row + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
     @triton.jit
-    def _add_layer_norm_kernel(h_ptr, bias_ptr, w_ptr, b_ptr, x_ptr, N, stride, bias_stride, eps,
-                               HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: h += bias (stored back, rounded as torch would), x = layer_norm(h).
+    def _add_layer_norm_kernel(h_ptr, a_ptr, b2_ptr, w_ptr, b_ptr, x_ptr, N, stride, a_stride, b2_stride, eps,
+                               ADDS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """One row: h += a (+ b2) (summed in fp32, stored back rounded once), x = layer_norm(h).
 
-        bias_stride 0: one bias vector for every row; else a tensor of rows (a layer's output)."""
+        A stride of 0: one vector for every row (biases); else a tensor of rows (a layer's output)."""
+        if PDL:
+            _wait_for_inputs()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         valid = cols < N
         h = tl.load(h_ptr + row * stride + cols, mask=valid, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + row * bias_stride + cols, mask=valid, other=0.0)
-            h = h.to(tl.float32) + bias.to(tl.float32)
-            h = h.to(h_ptr.dtype.element_ty)
+        if ADDS > 0:
+            total = h.to(tl.float32) + tl.load(a_ptr + row * a_stride + cols, mask=valid, other=0.0).to(tl.float32)
+            if ADDS > 1:
+                total += tl.load(b2_ptr + row * b2_stride + cols, mask=valid, other=0.0).to(tl.float32)
+            h = total.to(h_ptr.dtype.element_ty)
             tl.store(h_ptr + row * stride + cols, h, mask=valid)
         x = layer_norm_row(h.to(tl.float32), valid, cols, N, w_ptr, b_ptr, eps)
         tl.store(x_ptr + row * stride + cols, x.to(x_ptr.dtype.element_ty), mask=valid)

@@ -214,9 +214,39 @@ def test_cuda_graphs_give_the_same_tokens_as_the_eager_step(phi2_dir, monkeypatc
     assert list(graphs.stream(PROMPTS[2], GREEDY)) == got[2]
     from pipeline import phi_decode
 
-    monkeypatch.setattr(phi_decode, "FUSED_MIN_ROWS", 1)  # the layer path of batches past 16 rows
-    fused = FastPhiEngine(gpu, eos, max_batch_size=8)
-    assert [g.token_ids for g in fused.generate(PROMPTS, GREEDY)] == got
+    monkeypatch.setattr(phi_decode, "FUSED_MIN_ROWS", 1)  # the layer paths of batches past 16 rows
+    for beside in (True, False):
+        monkeypatch.setattr(phi_decode, "MLP_BESIDE_ATTENTION", beside)
+        fused = FastPhiEngine(gpu, eos, max_batch_size=8)
+        assert [g.token_ids for g in fused.generate(PROMPTS, GREEDY)] == got
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the second stream needs a GPU")
+def test_mlp_beside_attention_computes_the_fused_layer(phi2_dir, monkeypatch):
+    """The decode step with the MLP on a second stream (cuBLASLt's GELU on fc1) against the one-stream
+    layer (the GELU as gelu_new): the same logits in fp32, so the GELU is the tanh form phi-2 uses."""
+    from transformers import PhiForCausalLM
+
+    from pipeline import phi_decode
+    from pipeline.phi_decode import DecodeState, decode_step, phi_weights, rope_tables
+
+    gpu = PhiForCausalLM.from_pretrained(phi2_dir, dtype=torch.float32).eval().cuda()
+    w = phi_weights(gpu)
+    cos, sin = rope_tables(w, 64)
+    rows, columns, col = 24, 64, 40
+    gen = torch.Generator().manual_seed(7)
+    long = dict(dtype=torch.long, device="cuda")
+    cache = torch.randn(2, len(w.layers), rows, w.heads, columns, w.head_dim, generator=gen).cuda()
+    starts = torch.randint(0, col, (rows,), generator=gen).cuda()
+    tokens = torch.randint(0, gpu.config.vocab_size, (rows,), generator=gen).cuda()
+    logits = {}
+    for beside in (True, False):
+        monkeypatch.setattr(phi_decode, "MLP_BESIDE_ATTENTION", beside)
+        state = DecodeState(tokens.clone(), col - starts, torch.tensor([col], **long), starts, cache[0].clone(),
+                            cache[1].clone())
+        logits[beside] = decode_step(w, state, cos, sin, use_triton=phi_decode.triton is not None)
+    error = (logits[True] - logits[False]).norm() / logits[False].norm()
+    assert error < 1e-5, error.item()
 
 
 def _triton_checkable() -> bool:
