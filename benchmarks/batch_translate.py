@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import pipeline.translate as translate_module  # noqa: E402
+import pipeline.mt.translator as translate_module  # noqa: E402
 from pipeline import Translator  # noqa: E402
 from tiny_models import JAPANESE_CORPUS, build_tiny_marian  # noqa: E402
 

@@ -29,8 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from llm_decode import EOS, build_model  # noqa: E402
 from llm_decode import graph_ms as replay_ms  # noqa: E402
 
-from pipeline import phi_decode  # noqa: E402
-from pipeline.fast_generate import FastPhiEngine  # noqa: E402
+from pipeline.llm import phi_decode as phi_decode  # noqa: E402
+from pipeline.llm.fast_engine import FastPhiEngine  # noqa: E402
 
 LINES: list[str] = []
 
@@ -53,7 +53,7 @@ def graph_ms(fn, replays: int = 30) -> float:
 
 def step_variants(engine, rows: int, length: int, variants: dict[str, dict]) -> None:
     """Each variant's whole decode step at `rows` rows over `length` cached columns."""
-    from pipeline.phi_decode import DecodeState, decode_step
+    from pipeline.llm.phi_decode import DecodeState, decode_step
 
     long = dict(dtype=torch.long, device="cuda")
     state = DecodeState(torch.randint(0, 50000, (rows,), **long), torch.full((rows,), length - 1, **long),
@@ -88,7 +88,7 @@ def attention_variants(engine, rows: int, length: int):
     batch size as two kernels and as one, then the one-kernel form at other tiles; returns the fastest."""
     from llm_decode import AttentionBench
 
-    from pipeline.phi_decode import AttentionConfig, attention_config
+    from pipeline.llm.phi_decode import AttentionConfig, attention_config
 
     bench = AttentionBench(engine, rows, length)
     bench.ref = bench.reference()
@@ -144,7 +144,7 @@ def small_kernel_warps(engine, batches: list[int], length: int) -> None:
     """Warps for the small kernels: the layer norm (whole decode steps) and the rotary (the prefill)."""
     from llm_decode import prompts_for, wall
 
-    from pipeline.generation import GenerationSettings
+    from pipeline.llm.engine import GenerationSettings
 
     for rows in batches:
         step_variants(engine, rows, length, {f"layer norm, {n} warps": {"NORM_WARPS": n} for n in (1, 2, 4, 8, 16)})
@@ -165,7 +165,7 @@ def one_layer(engine, batches: list[int], length: int) -> None:
     """Layer 0's attention and its two products, once per batch size, for a profiler to read."""
     from llm_decode import AttentionBench
 
-    from pipeline.phi_decode import attention_config, triton_attention
+    from pipeline.llm.phi_decode import attention_config, triton_attention
 
     layer = engine.weights.layers[0]
     for rows in batches:
@@ -305,7 +305,7 @@ def cache_strides(rows: int, length: int, columns: list[int], layers: int = 8) -
     and its values are then one contiguous block)."""
     from types import SimpleNamespace
 
-    from pipeline.phi_decode import DecodeState, attention_config, rope_tables, triton_attention
+    from pipeline.llm.phi_decode import DecodeState, attention_config, rope_tables, triton_attention
 
     heads, head_dim = 32, 80
     w = SimpleNamespace(heads=heads, head_dim=head_dim, rotary_dim=32, rope_theta=10000.0,
@@ -389,7 +389,7 @@ def overlap(engine, rows: int, length: int, carveouts: list[int]) -> None:
     Timed over all 32 layers (their own weights and cache) against the fused one-stream layer. The
     engine's form is "split, attention launched first" on all SMs (phi_decode._layer_mlp_beside);
     `carveouts` lists SM counts for the side stream's products (torch's SM carve-out for cuBLASLt)."""
-    from pipeline.phi_decode import DecodeState, attention_config, triton_attention
+    from pipeline.llm.phi_decode import DecodeState, attention_config, triton_attention
 
     w, e = engine.weights, engine
     long = dict(dtype=torch.long, device="cuda")

@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from pipeline.fast_generate import FastPhiEngine  # noqa: E402
-from pipeline.generation import GenerationSettings  # noqa: E402
+from pipeline.llm.fast_engine import FastPhiEngine  # noqa: E402
+from pipeline.llm.engine import GenerationSettings  # noqa: E402
 
 EOS = 50256
 VOCAB_DRAWN = 50000  # prompt ids are drawn below the tokenizer's size
@@ -140,7 +140,7 @@ def section(name: str, fn) -> None:
 def attention_candidates():
     """Kernel and tile variants of the decode attention: CUDA-core sums and tensor-core dots, the head
     read padded to 128 or as 64 + 16, tiles of 16-128 columns, 1-4 warps, 1-4 pipeline stages."""
-    from pipeline.phi_decode import AttentionConfig
+    from pipeline.llm.phi_decode import AttentionConfig
 
     out = [AttentionConfig("sum", n, w, st, 1, dims) for dims in (False, True) for n in (32, 64)
            for w in (2, 4) for st in (1, 3)]
@@ -156,7 +156,7 @@ class AttentionBench:
     over a random cache of `length` columns per row: the shape one decode step reads."""
 
     def __init__(self, engine, rows: int, length: int):
-        from pipeline.phi_decode import DecodeState
+        from pipeline.llm.phi_decode import DecodeState
 
         w = engine.weights
         self.engine, self.length = engine, length
@@ -171,7 +171,7 @@ class AttentionBench:
                                generator=gen)
 
     def layers(self, config) -> list[torch.Tensor]:
-        from pipeline.phi_decode import triton_attention
+        from pipeline.llm.phi_decode import triton_attention
 
         e = self.engine
         return [triton_attention(self.qkv, self.state, self.k[i], self.v[i], e.cos, e.sin, e.weights, config)
@@ -180,9 +180,9 @@ class AttentionBench:
     def reference(self) -> torch.Tensor:
         """Layer 0's attention by SDPA in fp32 over columns 0..length-1 (after one kernel wrote the
         current key and value, which every variant writes identically)."""
-        from pipeline.phi_decode import AttentionConfig, triton_attention
+        from pipeline.llm.phi_decode import AttentionConfig, triton_attention
 
-        from pipeline.phi_decode import _rotate  # the torch path's rotary, for the query
+        from pipeline.llm.phi_decode import _rotate  # the torch path's rotary, for the query
 
         e, w = self.engine, self.engine.weights
         triton_attention(self.qkv, self.state, self.k[0], self.v[0], e.cos, e.sin, w, AttentionConfig())
@@ -205,7 +205,7 @@ def tune_attention(engine, batches: list[int], length: int, log: list[str]) -> d
     """Time every candidate at each batch size; return the fastest correct one per batch bucket."""
     from dataclasses import replace
 
-    from pipeline import phi_decode
+    from pipeline.llm import phi_decode as phi_decode
 
     kv_bytes = lambda rows: 2 * rows * engine.weights.heads * length * engine.weights.head_dim * 2  # noqa: E731
     best = {}
@@ -318,7 +318,7 @@ def main() -> None:
     engines = {}
 
     def tune():
-        from pipeline import phi_decode
+        from pipeline.llm import phi_decode as phi_decode
 
         engine = FastPhiEngine(model, EOS, max_batch_size=max(batches), use_graphs=False)
         length = args.prompt_len + args.new_tokens // 2  # the mean cache length over a generate call
@@ -393,7 +393,7 @@ def main() -> None:
 
     def variant(label: str, note: str, **flags) -> None:
         """The engine again with phi_decode's module flags changed (batches on the fused path only)."""
-        from pipeline import phi_decode
+        from pipeline.llm import phi_decode as phi_decode
 
         sizes = [b for b in batches if b >= phi_decode.FUSED_MIN_ROWS]
         saved = {name: getattr(phi_decode, name) for name in flags}
@@ -441,7 +441,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        from pipeline.phi_decode import decode_step
+        from pipeline.llm.phi_decode import decode_step
 
         engine = engines["fast"]
         for batch in sorted({1, max(batches)}):

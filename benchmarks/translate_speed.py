@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline.fast_marian import FastMarianBackend  # noqa: E402
-from pipeline.mt_backend import TransformersMTBackend, strip_special  # noqa: E402
+from pipeline.mt.fast_marian import FastMarianBackend  # noqa: E402
+from pipeline.mt.backends import TransformersMTBackend, strip_special  # noqa: E402
 
 CONFIG = ROOT / "tests" / "published_configs" / "Helsinki-NLP--opus-mt-ja-en" / "config.json"
 SOURCE_TOKENS, TARGET_TOKENS = 40, 40
@@ -259,7 +259,7 @@ def main() -> None:
             backends.append(("fast (eager, no graphs)", FastMarianBackend(model, use_graphs=False), False))
             skip |= {("fast (eager, no graphs)", k, b) for k in beam_options for b in batches if b != 64}
             if ctranslate2_version() != "not installed":
-                from pipeline.ctranslate2_backend import CTranslate2Backend
+                from pipeline.mt.ctranslate2 import CTranslate2Backend
 
                 checkpoint = save_with_vocab(published_model(spread=False), work)
                 for quantization in ("int8", "float32"):
@@ -324,7 +324,7 @@ def print_agreement(device, dtype, work, std, command, device_name, variants=())
     if ctranslate2_version() == "not installed":
         print("- ctranslate2 not installed: no int8 agreement")
         return
-    from pipeline.ctranslate2_backend import CTranslate2Backend
+    from pipeline.mt.ctranslate2 import CTranslate2Backend
 
     checkpoint = save_with_vocab(spread, work / "spread")
     fp32 = CTranslate2Backend(checkpoint, quantization="float32", cache_root=work / "ct2s")

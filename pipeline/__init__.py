@@ -5,11 +5,11 @@ detect.py -> translate.py (ja->en) -> answer.py -> translate.py (en->ja) -> rend
 qa.py composes them, jobs.py runs them over files, cli.py is the command line.
 """
 
-from .detect import detect_language
-from .errors import BilingualQAError
-from .generation import GenerationSettings
-from .qa import BilingualQA, QAResult
-from .translate import Translator
+from pipeline.text.detect import detect_language
+from pipeline.errors import BilingualQAError
+from pipeline.llm.engine import GenerationSettings
+from pipeline.qa import BilingualQA, QAResult
+from pipeline.mt.translator import Translator
 
 __all__ = ["BilingualQA", "BilingualQAError", "GenerationSettings", "QAResult", "Translator", "detect_language"]
 __version__ = "0.1.0"

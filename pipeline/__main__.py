@@ -1,3 +1,3 @@
-from .cli import run
+from pipeline.cli import run
 
 run()

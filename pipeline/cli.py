@@ -11,14 +11,14 @@ import sys
 
 import click
 
-from .answer import ENGINE_CHOICES
-from .detect import detect_language, require_supported
-from .errors import BilingualQAError, EmptyInputError
-from .generation import GenerationSettings
-from .mt_backend import BACKEND_CHOICES
-from .qa import BilingualQA, check_question
-from .render import FORMATS
-from .translate import DEFAULT_BATCH_TOKENS
+from pipeline.llm.answerer import ENGINE_CHOICES
+from pipeline.text.detect import detect_language, require_supported
+from pipeline.errors import BilingualQAError, EmptyInputError
+from pipeline.llm.engine import GenerationSettings
+from pipeline.mt.backends import BACKEND_CHOICES
+from pipeline.qa import BilingualQA, check_question
+from pipeline.text.render import FORMATS
+from pipeline.mt.translator import DEFAULT_BATCH_TOKENS
 
 EXIT_USER_ERROR = 2
 
@@ -209,9 +209,9 @@ def compare(question, llms, fmt, ja_en, en_ja, device, dtype, mt_backend, beams,
 def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, mt_backend, beams, batch_tokens,
               chunk_rows, field, column, errors_path, restart, quiet):
     """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash."""
-    from . import jobs
-    from .qa import model_names
-    from .translate import Translator
+    from pipeline.jobs import runner as jobs
+    from pipeline.qa import model_names
+    from pipeline.mt.translator import Translator
 
     names = model_names(ja_en=ja_en, en_ja=en_ja)
     model, option = (names["ja_en"], "--ja-en") if target == "en" else (names["en_ja"], "--en-ja")
@@ -231,8 +231,8 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
 def ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet, load: dict,
                    settings: GenerationSettings, source_lang: str) -> None:
     """`ask --batch`: every question of a file, answered in batches, exactly once and resumable."""
-    from . import jobs
-    from .qa import model_names
+    from pipeline.jobs import runner as jobs
+    from pipeline.qa import model_names
 
     if question is not None:
         fail("give QUESTION or --batch FILE, not both")

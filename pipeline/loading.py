@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DeviceError, ModelLoadError
+from pipeline.errors import DeviceError, ModelLoadError
 
 # What a model directory needs; weights come as safetensors where published, else as a legacy .bin
 # that transformers reads with torch's weights_only loader.

@@ -13,13 +13,13 @@ from typing import Iterator
 
 import torch
 
-from .answer import DEFAULT_LLM, Answerer
-from .detect import detect_language, require_supported
-from .errors import BilingualQAError, EmptyInputError, InputTooLongError
-from .generation import GenerationSettings
-from .loading import locate_model, resolve_device
-from .render import DIVIDER, render
-from .translate import Translator
+from pipeline.llm.answerer import DEFAULT_LLM, Answerer
+from pipeline.text.detect import detect_language, require_supported
+from pipeline.errors import BilingualQAError, EmptyInputError, InputTooLongError
+from pipeline.llm.engine import GenerationSettings
+from pipeline.loading import locate_model, resolve_device
+from pipeline.text.render import DIVIDER, render
+from pipeline.mt.translator import Translator
 
 DEFAULT_JA_EN = "Helsinki-NLP/opus-mt-ja-en"
 DEFAULT_EN_JA = "staka/fugumt-en-ja"
@@ -209,7 +209,7 @@ class BilingualQA:
                  restart: bool = False, quiet: bool = False, chunk_rows: int | None = None):
         """Answer every question of a .txt/.jsonl/.csv/.tsv file into a .jsonl file, exactly once and
         resumable (see jobs.py); returns a JobSummary."""
-        from . import jobs
+        from pipeline.jobs import runner as jobs
 
         return jobs.ask_file(input, output, load_qa=lambda: self, options=jobs.qa_options(self),
                              source_lang=source_lang, settings=settings, field=field, errors=errors,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
-from pipeline.fast_generate import FastPhiEngine
-from pipeline.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationSettings, TransformersEngine
+from pipeline.llm.fast_engine import FastPhiEngine
+from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationSettings, TransformersEngine
 
 PROMPTS = [[5, 17, 99, 3], [42] * 11, list(range(100, 140)), [7], [300, 12, 12, 450, 8, 1, 77]]
 GREEDY = GenerationSettings(max_new_tokens=24)
@@ -72,7 +72,7 @@ def test_each_row_of_a_mixed_length_batch_matches_running_it_alone(fast):
 
 def test_fused_layer_path_gives_the_tokens_of_transformers(model, eos, reference, monkeypatch):
     """From FUSED_MIN_ROWS rows up, a layer is two matrix products ([qkv | fc1], [dense | fc2])."""
-    from pipeline import phi_decode
+    from pipeline.llm import phi_decode as phi_decode
 
     monkeypatch.setattr(phi_decode, "FUSED_MIN_ROWS", 1)
     engine = FastPhiEngine(model, eos, use_graphs=False, max_seq_len=256)
@@ -170,7 +170,7 @@ def test_generation_stops_at_the_cache_length(model, eos):
 def test_cache_holds_the_columns_asked_for_and_grows_by_half_at_least(model, eos):
     """Columns beyond those in use slow attention down, so the cache is sized to the need, rounded up
     to CACHE_COLUMNS_STEP; growing, it takes 1.5x its old size at least, so reallocations stay few."""
-    from pipeline.fast_generate import CACHE_COLUMNS_STEP
+    from pipeline.llm.fast_engine import CACHE_COLUMNS_STEP
 
     engine = FastPhiEngine(model, eos, use_graphs=False, max_seq_len=2048)
     columns = lambda: engine._k_cache.shape[3]  # noqa: E731
@@ -212,7 +212,7 @@ def test_cuda_graphs_give_the_same_tokens_as_the_eager_step(phi2_dir, monkeypatc
     assert got == [g.token_ids for g in eager.generate(PROMPTS, GREEDY)]
     assert got == [g.token_ids for g in reference.generate(PROMPTS, GREEDY)]
     assert list(graphs.stream(PROMPTS[2], GREEDY)) == got[2]
-    from pipeline import phi_decode
+    from pipeline.llm import phi_decode as phi_decode
 
     monkeypatch.setattr(phi_decode, "FUSED_MIN_ROWS", 1)  # the layer paths of batches past 16 rows
     for beside in (True, False):
@@ -227,8 +227,8 @@ def test_mlp_beside_attention_computes_the_fused_layer(phi2_dir, monkeypatch):
     layer (the GELU as gelu_new): the same logits in fp32, so the GELU is the tanh form phi-2 uses."""
     from transformers import PhiForCausalLM
 
-    from pipeline import phi_decode
-    from pipeline.phi_decode import DecodeState, decode_step, phi_weights, rope_tables
+    from pipeline.llm import phi_decode as phi_decode
+    from pipeline.llm.phi_decode import DecodeState, decode_step, phi_weights, rope_tables
 
     gpu = PhiForCausalLM.from_pretrained(phi2_dir, dtype=torch.float32).eval().cuda()
     w = phi_weights(gpu)
@@ -252,7 +252,7 @@ def test_mlp_beside_attention_computes_the_fused_layer(phi2_dir, monkeypatch):
 def _triton_checkable() -> bool:
     import os
 
-    from pipeline import phi_decode
+    from pipeline.llm import phi_decode as phi_decode
 
     return phi_decode.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -266,8 +266,8 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
     as one kernel or as a rotary kernel and an attention kernel."""
     from types import SimpleNamespace
 
-    from pipeline import phi_decode
-    from pipeline.phi_decode import ATTENTION_CONFIGS, AttentionConfig, DecodeState, triton_attention
+    from pipeline.llm import phi_decode as phi_decode
+    from pipeline.llm.phi_decode import ATTENTION_CONFIGS, AttentionConfig, DecodeState, triton_attention
 
     monkeypatch.setattr(phi_decode, "ROPE_IN_ATTENTION", rope_in_attention)
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipeline.answer import PROMPT, Answerer
+from pipeline.llm.answerer import PROMPT, Answerer
 from pipeline.errors import InputTooLongError
-from pipeline.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationSettings, TransformersEngine, finish_row
+from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationSettings, TransformersEngine, finish_row
 
 
 @pytest.fixture(scope="module")

@@ -581,7 +581,7 @@ HAS_GRID_WAIT = (triton is not None and hasattr(getattr(tl.extra, "cuda", None),
                  and os.environ.get("TRITON_INTERPRET") != "1")
 
 if triton is not None:
-    from pipeline.norm_kernels import layer_norm_row
+    from pipeline.kernels.norm import layer_norm_row
 
     if HAS_GRID_WAIT:
         @triton.jit

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputTooLongError
-from .loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype
-from .mt_backend import MTBackend, select_mt_backend
-from .sentences import plan_text, rebuild, sentences_of, split_to_fit
+from pipeline.errors import InputTooLongError
+from pipeline.loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype
+from pipeline.mt.backends import MTBackend, select_mt_backend
+from pipeline.text.sentences import plan_text, rebuild, sentences_of, split_to_fit
 
 MAX_SENTENCE_TOKENS = 256  # longer sentences are cut at commas/spaces first; Marian reads 512 at most
 MODEL_MAX_TOKENS = 512
@@ -149,7 +149,7 @@ class Translator:
                        errors=None, restart: bool = False, quiet: bool = False, chunk_rows: int | None = None):
         """Translate every row of a .txt/.jsonl/.csv/.tsv file into this model's target language,
         exactly once and resumable (see jobs.py); returns a JobSummary."""
-        from . import jobs
+        from pipeline.jobs import runner as jobs
 
         return jobs.translate_file(input, output, to=self.target_lang, load_translator=lambda: self,
                                    options=jobs.translator_options(self), source_lang=source_lang, field=field,

@@ -13,9 +13,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from pipeline import jobs
+from pipeline.jobs import runner as jobs
 from pipeline.cli import main
-from pipeline.jobs import CRASH_ENV
+from pipeline.jobs.runner import CRASH_ENV
 
 ROWS = ["金利が上がると、人や企業にとって借り入れの費用が高くなります。", "円安は日本の輸出品を海外で安くします。", "",
         "The quick brown fox jumps over the lazy dog.", "東京の株式市場は午後に少し下がりました。", "これはペンです。"]

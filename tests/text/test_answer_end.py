@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.stop_sequences import find_stop, trim_answer
+from pipeline.text.answer_end import find_stop, trim_answer
 
 
 @pytest.mark.parametrize("ramble", [

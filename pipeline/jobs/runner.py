@@ -27,15 +27,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from .detect import SUPPORTED_LANGUAGES, detect_language
-from .errors import BilingualQAError, JobError
-from .generation import GenerationSettings
-from .job_files import (CsvWriter, InputRow, JsonlWriter, Outcome, TxtWriter, error_record,
+from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language
+from pipeline.errors import BilingualQAError, JobError
+from pipeline.llm.engine import GenerationSettings
+from pipeline.jobs.files import (CsvWriter, InputRow, JsonlWriter, Outcome, TxtWriter, error_record,
                         input_format, open_reader)
 
 if TYPE_CHECKING:
-    from .qa import BilingualQA
-    from .translate import Translator
+    from pipeline.qa import BilingualQA
+    from pipeline.mt.translator import Translator
 
 PROGRESS_VERSION = 1
 TRANSLATE_CHUNK_ROWS = 512

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline import detect_language
-from pipeline.detect import require_supported
+from pipeline.text.detect import require_supported
 from pipeline.errors import EmptyInputError, UnsupportedLanguageError
 
 

@@ -10,7 +10,7 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .qa import QAResult
+    from pipeline.qa import QAResult
 
 FORMATS = ("text", "markdown", "json")
 DIVIDER = "### ---"

@@ -11,8 +11,8 @@ from typing import Protocol
 
 import torch
 
-from .errors import ModelLoadError
-from .loading import status
+from pipeline.errors import ModelLoadError
+from pipeline.loading import status
 
 
 class MTBackend(Protocol):
@@ -84,7 +84,7 @@ def _pad_embedding_is_zero(model) -> bool:
 
 
 def _ctranslate2_backend(model, model_dir) -> MTBackend:
-    from .ctranslate2_backend import CTranslate2Backend, ctranslate2_available
+    from pipeline.mt.ctranslate2 import CTranslate2Backend, ctranslate2_available
 
     if not ctranslate2_available():
         raise ModelLoadError("the ctranslate2 backend needs the optional extra: pip install 'bilingual-qa[cpu-fast]'")
@@ -109,7 +109,7 @@ def select_mt_backend(choice: str, model, model_dir: str, device: torch.device) 
     if choice == "fast":
         if device.type != "cuda":
             raise ModelLoadError("the fast translation backend needs a CUDA device; use --mt-backend auto on the CPU")
-        from .fast_marian import FastMarianBackend
+        from pipeline.mt.fast_marian import FastMarianBackend
 
         return FastMarianBackend(model)
     if choice == "ctranslate2":
@@ -118,7 +118,7 @@ def select_mt_backend(choice: str, model, model_dir: str, device: torch.device) 
         return _ctranslate2_backend(model, model_dir)
     # auto
     if device.type == "cuda":
-        from .fast_marian import FastMarianBackend
+        from pipeline.mt.fast_marian import FastMarianBackend
 
         return FastMarianBackend(model)
     if device.type == "cpu":

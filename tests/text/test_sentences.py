@@ -1,4 +1,4 @@
-from pipeline.sentences import SentenceRun, plan_text, rebuild, sentences_of, split_sentences, split_to_fit
+from pipeline.text.sentences import SentenceRun, plan_text, rebuild, sentences_of, split_sentences, split_to_fit
 
 
 def test_english_sentences_split_at_end_punctuation_but_not_abbreviations():

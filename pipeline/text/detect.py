@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import EmptyInputError, UnsupportedLanguageError
+from pipeline.errors import EmptyInputError, UnsupportedLanguageError
 
 SUPPORTED_LANGUAGES = ("ja", "en")
 

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ModelLoadError
+from pipeline.errors import ModelLoadError
 
 QUANTIZATIONS = ("int8", "float32")
 # Small files are hashed by content; the weights by size and modification time (hashing 300 MB

@@ -20,8 +20,8 @@ from typing import Iterator
 import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
-from pipeline.generation import Generated, GenerationSettings, StopCheck, finish_row
-from pipeline.phi_decode import (AttentionConfig, DecodeState, attention_config, decode_step, phi_weights, prefill,
+from pipeline.llm.engine import Generated, GenerationSettings, StopCheck, finish_row
+from pipeline.llm.phi_decode import (AttentionConfig, DecodeState, attention_config, decode_step, phi_weights, prefill,
                                  rope_tables, triton)
 
 CACHE_COLUMNS_STEP = 64  # cache length is rounded up to a multiple of this many columns

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from pipeline import GenerationSettings, Translator, jobs
+from pipeline import GenerationSettings, Translator
+from pipeline.jobs import runner as jobs
 from pipeline.errors import JobError
 
 JAPANESE = [

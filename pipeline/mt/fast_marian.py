@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .mt_backend import strip_special
+from pipeline.mt.backends import strip_special
 
 try:   # on the CUDA machines; the CPU path needs none of it
     import triton
@@ -571,7 +571,7 @@ def chunk_top(logits: torch.Tensor, pad: int, k: int, stats: bool = False):
 
 
 if triton is not None:
-    from pipeline.norm_kernels import layer_norm_row
+    from pipeline.kernels.norm import layer_norm_row
 
     @triton.jit(do_not_specialize=["span"])
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, origin_ptr, lengths_ptr, span,

@@ -13,10 +13,10 @@ from typing import Iterator
 
 import torch
 
-from .errors import InputTooLongError, ModelLoadError
-from .generation import FINISH_STOP, Engine, GenerationSettings, TransformersEngine
-from .loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype, status
-from .stop_sequences import find_stop, trim_answer
+from pipeline.errors import InputTooLongError, ModelLoadError
+from pipeline.llm.engine import FINISH_STOP, Engine, GenerationSettings, TransformersEngine
+from pipeline.loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype, status
+from pipeline.text.answer_end import find_stop, trim_answer
 
 DEFAULT_LLM = "microsoft/phi-2"
 PROMPT = "Instruct: {question}\nOutput:"
@@ -36,7 +36,7 @@ def choose_engine(choice: str, model, eos_token_id: int, device: torch.device) -
     """The engine `--engine` names; `auto` takes the fast one wherever it can serve."""
     if choice == "transformers":
         return TransformersEngine(model, eos_token_id)
-    from .fast_generate import FastPhiEngine
+    from pipeline.llm.fast_engine import FastPhiEngine
 
     reason = FastPhiEngine.unsupported_reason(model, device)
     if reason is None:

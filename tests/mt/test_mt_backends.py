@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pipeline.errors import BilingualQAError, ModelLoadError
-from pipeline.fast_marian import KERNEL_PARTS, FastMarianBackend
-from pipeline.mt_backend import TransformersMTBackend, select_mt_backend
+from pipeline.mt.fast_marian import KERNEL_PARTS, FastMarianBackend
+from pipeline.mt.backends import TransformersMTBackend, select_mt_backend
 
 needs_ct2 = pytest.mark.skipif(
     __import__("importlib").util.find_spec("ctranslate2") is None, reason="ctranslate2 not installed")
@@ -136,7 +136,7 @@ def test_fast_backend_with_cuda_graphs_matches_generate(published, sources):
 
 @needs_triton
 def test_decode_attention_kernel_matches_softmax_attention_over_parent_pointers():
-    from pipeline.fast_marian import decode_attention
+    from pipeline.mt.fast_marian import decode_attention
 
     torch.manual_seed(0)
     positions, rows, heads, head_dim, span = 70, 6, 2, 16, 67   # two blocks of 64 positions
@@ -163,7 +163,7 @@ def test_decode_attention_kernel_matches_softmax_attention_over_parent_pointers(
 
 @needs_triton
 def test_chunked_top_k_and_add_layer_norm_kernels_match_torch():
-    from pipeline.fast_marian import add_layer_norm, chunk_top
+    from pipeline.mt.fast_marian import add_layer_norm, chunk_top
 
     torch.manual_seed(1)
     logits = torch.randn(5, 5000, device=KERNEL_DEVICE)   # three chunks, the last partial
@@ -201,7 +201,7 @@ def test_fast_backend_with_triton_kernels_matches_generate(published, sources):
 
 @needs_ct2
 def test_ctranslate2_float32_is_token_identical_to_generate_greedy(marian_dir, model, sources, tmp_path):
-    from pipeline.ctranslate2_backend import CTranslate2Backend
+    from pipeline.mt.ctranslate2 import CTranslate2Backend
 
     ct2 = CTranslate2Backend(marian_dir, quantization="float32", cache_root=tmp_path)
     for max_new_tokens in (1, 8, 30):
@@ -213,7 +213,7 @@ def test_ctranslate2_float32_is_token_identical_to_generate_greedy(marian_dir, m
 def test_ctranslate2_conversion_matches_the_converter_cli_and_is_reused(marian_dir, sources, tmp_path):
     import ctranslate2
 
-    from pipeline.ctranslate2_backend import CTranslate2Backend
+    from pipeline.mt.ctranslate2 import CTranslate2Backend
 
     ours = CTranslate2Backend(marian_dir, cache_root=tmp_path / "cache")   # int8, converted now
     cli = tmp_path / "cli"

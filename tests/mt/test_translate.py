@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from pipeline import Translator
-from pipeline.mt_backend import TransformersMTBackend
-from pipeline.translate import MAX_SENTENCE_TOKENS, output_bound
+from pipeline.mt.backends import TransformersMTBackend
+from pipeline.mt.translator import MAX_SENTENCE_TOKENS, output_bound
 
 
 @pytest.fixture(scope="module")

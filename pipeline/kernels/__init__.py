@@ -1,0 +1,1 @@
+"""Triton kernels and their thin launchers; the code that decides when to call them lives in llm/ and mt/."""
