@@ -24,13 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from tiny_models import build_tiny_marian, build_tiny_phi2  # noqa: E402
+from pipeline.checkpoints import build_tiny_marian, build_tiny_phi2
 
 QUESTION = "金利が上昇すると、どのように個人や企業の経済活動に影響を与えるのでしょうか？"
 

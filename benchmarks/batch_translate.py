@@ -5,7 +5,7 @@
 The input is a generated .txt file of Japanese rows (one sentence each, 1 to 5 clauses of the tiny
 corpus joined by "、", so lengths vary as in real files). The model has the published
 opus-mt-ja-en shape (d_model 512, 6+6 layers, ffn 2048, 8 heads, vocab 60716, random weights); its
-tokenizer is the tiny sentencepiece one of tests/tiny_models.py, its vocab.json padded with filler
+tokenizer is the tiny sentencepiece one of pipeline/checkpoints.py, its vocab.json padded with filler
 pieces to the published 60716 ids, so the output projection costs what the published one does (the
 tiny sentencepiece splits Japanese into more pieces than the published one would).
 
@@ -38,13 +38,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-import pipeline.mt.translator as translate_module  # noqa: E402
-from pipeline import Translator  # noqa: E402
-from tiny_models import JAPANESE_CORPUS, build_tiny_marian  # noqa: E402
+import pipeline.mt.translator as translate_module
+from pipeline import Translator
+from pipeline.checkpoints import JAPANESE_CORPUS, build_tiny_marian
 
 VOCAB = 60716
 

@@ -23,14 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from llm_decode import EOS, build_model  # noqa: E402
-from llm_decode import graph_ms as replay_ms  # noqa: E402
+from llm_decode import EOS, build_model
+from llm_decode import graph_ms as replay_ms
 
-from pipeline.llm import phi_decode as phi_decode  # noqa: E402
-from pipeline.llm.fast_engine import FastPhiEngine  # noqa: E402
+from pipeline.llm import phi_decode as phi_decode
+from pipeline.llm.fast_engine import FastPhiEngine
 
 LINES: list[str] = []
 

@@ -25,11 +25,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from pipeline.llm.fast_engine import FastPhiEngine  # noqa: E402
-from pipeline.llm.engine import GenerationSettings  # noqa: E402
+from pipeline.llm.fast_engine import FastPhiEngine
+from pipeline.llm.engine import GenerationSettings
 
 EOS = 50256
 VOCAB_DRAWN = 50000  # prompt ids are drawn below the tokenizer's size
@@ -37,7 +35,7 @@ VOCAB_DRAWN = 50000  # prompt ids are drawn below the tokenizer's size
 
 def build_model():
     """phi-2's published config, random fp16 weights, allocated on the GPU (no CPU copy)."""
-    from tiny_models import phi2_config
+    from pipeline.checkpoints import phi2_config
     from transformers import PhiForCausalLM
 
     torch.manual_seed(0)

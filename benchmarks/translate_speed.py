@@ -34,14 +34,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline.mt.fast_marian import FastMarianBackend  # noqa: E402
-from pipeline.mt.backends import TransformersMTBackend, strip_special  # noqa: E402
+from pipeline.checkpoints import PUBLISHED
+from pipeline.mt.fast_marian import FastMarianBackend
+from pipeline.mt.backends import TransformersMTBackend, strip_special
 
-CONFIG = ROOT / "tests" / "published_configs" / "Helsinki-NLP--opus-mt-ja-en" / "config.json"
+CONFIG = PUBLISHED / "Helsinki-NLP--opus-mt-ja-en" / "config.json"
 SOURCE_TOKENS, TARGET_TOKENS = 40, 40
 
 
@@ -54,7 +52,7 @@ def published_model(spread: bool, seed: int = 0, std: float = 0.1):
     torch.manual_seed(seed)
     model = MarianMTModel(MarianConfig(**config)).eval()
     with torch.no_grad():
-        if spread:   # as tests/tiny_models.py does (std 0.3 there): output depends on the input
+        if spread:   # as pipeline/checkpoints.py does (std 0.3 there): output depends on the input
             for name, weight in model.named_parameters():
                 if weight.dim() == 2 and "embed_positions" not in name:
                     weight.normal_(0, std)
@@ -70,7 +68,7 @@ def published_model(spread: bool, seed: int = 0, std: float = 0.1):
 def save_with_vocab(model, directory: Path) -> Path:
     """A loadable checkpoint directory (for CTranslate2's converter): the model, and a Marian
     tokenizer whose vocab.json covers all 60716 ids (the tiny checkpoint's pieces, then fillers)."""
-    from tiny_models import build_tiny_marian
+    from pipeline.checkpoints import build_tiny_marian
 
     tiny = build_tiny_marian(directory / "tiny", "ja", "en")
     pieces = list(json.loads((tiny / "vocab.json").read_text(encoding="utf-8")))[:-1]   # no <pad>

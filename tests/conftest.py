@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -14,9 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # CTranslate2 conversions (the CPU translation backend) go to a throwaway cache, not the user's.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bilingual-qa-test-cache-")
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_tiny_marian, build_tiny_phi2  # noqa: E402
+from pipeline.checkpoints import build_tiny_marian, build_tiny_phi2  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,7 @@ def test_empty_question_raises(qa):
 
 
 def test_compare_runs_each_model_and_keeps_the_translators(qa, tiny_phi2_dir, tmp_path):
-    from tiny_models import build_tiny_phi2
+    from pipeline.checkpoints import build_tiny_phi2
 
     other = build_tiny_phi2(tmp_path / "fine-tune", layers=1)
     compared = BilingualQA(qa.answerer, qa.ja_en, qa.en_ja)

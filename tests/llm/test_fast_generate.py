@@ -22,7 +22,7 @@ def phi2_dir(request, tmp_path_factory):
     try:  # the shared session checkpoint, once tests/conftest.py provides it
         return request.getfixturevalue("tiny_phi2_dir")
     except pytest.FixtureLookupError:
-        from tiny_models import build_tiny_phi2
+        from pipeline.checkpoints import build_tiny_phi2
 
         return build_tiny_phi2(tmp_path_factory.mktemp("tiny_phi2"))
 

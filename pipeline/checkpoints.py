@@ -1,7 +1,7 @@
-"""Build tiny checkpoints in the published formats of phi-2 and MarianMT.
+"""Build checkpoints in the published formats of phi-2 and MarianMT, with random weights.
 
-The hub cannot be reached from any machine of this project, so tests (and the benchmarks, at the
-published shapes) build their own checkpoints: the published config.json with smaller dimensions,
+For tests (tiny shapes) and benchmarks (the published shapes: speed depends on shape, not on weight
+values), on machines that cannot download the real models. They build their own checkpoints: the published config.json with smaller dimensions,
 random safetensors weights, Marian sentencepiece files trained on a small corpus written here, and a
 byte-level BPE tokenizer for phi-2. The product's own loading code then reads them exactly as it
 reads a hub download.
