@@ -1,0 +1,74 @@
+"""What to load and how: one typed object, resolved once, that every stage receives.
+
+The CLI, the Python API and the server build a `LoadSpec`; `BilingualQA` and `Translator` load from
+it, and a batch job's identity comes from `fingerprint()` alone, so a job started on the command line
+and resumed from Python (or the other way round) is recognised as the same job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+DEFAULT_LLM = "microsoft/phi-2"
+DEFAULT_JA_EN = "Helsinki-NLP/opus-mt-ja-en"
+DEFAULT_EN_JA = "staka/fugumt-en-ja"
+DEFAULT_BATCH_TOKENS = 8192
+
+# The environment variable that names each role's model when no option does.
+MODEL_ENV = {"llm": "BILINGUAL_QA_LLM", "ja_en": "BILINGUAL_QA_JA_EN", "en_ja": "BILINGUAL_QA_EN_JA"}
+# The CLI option of each role, for error messages that tell the user what to change.
+MODEL_OPTION = {"llm": "--llm", "ja_en": "--ja-en", "en_ja": "--en-ja"}
+DIRECTION_ROLE = {"en": "ja_en", "ja": "en_ja"}  # target language -> the translation model's role
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """The models and the options that decide how they run; names are hub ids or local directories."""
+
+    llm: str = DEFAULT_LLM
+    ja_en: str = DEFAULT_JA_EN
+    en_ja: str = DEFAULT_EN_JA
+    device: str = "auto"
+    dtype: str = "auto"
+    engine: str = "auto"
+    mt_backend: str = "auto"
+    beams: int | None = None  # translation beam width; None: each model's published generation config
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+
+    @classmethod
+    def resolve(cls, llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None, *,
+                device: str | None = "auto", dtype: str | None = "auto", engine: str | None = "auto",
+                mt_backend: str | None = "auto", beams: int | None = None,
+                batch_tokens: int | None = None) -> "LoadSpec":
+        """Fill what was not given: a model from its environment variable, else the published one;
+        None options mean their default, so every caller spells the same job the same way."""
+        names = {"llm": llm, "ja_en": ja_en, "en_ja": en_ja}
+        defaults = cls()
+        for role, name in names.items():
+            names[role] = name or os.environ.get(MODEL_ENV[role]) or getattr(defaults, role)
+        return cls(**names, device=device or "auto", dtype=dtype or "auto", engine=engine or "auto",
+                   mt_backend=mt_backend or "auto", beams=beams,
+                   batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS)
+
+    def with_llm(self, llm: str) -> "LoadSpec":
+        return replace(self, llm=llm)
+
+    @property
+    def models(self) -> dict[str, str]:
+        return {"llm": self.llm, "ja_en": self.ja_en, "en_ja": self.en_ja}
+
+    def translation_role(self, target_lang: str) -> str:
+        """"ja_en" for a translation into English, "en_ja" into Japanese."""
+        return DIRECTION_ROLE[target_lang]
+
+    def fingerprint(self, command: str, target_lang: str | None = None) -> dict:
+        """Every load option that changes a job's output, and nothing else (not the device).
+
+        `translate` depends on one translation model; `ask` on all three and the engine.
+        """
+        if command == "translate":
+            return {"model": getattr(self, self.translation_role(target_lang)), "beams": self.beams,
+                    "batch_tokens": self.batch_tokens, "mt_backend": self.mt_backend, "dtype": self.dtype}
+        return {"models": self.models, "dtype": self.dtype, "engine": self.engine,
+                "mt_backend": self.mt_backend, "beams": self.beams}
