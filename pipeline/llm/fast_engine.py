@@ -1,8 +1,8 @@
 """FastPhiEngine: phi-2 generation with a static KV cache and one CUDA graph per batch size.
 
-The engine contract is `generation.py`'s. What makes it fast:
+The engine contract is `engine.py`'s. What makes it fast:
 - the cache is allocated once and reused, so a decode step allocates nothing and has fixed addresses;
-- the decode step (phi_decode.decode_step) is captured as a CUDA graph per batch-size bucket and
+- the decode step (phi_model.decode_step) is captured as a CUDA graph per batch-size bucket and
   replayed for every token: the host launches one graph instead of ~300 kernels;
 - the host looks at the generated tokens only every `check_every` steps, in one copy, and the copy is
   read one round late so the GPU never waits for the host (end-of-text and stop sequences may thus
@@ -21,8 +21,10 @@ import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.llm.engine import Generated, GenerationSettings, StopCheck, finish_row
-from pipeline.llm.phi_decode import (AttentionConfig, DecodeState, attention_config, decode_step, phi_weights, prefill,
-                                 rope_tables, triton)
+from pipeline.kernels.phi_attention import AttentionConfig, triton
+from pipeline.llm.decode_config import DEFAULT_DECODE, DecodeConfig
+from pipeline.llm.phi_model import DecodeState, decode_step, prefill
+from pipeline.llm.phi_weights import phi_weights, rope_tables
 
 CACHE_COLUMNS_STEP = 64  # cache length is rounded up to a multiple of this many columns
 PREFILL_TOKENS = 16384  # prompts are prefilled in row groups of at most this many (padded) tokens
@@ -64,8 +66,10 @@ class FastPhiEngine:
         return f"the fast engine needs a CUDA device, not {device.type}"
 
     def __init__(self, model, eos_token_id: int, *, max_batch_size: int = 128, max_seq_len: int = 2048,
-                 use_graphs: bool | None = None, use_triton: bool | None = None, check_every: int = 16):
+                 use_graphs: bool | None = None, use_triton: bool | None = None, check_every: int = 16,
+                 config: DecodeConfig = DEFAULT_DECODE):
         self.device = _model_device(model)
+        self.config = config
         cuda = self.device.type == "cuda"
         self.use_graphs = cuda if use_graphs is None else use_graphs
         reason = self.unsupported_reason(model, self.device, use_graphs=self.use_graphs)
@@ -226,7 +230,7 @@ class FastPhiEngine:
     def _step(self, state: DecodeState, rows: int, kv_len: int | None = None) -> torch.Tensor:
         """One decode step, then move to the next column (inside the graph when captured)."""
         logits = decode_step(self.weights, state, self.cos, self.sin, use_triton=self.use_triton,
-                             kv_len=kv_len, attention=self._attention(rows))
+                             kv_len=kv_len, attention=self._attention(rows), config=self.config)
         state.col.add_(1)
         state.positions.add_(1)
         return logits
@@ -263,7 +267,7 @@ class FastPhiEngine:
         for first in range(0, len(prompts), group):
             rows = slice(first, min(first + group, len(prompts)))
             logits.append(prefill(self.weights, ids[rows], starts[rows], state.k_cache[:, rows],
-                                  state.v_cache[:, rows], self.cos, self.sin, self.use_triton))
+                                  state.v_cache[:, rows], self.cos, self.sin, self.use_triton, self.config))
         return starts, torch.cat(logits)
 
     def _load_state(self, state: DecodeState, first: torch.Tensor, starts: torch.Tensor, width: int,
@@ -292,9 +296,8 @@ class FastPhiEngine:
             size *= 2
         return min(size, self.max_batch_size)
 
-    @staticmethod
-    def _attention(rows: int) -> AttentionConfig:
-        return attention_config(rows)
+    def _attention(self, rows: int) -> AttentionConfig:
+        return self.config.attention(rows)
 
     def _cache_budget(self) -> float:
         """Bytes the cache may take without being asked to: a share of what is free (with it)."""
