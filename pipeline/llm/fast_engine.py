@@ -20,9 +20,10 @@ from typing import Iterator
 import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
-from pipeline.llm.engine import Generated, GenerationSettings, StopCheck, finish_row
 from pipeline.kernels.phi_attention import AttentionConfig, triton
 from pipeline.llm.decode_config import DEFAULT_DECODE, DecodeConfig
+from pipeline.llm.engine import Generated, GenerationSettings, StopCheck, finish_row, generate_shrinking, non_finite_error
+from pipeline.llm.memory import CACHE_FIT_SHARE, rows_that_fit, usable_memory
 from pipeline.llm.phi_model import DecodeState, decode_step, prefill
 from pipeline.llm.phi_weights import phi_weights, rope_tables
 
@@ -92,6 +93,9 @@ class FastPhiEngine:
         self._positions = torch.zeros(max_batch_size, **long)
         self._starts = torch.zeros(max_batch_size, **long)
         self._col = torch.zeros(1, **long)
+        # Per row, the sum of the chosen tokens' logits: NaN or inf once any of them was (checked on the
+        # host with each chunk of tokens, no extra sync).
+        self._check = torch.zeros(max_batch_size, dtype=torch.float32, device=self.device)
         self._busy = False
 
     # ---- public API ------------------------------------------------------------------------------
@@ -112,16 +116,17 @@ class FastPhiEngine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
                  stop_check: StopCheck | None = None) -> list[Generated]:
-        results: list[Generated] = []
-        for first in range(0, len(prompts), self.max_batch_size):
-            group = prompts[first:first + self.max_batch_size]
+        def run(group: list[list[int]]) -> list[Generated]:
             rows: list[list[int]] = [[] for _ in group]
             for new in self._run(group, settings, stop_check, self.check_every):
                 for row, tokens in zip(rows, new):
                     row.extend(tokens)
-            results.extend(finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check)
-                           for row in rows)
-        return results
+            return [finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check) for row in rows]
+
+        if not prompts:
+            return []
+        columns = max(len(p) for p in prompts) + settings.max_new_tokens
+        return generate_shrinking(prompts, run, self._rows_for(len(prompts), columns), self._release)
 
     def stream(self, prompt: list[int], settings: GenerationSettings,
                stop_check: StopCheck | None = None) -> Iterator[int]:
@@ -172,8 +177,10 @@ class FastPhiEngine:
         if not settings.greedy and settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
 
+        check = self._check[:rows]
+        check.zero_()
         starts, logits = self._prefill(prompts, width, state)
-        first = self._select(logits, settings, generator)
+        first = self._select(logits, settings, generator, check=check[:count])
         self._load_state(state, first, starts, width, count)
         out = torch.empty((rows, steps), dtype=torch.long, device=self.device)
         finished = [False] * count
@@ -183,7 +190,7 @@ class FastPhiEngine:
             out[:, step].copy_(state.tokens)
             last = step == steps - 1
             if (step + 1) % every == 0 or last:
-                fresh = self._to_host(out[:count, copied:step + 1])
+                fresh = self._to_host(out[:count, copied:step + 1], check[:count])
                 copied = step + 1
                 if pending is not None:  # read the previous chunk: it is done by now
                     yield self._take(pending, ids, finished, stop_check)
@@ -197,16 +204,18 @@ class FastPhiEngine:
                 logits = graph[1]
             else:
                 logits = self._step(state, rows, kv_len=width + step + 1)
-            self._select(logits, settings, generator, out=state.tokens)
+            self._select(logits, settings, generator, out=state.tokens, check=check)
         if pending is not None:
             yield self._take(pending, ids, finished, stop_check)
 
     def _take(self, pending, ids: list[list[int]], finished: list[bool],
               stop_check: StopCheck | None) -> list[list[int]]:
         """Wait for a chunk's copy, append it to the unfinished rows, mark rows that ended."""
-        host, event = pending
+        host, host_check, event = pending
         if event is not None:
             event.synchronize()
+        if not bool(torch.isfinite(host_check).all()):
+            raise non_finite_error(self.weights.dtype)
         new = []
         for row, tokens in enumerate(host.tolist()):
             if finished[row]:
@@ -218,14 +227,16 @@ class FastPhiEngine:
                 finished[row] = True
         return new
 
-    def _to_host(self, tokens: torch.Tensor):
+    def _to_host(self, tokens: torch.Tensor, check: torch.Tensor):
         if tokens.device.type != "cuda":
-            return tokens.clone(), None
+            return tokens.clone(), check.clone(), None
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
+        host_check = torch.empty(check.shape, dtype=check.dtype, pin_memory=True)
+        host_check.copy_(check, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return host, event
+        return host, host_check, event
 
     def _step(self, state: DecodeState, rows: int, kv_len: int | None = None) -> torch.Tensor:
         """One decode step, then move to the next column (inside the graph when captured)."""
@@ -237,10 +248,15 @@ class FastPhiEngine:
 
     @staticmethod
     def _select(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy argmax, or temperature + top-p sampling (exponential race: no host sync)."""
+                out: torch.Tensor | None = None, check: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy argmax, or temperature + top-p sampling (exponential race: no host sync); the chosen
+        tokens' logits are added to `check` (NaN or inf stays there)."""
         if settings.greedy:
-            return torch.argmax(logits, -1) if out is None else torch.argmax(logits, -1, out=out)
+            values, chosen = torch.max(logits, -1) if out is None else torch.max(logits, -1, out=(
+                torch.empty(logits.shape[:1], dtype=logits.dtype, device=logits.device), out))
+            if check is not None:
+                check.add_(values)
+            return chosen
         scores = logits.float() / settings.temperature
         if settings.top_p < 1.0:
             ordered, order = scores.sort(-1, descending=True)
@@ -250,6 +266,8 @@ class FastPhiEngine:
         probs = scores.softmax(-1)
         race = torch.empty_like(probs).exponential_(1.0, generator=generator)
         chosen = (probs / race).argmax(-1)
+        if check is not None:
+            check.add_(logits.gather(-1, chosen[:, None])[:, 0])
         return chosen if out is None else out.copy_(chosen)
 
     # ---- prefill and state -----------------------------------------------------------------------
@@ -299,20 +317,36 @@ class FastPhiEngine:
     def _attention(self, rows: int) -> AttentionConfig:
         return self.config.attention(rows)
 
-    def _cache_budget(self) -> float:
-        """Bytes the cache may take without being asked to: a share of what is free (with it)."""
+    def _cache_budget(self, share: float = CACHE_MEMORY_SHARE) -> float:
+        """Bytes the cache may take: a share of what this process can still allocate (with the cache)."""
         if self.device.type != "cuda":
             return 0.0
-        free, _ = torch.cuda.mem_get_info(self.device)
         held = 0 if self._k_cache is None else 2 * self._k_cache.nbytes
-        return (free + held) * CACHE_MEMORY_SHARE
+        return (usable_memory(self.device) + held) * share
+
+    def _rows_for(self, count: int, columns: int) -> int:
+        """Rows per group for `count` prompts needing `columns` cache columns: what fits the card."""
+        if self.device.type != "cuda":
+            return min(count, self.max_batch_size)
+        w = self.weights
+        columns = min(-(-columns // CACHE_COLUMNS_STEP) * CACHE_COLUMNS_STEP, self.max_seq_len)
+        per_row = 2 * len(w.layers) * w.heads * w.head_dim * w.embed.element_size() * columns
+        return rows_that_fit(min(count, self.max_batch_size), per_row, self._cache_budget(CACHE_FIT_SHARE))
+
+    def _release(self) -> None:
+        """Drop the cache and the graphs (after running out of memory; the next call reallocates)."""
+        self._graphs.clear()
+        self._k_cache = self._v_cache = None
+        if self.device.type == "cuda":
+            self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+            torch.cuda.empty_cache()
 
     def _cache_shape(self, rows: int, needed: int) -> tuple[int, int]:
         """(rows, columns) to allocate.
 
         Columns: what is asked, rounded up, and no more: attention reads a cache slower the more
-        columns it has beyond those in use (the stride between a row's heads grows; at batch 128 on
-        an H100, 5% slower with 512 columns than with 192, 22% with 2,048). When a cache grows, it
+        columns it has beyond those in use (the stride between a row's heads grows; figures in
+        docs/benchmarks.md). When a cache grows, it
         grows to at least 1.5x its columns, so a run of ever longer prompts reallocates it (and
         recaptures its graphs) a few times, not at every call. Rows: those held now are kept
         where the budget allows, so a smaller batch after a larger one reuses the cache.
