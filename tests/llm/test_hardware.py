@@ -198,3 +198,50 @@ def test_doctor_json_names_device_versions_and_what_runs(tmp_path):
     text = subprocess.run([sys.executable, "-m", "pipeline", "doctor", "--device", "cpu"], capture_output=True,
                           text=True, timeout=300)
     assert text.returncode == 0 and text.stdout.startswith("device: cpu") and "will run: float32" in text.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the feature sets run on a GPU")
+@pytest.mark.parametrize("row", ["T4", "A10", "A100", "H100"])
+def test_each_rows_feature_set_forced_on_this_gpu_gives_the_full_engines_tokens(row, tiny_phi2_dir):
+    """The engine with a row's kernels, PDL and attention settings (in fp32, so tokens must be equal)
+    against the full engine of this GPU; then the row in its own dtype stays finite and close."""
+    from transformers import PhiForCausalLM
+
+    from pipeline.llm.fast_engine import FastPhiEngine
+    from pipeline.llm.hardware import probe
+
+    prompts = [[5, 17, 99, 3], [42] * 11, list(range(100, 140)), [7], [300, 12, 12, 450, 8, 1, 77]]
+    settings = GenerationSettings(max_new_tokens=24)
+    here, forced = plan(probe("cuda")), plan(ROWS[row])
+    tokens = {}
+    for dtype in (torch.float32, getattr(torch, forced.dtype)):
+        model = PhiForCausalLM.from_pretrained(tiny_phi2_dir, dtype=dtype).eval().cuda()
+        eos = model.config.eos_token_id
+        full = FastPhiEngine(model, eos, max_batch_size=8, use_triton=here.triton_kernels,
+                             config=here.decode_config())
+        engine = FastPhiEngine(model, eos, max_batch_size=8, use_triton=forced.triton_kernels,
+                               use_graphs=forced.cuda_graphs, config=forced.decode_config())
+        tokens[dtype] = ([g.token_ids for g in full.generate(prompts, settings)],
+                         [g.token_ids for g in engine.generate(prompts, settings)])
+    want, got = tokens[torch.float32]
+    assert got == want
+    want, got = tokens[getattr(torch, forced.dtype)]
+    same = sum(a == b for x, y in zip(got, want) for a, b in zip(x, y))
+    assert same >= 0.9 * sum(len(x) for x in want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_transformers_engine_in_float16_keeps_attention_scores_in_fp32(tiny_phi2_dir):
+    """The T4 row on the transformers path: SDPA restricted to its fp32-summing kernels, tokens close
+    to the float32 run."""
+    from transformers import PhiForCausalLM
+
+    prompts, settings = [[5, 17, 99, 3], [42] * 11], GenerationSettings(max_new_tokens=16)
+    runs = {}
+    for dtype in (torch.float32, torch.float16):
+        model = PhiForCausalLM.from_pretrained(tiny_phi2_dir, dtype=dtype).eval().cuda()
+        engine = TransformersEngine(model, model.config.eos_token_id)
+        assert engine.fp32_scores == (dtype == torch.float16)
+        runs[dtype] = [g.token_ids for g in engine.generate(prompts, settings)]
+    same = sum(a == b for x, y in zip(runs[torch.float16], runs[torch.float32]) for a, b in zip(x, y))
+    assert same >= 0.9 * sum(len(x) for x in runs[torch.float32])
