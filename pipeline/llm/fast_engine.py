@@ -2,8 +2,8 @@
 
 The engine contract is `engine.py`'s. What makes it fast:
 - the cache is allocated once and reused, so a decode step allocates nothing and has fixed addresses;
-- the decode step (phi_model.decode_step) is captured as a CUDA graph per batch-size bucket and
-  replayed for every token: the host launches one graph instead of ~300 kernels;
+- the decode step (phi_model.decode_step) is captured as a CUDA graph per batch-size bucket, when
+  a call first needs that bucket, and replayed for every token: one launch instead of ~300 kernels;
 - the host looks at the generated tokens only every `check_every` steps, in one copy, and the copy is
   read one round late so the GPU never waits for the host (end-of-text and stop sequences may thus
   run a few tokens past their end: `finish_row` cuts them, the answer stage trims the text).
@@ -230,10 +230,8 @@ class FastPhiEngine:
     def _to_host(self, tokens: torch.Tensor, check: torch.Tensor):
         if tokens.device.type != "cuda":
             return tokens.clone(), check.clone(), None
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        host_check = torch.empty(check.shape, dtype=check.dtype, pin_memory=True)
-        host_check.copy_(check, non_blocking=True)
+        host, host_check = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                            for t in (tokens, check))
         event = torch.cuda.Event()
         event.record()
         return host, host_check, event
@@ -326,12 +324,11 @@ class FastPhiEngine:
 
     def _rows_for(self, count: int, columns: int) -> int:
         """Rows per group for `count` prompts needing `columns` cache columns: what fits the card."""
-        if self.device.type != "cuda":
-            return min(count, self.max_batch_size)
         w = self.weights
         columns = min(-(-columns // CACHE_COLUMNS_STEP) * CACHE_COLUMNS_STEP, self.max_seq_len)
         per_row = 2 * len(w.layers) * w.heads * w.head_dim * w.embed.element_size() * columns
-        return rows_that_fit(min(count, self.max_batch_size), per_row, self._cache_budget(CACHE_FIT_SHARE))
+        budget = self._cache_budget(CACHE_FIT_SHARE) if self.device.type == "cuda" else float("inf")
+        return rows_that_fit(min(count, self.max_batch_size), per_row, budget)
 
     def _release(self) -> None:
         """Drop the cache and the graphs (after running out of memory; the next call reallocates)."""
