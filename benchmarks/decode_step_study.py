@@ -2,7 +2,7 @@
 
 Builds phi-2 at the published shape with random fp16 weights, fills a KV cache of --length columns
 per row with random values, and times one decode step captured as a CUDA graph (median of many
-replays) for each variant of phi_decode's module flags, at each batch size. It also times the step's
+replays) for each variant of the engine's DecodeConfig, at each batch size. It also times the step's
 parts alone (the two matrix products of a layer through cuBLAS, transposed or not, and a plain Triton
 GEMM for 128 rows), so a change to the step can be judged before it goes into the engine.
 
@@ -18,6 +18,7 @@ import argparse
 import datetime
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,8 +28,10 @@ import torch.nn.functional as F
 from llm_decode import EOS, build_model
 from llm_decode import graph_ms as replay_ms
 
-from pipeline.llm import phi_decode as phi_decode
+from pipeline.kernels.phi_attention import AttentionConfig, triton_attention
+from pipeline.llm.decode_config import DEFAULT_DECODE
 from pipeline.llm.fast_engine import FastPhiEngine
+from pipeline.llm.phi_model import DecodeState, decode_step
 
 LINES: list[str] = []
 
@@ -50,21 +53,18 @@ def graph_ms(fn, replays: int = 30) -> float:
 
 
 def step_variants(engine, rows: int, length: int, variants: dict[str, dict]) -> None:
-    """Each variant's whole decode step at `rows` rows over `length` cached columns."""
-    from pipeline.llm.phi_decode import DecodeState, decode_step
-
+    """Each variant's whole decode step at `rows` rows over `length` cached columns; a variant is a
+    dict of DecodeConfig fields to change."""
     long = dict(dtype=torch.long, device="cuda")
     state = DecodeState(torch.randint(0, 50000, (rows,), **long), torch.full((rows,), length - 1, **long),
                         torch.tensor([length - 1], **long), torch.zeros(rows, **long),
                         engine._k_cache[:, :rows], engine._v_cache[:, :rows])
     w = engine.weights
     reference = None
-    for name, flags in variants.items():
-        saved = {key: getattr(phi_decode, key) for key in flags}
-        for key, value in flags.items():
-            setattr(phi_decode, key, value)
+    for name, changes in variants.items():
+        config = replace(engine.config, **changes)
         try:
-            step = lambda: decode_step(w, state, engine.cos, engine.sin, use_triton=True)  # noqa: E731
+            step = lambda: decode_step(w, state, engine.cos, engine.sin, use_triton=True, config=config)  # noqa: E731,B023
             logits = step().float()
             if reference is None:
                 reference = logits
@@ -76,9 +76,6 @@ def step_variants(engine, rows: int, length: int, variants: dict[str, dict]) -> 
                 f"{rows / ms * 1e3:8,.0f} tok/s  err {error:.1e} argmax same {same:.1%}")
         except Exception as exc:  # noqa: BLE001 - report and go on
             say(f"step b{rows} {name}: failed {type(exc).__name__}: {str(exc)[:200]}")
-        finally:
-            for key, value in saved.items():
-                setattr(phi_decode, key, value)
 
 
 def attention_variants(engine, rows: int, length: int):
@@ -86,25 +83,20 @@ def attention_variants(engine, rows: int, length: int):
     batch size as two kernels and as one, then the one-kernel form at other tiles; returns the fastest."""
     from llm_decode import AttentionBench
 
-    from pipeline.llm.phi_decode import AttentionConfig, attention_config
-
     bench = AttentionBench(engine, rows, length)
     bench.ref = bench.reference()
     kv_bytes = 2 * rows * engine.weights.heads * length * engine.weights.head_dim * 2
-    now = attention_config(rows)
+    now = engine.config.attention(rows)
     candidates = [(now, False), (now, True)]
     candidates += [(AttentionConfig("dot", n, warps, stages, 1, True), True) for n in (16, 32, 64)
                    for warps in (1, 2, 4) for stages in (2, 3, 4)]
     results = []
     for config, fused in candidates:
-        phi_decode.ROPE_IN_ATTENTION = fused
         try:
-            us, error = bench.time(config)
+            us, error = bench.time(config, rope_inside=fused)
         except Exception as exc:  # noqa: BLE001
             say(f"attn b{rows} {config}: failed {type(exc).__name__}: {str(exc)[:160]}")
             continue
-        finally:
-            phi_decode.ROPE_IN_ATTENTION = True
         results.append((us, error, config, fused))
         say(f"attn b{rows} len {length} {us:6.1f} us/layer {kv_bytes / us / 1e6:5.2f} TB/s err {error:.1e} "
             f"{'one kernel ' if fused else 'two kernels'} {config}")
@@ -134,43 +126,43 @@ def padded_gemms(rows: int, copies: int = 8) -> None:
             base = base or ms
             say(f"padded {name} N {n}+{dn} K {k}+{dk}: {ms * 1e3:6.1f} us ({base / ms:5.3f}x the unpadded), "
                 f"{n * k * 2 / ms / 1e9:5.2f} TB/s of the real weights")
-            del weights
+            weights = None  # freed before the next shape is allocated
         torch.cuda.empty_cache()
 
 
-def small_kernel_warps(engine, batches: list[int], length: int) -> None:
+def small_kernel_warps(model, engine, batches: list[int], length: int) -> None:
     """Warps for the small kernels: the layer norm (whole decode steps) and the rotary (the prefill)."""
     from llm_decode import prompts_for, wall
 
     from pipeline.llm.engine import GenerationSettings
 
     for rows in batches:
-        step_variants(engine, rows, length, {f"layer norm, {n} warps": {"NORM_WARPS": n} for n in (1, 2, 4, 8, 16)})
+        step_variants(engine, rows, length, {f"layer norm, {n} warps": {"norm_warps": n} for n in (1, 2, 4, 8, 16)})
     engine._k_cache = engine._v_cache = None
     torch.cuda.empty_cache()
-    saved = phi_decode.ROPE_WARPS
-    for rows in batches:
-        prompts = prompts_for(rows, 32)
-        for warps in (1, 2, 4):
-            phi_decode.ROPE_WARPS = warps
-            engine.generate(prompts, GenerationSettings(max_new_tokens=1))
-            ms = wall(lambda: engine.generate(prompts, GenerationSettings(max_new_tokens=1)), repeat=5) * 1e3  # noqa: B023
+    one = GenerationSettings(max_new_tokens=1)
+    for warps in (1, 2, 4):
+        variant = FastPhiEngine(model, EOS, max_batch_size=max(batches), use_graphs=False,
+                                config=replace(engine.config, rope_warps=warps))
+        for rows in batches:
+            prompts = prompts_for(rows, 32)
+            variant.generate(prompts, one)
+            ms = wall(lambda: variant.generate(prompts, one), repeat=5) * 1e3  # noqa: B023
             say(f"prefill b{rows} x 32 tokens, rotary kernel {warps} warps: {ms:.1f} ms")
-    phi_decode.ROPE_WARPS = saved
+        variant = None
+        torch.cuda.empty_cache()
 
 
 def one_layer(engine, batches: list[int], length: int) -> None:
     """Layer 0's attention and its two products, once per batch size, for a profiler to read."""
     from llm_decode import AttentionBench
 
-    from pipeline.llm.phi_decode import attention_config, triton_attention
-
     layer = engine.weights.layers[0]
     for rows in batches:
         bench = AttentionBench(engine, rows, length)
         e = engine
         triton_attention(bench.qkv, bench.state, bench.k[0], bench.v[0], e.cos, e.sin, e.weights,
-                         attention_config(rows))
+                         e.config.attention(rows), pdl=e.config.pdl)
         x = torch.randn(rows, layer.in_w.shape[1], device="cuda", dtype=torch.float16)
         mixed = torch.randn(rows, layer.out_w.shape[1], device="cuda", dtype=torch.float16)
         torch.addmm(layer.in_b, x, layer.in_w.t())
@@ -303,7 +295,7 @@ def cache_strides(rows: int, length: int, columns: list[int], layers: int = 8) -
     and its values are then one contiguous block)."""
     from types import SimpleNamespace
 
-    from pipeline.llm.phi_decode import DecodeState, attention_config, rope_tables, triton_attention
+    from pipeline.llm.phi_weights import rope_tables
 
     heads, head_dim = 32, 80
     w = SimpleNamespace(heads=heads, head_dim=head_dim, rotary_dim=32, rope_theta=10000.0,
@@ -322,13 +314,12 @@ def cache_strides(rows: int, length: int, columns: list[int], layers: int = 8) -
                 v = torch.randn_like(k)
             state = DecodeState(torch.zeros(rows, **long), torch.full((rows,), length - 1, **long),
                                 torch.tensor([length - 1], **long), torch.zeros(rows, **long), k, v)
-            config = attention_config(rows)
-            ms = graph_ms(lambda: [triton_attention(qkv, state, k[i], v[i], cos, sin, w, config)  # noqa: B023
-                                   for i in range(layers)])
+            config = DEFAULT_DECODE.attention(rows)
+            ms = graph_ms(lambda: [triton_attention(qkv, state, k[i], v[i], cos, sin, w, config,  # noqa: B023
+                                                    pdl=DEFAULT_DECODE.pdl) for i in range(layers)])
             say(f"cache b{rows} columns allocated {cols:5d} {'interleaved' if interleaved else 'two tensors'}: "
                 f"{ms / layers * 1e3:6.1f} us/layer {nbytes / ms / 1e9:5.2f} TB/s")
-            del k, v, state
-            kv = None
+            k = v = state = kv = None  # freed before the next length is allocated
             torch.cuda.empty_cache()
 
 
@@ -385,16 +376,15 @@ def overlap(engine, rows: int, length: int, carveouts: list[int]) -> None:
     phi-2's MLP reads the layer norm's output, not attention's, so fc1 (with its GELU as cuBLASLt's
     epilogue) and fc2 can run while attention reads the cache; dense then adds attention's share.
     Timed over all 32 layers (their own weights and cache) against the fused one-stream layer. The
-    engine's form is "split, attention launched first" on all SMs (phi_decode._layer_mlp_beside);
+    engine's form is "split, attention launched first" on all SMs (phi_model._layer_mlp_beside);
     `carveouts` lists SM counts for the side stream's products (torch's SM carve-out for cuBLASLt)."""
-    from pipeline.llm.phi_decode import DecodeState, attention_config, triton_attention
-
     w, e = engine.weights, engine
     long = dict(dtype=torch.long, device="cuda")
     state = DecodeState(torch.zeros(rows, **long), torch.full((rows,), length - 1, **long),
                         torch.tensor([length - 1], **long), torch.zeros(rows, **long),
                         engine._k_cache[:, :rows], engine._v_cache[:, :rows])
-    config = attention_config(rows)
+    config = engine.config.attention(rows)
+    pdl = engine.config.pdl
     hidden = w.layers[0].hidden
     x = torch.randn(rows, hidden, device="cuda", dtype=torch.float16)
     outs: list[torch.Tensor] = [None] * len(w.layers)
@@ -404,7 +394,7 @@ def overlap(engine, rows: int, length: int, carveouts: list[int]) -> None:
             y = torch.addmm(layer.in_b, x, layer.in_w.t())
             mixed = torch.empty((rows, layer.out_w.shape[1]), dtype=x.dtype, device=x.device)
             triton_attention(y[:, :3 * hidden], state, state.k_cache[i], state.v_cache[i], e.cos, e.sin, w, config,
-                             mixed[:, :hidden], (y[:, 3 * hidden:], mixed[:, hidden:]))
+                             mixed[:, :hidden], (y[:, 3 * hidden:], mixed[:, hidden:]), pdl=pdl)
             outs[i] = torch.addmm(layer.out_b, mixed, layer.out_w.t())
 
     side = torch.cuda.Stream()
@@ -426,7 +416,7 @@ def overlap(engine, rows: int, length: int, carveouts: list[int]) -> None:
             def attention():
                 qkv = torch.addmm(layer.qkv_b, x, layer.qkv_w.t())  # noqa: B023
                 return triton_attention(qkv, state, state.k_cache[i], state.v_cache[i], e.cos, e.sin, w,  # noqa: B023
-                                        config)
+                                        config, pdl=pdl)
             if mlp_first:
                 with torch.cuda.stream(side if streams else main):
                     part = mlp(layer, carveout)
@@ -459,7 +449,7 @@ def overlap(engine, rows: int, length: int, carveouts: list[int]) -> None:
                 with torch.cuda.stream(side):
                     part = mlp_part()
             attn = triton_attention(y[:, :3 * hidden], state, state.k_cache[i], state.v_cache[i], e.cos, e.sin, w,
-                                    config)
+                                    config, pdl=pdl)
             if attention_first:
                 with torch.cuda.stream(side):
                     part = mlp_part()
@@ -534,20 +524,21 @@ def main() -> None:
             lt_algos(engine, batches)
             return
         if args.warps:
-            small_kernel_warps(engine, batches, args.length)
+            small_kernel_warps(model, engine, batches, args.length)
             return
         for rows in [] if args.skip_steps else batches:
-            tiles = phi_decode.attention_config(rows)
+            tiles = engine.config.attention(rows)
             best = tiles if args.no_tiles else attention_variants(engine, rows, args.length)
-            tuned = dict(phi_decode.ATTENTION_CONFIGS)
-            tuned[min(b for b in tuned if b >= rows)] = best
+            tuned = dict(engine.config.attention_tiles)
+            tuned[min((b for b in tuned if b >= rows), default=max(tuned))] = best
             variants = {
-                "fused layer": {"MLP_BESIDE_ATTENTION": False},
-                "MLP beside attention": {"MLP_BESIDE_ATTENTION": True},
-                "MLP beside, no PDL": {"MLP_BESIDE_ATTENTION": True, "PDL": False},
-                "fused layer (again)": {"MLP_BESIDE_ATTENTION": False},
-                "MLP beside (again)": {"MLP_BESIDE_ATTENTION": True},
-                "MLP beside, + best attention tiles": {"ATTENTION_CONFIGS": tuned, "MLP_BESIDE_ATTENTION": True},
+                "fused layer": {"mlp_beside_attention": False},
+                "MLP beside attention": {"mlp_beside_attention": True},
+                "MLP beside, no PDL": {"mlp_beside_attention": True, "pdl": False},
+                "fused layer (again)": {"mlp_beside_attention": False},
+                "MLP beside (again)": {"mlp_beside_attention": True},
+                "MLP beside, + best attention tiles": {"attention_tiles": tuple(sorted(tuned.items())),
+                                                       "mlp_beside_attention": True},
             }
             step_variants(engine, rows, args.length, variants)
         gemm_rows = max(batches)

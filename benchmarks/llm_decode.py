@@ -21,13 +21,15 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 
-from pipeline.llm.fast_engine import FastPhiEngine
+from pipeline.llm.decode_config import DEFAULT_DECODE
 from pipeline.llm.engine import GenerationSettings
+from pipeline.llm.fast_engine import FastPhiEngine
 
 EOS = 50256
 VOCAB_DRAWN = 50000  # prompt ids are drawn below the tokenizer's size
@@ -138,7 +140,7 @@ def section(name: str, fn) -> None:
 def attention_candidates():
     """Kernel and tile variants of the decode attention: CUDA-core sums and tensor-core dots, the head
     read padded to 128 or as 64 + 16, tiles of 16-128 columns, 1-4 warps, 1-4 pipeline stages."""
-    from pipeline.llm.phi_decode import AttentionConfig
+    from pipeline.kernels.phi_attention import AttentionConfig
 
     out = [AttentionConfig("sum", n, w, st, 1, dims) for dims in (False, True) for n in (32, 64)
            for w in (2, 4) for st in (1, 3)]
@@ -154,7 +156,7 @@ class AttentionBench:
     over a random cache of `length` columns per row: the shape one decode step reads."""
 
     def __init__(self, engine, rows: int, length: int):
-        from pipeline.llm.phi_decode import DecodeState
+        from pipeline.llm.phi_model import DecodeState
 
         w = engine.weights
         self.engine, self.length = engine, length
@@ -168,19 +170,19 @@ class AttentionBench:
         self.qkv = torch.randn((rows, 3 * w.heads * w.head_dim), device=engine.device, dtype=w.dtype,
                                generator=gen)
 
-    def layers(self, config) -> list[torch.Tensor]:
-        from pipeline.llm.phi_decode import triton_attention
+    def layers(self, config, rope_inside: bool = True) -> list[torch.Tensor]:
+        from pipeline.kernels.phi_attention import triton_attention
 
         e = self.engine
-        return [triton_attention(self.qkv, self.state, self.k[i], self.v[i], e.cos, e.sin, e.weights, config)
+        return [triton_attention(self.qkv, self.state, self.k[i], self.v[i], e.cos, e.sin, e.weights, config,
+                                 rope_inside=rope_inside, rope_warps=e.config.rope_warps, pdl=e.config.pdl)
                 for i in range(self.k.shape[0])]
 
     def reference(self) -> torch.Tensor:
         """Layer 0's attention by SDPA in fp32 over columns 0..length-1 (after one kernel wrote the
         current key and value, which every variant writes identically)."""
-        from pipeline.llm.phi_decode import AttentionConfig, triton_attention
-
-        from pipeline.llm.phi_decode import _rotate  # the torch path's rotary, for the query
+        from pipeline.kernels.phi_attention import AttentionConfig, triton_attention
+        from pipeline.llm.phi_model import _rotate  # the torch path's rotary, for the query
 
         e, w = self.engine, self.engine.weights
         triton_attention(self.qkv, self.state, self.k[0], self.v[0], e.cos, e.sin, w, AttentionConfig())
@@ -191,26 +193,24 @@ class AttentionBench:
         values = self.v[0][:, :, : self.length].float()
         return torch.nn.functional.scaled_dot_product_attention(q.float(), keys, values).reshape(q.shape[0], -1)
 
-    def time(self, config, replays: int = 15) -> tuple[float, float]:
+    def time(self, config, replays: int = 15, rope_inside: bool = True) -> tuple[float, float]:
         """(median us per layer, relative error of layer 0 against the fp32 reference)."""
-        outs = self.layers(config)  # compile, then capture
+        outs = self.layers(config, rope_inside)  # compile, then capture
         torch.cuda.synchronize()
         error = ((outs[0].float() - self.ref).norm() / self.ref.norm()).item()
-        return graph_ms(lambda: self.layers(config), replays) * 1e3 / self.k.shape[0], error
+        return graph_ms(lambda: self.layers(config, rope_inside), replays) * 1e3 / self.k.shape[0], error
 
 
 def tune_attention(engine, batches: list[int], length: int, log: list[str]) -> dict:
     """Time every candidate at each batch size; return the fastest correct one per batch bucket."""
     from dataclasses import replace
 
-    from pipeline.llm import phi_decode as phi_decode
-
     kv_bytes = lambda rows: 2 * rows * engine.weights.heads * length * engine.weights.head_dim * 2  # noqa: E731
     best = {}
     for rows in batches:
         bench = AttentionBench(engine, rows, length)
         bench.ref = bench.reference()
-        now = phi_decode.attention_config(rows)
+        now = engine.config.attention(rows)
         splits_first = now.splits
         results = []
         for config in attention_candidates():
@@ -314,10 +314,10 @@ def main() -> None:
                       seconds / args.new_tokens * 1e3, f"first call (compiles) {first:.1f} s")
 
     engines = {}
+    decode_config = DEFAULT_DECODE  # the engine's settings; --tune-attention replaces its tiles
 
     def tune():
-        from pipeline.llm import phi_decode as phi_decode
-
+        nonlocal decode_config
         engine = FastPhiEngine(model, EOS, max_batch_size=max(batches), use_graphs=False)
         length = args.prompt_len + args.new_tokens // 2  # the mean cache length over a generate call
         engine._ensure_cache(max(batches), args.prompt_len + args.new_tokens)
@@ -332,16 +332,16 @@ def main() -> None:
                 Path(os.environ["OUT"], "attention_tune.txt").write_text("\n".join(log) + "\n")
             del engine
             torch.cuda.empty_cache()
-        for rows, config in best.items():
-            phi_decode.ATTENTION_CONFIGS[rows] = config
-        print("  ATTENTION_CONFIGS = {" + ", ".join(f"{r}: {c}" for r, c in best.items()) + "}")
+        tiles = dict(decode_config.attention_tiles) | best
+        decode_config = replace(decode_config, attention_tiles=tuple(sorted(tiles.items())))
+        print("  ATTENTION_TILES = {" + ", ".join(f"{r}: {c}" for r, c in best.items()) + "}")
         facts["tuned"] = best
 
     def fast():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
-        engine = FastPhiEngine(model, EOS, max_batch_size=max(batches))
+        engine = FastPhiEngine(model, EOS, max_batch_size=max(batches), config=decode_config)
         warm = engine.warmup(batch_sizes=batches, seq_len=args.prompt_len + args.new_tokens)
         facts["startup"] = time.perf_counter() - began
         facts["warmup"] = warm
@@ -384,33 +384,23 @@ def main() -> None:
         for batch in (1, 8):
             prompts = prompts_for(batch, args.prompt_len)
             engine.generate(prompts, settings)
-            seconds = wall(lambda: engine.generate(prompts, settings), repeat=3)
+            seconds = wall(lambda: engine.generate(prompts, settings), repeat=3)  # noqa: B023 - called now
             table.add("FastPhiEngine, SDPA over the whole cache", batch, batch * args.new_tokens / seconds,
                       seconds / args.new_tokens * 1e3, "variant: use_triton=False")
-        del engine
 
-    def variant(label: str, note: str, **flags) -> None:
-        """The engine again with phi_decode's module flags changed (batches on the fused path only)."""
-        from pipeline.llm import phi_decode as phi_decode
-
-        sizes = [b for b in batches if b >= phi_decode.FUSED_MIN_ROWS]
-        saved = {name: getattr(phi_decode, name) for name in flags}
-        for name, value in flags.items():
-            setattr(phi_decode, name, value)
-        try:
-            engine = FastPhiEngine(model, EOS, max_batch_size=max(sizes))
-            engine.warmup(batch_sizes=sizes, seq_len=args.prompt_len + args.new_tokens)
-            settings = GenerationSettings(max_new_tokens=args.new_tokens)
-            for batch in sizes:
-                prompts = prompts_for(batch, args.prompt_len)
-                engine.generate(prompts, settings)
-                seconds = wall(lambda: engine.generate(prompts, settings), repeat=3)  # noqa: B023
-                table.add(label, batch, batch * args.new_tokens / seconds, seconds / args.new_tokens * 1e3, note)
-            del engine
-        finally:
-            for name, value in saved.items():
-                setattr(phi_decode, name, value)
-            torch.cuda.empty_cache()
+    def variant(label: str, note: str, **changes) -> None:
+        """The engine again with DecodeConfig fields changed (batches on the fused path only)."""
+        sizes = [b for b in batches if b >= decode_config.fused_min_rows]
+        engine = FastPhiEngine(model, EOS, max_batch_size=max(sizes), config=replace(decode_config, **changes))
+        engine.warmup(batch_sizes=sizes, seq_len=args.prompt_len + args.new_tokens)
+        settings = GenerationSettings(max_new_tokens=args.new_tokens)
+        for batch in sizes:
+            prompts = prompts_for(batch, args.prompt_len)
+            engine.generate(prompts, settings)
+            seconds = wall(lambda: engine.generate(prompts, settings), repeat=3)  # noqa: B023
+            table.add(label, batch, batch * args.new_tokens / seconds, seconds / args.new_tokens * 1e3, note)
+        engine = None  # its cache and graphs go before the next part allocates
+        torch.cuda.empty_cache()
 
     def agreement():
         engine, count, length = engines["fast"], 32, 64
@@ -439,7 +429,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        from pipeline.llm.phi_decode import decode_step
+        from pipeline.llm.phi_model import decode_step
 
         engine = engines["fast"]
         for batch in sorted({1, max(batches)}):
@@ -447,7 +437,8 @@ def main() -> None:
             rows = engine._bucket(batch)
             state = engine._state(rows)  # the cache as the last call left it: ~190 columns per row
             step = lambda: decode_step(engine.weights, state, engine.cos, engine.sin,  # noqa: E731
-                                       use_triton=engine.use_triton, attention=engine._attention(rows))
+                                       use_triton=engine.use_triton, attention=engine._attention(rows),
+                                       config=engine.config)
             with torch.inference_mode():
                 step()
                 torch.cuda.synchronize()
@@ -493,11 +484,11 @@ def main() -> None:
     section("fp16 greedy agreement", agreement)
     if args.layer_variants:
         section("FastPhiEngine variant: GELU kernel of its own",
-                lambda: variant("FastPhiEngine, GELU as its own kernel", "variant: GELU_IN_ROPE=False",
-                                GELU_IN_ROPE=False))
+                lambda: variant("FastPhiEngine, GELU as its own kernel", "variant: gelu_in_rope=False",
+                                gelu_in_rope=False))
         section("FastPhiEngine variant: unfused products",
                 lambda: variant("FastPhiEngine, four products per layer", "variant: qkv, dense, fc1, fc2 unfused",
-                                FUSED_MIN_ROWS=1 << 30))
+                                fused_min_rows=1 << 30))
     if not args.quick and not args.no_sdpa_variant:
         section("FastPhiEngine variant: torch attention", torch_attention)
     if not args.skip_transformers:

@@ -48,7 +48,8 @@ def model_options(command):
                      help="English->Japanese MarianMT model: hub id or local directory."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", default="auto", show_default=True,
-                     help="auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32."),
+                     help="auto (bfloat16 on GPUs of compute capability 8.0+, float16 with fp32 attention scores below, "
+                          "float32 on CPU), float16, bfloat16 or float32."),
         click.option("--mt-backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
                      help="Translation backend."),
         click.option("--beams", type=click.IntRange(1, 16), default=None,
@@ -252,6 +253,22 @@ def ask_batch_file(question, batch_path, output, field, column, errors_path, res
                             restart=restart, quiet=quiet)
     if not quiet:
         click.echo(f"bilingual-qa: {summary.describe()}", err=True)
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True, help="As for ask: what would run with it.")
+@click.option("--engine", type=click.Choice(["auto", "fast", "transformers"]), default="auto", show_default=True)
+@user_errors
+def doctor(fmt, device, dtype, engine):
+    """What this machine has and what will run here (dtype, engine, kernels, graphs, PDL), and why."""
+    import json
+
+    from pipeline import doctor as diagnosis
+
+    info = diagnosis.report(device, dtype, engine)
+    click.echo(json.dumps(info, indent=2) if fmt == "json" else diagnosis.render(info), nl=fmt == "json")
 
 
 def render_comparison(results, fmt: str) -> str:

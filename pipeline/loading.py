@@ -51,10 +51,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def auto_dtype(device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """`--dtype auto`: bfloat16 from compute capability 8.0 (native there), float16 below it (a T4's
+    `torch.cuda.is_bf16_supported()` says yes through emulation, so the capability decides), float32
+    on the CPU (where float16 products are slow or missing)."""
+    if device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if capability is not None and capability >= (8, 0) else torch.float16
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """fp16 on CUDA, fp32 on the CPU (where fp16 matmuls are slow or missing), unless asked."""
+    """The dtype `--dtype` names; auto: see auto_dtype."""
     if name in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        cuda = device.type == "cuda" and torch.cuda.is_available()
+        capability = torch.cuda.get_device_capability(device) if cuda else None
+        return auto_dtype(device.type, capability)
     if name not in DTYPES:
         raise DeviceError(f"unknown dtype '{name}': use auto, float16, bfloat16 or float32")
     return DTYPES[name]

@@ -1,9 +1,9 @@
 """Stage 3: answer an English question with phi-2 (or a phi-2-family fine-tune).
 
 The prompt is the model card's QA format, `Instruct: <question>\\nOutput:`. Generation runs on an
-engine (generation.py: transformers' `generate`; fast_generate.py: static cache and CUDA graphs),
-stops at end-of-text or where phi-2 starts a new turn (stop_sequences.py), and the text is trimmed
-there.
+engine (engine.py: transformers' `generate`; fast_engine.py: static cache and CUDA graphs),
+stops at end-of-text or where phi-2 starts a new turn (text/answer_end.py), and the text is trimmed
+there. What runs on this machine (dtype, engine, kernels) is hardware.py's plan.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.llm.engine import FINISH_STOP, Engine, GenerationSettings, TransformersEngine
-from pipeline.loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype, status
+from pipeline.llm.hardware import Plan, plan, probe
+from pipeline.loading import DTYPES, load_pretrained, load_tokenizer, locate_model, resolve_device, status
 from pipeline.text.answer_end import find_stop, trim_answer
 
 DEFAULT_LLM = "microsoft/phi-2"
@@ -32,19 +33,22 @@ class AnswerText:
     generated_tokens: int
 
 
-def choose_engine(choice: str, model, eos_token_id: int, device: torch.device) -> Engine:
-    """The engine `--engine` names; `auto` takes the fast one wherever it can serve."""
+def choose_engine(choice: str, model, eos_token_id: int, device: torch.device, chosen: Plan | None = None) -> Engine:
+    """The engine `--engine` names; `auto` takes the fast one wherever it can serve, with the plan's
+    kernels, graphs and attention settings (default: the plan for this device and the model's dtype)."""
+    if chosen is None:
+        chosen = plan(probe(device), dtype=str(model.dtype).removeprefix("torch."), engine=choice)
     if choice == "transformers":
-        return TransformersEngine(model, eos_token_id)
+        return TransformersEngine(model, eos_token_id, fp32_attention_scores=chosen.fp32_attention_scores)
     from pipeline.llm.fast_engine import FastPhiEngine
 
     reason = FastPhiEngine.unsupported_reason(model, device)
     if reason is None:
-        return FastPhiEngine(model, eos_token_id)
+        return FastPhiEngine(model, eos_token_id, use_triton=chosen.triton_kernels, config=chosen.decode_config())
     if choice == "fast":
         raise ModelLoadError(f"--engine fast cannot serve here: {reason}; use --engine transformers")
     status(f"using transformers' generate ({reason})")
-    return TransformersEngine(model, eos_token_id)
+    return TransformersEngine(model, eos_token_id, fp32_attention_scores=chosen.fp32_attention_scores)
 
 
 class Answerer:
@@ -61,11 +65,15 @@ class Answerer:
         from transformers import AutoModelForCausalLM
 
         device = device if isinstance(device, torch.device) else resolve_device(device)
+        hardware = probe(device)
+        chosen = plan(hardware, dtype=dtype, engine=engine)
+        if chosen.fallbacks and (dtype in (None, "auto") or engine == "auto"):
+            status(f"on {hardware.name}: {chosen.summary()}")
         directory = locate_model(name, "--llm")
-        model = load_pretrained(AutoModelForCausalLM, directory, name, device, resolve_dtype(dtype, device))
+        model = load_pretrained(AutoModelForCausalLM, directory, name, device, DTYPES[chosen.dtype])
         tokenizer = load_tokenizer(directory, name)
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-        return cls(model, tokenizer, choose_engine(engine, model, eos, device), name)
+        return cls(model, tokenizer, choose_engine(engine, model, eos, device, chosen), name)
 
     def _stops(self, ids) -> bool:
         return find_stop(self.tokenizer.decode(ids, skip_special_tokens=False)) is not None

@@ -1,7 +1,7 @@
 """Token generation for the answer stage: the settings, the result, and the transformers engine.
 
 An engine turns prompts (token ids) into generated token ids. Two engines share this contract:
-`TransformersEngine` here (any device, any causal LM) and `FastPhiEngine` in `fast_generate.py`
+`TransformersEngine` here (any device, any causal LM) and `FastPhiEngine` in `fast_engine.py`
 (phi-2 family on CUDA, static cache and captured decode steps). The answer stage picks one and never
 looks inside it.
 """
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import queue
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
+
+from pipeline.errors import BilingualQAError
 
 # Given one row's generated ids so far, True once a stop sequence has appeared in its text.
 StopCheck = Callable[[Sequence[int]], bool]
@@ -66,6 +69,61 @@ def finish_row(ids: Sequence[int], eos_token_id: int, max_new_tokens: int,
     return Generated(body, FINISH_EOS if ended else FINISH_LENGTH)
 
 
+class NonFiniteLogitsError(BilingualQAError):
+    """The answer model's logits became NaN or infinite (float16 overflow, as a rule): never answer
+    with the garbage that would follow."""
+
+
+def non_finite_error(dtype: torch.dtype) -> NonFiniteLogitsError:
+    name = str(dtype).removeprefix("torch.")
+    return NonFiniteLogitsError(f"the answer model produced non-finite logits (NaN or inf) in {name}; "
+                                "run again with --dtype float32")
+
+
+class AnswerOutOfMemoryError(BilingualQAError):
+    pass
+
+
+def generate_shrinking(prompts: list, run: Callable[[list], list], max_rows: int,
+                       release: Callable[[], None] = lambda: None) -> list:
+    """run(group) over consecutive groups of at most max_rows prompts, results in order.
+
+    A CUDA out-of-memory error halves the group size, calls `release` (free caches) and runs the
+    same group again: rows already done are kept, none is lost or run twice in the results. The
+    smaller size holds for the rest of the call.
+    """
+    results: list = []
+    size, first = max(1, max_rows), 0
+    while first < len(prompts):
+        group = prompts[first:first + size]
+        try:
+            done = run(group)
+        except torch.cuda.OutOfMemoryError:
+            release()
+            if len(group) == 1:
+                raise AnswerOutOfMemoryError(
+                    "the GPU ran out of memory answering a single question; free GPU memory, "
+                    "lower --max-new-tokens or use --device cpu") from None
+            size = len(group) // 2
+            continue
+        results.extend(done)
+        first += len(group)
+    return results
+
+
+class _FiniteLogits:
+    """A transformers logits processor that stops generation at the first NaN or +inf logit (-inf
+    is what top-p filtering writes)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if bool((scores.isnan() | scores.isposinf()).any()):
+            raise non_finite_error(self.dtype)
+        return scores
+
+
 class _StopEachRow:
     """A transformers stopping criterion: per row, stop on a stop sequence."""
 
@@ -102,18 +160,32 @@ class TransformersEngine:
 
     name = "transformers"
 
-    def __init__(self, model, eos_token_id: int, pad_token_id: int | None = None):
+    def __init__(self, model, eos_token_id: int, pad_token_id: int | None = None, *,
+                 fp32_attention_scores: bool | None = None):
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+        # float16 overflows in phi-2's attention scores; the eager attention multiplies in float16,
+        # CUDA's SDPA flash and memory-efficient kernels sum in fp32 (fp32_scores keeps SDPA to them).
+        self.fp32_scores = model.dtype == torch.float16 if fp32_attention_scores is None else fp32_attention_scores
+        if self.fp32_scores and getattr(model.config, "_attn_implementation", "sdpa") == "eager":
+            model.set_attn_implementation("sdpa")
+
+    def _scores_context(self):
+        from pipeline.llm.phi_model import fp32_scores
+
+        return fp32_scores(self.model.device) if self.fp32_scores else nullcontext()
 
     def _generate_kwargs(self, settings: GenerationSettings, prompt_length: int,
                          stop_check: StopCheck | None) -> dict:
         from transformers import StoppingCriteriaList
 
+        from transformers import LogitsProcessorList
+
         kwargs = dict(
             max_new_tokens=settings.max_new_tokens, eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id, do_sample=not settings.greedy,
+            logits_processor=LogitsProcessorList([_FiniteLogits(self.model.dtype)]),
         )
         if not settings.greedy:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
@@ -133,14 +205,21 @@ class TransformersEngine:
             mask[row, width - len(prompt):] = 1
         return ids.to(self.model.device), mask.to(self.model.device)
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
                  stop_check: StopCheck | None = None) -> list[Generated]:
+        release = torch.cuda.empty_cache if self.model.device.type == "cuda" else (lambda: None)
+        return generate_shrinking(prompts, lambda group: self._generate(group, settings, stop_check),
+                                  len(prompts), release)
+
+    @torch.inference_mode()
+    def _generate(self, prompts: list[list[int]], settings: GenerationSettings,
+                  stop_check: StopCheck | None) -> list[Generated]:
         ids, mask = self._batch(prompts)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                  **self._generate_kwargs(settings, ids.shape[1], stop_check))
+        with self._scores_context():
+            out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                      **self._generate_kwargs(settings, ids.shape[1], stop_check))
         new = out[:, ids.shape[1]:].tolist()
         return [finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check) for row in new]
 
@@ -153,10 +232,14 @@ class TransformersEngine:
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
 
+        failed: list[BaseException] = []
+
         def run():
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), self._scores_context():
                     self.model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kwargs)
+            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread below
+                failed.append(error)
             finally:
                 streamer.end()
 
@@ -167,3 +250,5 @@ class TransformersEngine:
                 break
             yield token
         worker.join()
+        if failed:
+            raise failed[0]

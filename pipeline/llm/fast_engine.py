@@ -1,9 +1,9 @@
 """FastPhiEngine: phi-2 generation with a static KV cache and one CUDA graph per batch size.
 
-The engine contract is `generation.py`'s. What makes it fast:
+The engine contract is `engine.py`'s. What makes it fast:
 - the cache is allocated once and reused, so a decode step allocates nothing and has fixed addresses;
-- the decode step (phi_decode.decode_step) is captured as a CUDA graph per batch-size bucket and
-  replayed for every token: the host launches one graph instead of ~300 kernels;
+- the decode step (phi_model.decode_step) is captured as a CUDA graph per batch-size bucket, when
+  a call first needs that bucket, and replayed for every token: one launch instead of ~300 kernels;
 - the host looks at the generated tokens only every `check_every` steps, in one copy, and the copy is
   read one round late so the GPU never waits for the host (end-of-text and stop sequences may thus
   run a few tokens past their end: `finish_row` cuts them, the answer stage trims the text).
@@ -20,9 +20,12 @@ from typing import Iterator
 import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
-from pipeline.llm.engine import Generated, GenerationSettings, StopCheck, finish_row
-from pipeline.llm.phi_decode import (AttentionConfig, DecodeState, attention_config, decode_step, phi_weights, prefill,
-                                 rope_tables, triton)
+from pipeline.kernels.phi_attention import AttentionConfig, triton
+from pipeline.llm.decode_config import DEFAULT_DECODE, DecodeConfig
+from pipeline.llm.engine import Generated, GenerationSettings, StopCheck, finish_row, generate_shrinking, non_finite_error
+from pipeline.llm.memory import CACHE_FIT_SHARE, rows_that_fit, usable_memory
+from pipeline.llm.phi_model import DecodeState, decode_step, prefill
+from pipeline.llm.phi_weights import phi_weights, rope_tables
 
 CACHE_COLUMNS_STEP = 64  # cache length is rounded up to a multiple of this many columns
 PREFILL_TOKENS = 16384  # prompts are prefilled in row groups of at most this many (padded) tokens
@@ -64,8 +67,10 @@ class FastPhiEngine:
         return f"the fast engine needs a CUDA device, not {device.type}"
 
     def __init__(self, model, eos_token_id: int, *, max_batch_size: int = 128, max_seq_len: int = 2048,
-                 use_graphs: bool | None = None, use_triton: bool | None = None, check_every: int = 16):
+                 use_graphs: bool | None = None, use_triton: bool | None = None, check_every: int = 16,
+                 config: DecodeConfig = DEFAULT_DECODE):
         self.device = _model_device(model)
+        self.config = config
         cuda = self.device.type == "cuda"
         self.use_graphs = cuda if use_graphs is None else use_graphs
         reason = self.unsupported_reason(model, self.device, use_graphs=self.use_graphs)
@@ -88,6 +93,9 @@ class FastPhiEngine:
         self._positions = torch.zeros(max_batch_size, **long)
         self._starts = torch.zeros(max_batch_size, **long)
         self._col = torch.zeros(1, **long)
+        # Per row, the sum of the chosen tokens' logits: NaN or inf once any of them was (checked on the
+        # host with each chunk of tokens, no extra sync).
+        self._check = torch.zeros(max_batch_size, dtype=torch.float32, device=self.device)
         self._busy = False
 
     # ---- public API ------------------------------------------------------------------------------
@@ -108,16 +116,17 @@ class FastPhiEngine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
                  stop_check: StopCheck | None = None) -> list[Generated]:
-        results: list[Generated] = []
-        for first in range(0, len(prompts), self.max_batch_size):
-            group = prompts[first:first + self.max_batch_size]
+        def run(group: list[list[int]]) -> list[Generated]:
             rows: list[list[int]] = [[] for _ in group]
             for new in self._run(group, settings, stop_check, self.check_every):
                 for row, tokens in zip(rows, new):
                     row.extend(tokens)
-            results.extend(finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check)
-                           for row in rows)
-        return results
+            return [finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check) for row in rows]
+
+        if not prompts:
+            return []
+        columns = max(len(p) for p in prompts) + settings.max_new_tokens
+        return generate_shrinking(prompts, run, self._rows_for(len(prompts), columns), self._release)
 
     def stream(self, prompt: list[int], settings: GenerationSettings,
                stop_check: StopCheck | None = None) -> Iterator[int]:
@@ -168,8 +177,10 @@ class FastPhiEngine:
         if not settings.greedy and settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
 
+        check = self._check[:rows]
+        check.zero_()
         starts, logits = self._prefill(prompts, width, state)
-        first = self._select(logits, settings, generator)
+        first = self._select(logits, settings, generator, check=check[:count])
         self._load_state(state, first, starts, width, count)
         out = torch.empty((rows, steps), dtype=torch.long, device=self.device)
         finished = [False] * count
@@ -179,7 +190,7 @@ class FastPhiEngine:
             out[:, step].copy_(state.tokens)
             last = step == steps - 1
             if (step + 1) % every == 0 or last:
-                fresh = self._to_host(out[:count, copied:step + 1])
+                fresh = self._to_host(out[:count, copied:step + 1], check[:count])
                 copied = step + 1
                 if pending is not None:  # read the previous chunk: it is done by now
                     yield self._take(pending, ids, finished, stop_check)
@@ -193,16 +204,18 @@ class FastPhiEngine:
                 logits = graph[1]
             else:
                 logits = self._step(state, rows, kv_len=width + step + 1)
-            self._select(logits, settings, generator, out=state.tokens)
+            self._select(logits, settings, generator, out=state.tokens, check=check)
         if pending is not None:
             yield self._take(pending, ids, finished, stop_check)
 
     def _take(self, pending, ids: list[list[int]], finished: list[bool],
               stop_check: StopCheck | None) -> list[list[int]]:
         """Wait for a chunk's copy, append it to the unfinished rows, mark rows that ended."""
-        host, event = pending
+        host, host_check, event = pending
         if event is not None:
             event.synchronize()
+        if not bool(torch.isfinite(host_check).all()):
+            raise non_finite_error(self.weights.dtype)
         new = []
         for row, tokens in enumerate(host.tolist()):
             if finished[row]:
@@ -214,29 +227,34 @@ class FastPhiEngine:
                 finished[row] = True
         return new
 
-    def _to_host(self, tokens: torch.Tensor):
+    def _to_host(self, tokens: torch.Tensor, check: torch.Tensor):
         if tokens.device.type != "cuda":
-            return tokens.clone(), None
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+            return tokens.clone(), check.clone(), None
+        host, host_check = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                            for t in (tokens, check))
         event = torch.cuda.Event()
         event.record()
-        return host, event
+        return host, host_check, event
 
     def _step(self, state: DecodeState, rows: int, kv_len: int | None = None) -> torch.Tensor:
         """One decode step, then move to the next column (inside the graph when captured)."""
         logits = decode_step(self.weights, state, self.cos, self.sin, use_triton=self.use_triton,
-                             kv_len=kv_len, attention=self._attention(rows))
+                             kv_len=kv_len, attention=self._attention(rows), config=self.config)
         state.col.add_(1)
         state.positions.add_(1)
         return logits
 
     @staticmethod
     def _select(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy argmax, or temperature + top-p sampling (exponential race: no host sync)."""
+                out: torch.Tensor | None = None, check: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy argmax, or temperature + top-p sampling (exponential race: no host sync); the chosen
+        tokens' logits are added to `check` (NaN or inf stays there)."""
         if settings.greedy:
-            return torch.argmax(logits, -1) if out is None else torch.argmax(logits, -1, out=out)
+            values, chosen = torch.max(logits, -1) if out is None else torch.max(logits, -1, out=(
+                torch.empty(logits.shape[:1], dtype=logits.dtype, device=logits.device), out))
+            if check is not None:
+                check.add_(values)
+            return chosen
         scores = logits.float() / settings.temperature
         if settings.top_p < 1.0:
             ordered, order = scores.sort(-1, descending=True)
@@ -246,6 +264,8 @@ class FastPhiEngine:
         probs = scores.softmax(-1)
         race = torch.empty_like(probs).exponential_(1.0, generator=generator)
         chosen = (probs / race).argmax(-1)
+        if check is not None:
+            check.add_(logits.gather(-1, chosen[:, None])[:, 0])
         return chosen if out is None else out.copy_(chosen)
 
     # ---- prefill and state -----------------------------------------------------------------------
@@ -263,7 +283,7 @@ class FastPhiEngine:
         for first in range(0, len(prompts), group):
             rows = slice(first, min(first + group, len(prompts)))
             logits.append(prefill(self.weights, ids[rows], starts[rows], state.k_cache[:, rows],
-                                  state.v_cache[:, rows], self.cos, self.sin, self.use_triton))
+                                  state.v_cache[:, rows], self.cos, self.sin, self.use_triton, self.config))
         return starts, torch.cat(logits)
 
     def _load_state(self, state: DecodeState, first: torch.Tensor, starts: torch.Tensor, width: int,
@@ -292,24 +312,38 @@ class FastPhiEngine:
             size *= 2
         return min(size, self.max_batch_size)
 
-    @staticmethod
-    def _attention(rows: int) -> AttentionConfig:
-        return attention_config(rows)
+    def _attention(self, rows: int) -> AttentionConfig:
+        return self.config.attention(rows)
 
-    def _cache_budget(self) -> float:
-        """Bytes the cache may take without being asked to: a share of what is free (with it)."""
+    def _cache_budget(self, share: float = CACHE_MEMORY_SHARE) -> float:
+        """Bytes the cache may take: a share of what this process can still allocate (with the cache)."""
         if self.device.type != "cuda":
             return 0.0
-        free, _ = torch.cuda.mem_get_info(self.device)
         held = 0 if self._k_cache is None else 2 * self._k_cache.nbytes
-        return (free + held) * CACHE_MEMORY_SHARE
+        return (usable_memory(self.device) + held) * share
+
+    def _rows_for(self, count: int, columns: int) -> int:
+        """Rows per group for `count` prompts needing `columns` cache columns: what fits the card."""
+        w = self.weights
+        columns = min(-(-columns // CACHE_COLUMNS_STEP) * CACHE_COLUMNS_STEP, self.max_seq_len)
+        per_row = 2 * len(w.layers) * w.heads * w.head_dim * w.embed.element_size() * columns
+        budget = self._cache_budget(CACHE_FIT_SHARE) if self.device.type == "cuda" else float("inf")
+        return rows_that_fit(min(count, self.max_batch_size), per_row, budget)
+
+    def _release(self) -> None:
+        """Drop the cache and the graphs (after running out of memory; the next call reallocates)."""
+        self._graphs.clear()
+        self._k_cache = self._v_cache = None
+        if self.device.type == "cuda":
+            self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+            torch.cuda.empty_cache()
 
     def _cache_shape(self, rows: int, needed: int) -> tuple[int, int]:
         """(rows, columns) to allocate.
 
         Columns: what is asked, rounded up, and no more: attention reads a cache slower the more
-        columns it has beyond those in use (the stride between a row's heads grows; at batch 128 on
-        an H100, 5% slower with 512 columns than with 192, 22% with 2,048). When a cache grows, it
+        columns it has beyond those in use (the stride between a row's heads grows; figures in
+        docs/benchmarks.md). When a cache grows, it
         grows to at least 1.5x its columns, so a run of ever longer prompts reallocates it (and
         recaptures its graphs) a few times, not at every call. Rows: those held now are kept
         where the budget allows, so a smaller batch after a larger one reuses the cache.

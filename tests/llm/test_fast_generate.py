@@ -9,7 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dataclasses import replace
+
 from pipeline.errors import InputTooLongError, ModelLoadError
+from pipeline.llm.decode_config import DEFAULT_DECODE
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationSettings, TransformersEngine
 
@@ -70,12 +73,10 @@ def test_each_row_of_a_mixed_length_batch_matches_running_it_alone(fast):
     assert len({tuple(g.token_ids) for g in batch}) > 1  # the rows really differ
 
 
-def test_fused_layer_path_gives_the_tokens_of_transformers(model, eos, reference, monkeypatch):
-    """From FUSED_MIN_ROWS rows up, a layer is two matrix products ([qkv | fc1], [dense | fc2])."""
-    from pipeline.llm import phi_decode as phi_decode
-
-    monkeypatch.setattr(phi_decode, "FUSED_MIN_ROWS", 1)
-    engine = FastPhiEngine(model, eos, use_graphs=False, max_seq_len=256)
+def test_fused_layer_path_gives_the_tokens_of_transformers(model, eos, reference):
+    """From fused_min_rows rows up, a layer is two matrix products ([qkv | fc1], [dense | fc2])."""
+    engine = FastPhiEngine(model, eos, use_graphs=False, max_seq_len=256, config=replace(DEFAULT_DECODE,
+                                                                                         fused_min_rows=1))
     assert [g.token_ids for g in engine.generate(PROMPTS, GREEDY)] == \
         [g.token_ids for g in reference.generate(PROMPTS, GREEDY)]
     assert engine.generate([PROMPTS[2]], GREEDY)[0].token_ids == reference.generate([PROMPTS[2]], GREEDY)[0].token_ids
@@ -200,7 +201,7 @@ def test_unsupported_reason_names_non_phi_models_and_plain_cpu(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_give_the_same_tokens_as_the_eager_step(phi2_dir, monkeypatch):
+def test_cuda_graphs_give_the_same_tokens_as_the_eager_step(phi2_dir):
     from transformers import PhiForCausalLM
 
     gpu = PhiForCausalLM.from_pretrained(phi2_dir, dtype=torch.float32).eval().cuda()
@@ -212,23 +213,21 @@ def test_cuda_graphs_give_the_same_tokens_as_the_eager_step(phi2_dir, monkeypatc
     assert got == [g.token_ids for g in eager.generate(PROMPTS, GREEDY)]
     assert got == [g.token_ids for g in reference.generate(PROMPTS, GREEDY)]
     assert list(graphs.stream(PROMPTS[2], GREEDY)) == got[2]
-    from pipeline.llm import phi_decode as phi_decode
-
-    monkeypatch.setattr(phi_decode, "FUSED_MIN_ROWS", 1)  # the layer paths of batches past 16 rows
-    for beside in (True, False):
-        monkeypatch.setattr(phi_decode, "MLP_BESIDE_ATTENTION", beside)
-        fused = FastPhiEngine(gpu, eos, max_batch_size=8)
+    for beside in (True, False):  # the layer paths of batches past 16 rows
+        config = replace(DEFAULT_DECODE, fused_min_rows=1, mlp_beside_attention=beside)
+        fused = FastPhiEngine(gpu, eos, max_batch_size=8, config=config)
         assert [g.token_ids for g in fused.generate(PROMPTS, GREEDY)] == got
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the second stream needs a GPU")
-def test_mlp_beside_attention_computes_the_fused_layer(phi2_dir, monkeypatch):
+def test_mlp_beside_attention_computes_the_fused_layer(phi2_dir):
     """The decode step with the MLP on a second stream (cuBLASLt's GELU on fc1) against the one-stream
     layer (the GELU as gelu_new): the same logits in fp32, so the GELU is the tanh form phi-2 uses."""
     from transformers import PhiForCausalLM
 
-    from pipeline.llm import phi_decode as phi_decode
-    from pipeline.llm.phi_decode import DecodeState, decode_step, phi_weights, rope_tables
+    from pipeline.kernels.phi_attention import triton
+    from pipeline.llm.phi_model import DecodeState, decode_step
+    from pipeline.llm.phi_weights import phi_weights, rope_tables
 
     gpu = PhiForCausalLM.from_pretrained(phi2_dir, dtype=torch.float32).eval().cuda()
     w = phi_weights(gpu)
@@ -241,10 +240,10 @@ def test_mlp_beside_attention_computes_the_fused_layer(phi2_dir, monkeypatch):
     tokens = torch.randint(0, gpu.config.vocab_size, (rows,), generator=gen).cuda()
     logits = {}
     for beside in (True, False):
-        monkeypatch.setattr(phi_decode, "MLP_BESIDE_ATTENTION", beside)
         state = DecodeState(tokens.clone(), col - starts, torch.tensor([col], **long), starts, cache[0].clone(),
                             cache[1].clone())
-        logits[beside] = decode_step(w, state, cos, sin, use_triton=phi_decode.triton is not None)
+        logits[beside] = decode_step(w, state, cos, sin, use_triton=triton is not None,
+                                     config=replace(DEFAULT_DECODE, mlp_beside_attention=beside))
     error = (logits[True] - logits[False]).norm() / logits[False].norm()
     assert error < 1e-5, error.item()
 
@@ -252,24 +251,21 @@ def test_mlp_beside_attention_computes_the_fused_layer(phi2_dir, monkeypatch):
 def _triton_checkable() -> bool:
     import os
 
-    from pipeline.llm import phi_decode as phi_decode
+    from pipeline.kernels.phi_attention import triton
 
-    return phi_decode.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @pytest.mark.skipif(not _triton_checkable(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("head_dim", [80, 16])
 @pytest.mark.parametrize("rope_in_attention", [True, False])
-def test_every_triton_attention_variant_matches_attention_over_the_valid_columns(head_dim, rope_in_attention,
-                                                                                 monkeypatch):
+def test_every_triton_attention_variant_matches_attention_over_the_valid_columns(head_dim, rope_in_attention):
     """Each kernel/tile variant the benchmark may pick: rope + cache write + attention over start..col,
     as one kernel or as a rotary kernel and an attention kernel."""
     from types import SimpleNamespace
 
-    from pipeline.llm import phi_decode as phi_decode
-    from pipeline.llm.phi_decode import ATTENTION_CONFIGS, AttentionConfig, DecodeState, triton_attention
-
-    monkeypatch.setattr(phi_decode, "ROPE_IN_ATTENTION", rope_in_attention)
+    from pipeline.kernels.phi_attention import ATTENTION_TILES, AttentionConfig, triton_attention
+    from pipeline.llm.phi_model import DecodeState
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(head_dim)
@@ -301,12 +297,13 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
 
     configs = {AttentionConfig(kernel, 16, 2, stages, splits, split_dims)
                for kernel in ("sum", "dot") for stages in (1, 3) for splits in (1, 3) for split_dims in (True, False)}
-    for config in sorted(configs | set(ATTENTION_CONFIGS.values()), key=str):  # and the ones in use
+    for config in sorted(configs | {c for _, c in ATTENTION_TILES}, key=str):  # and the ones in use
         kc, vc = k_cache.clone(), v_cache.clone()
         state = DecodeState(torch.zeros(batch, dtype=torch.long, device=device), positions.to(device),
                             torch.tensor([col], device=device), starts.to(device), kc, vc)
         wide = torch.full((batch, heads * head_dim + 24), float("nan"), device=device)  # strided rows
-        got = triton_attention(qkv, state, kc, vc, cos, sin, w, config, out=wide[:, 8:-16])
+        got = triton_attention(qkv, state, kc, vc, cos, sin, w, config, out=wide[:, 8:-16],
+                               rope_inside=rope_in_attention)
         assert got.data_ptr() == wide[:, 8:-16].data_ptr() and not wide[:, 8:-16].isnan().any()
         assert wide[:, :8].isnan().all() and wide[:, -16:].isnan().all()  # nothing written beside it
         got = got.double().cpu()
@@ -321,6 +318,18 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
     for kernel in ("dot", "sum"):
         wide = torch.full((batch, 100), float("nan"), device=device)
         triton_attention(qkv, state, kc, vc, cos, sin, w, AttentionConfig(kernel),
-                         gelu=(mlp[:, 15:], wide[:, 20:95]))
+                         gelu=(mlp[:, 15:], wide[:, 20:95]), rope_inside=rope_in_attention)
         assert torch.allclose(wide[:, 20:95].double().cpu(), expected, atol=1e-5)
         assert wide[:, :20].isnan().all() and wide[:, 95:].isnan().all()
+
+
+@pytest.mark.skipif(not _triton_checkable(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+def test_engine_on_the_triton_kernels_gives_the_tokens_of_transformers(model, eos, reference):
+    """Every kernel of the decode path at once (layer norm, skinny products, rotary + cache write in the
+    prefill, rotary + attention in the step) and, from fused_min_rows rows on, the fused layer with the
+    GELU inside the rotary kernel; on the CPU under Triton's interpreter (graphs and streams need CUDA)."""
+    want = [g.token_ids for g in reference.generate(PROMPTS, GREEDY)]
+    for config in (DEFAULT_DECODE, replace(DEFAULT_DECODE, fused_min_rows=1, mlp_beside_attention=False),
+                   replace(DEFAULT_DECODE, rope_in_attention=False, pdl=False)):
+        engine = FastPhiEngine(model, eos, use_graphs=False, use_triton=True, max_seq_len=256, config=config)
+        assert [g.token_ids for g in engine.generate(PROMPTS, GREEDY)] == want, config

@@ -1,0 +1,365 @@
+"""Decode attention for phi-2 in Triton: each row's one query against its valid cache columns.
+
+Rows are left-padded, so row b's valid keys are cache columns start[b]..col, and the kernels read
+only those, where scaled_dot_product_attention would read the whole cache under a mask. The engine's
+form (`AttentionConfig("dot")`, one split, rope inside) is one kernel per layer that also applies the
+rotary embedding to the step's query and key and writes the key and value to the cache. The other
+forms are the tuner's alternatives, reachable only through an AttentionConfig or the `rope_inside`
+argument (benchmarks/llm_decode.py --tune-attention, benchmarks/decode_step_study.py): a rotary
+kernel (phi_rope.py) and an attention kernel, on CUDA cores ("sum") or split along the sequence
+and merged by a second kernel, as in flash-decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pipeline.kernels.pdl import pdl_options
+from pipeline.kernels.phi_rope import HeadShape, gelu_share_args, rope_and_cache_write
+
+try:  # absent on CPU-only installs, where the model code takes its torch path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How the decode attention kernel reads the cache.
+
+    kernel: "dot" multiplies on tensor cores (the one query padded to 16 rows: arithmetic is free here,
+    and the loads feeding tl.dot are pipelined through shared memory), "sum" on CUDA cores.
+    block_n, warps, stages: columns per tile, warps per program, tiles in flight.
+    splits: programs per (row, head) along the sequence (flash-decoding), merged by a second kernel.
+    split_dims: read an 80-wide head as 64 + 16 columns instead of one tile padded to 128.
+    """
+
+    kernel: str = "dot"
+    block_n: int = 32
+    warps: int = 2
+    stages: int = 1
+    splits: int = 1
+    split_dims: bool = True
+
+
+# Per batch-size bucket (the smallest key >= the batch serves it): the fastest variants timed on an
+# H100 at phi-2's shape (benchmarks/llm_decode.py --tune-attention, then decode_step_study.py for
+# the one-kernel form; figures in docs/benchmarks.md). One split per (row, head) wins everywhere.
+ATTENTION_TILES: tuple[tuple[int, AttentionConfig], ...] = (
+    (1, AttentionConfig("dot", block_n=32, warps=2, stages=4, splits=1)),
+    (8, AttentionConfig("dot", block_n=32, warps=2, stages=3, splits=1)),
+    (32, AttentionConfig("dot", block_n=16, warps=1, stages=2, splits=1)),
+    (128, AttentionConfig("dot", block_n=16, warps=1, stages=3, splits=1)),
+)
+
+
+def attention_config(rows: int, tiles: tuple[tuple[int, AttentionConfig], ...] = ATTENTION_TILES) -> AttentionConfig:
+    """The table's entry for a batch of `rows` rows: the smallest bucket that holds it, else the largest."""
+    ordered = sorted(tiles, key=lambda entry: entry[0])
+    return next((config for bucket, config in ordered if rows <= bucket), ordered[-1][1])
+
+
+def head_split(head_dim: int, split_dims: bool = True) -> tuple[int, int]:
+    """(D0, D1): a head read as D0 + D1 columns, both powers of two, D1 >= 16 or 0.
+
+    80 -> (64, 16). Where no such split exists (or split_dims is off), (next power of two, 0): one
+    padded, masked tile.
+    """
+    padded = 1 << (head_dim - 1).bit_length()
+    if not split_dims or padded == head_dim:
+        return padded, 0
+    low = padded // 2
+    rest = head_dim - low
+    if rest >= 16 and rest & (rest - 1) == 0:
+        return low, rest
+    return padded, 0
+
+
+class StepColumns(Protocol):
+    """Where the step writes and what each row reads (the decode state's tensors)."""
+
+    positions: torch.Tensor  # [B] long: each row's rotary position
+    starts: torch.Tensor  # [B] long: each row's first valid cache column
+    col: torch.Tensor  # [1] long: the column this step writes
+
+
+def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, w: HeadShape, config: AttentionConfig,
+                     out: torch.Tensor | None = None, gelu: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                     rope_inside: bool = True, rope_warps: int = 1, pdl: bool = False) -> torch.Tensor:
+    """Rotary + cache write, then attention of each row's query over its valid cache columns.
+
+    Writes [batch, heads * head_dim] into `out` (rows may be strided, e.g. a block of columns of a
+    wider tensor) or a new tensor. gelu=(src, dst): also dst = gelu_new(src) (the MLP's activation,
+    [batch, inner], rows may be strided), done by the rotary part to save a launch per layer.
+    rope_inside: the "dot" kernel with one split does the rotary and cache write itself (one launch);
+    otherwise a rotary kernel of `rope_warps` warps runs first. pdl: the one-kernel form is launched
+    with programmatic dependent launch (pdl.py).
+    """
+    batch, heads, head_dim = qkv.shape[0], w.heads, w.head_dim
+    gelu_args, block_g = gelu_share_args(gelu, qkv, heads)
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    # fp32 caches (the tiny test models) keep full precision in tl.dot: no tf32
+    precision = "ieee" if k_cache.dtype == torch.float32 else None
+    splits = config.splits
+    d0, d1 = head_split(head_dim, config.split_dims)
+    if out is None:
+        out = torch.empty((batch, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
+    if config.kernel == "dot" and splits == 1 and rope_inside:
+        _rope_attn_kernel[(batch * heads,)](
+            qkv, k_cache, v_cache, cos, sin, s.positions, s.starts, s.col, out, qkv.stride(0), *cache_strides,
+            1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, HEADS=heads, HEAD_DIM=head_dim,
+            ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
+            STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None,
+            BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1), **pdl_options(pdl))
+        return out
+    q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, s.positions, s.col, 1, w, gelu, warps=rope_warps)
+    partial = torch.empty((batch * heads, splits, head_dim), device=qkv.device, dtype=torch.float32)
+    m = torch.empty((batch * heads, splits), device=qkv.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    kernel = _attn_dot_kernel if config.kernel == "dot" else _attn_sum_kernel
+    kernel[(batch * heads, splits)](
+        q, k_cache, v_cache, s.starts, s.col, partial, m, l, out,
+        *cache_strides, 1.0 / math.sqrt(head_dim), splits,
+        out.stride(0), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1, BLOCK_N=config.block_n, D0=d0,
+        D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages, num_warps=config.warps, PRECISION=precision,
+        num_stages=max(config.stages, 1),
+    )
+    if splits == 1:  # the split kernel wrote the output itself
+        return out
+    _attn_merge_kernel[(batch * heads,)](partial, m, l, out, out.stride(0), HEADS=heads, HEAD_DIM=head_dim,
+                                         SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+                                         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1)
+    return out
+
+
+if triton is not None:
+    from pipeline.kernels.pdl import wait_for_inputs
+    from pipeline.kernels.phi_rope import gelu_share, rotated
+
+    @triton.jit
+    def _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N: tl.constexpr):
+        """Cache columns [lo, hi) of row b that split `split` of n_splits reads (whole tiles each)."""
+        start = tl.load(starts_ptr + b)
+        end = tl.load(col_ptr) + 1
+        chunk = tl.cdiv(tl.cdiv(end - start, n_splits), BLOCK_N) * BLOCK_N
+        lo = start + split * chunk
+        return lo, tl.minimum(lo + chunk, end)
+
+    @triton.jit
+    def _attn_sum_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+                         stride_cb, stride_ch, stride_cs, scale, n_splits, stride_out,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
+                         STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        """Attention of one query over its columns on CUDA cores; head read as D0 (+ D1) columns."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // HEADS
+        h = bh % HEADS
+        lo, hi = _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N)
+        d0 = tl.arange(0, D0)
+        d1 = D0 + tl.arange(0, D1)
+        valid0 = d0 < HEAD_DIM  # all true unless the head is one padded tile
+        q0 = tl.load(q_ptr + bh * HEAD_DIM + d0, mask=valid0, other=0.0).to(tl.float32) * scale
+        q1 = tl.load(q_ptr + bh * HEAD_DIM + d1, mask=HAS_TAIL & (d1 < HEAD_DIM), other=0.0).to(tl.float32) * scale
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc0 = tl.zeros([D0], dtype=tl.float32)
+        acc1 = tl.zeros([D1], dtype=tl.float32)
+        base = b * stride_cb + h * stride_ch
+        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+            n = n0 + tl.arange(0, BLOCK_N)
+            valid_n = n < hi
+            offs = base + n[:, None] * stride_cs
+            if D0 > HEAD_DIM:
+                mask0 = valid_n[:, None] & valid0[None, :]
+            else:
+                mask0 = valid_n[:, None]
+            k0 = tl.load(k_ptr + offs + d0[None, :], mask=mask0, other=0.0)
+            v0 = tl.load(v_ptr + offs + d0[None, :], mask=mask0, other=0.0)  # in flight with k
+            scores = tl.sum(k0.to(tl.float32) * q0[None, :], axis=1)
+            if HAS_TAIL:
+                k1 = tl.load(k_ptr + offs + d1[None, :], mask=valid_n[:, None], other=0.0)
+                v1 = tl.load(v_ptr + offs + d1[None, :], mask=valid_n[:, None], other=0.0)
+                scores += tl.sum(k1.to(tl.float32) * q1[None, :], axis=1)
+            scores = tl.where(valid_n, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new)
+            acc0 = acc0 * alpha + tl.sum(p[:, None] * v0.to(tl.float32), axis=0)
+            if HAS_TAIL:
+                acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        _attn_store(acc0, acc1, m_i, l_i, d0, d1, bh, b * stride_out + h * HEAD_DIM, split, n_splits, o_ptr,
+                    m_ptr, l_ptr, out_ptr, HEAD_DIM, DIRECT, HAS_TAIL)
+
+    @triton.jit
+    def _attn_store(acc0, acc1, m_i, l_i, d0, d1, bh, out_row, split, n_splits, o_ptr, m_ptr, l_ptr, out_ptr,
+                    HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr, HAS_TAIL: tl.constexpr):
+        """The normalised output (one split) or this split's partial sums (several)."""
+        valid0 = d0 < HEAD_DIM
+        valid1 = HAS_TAIL & (d1 < HEAD_DIM)
+        if DIRECT:
+            tl.store(out_ptr + out_row + d0, (acc0 / l_i).to(out_ptr.dtype.element_ty), mask=valid0)
+            tl.store(out_ptr + out_row + d1, (acc1 / l_i).to(out_ptr.dtype.element_ty), mask=valid1)
+        else:
+            row = (bh * n_splits + split) * HEAD_DIM
+            tl.store(o_ptr + row + d0, acc0, mask=valid0)
+            tl.store(o_ptr + row + d1, acc1, mask=valid1)
+            tl.store(m_ptr + bh * n_splits + split, m_i)
+            tl.store(l_ptr + bh * n_splits + split, l_i)
+
+    @triton.jit
+    def _attn_dot_loop(q0, q1, k_ptr, v_ptr, base, stride_cs, lo, hi, scale, HEAD_DIM: tl.constexpr,
+                       BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
+                       STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        """Online softmax of the query (q0 | q1, in the cache's dtype) over cache columns lo..hi-1 on
+        tensor cores: the query is row 0 of a 16-row tile (rows 1-15 zero).
+
+        Returns (acc0, acc1, m, l): the unnormalised output, the running max and the sum of weights.
+        The loads feeding tl.dot are what Triton pipelines (cp.async into shared memory, STAGES
+        deep), which keeps more of the cache in flight than plain register loads.
+        """
+        dtype = k_ptr.dtype.element_ty
+        r = tl.arange(0, 16)
+        first = r[:, None] == 0
+        d0 = tl.arange(0, D0)
+        d1 = D0 + tl.arange(0, D1)
+        valid0 = d0 < HEAD_DIM
+        q0 = tl.where(first, q0[None, :], 0.0).to(dtype)
+        q1 = tl.where(first, q1[None, :], 0.0).to(dtype)
+        m_i = tl.full([16], float("-inf"), tl.float32)
+        l_i = tl.zeros([16], dtype=tl.float32)
+        acc0 = tl.zeros([16, D0], dtype=tl.float32)
+        acc1 = tl.zeros([16, D1], dtype=tl.float32)
+        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+            n = n0 + tl.arange(0, BLOCK_N)
+            valid_n = n < hi
+            offs = base + n[:, None] * stride_cs
+            if D0 > HEAD_DIM:
+                mask0 = valid_n[:, None] & valid0[None, :]
+            else:
+                mask0 = valid_n[:, None]
+            k0 = tl.load(k_ptr + offs + d0[None, :], mask=mask0, other=0.0)
+            v0 = tl.load(v_ptr + offs + d0[None, :], mask=mask0, other=0.0)
+            scores = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+            if HAS_TAIL:
+                k1 = tl.load(k_ptr + offs + d1[None, :], mask=valid_n[:, None], other=0.0)
+                v1 = tl.load(v_ptr + offs + d1[None, :], mask=valid_n[:, None], other=0.0)
+                scores += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+            scores = tl.where(valid_n[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p = p.to(dtype)
+            acc0 = acc0 * alpha[:, None] + tl.dot(p, v0, input_precision=PRECISION)
+            if HAS_TAIL:
+                acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=PRECISION)
+            m_i = m_new
+        # row 0 holds the query's results
+        out0 = tl.sum(tl.where(first, acc0, 0.0), axis=0)
+        out1 = tl.sum(tl.where(first, acc1, 0.0), axis=0)
+        m_0 = tl.max(tl.where(r == 0, m_i, float("-inf")), axis=0)
+        l_0 = tl.sum(tl.where(r == 0, l_i, 0.0), axis=0)
+        return out0, out1, m_0, l_0
+
+    @triton.jit
+    def _attn_dot_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+                         stride_cb, stride_ch, stride_cs, scale, n_splits, stride_out,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
+                         STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        """As _attn_sum_kernel on tensor cores (_attn_dot_loop)."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // HEADS
+        h = bh % HEADS
+        lo, hi = _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N)
+        d0 = tl.arange(0, D0)
+        d1 = D0 + tl.arange(0, D1)
+        q0 = tl.load(q_ptr + bh * HEAD_DIM + d0, mask=d0 < HEAD_DIM, other=0.0)
+        q1 = tl.load(q_ptr + bh * HEAD_DIM + d1, mask=HAS_TAIL & (d1 < HEAD_DIM), other=0.0)
+        out0, out1, m_0, l_0 = _attn_dot_loop(q0, q1, k_ptr, v_ptr, b * stride_cb + h * stride_ch, stride_cs,
+                                              lo, hi, scale, HEAD_DIM, BLOCK_N, D0, D1, HAS_TAIL, STAGES,
+                                              PRECISION)
+        _attn_store(out0, out1, m_0, l_0, d0, d1, bh, b * stride_out + h * HEAD_DIM, split, n_splits, o_ptr,
+                    m_ptr, l_ptr, out_ptr, HEAD_DIM, DIRECT, HAS_TAIL)
+
+    @triton.jit
+    def _rope_attn_kernel(qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, starts_ptr, col_ptr, out_ptr,
+                          stride_qkv, stride_cb, stride_ch, stride_cs, scale, stride_out,
+                          g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head,
+                          HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr,
+                          D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
+                          PRECISION: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr,
+                          PDL: tl.constexpr):
+        """_rope_write_kernel and _attn_dot_kernel (one split) as one kernel: one launch per layer.
+
+        The step's own key and value go to the cache for later steps, but this step takes them from
+        registers: the loop reads the columns before `col`, and the new column joins the softmax last.
+        """
+        if PDL:
+            wait_for_inputs()
+        bh = tl.program_id(0)
+        b = bh // HEADS
+        h = bh % HEADS
+        if HAS_GELU:
+            gelu_share(g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head, b, h, BLOCK_G)
+        dtype = k_ptr.dtype.element_ty
+        pos = tl.load(pos_ptr + b)
+        col = tl.load(col_ptr)
+        d0 = tl.arange(0, D0)
+        d1 = D0 + tl.arange(0, D1)
+        valid0 = d0 < HEAD_DIM
+        valid1 = HAS_TAIL & (d1 < HEAD_DIM)
+        row = qkv_ptr + b * stride_qkv + h * HEAD_DIM
+        # rounded to the cache's dtype, as the two-kernel path stores and reads them back
+        q0 = rotated(row, d0, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM).to(dtype)
+        q1 = rotated(row, d1, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM).to(dtype)
+        k0 = rotated(row + HEADS * HEAD_DIM, d0, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM).to(dtype)
+        k1 = rotated(row + HEADS * HEAD_DIM, d1, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM).to(dtype)
+        v0 = tl.load(row + 2 * HEADS * HEAD_DIM + d0, mask=valid0, other=0.0).to(dtype)
+        v1 = tl.load(row + 2 * HEADS * HEAD_DIM + d1, mask=valid1, other=0.0).to(dtype)
+        base = b * stride_cb + h * stride_ch
+        cell = base + col * stride_cs
+        tl.store(k_ptr + cell + d0, k0, mask=valid0)
+        tl.store(v_ptr + cell + d0, v0, mask=valid0)
+        tl.store(k_ptr + cell + d1, k1, mask=valid1)
+        tl.store(v_ptr + cell + d1, v1, mask=valid1)
+        acc0, acc1, m_i, l_i = _attn_dot_loop(q0, q1, k_ptr, v_ptr, base, stride_cs, tl.load(starts_ptr + b), col,
+                                              scale, HEAD_DIM, BLOCK_N, D0, D1, HAS_TAIL, STAGES, PRECISION)
+        now = (tl.sum(q0.to(tl.float32) * k0.to(tl.float32), axis=0)
+               + tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=0)) * scale
+        top = tl.maximum(m_i, now)
+        earlier = tl.exp(m_i - top)  # 0 when there were no earlier columns (m_i = -inf)
+        current = tl.exp(now - top)
+        total = l_i * earlier + current
+        out = out_ptr + b * stride_out + h * HEAD_DIM
+        tl.store(out + d0, ((acc0 * earlier + v0.to(tl.float32) * current) / total).to(out_ptr.dtype.element_ty),
+                 mask=valid0)
+        tl.store(out + d1, ((acc1 * earlier + v1.to(tl.float32) * current) / total).to(out_ptr.dtype.element_ty),
+                 mask=valid1)
+
+    @triton.jit
+    def _attn_merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, stride_out, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        bh = tl.program_id(0)
+        sp = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        m = tl.load(m_ptr + bh * SPLITS + sp, mask=sp < SPLITS, other=float("-inf"))
+        l = tl.load(l_ptr + bh * SPLITS + sp, mask=sp < SPLITS, other=0.0)
+        top = tl.max(m, axis=0)
+        weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))  # empty splits count for nothing
+        o = tl.load(o_ptr + (bh * SPLITS + sp)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(sp[:, None] < SPLITS) & (d[None, :] < HEAD_DIM), other=0.0)
+        out = tl.sum(weight[:, None] * o, axis=0) / tl.sum(weight * l, axis=0)
+        row = (bh // HEADS) * stride_out + (bh % HEADS) * HEAD_DIM
+        tl.store(out_ptr + row + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)

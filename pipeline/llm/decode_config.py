@@ -1,0 +1,45 @@
+"""DecodeConfig: how the fast engine's prefill and decode step run, one frozen object.
+
+FastPhiEngine owns one (its constructor's `config`, default `DecodeConfig()`: the production
+settings) and passes it down to the step functions; tests and benchmarks build variants with
+`dataclasses.replace` instead of changing module state. Timings behind the defaults are in
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.kernels.linear import SKINNY_MAX_ROWS
+from pipeline.kernels.phi_attention import ATTENTION_TILES, AttentionConfig, attention_config
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    # Layer norm and attention kernels start while the product before them drains (programmatic
+    # dependent launch; compute capability 9.0 and up, see pipeline/llm/hardware.py).
+    pdl: bool = True
+    # The "dot" attention kernel (one split) also does the rotary and the cache write: one launch.
+    rope_in_attention: bool = True
+    # Batches on the fused layer path run the MLP on a second stream beside attention.
+    mlp_beside_attention: bool = True
+    # The fused layer's GELU runs inside the rotary(+attention) kernel (False: a torch kernel).
+    gelu_in_rope: bool = True
+    # Warps per row of the layer-norm kernel and per (token, head) of the rotary kernel.
+    norm_warps: int = 16
+    rope_warps: int = 1
+    # From this many rows on, a layer is two wide products (or the MLP beside attention); below it,
+    # the skinny Triton products serve qkv and fc1.
+    fused_min_rows: int = SKINNY_MAX_ROWS + 1
+    # The attention kernel's tiles per batch-size bucket.
+    attention_tiles: tuple[tuple[int, AttentionConfig], ...] = ATTENTION_TILES
+    # Attention scores in fp32 on the torch path (SDPA) too: float16 overflows there in phi-2's
+    # attention (transformers PR #28163). The Triton kernels always sum scores in fp32.
+    fp32_attention_scores: bool = False
+
+    def attention(self, rows: int) -> AttentionConfig:
+        """The attention kernel's tiles for a batch of `rows` rows."""
+        return attention_config(rows, self.attention_tiles)
+
+
+DEFAULT_DECODE = DecodeConfig()

@@ -1,0 +1,30 @@
+"""How much GPU memory the answer stage may use, and how many rows fit in it (pure where it can be)."""
+
+from __future__ import annotations
+
+import torch
+
+CACHE_FIT_SHARE = 0.7  # share of usable GPU memory a batch's KV cache may take (the rest: activations, graphs)
+
+
+def usable_memory(device: torch.device) -> int:
+    """Bytes this process can still allocate on `device`: free on the card plus what torch's caching
+    allocator holds unused, within the per-process cap (torch.cuda.set_per_process_memory_fraction)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    usable = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:
+        usable = min(usable, int(fraction(device) * total) - allocated)
+    return max(usable, 0)
+
+
+def rows_that_fit(wanted: int, bytes_per_row: int, budget: float) -> int:
+    """The most rows, up to `wanted`, whose cache fits in `budget` bytes: `wanted` itself when it
+    fits, else the largest power of two that does (graph buckets are powers of two); at least 1."""
+    if wanted * bytes_per_row <= budget:
+        return wanted
+    rows = 1
+    while rows * 2 < wanted and rows * 2 * bytes_per_row <= budget:
+        rows *= 2
+    return rows
