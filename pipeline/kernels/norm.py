@@ -1,5 +1,5 @@
 """Layer norm of one row inside a Triton kernel: shared by the phi-2 (phi_decode.py) and Marian
-(fast_marian.py) fast paths, whose kernels each add a residual first and then normalise."""
+(kernels/marian.py) fast paths, whose kernels each add a residual first and then normalise."""
 
 from __future__ import annotations
 
