@@ -17,7 +17,10 @@ the input's.
 
 Systems:
 - job runner: `Translator.translate_file` (the `bilingual-qa translate` job: read, chunk, sort by length,
-  token-budget batches, write, fsync and commit per chunk), with each --backends backend.
+  token-budget batches, write, fsync and commit per chunk), with each --backends backend. Its
+  translation memory is off, so it decodes every row as the loops do (the generated rows repeat:
+  one-clause rows come from a small corpus); with --memory, one more row per backend measures the
+  job with its default in-process memory, which translates each distinct sentence once.
 - one row at a time / batches of --batch-size in input order: what transformers'
   `pipeline("translation")` did (tokenizer with padding -> generate -> batch_decode). That pipeline was
   removed in transformers 5 (KeyError "The task translation has been removed"), so the loops call the
@@ -73,9 +76,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def job_runner(checkpoint: Path, source: Path, work: Path, device, backend: str, beams: int, rows: list[str]):
+class NoMemory:
+    """Every sentence decoded, repeats included: the job does the loops' work."""
+
+    hits = misses = 0
+
+    def recall(self, context, sources, translate):
+        return translate(sources)
+
+
+def job_runner(checkpoint: Path, source: Path, work: Path, device, backend: str, beams: int, rows: list[str],
+               memory: bool = False):
     translator = Translator.from_pretrained(str(checkpoint), device=device, backend=backend, num_beams=beams)
     translator.translate(rows[:256])  # warm-up: CUDA context, graphs, kernels
+    if memory:
+        translator.use_memory(None)   # empty again: the warm-up's sentences are not free hits
+    else:
+        translator.memory = NoMemory()
     output = work / f"job-{backend}-{beams}.txt"
     sync(device)
     started = time.perf_counter()
@@ -83,7 +100,7 @@ def job_runner(checkpoint: Path, source: Path, work: Path, device, backend: str,
     sync(device)
     seconds = time.perf_counter() - started
     assert summary.done == len(rows), summary
-    return seconds, output.read_text(encoding="utf-8").splitlines(), translator.backend.name
+    return seconds, output.read_text(encoding="utf-8").splitlines(), translator.backend.name, translator.memory
 
 
 def baseline_model(checkpoint: Path, device):
@@ -127,6 +144,8 @@ def main() -> None:
     parser.add_argument("--backends", default="auto", help="comma-separated --mt-backend values for the job")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per row by every system")
     parser.add_argument("--work", default=None, help="scratch directory [a temporary one]")
+    parser.add_argument("--memory", action="store_true",
+                        help="also time the job with its in-process translation memory (repeats translated once)")
     args = parser.parse_args()
     device = torch.device(args.device)
     work = Path(args.work or tempfile.mkdtemp(prefix="batch_translate-"))
@@ -154,10 +173,17 @@ def main() -> None:
                       agreement(batched, single)))
         print(table[-1], flush=True)
         for backend in args.backends.split(","):
-            seconds, job, name = job_runner(checkpoint, source, work, device, backend, beams, rows)
+            seconds, job, name, _ = job_runner(checkpoint, source, work, device, backend, beams, rows)
             table.append((f"job runner, --mt-backend {backend} ({name})", beams, len(rows), seconds,
                           agreement(job, single)))
             print(table[-1], flush=True)
+            if args.memory:
+                seconds, job, name, memory = job_runner(checkpoint, source, work, device, backend, beams, rows,
+                                                        memory=True)
+                table.append((f"job runner, --mt-backend {backend} ({name}), memory: {memory.misses:,} "
+                              f"translated, {memory.hits:,} found", beams, len(rows), seconds,
+                              agreement(job, single)))
+                print(table[-1], flush=True)
     print_table(table, device, args)
 
 

@@ -37,7 +37,8 @@ import torch
 
 from pipeline.checkpoints import PUBLISHED
 from pipeline.mt.fast_marian import FastMarianBackend
-from pipeline.mt.backends import TransformersMTBackend, strip_special
+from pipeline.mt.backends import TransformersMTBackend
+from pipeline.mt.contract import strip_special
 
 CONFIG = PUBLISHED / "Helsinki-NLP--opus-mt-ja-en" / "config.json"
 SOURCE_TOKENS, TARGET_TOKENS = 40, 40

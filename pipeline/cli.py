@@ -16,6 +16,7 @@ from pipeline.text.detect import detect_language, require_supported
 from pipeline.errors import BilingualQAError, EmptyInputError
 from pipeline.llm.engine import GenerationSettings
 from pipeline.mt.backends import BACKEND_CHOICES
+from pipeline.mt.memory import SQLiteStore
 from pipeline.qa import BilingualQA, check_question
 from pipeline.text.render import FORMATS
 from pipeline.mt.translator import DEFAULT_BATCH_TOKENS
@@ -143,20 +144,22 @@ def main() -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="With --batch: the answers, one JSON object per question (.jsonl).")
 @job_options("With --batch: ", "question")
+@click.option("--memory", type=click.Path(dir_okay=False), default=None,
+              help="With --batch: Translation memory (SQLite file): sentences translated before, by any job, are reused.")
 @click.option("--stream", is_flag=True, help="Show the English answer as phi-2 writes it (--format text).")
 @user_errors
 def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
         temperature, top_p, seed, source_lang, batch_path, output, field, column, errors_path, restart, quiet,
-        stream):
+        memory, stream):
     """Answer QUESTION (or stdin) and show it in English and Japanese; with --batch FILE, answer every
     question of FILE into --output (JSON lines), exactly once and resumable."""
     if batch_path is not None:
         return ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet,
                               dict(llm=llm, ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, engine=engine,
-                                   mt_backend=mt_backend, beams=beams),
+                                   mt_backend=mt_backend, beams=beams, memory=memory),
                               settings_from(max_new_tokens, temperature, top_p, seed), source_lang)
-    if output or field or column or errors_path or restart or quiet:
-        fail("--output, --field, --column, --errors, --restart and --quiet go with --batch")
+    if output or field or column or errors_path or restart or quiet or memory:
+        fail("--output, --field, --column, --errors, --restart, --quiet and --memory go with --batch")
     if stream and fmt != "text":
         fail("--stream goes with --format text")
     question = read_question(question)
@@ -206,9 +209,11 @@ def compare(question, llms, fmt, ja_en, en_ja, device, dtype, mt_backend, beams,
 @click.option("--chunk-rows", type=click.IntRange(1), default=512, show_default=True,
               help="Rows per committed chunk: a crash costs at most this much work.")
 @job_options("", "text")
+@click.option("--memory", type=click.Path(dir_okay=False), default=None,
+              help="Translation memory (SQLite file): sentences translated before, by any job, are reused.")
 @user_errors
 def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, mt_backend, beams, batch_tokens,
-              chunk_rows, field, column, errors_path, restart, quiet):
+              chunk_rows, field, column, errors_path, restart, quiet, memory):
     """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash."""
     from pipeline.jobs import runner as jobs
     from pipeline.qa import model_names
@@ -217,10 +222,11 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
     names = model_names(ja_en=ja_en, en_ja=en_ja)
     model, option = (names["ja_en"], "--ja-en") if target == "en" else (names["en_ja"], "--en-ja")
     options = {"model": model, "beams": beams, "batch_tokens": batch_tokens, "mt_backend": mt_backend, "dtype": dtype}
+    store = SQLiteStore(memory) if memory else None   # a bad memory file is refused before any work
 
     def load() -> Translator:  # only the model this direction needs, and only if there is work
         return Translator.from_pretrained(model, device=device, dtype=dtype, backend=mt_backend, target_lang=target,
-                                          num_beams=beams, batch_tokens=batch_tokens, option=option)
+                                          num_beams=beams, batch_tokens=batch_tokens, option=option, memory=store)
 
     summary = jobs.translate_file(input_path, output, to=target, load_translator=load, options=options,
                                   source_lang=source, field=jobs.field_for(input_path, field, column),
@@ -241,11 +247,16 @@ def ask_batch_file(question, batch_path, output, field, column, errors_path, res
         fail("--batch needs --output ANSWERS.jsonl")
     models = model_names(load["llm"], load["ja_en"], load["en_ja"])
     options = {"models": models, **{key: load[key] for key in ("dtype", "engine", "mt_backend", "beams")}}
+    store = SQLiteStore(load["memory"]) if load["memory"] else None   # refused before any work if bad
 
     def load_qa() -> BilingualQA:
-        return BilingualQA.from_pretrained(models["llm"], models["ja_en"], models["en_ja"], device=load["device"],
-                                           dtype=load["dtype"], engine=load["engine"],
-                                           mt_backend=load["mt_backend"], beams=load["beams"])
+        qa = BilingualQA.from_pretrained(models["llm"], models["ja_en"], models["en_ja"], device=load["device"],
+                                         dtype=load["dtype"], engine=load["engine"],
+                                         mt_backend=load["mt_backend"], beams=load["beams"])
+        if store is not None:
+            for translator in (qa.ja_en, qa.en_ja):
+                translator.use_memory(store)
+        return qa
 
     summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=options,
                             source_lang=None if source_lang == "auto" else source_lang, settings=settings,

@@ -27,3 +27,7 @@ class DeviceError(BilingualQAError):
 
 class JobError(BilingualQAError):
     """A batch job that cannot start or resume as asked (changed input, unreadable file...)."""
+
+
+class MemoryFileError(BilingualQAError):
+    """A translation memory file (`--memory`) that cannot be opened, read or written."""

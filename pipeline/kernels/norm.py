@@ -1,4 +1,4 @@
-"""Layer norm inside Triton kernels: the row helper shared by the phi-2 and Marian fast paths, whose
+"""Layer norm inside Triton kernels: the row helper shared by the phi-2 and Marian (kernels/marian.py) fast paths, whose
 kernels each add a residual first and then normalise, and phi-2's add-then-normalise kernel."""
 
 from __future__ import annotations

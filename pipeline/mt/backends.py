@@ -1,41 +1,16 @@
-"""Machine-translation backends: source token ids in, target token ids out.
+"""The translation backends' choice (`--mt-backend`), and the transformers backend.
 
-The `Translator` (translate.py) owns tokenisation, sentence splitting, batching and length bounds;
-a backend only decodes. Every backend keeps this contract, so the translator, the batch job runner
-and the sentence splitter use any of them unchanged.
+The contract every backend keeps is in contract.py; the fast CUDA path (fast_marian.py) and
+CTranslate2 (ctranslate2.py) are loaded only when chosen.
 """
 
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 
 from pipeline.errors import ModelLoadError
 from pipeline.loading import status
-
-
-class MTBackend(Protocol):
-    name: str
-
-    def generate(self, batch: list[list[int]], max_new_tokens: int, num_beams: int) -> list[list[int]]:
-        """Translate each row of source ids (ending in </s>, unpadded).
-
-        Returns each row's target ids without the decoder start token, end-of-sentence or padding,
-        at most `max_new_tokens` long.
-        """
-        ...
-
-
-def strip_special(ids: list[int], eos_token_id: int, pad_token_id: int, limit: int) -> list[int]:
-    """A generated row up to its end-of-sentence, without padding."""
-    out = []
-    for token in ids:
-        if token == eos_token_id:
-            break
-        if token != pad_token_id:
-            out.append(token)
-    return out[:limit]
+from pipeline.mt.contract import MTBackend, right_pad, strip_special
 
 
 class TransformersMTBackend:
@@ -50,12 +25,8 @@ class TransformersMTBackend:
 
     @torch.inference_mode()
     def generate(self, batch: list[list[int]], max_new_tokens: int, num_beams: int) -> list[list[int]]:
-        width = max(len(row) for row in batch)
-        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, row in enumerate(batch):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
+        ids, lengths = right_pad(batch, self.pad_token_id)
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
         out = self.model.generate(
             input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
             # One more than asked: generate forces </s> into its last step, which would make a row

@@ -90,6 +90,7 @@ class CTranslate2Backend:
         import ctranslate2
         from transformers import MarianTokenizer
 
+        self.quantization = quantization   # int8 and float32 translate differently: memory keys tell them apart
         self.model_path = converted_model_dir(model_dir, quantization, cache_root)
         self.translator = ctranslate2.Translator(str(self.model_path), device="cpu",
                                                  compute_type="default", intra_threads=threads)

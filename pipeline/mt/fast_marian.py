@@ -15,21 +15,15 @@ The weights are the loaded model's own tensors, read in place; the one copy is e
 layer's key and value projections concatenated (2 x d_model^2 per layer, 6 MB in fp16 at the
 published shape), made on CUDA when the backend is built.
 
-Decoding follows `TransformersMTBackend` exactly (greedy, and the vectorised beam search of
-transformers >= 4.50 with its length penalty and `early_stopping=True`): pad is never generated,
-finished rows emit pad, and beam search runs one step past the bound with end-of-sentence forced
-there, as `generate(max_new_tokens=bound + 1)` does (greedy needs no such step: the forced token
-would be cut off anyway). The same code runs eagerly (`use_graphs=False`), e.g. on the CPU, where
-the tests check token identity with `generate` in float32.
+Decoding follows `TransformersMTBackend` exactly; the greedy and beam search steps are in
+beam_search.py (greedy needs no step past the bound: the forced token would be cut off anyway).
+The same code runs eagerly (`use_graphs=False`), e.g. on the CPU, where the tests check token
+identity with `generate` in float32.
 
 Where Triton is installed (the CUDA machines), three parts of each step run as Triton kernels
-(`kernels`): "attention", a decode-attention kernel for one query row against the cache (SDPA's
-tiles are 64 query rows wide and waste most of their work here), which also reads beam search's
-history through parent pointers (the row each cached position came from), so the cache is never
-reordered; "norm", the residual add fused into each layer norm; and "top", the vocabulary's
-argmax and beam search's top-k in two stages (each 2048-column chunk's best, then the best
-chunks'), with the log-softmax normaliser from the same pass, so the [rows, vocab] log
-probabilities are never written.
+(`kernels`, in kernels/marian.py): "attention" (decode attention, reading beam search's history
+through parent pointers, so the cache is never reordered), "norm" (the residual add fused into
+each layer norm) and "top" (argmax / top-k with the log-softmax normaliser in one pass).
 """
 
 from __future__ import annotations
@@ -41,13 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.mt.backends import strip_special
-
-try:   # on the CUDA machines; the CPU path needs none of it
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from pipeline.kernels.marian import add_layer_norm, decode_attention, triton
+from pipeline.mt.beam_search import BeamState, SearchRules, beam_step, greedy_step
+from pipeline.mt.contract import right_pad, strip_special
 
 # Multiples of 16: the memory-efficient attention kernel wants its mask rows aligned.
 LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -56,8 +46,6 @@ MAX_ROWS = 1024          # batch x beams per launch: bounds the caches and logit
 MAX_SESSIONS = 16        # buckets whose buffers and graphs are kept
 ATTENTION = ("sdpa", "efficient", "math")   # how decode steps attend (benchmarks compare them)
 KERNEL_PARTS = ("attention", "norm", "top")   # the step's parts that Triton kernels can run
-TOP_BLOCK = 2048          # vocabulary columns per program of the two-stage argmax / top-k
-ATTENTION_BLOCK = 64      # cache positions per iteration of the decode-attention kernel
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -93,7 +81,7 @@ class _Session:
     force_at: torch.Tensor           # [1] the step that must emit </s> (-1: none)
     done: torch.Tensor               # [] bool: no row can change any more
     out: torch.Tensor                # greedy [rows, tgt_len]; beam: finished hypotheses [batch, beams, tgt_len]
-    beam: dict = field(default_factory=dict)   # beam-search state
+    beam: BeamState | None = None    # beam search's hypotheses (beams > 1)
     graphs: list = field(default_factory=list)  # [prefill, steps 0..3, steps 4..7, ...]
     host_flags: torch.Tensor | None = None
 
@@ -146,16 +134,16 @@ class FastMarianBackend:
         self.encoder, self.decoder = model.model.encoder, model.model.decoder
         self.lm_head = model.lm_head.weight
         self.logits_bias = model.final_logits_bias[0]
+        self.rules = SearchRules(pad=self.pad, eos=self.eos, forced_eos=self.forced_eos,
+                                 length_penalty=self.length_penalty, steps_per_graph=steps_per_graph,
+                                 top_kernel="top" in self.kernels, pointers=self.pointers)
         self.sessions: OrderedDict[tuple, _Session] = OrderedDict()
         self.pool = None
         self.kv_weights = self._fused_kv() if self.use_graphs else None
 
     def _fused_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each decoder layer's key and value projections as one [2 * d_model, d_model] matrix.
-
-        The one copy of weights this backend makes (2 x d_model^2 per layer, 6 MB in fp16 at the
-        published shape): one GEMM then writes a step's key and value into the cache in place.
-        """
+        """Each decoder layer's key and value projections as one [2 * d_model, d_model] matrix, the
+        one copy of weights made here: one GEMM then writes a step's key and value in place."""
         fused = []
         for layer in self.decoder.layers:
             k, v = layer.self_attn.k_proj, layer.self_attn.v_proj
@@ -228,9 +216,9 @@ class FastMarianBackend:
 
     def _load(self, s: _Session, rows: list[list[int]], limit: int, force_at: int) -> None:
         fillers = [[self.eos]] * (s.batch - len(rows))   # a one-token source pads the batch bucket
-        padded = [row + [self.pad] * (s.src_len - len(row)) for row in rows + fillers]
-        s.src_ids.copy_(torch.tensor(padded), non_blocking=True)
-        s.src_lengths.copy_(torch.tensor([len(row) for row in rows + fillers]), non_blocking=True)
+        ids, lengths = right_pad(rows + fillers, self.pad, s.src_len)
+        s.src_ids.copy_(ids, non_blocking=True)
+        s.src_lengths.copy_(lengths, non_blocking=True)
         s.limit.fill_(limit)
         s.force_at.fill_(force_at)
 
@@ -274,21 +262,7 @@ class FastMarianBackend:
             out=torch.full((rows, tgt_len) if beams == 1 else (batch, beams, tgt_len), self.pad, **long),
         )
         if beams > 1:
-            f32 = dict(dtype=torch.float32, device=dev)
-            s.beam.update(
-                run_seq=torch.full((batch, beams, tgt_len), self.pad, **long),
-                run_scores=torch.zeros((batch, beams), **f32),
-                fin_scores=torch.zeros((batch, beams), **f32),
-                fin_flag=torch.zeros((batch, beams), dtype=torch.bool, device=dev),
-                open=torch.ones((batch, 1), dtype=torch.bool, device=dev),
-                top_mask=torch.arange(2 * beams, device=dev) < beams,
-                row_offset=torch.arange(batch, device=dev)[:, None] * beams,
-                forced_parent=torch.arange(beams, device=dev).repeat(2),
-                # [tgt_len, rows]: the row whose cache slot holds each position of a row's history
-                # (two sets: one step's gather reads one and writes the other).
-                origin=[torch.zeros(tgt_len, rows, dtype=torch.int32, device=dev) for _ in range(2)],
-                row_ids=torch.arange(rows, dtype=torch.int32, device=dev),
-            )
+            s.beam = BeamState.allocate(batch, beams, tgt_len, self.pad, dev)
         return s
 
     def _capture(self, s: _Session) -> None:
@@ -340,16 +314,7 @@ class FastMarianBackend:
         s.done.zero_()
         s.out.fill_(self.pad)
         if s.beams > 1:
-            b = s.beam
-            b["run_seq"].fill_(self.pad)
-            # Only the first beam is live at the start, so beams do not all pick the same token.
-            b["run_scores"].fill_(-1e9)
-            b["run_scores"][:, 0] = 0.0
-            b["fin_scores"].fill_(-1e9)
-            b["fin_flag"].zero_()
-            b["open"].fill_(True)
-            for origin in b["origin"]:   # each position starts as the row's own slot
-                origin.copy_(b["row_ids"].expand_as(origin))
+            s.beam.reset(self.pad)
 
     @staticmethod
     def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -360,9 +325,9 @@ class FastMarianBackend:
         first = chunk * self.steps_per_graph
         for t in range(first, first + self.steps_per_graph):
             if s.beams == 1:
-                self._greedy_step(s, t)
+                greedy_step(s, t, self._logits(s, t, s.tokens if t == 0 else s.out[:, t - 1]), self.rules)
             else:
-                self._beam_step(s, t)
+                beam_step(s, t, self._logits(s, t, s.tokens), self.rules)
 
     def _logits(self, s: _Session, t: int, ids: torch.Tensor) -> torch.Tensor:
         """Decoder step `t` for every row, fed `ids`: logits [rows, vocab] (bias included)."""
@@ -388,7 +353,7 @@ class FastMarianBackend:
         self._write_kv(i, a, x, cache[t])
         q = a.q_proj(x)
         if "attention" in self.kernels:
-            origin = s.beam["origin"][t % 2] if s.beams > 1 else None
+            origin = s.beam.origin[t % 2] if s.beams > 1 else None
             return decode_attention(q, cache[:, :, 0], cache[:, :, 1], t + 1, self.heads,
                                     cache.stride(0), cache.stride(1), origin=origin)
         kv = cache[: t + 1].permute(1, 3, 0, 2, 4)      # [rows, heads, t + 1, 2, head_dim]
@@ -432,215 +397,3 @@ class FastMarianBackend:
         else:   # exactly generate's arithmetic, for the float32 identity checks
             slot[:, 0].copy_(attention.k_proj(x).view(rows, self.heads, -1))
             slot[:, 1].copy_(attention.v_proj(x).view(rows, self.heads, -1))
-
-    def _greedy_step(self, s: _Session, t: int) -> None:
-        logits = self._logits(s, t, s.tokens if t == 0 else s.out[:, t - 1])
-        if "top" in self.kernels:
-            best = chunk_top(logits, self.pad, 1)[1][:, 0]
-        else:
-            logits[:, self.pad] = float("-inf")   # bad_words_ids [[pad]]: generate never emits pad
-            best = logits.argmax(-1)
-        token = torch.where(s.finished, self.pad, best)   # finished rows emit pad
-        s.out[:, t] = token
-        s.finished.logical_or_(token == self.eos)
-        if (t + 1) % self.steps_per_graph == 0:   # only the host reads it, once per graph
-            s.done.copy_(s.finished.all() | (s.limit <= t + 1)[0])
-
-    def _beam_candidates(self, s: _Session, t: int):
-        """The 2k best (score, parent beam, token) of each sentence, best first."""
-        b, k, batch = s.beam, s.beams, s.batch
-        logits = self._logits(s, t, s.tokens)
-        if "top" in self.kernels:
-            # Each chunk's 2k best logits and log-sum-exp; a row's global 2k best are among them.
-            values, index, chunk_max, chunk_sum = chunk_top(logits, self.pad, 2 * k, stats=True)
-            top = chunk_max.amax(1, keepdim=True)
-            lse = top + torch.log((chunk_sum * torch.exp(chunk_max - top)).sum(1, keepdim=True))
-            per_row = values.shape[1]
-            scores = (values - lse + b["run_scores"].view(-1, 1)).view(batch, k * per_row)
-            top_scores, position = scores.topk(2 * k)
-            return top_scores, position // per_row, torch.gather(index.view(batch, -1), 1, position)
-        vocab = logits.shape[1]
-        log_probs = torch.log_softmax(logits, -1, dtype=torch.float32)
-        log_probs[:, self.pad] = float("-inf")   # generate masks bad words after the softmax
-        scores = (log_probs.view(batch, k, vocab) + b["run_scores"][:, :, None]).view(batch, k * vocab)
-        top_scores, top_index = scores.topk(2 * k)
-        return top_scores, top_index // vocab, top_index % vocab
-
-    def _beam_step(self, s: _Session, t: int) -> None:
-        """One step of transformers' vectorised beam search (early_stopping=True)."""
-        b, k, batch = s.beam, s.beams, s.batch
-        top_scores, parent, token = self._beam_candidates(s, t)
-        if self.forced_eos:
-            # At the forced step every beam's only finite continuation is </s> at its own score;
-            # the top 2k are those k (already sorted) and k at -inf. Set them directly rather
-            # than pass over the whole [rows, vocab] tensor again.
-            forced = s.force_at == t
-            minus_inf = torch.full_like(b["run_scores"], float("-inf"))
-            top_scores = torch.where(forced, torch.cat((b["run_scores"], minus_inf), 1), top_scores)
-            parent = torch.where(forced, b["forced_parent"], parent)
-            token = torch.where(forced, self.eos, token)
-        top_seq = torch.take_along_dim(b["run_seq"], parent[:, :, None], 1)
-        top_seq[:, :, t] = token
-        hits = (token == self.eos) | (s.limit <= t + 1)
-        # The best k continuations that did not just finish stay running.
-        running = top_scores + hits.float() * -1.0e9
-        keep = running.topk(k)[1]
-        b["run_seq"].copy_(torch.take_along_dim(top_seq, keep[:, :, None], 1))
-        b["run_scores"].copy_(torch.take_along_dim(running, keep, 1))
-        rows = (torch.take_along_dim(parent, keep, 1) + b["row_offset"]).view(-1)
-        # Finished hypotheses among the top k compete, length-normalised, for the k final places.
-        just_finished = hits & b["top_mask"][None]
-        candidate = top_scores / ((t + 1) ** self.length_penalty)
-        candidate = candidate + b["fin_flag"].all(1, keepdim=True).float() * -1.0e9
-        candidate = candidate + (~b["open"]).float() * -1.0e9
-        candidate = candidate + (~just_finished).float() * -1.0e9
-        merged_scores = torch.cat((b["fin_scores"], candidate), 1)
-        best = merged_scores.topk(k)[1]
-        s.out.copy_(torch.take_along_dim(torch.cat((s.out, top_seq), 1), best[:, :, None], 1))
-        b["fin_scores"].copy_(torch.take_along_dim(merged_scores, best, 1))
-        b["fin_flag"].copy_(torch.take_along_dim(torch.cat((b["fin_flag"], just_finished), 1), best, 1))
-        if self.pointers:   # running beams continue their parents' histories: gather the pointers
-            now, after = b["origin"][t % 2], b["origin"][(t + 1) % 2]
-            torch.index_select(now[: t + 1], 1, rows, out=after[: t + 1])
-        else:   # running beams continue their parents' caches: gather into the other set
-            for now, after in zip(s.self_kv[t % 2], s.self_kv[(t + 1) % 2]):
-                torch.index_select(now[: t + 1], 1, rows, out=after[: t + 1])
-        s.tokens.copy_(b["run_seq"][:, :, t].reshape(-1))
-        # Can a running beam still beat the worst finished one? (transformers' heuristic)
-        best_running = b["run_scores"][:, :1] / ((t + 1) ** self.length_penalty)
-        worst = torch.where(b["fin_flag"], b["fin_scores"].min(1, keepdim=True)[0], -1.0e9)
-        b["open"].logical_and_((best_running > worst).any(1, keepdim=True))
-        still = b["open"].any() & ~b["fin_flag"].all() & ~hits.all()
-        s.done.copy_(~still)
-
-
-# ---- Triton kernels (CUDA; the tests also run them in Triton's CPU interpreter) --------------
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int, heads: int,
-                     stride_t: int, stride_r: int, origin: torch.Tensor | None = None,
-                     lengths: torch.Tensor | None = None, group: int = 1) -> torch.Tensor:
-    """Attention of one query row per (row, head) over `span` cached positions: [rows, d_model].
-
-    q: [rows, d_model]. k, v: position t of key row r at offset t * stride_t + r * stride_r (then
-    head, head_dim contiguous). Row r reads key row r // group (a sentence's beams share its
-    encoder keys), or, given `origin` [positions, rows], key row origin[t, r] at position t (beam
-    search's parent pointers). `lengths` [key rows]: positions past a row's length are masked.
-    """
-    rows, width = q.shape
-    head_dim = width // heads
-    out = torch.empty_like(q)
-    _decode_attention_kernel[(rows, heads)](
-        q, k, v, out, origin if origin is not None else q, lengths if lengths is not None else q,
-        span, stride_t, stride_r, origin.stride(0) if origin is not None else 0, head_dim ** -0.5,
-        HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), GROUP=group,
-        USE_ORIGIN=origin is not None, USE_LENGTHS=lengths is not None, BLOCK_N=ATTENTION_BLOCK,
-        num_warps=4)
-    return out
-
-
-def add_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> torch.Tensor:
-    """layer_norm(x + y) over the last dim of [rows, width] tensors, in one pass."""
-    rows, width = x.shape
-    out = torch.empty_like(x)
-    _add_layer_norm_kernel[(rows,)](x, y, weight, bias, out, width, eps,
-                                    BLOCK=triton.next_power_of_2(width), num_warps=4)
-    return out
-
-
-def chunk_top(logits: torch.Tensor, pad: int, k: int, stats: bool = False):
-    """Two-stage top-k of each row of logits [rows, vocab], pad excluded.
-
-    k == 1 (greedy): (values, index) [rows, 1] of each row's first largest logit. Else (values,
-    index) [rows, chunks * k] hold each chunk's k best (float32 logits, vocabulary ids), a superset
-    of the row's k best; with `stats`, also each chunk's max and sum of exp(logit - max) [rows,
-    chunks], pad included (generate masks pad after the softmax).
-    """
-    rows, vocab = logits.shape
-    chunks = triton.cdiv(vocab, TOP_BLOCK)
-    values = torch.empty(rows, chunks * k, dtype=torch.float32, device=logits.device)
-    index = torch.empty(rows, chunks * k, dtype=torch.long, device=logits.device)
-    chunk_max = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device) if stats else values
-    chunk_sum = torch.empty_like(chunk_max) if stats else values
-    _chunk_top_kernel[(rows, chunks)](logits, values, index, chunk_max, chunk_sum, vocab, logits.stride(0),
-                                      pad, K=k, STATS=stats, BLOCK=TOP_BLOCK, num_warps=8)
-    if k == 1:   # the first chunk holding the row's maximum: argmax's first-index tie rule
-        best = values.argmax(1, keepdim=True)
-        return torch.gather(values, 1, best), torch.gather(index, 1, best)
-    return (values, index, chunk_max, chunk_sum) if stats else (values, index)
-
-
-if triton is not None:
-    from pipeline.kernels.norm import layer_norm_row
-
-    @triton.jit(do_not_specialize=["span"])
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, origin_ptr, lengths_ptr, span,
-                                 stride_t, stride_r, stride_origin, scale,
-                                 HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 GROUP: tl.constexpr, USE_ORIGIN: tl.constexpr, USE_LENGTHS: tl.constexpr,
-                                 BLOCK_N: tl.constexpr):
-        row = tl.program_id(0)
-        head = tl.program_id(1)
-        d = tl.arange(0, BLOCK_D)
-        valid_d = d < HEAD_DIM
-        q_offset = row * HEADS * HEAD_DIM + head * HEAD_DIM
-        q = tl.load(q_ptr + q_offset + d, mask=valid_d, other=0.0).to(tl.float32) * scale
-        key_row = row // GROUP
-        end = span
-        if USE_LENGTHS:
-            end = tl.minimum(span, tl.load(lengths_ptr + key_row).to(tl.int32))
-        m_i = tl.full([], float("-inf"), tl.float32)
-        l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for n0 in tl.range(0, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            valid_n = n < end
-            if USE_ORIGIN:   # beam search: each position from the row it was written by
-                source = tl.load(origin_ptr + n * stride_origin + row, mask=valid_n, other=0).to(tl.int64)
-            else:
-                source = tl.zeros([BLOCK_N], dtype=tl.int64) + key_row
-            offs = n[:, None].to(tl.int64) * stride_t + source[:, None] * stride_r + head * HEAD_DIM + d[None, :]
-            both = valid_n[:, None] & valid_d[None, :]
-            k = tl.load(k_ptr + offs, mask=both, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + offs, mask=both, other=0.0).to(tl.float32)
-            scores = tl.where(valid_n, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
-        tl.store(o_ptr + q_offset + d, (acc / l_i).to(o_ptr.dtype.element_ty), mask=valid_d)
-
-    @triton.jit
-    def _add_layer_norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        valid = cols < N
-        # The sum rounded to the tensors' dtype first, as torch's x + y then layer_norm would.
-        h = (tl.load(x_ptr + row * N + cols, mask=valid, other=0.0)
-             + tl.load(y_ptr + row * N + cols, mask=valid, other=0.0)).to(tl.float32)
-        out = layer_norm_row(h, valid, cols, N, w_ptr, b_ptr, eps)
-        tl.store(out_ptr + row * N + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
-
-    @triton.jit
-    def _chunk_top_kernel(x_ptr, val_ptr, idx_ptr, max_ptr, sum_ptr, vocab, stride, pad,
-                          K: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        chunk = tl.program_id(1)
-        chunks = tl.num_programs(1)
-        local = tl.arange(0, BLOCK)
-        cols = chunk * BLOCK + local
-        x = tl.load(x_ptr + row.to(tl.int64) * stride + cols, mask=cols < vocab,
-                    other=float("-inf")).to(tl.float32)
-        if STATS:
-            top = tl.max(x, axis=0)
-            tl.store(max_ptr + row * chunks + chunk, top)
-            tl.store(sum_ptr + row * chunks + chunk, tl.sum(tl.exp(x - top), axis=0))
-        x = tl.where(cols == pad, float("-inf"), x)
-        out = (row * chunks + chunk) * K
-        for j in tl.static_range(K):   # K rounds of argmax, each taking its winner out
-            value, at = tl.max(x, axis=0, return_indices=True)
-            tl.store(val_ptr + out + j, value)
-            tl.store(idx_ptr + out + j, (chunk * BLOCK + at).to(tl.int64))
-            x = tl.where(local == at, float("-inf"), x)

@@ -1,20 +1,25 @@
 """Stages 2 and 4: translate with a MarianMT model (Japanese->English, English->Japanese).
 
 `Translator` is usable alone: `Translator.from_pretrained("Helsinki-NLP/opus-mt-ja-en").translate([...])`.
-It splits each text into sentences (sentences.py), translates all sentences of all texts together in
-length-sorted batches under a token budget (little padding), bounds each output's length against its
-input's so a looping model cannot run away, and rebuilds every text in its original shape.
+It splits each text into sentences (sentences.py), looks each sentence up in its translation memory
+(memory.py), translates the new ones of all texts together in length-sorted batches under a token
+budget (little padding), bounds each output's length against its input's so a looping model cannot
+run away, and rebuilds every text in its original shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from pipeline.errors import InputTooLongError
 from pipeline.loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype
-from pipeline.mt.backends import MTBackend, select_mt_backend
+from pipeline.mt.backends import select_mt_backend
+from pipeline.mt.contract import MTBackend
+from pipeline.mt.ctranslate2 import cache_key
+from pipeline.mt.memory import MemoryStore, TranslationMemory, open_store
 from pipeline.text.sentences import plan_text, rebuild, sentences_of, split_to_fit
 
 MAX_SENTENCE_TOKENS = 256  # longer sentences are cut at commas/spaces first; Marian reads 512 at most
@@ -42,8 +47,13 @@ class TranslationBatch:
 
 
 class Translator:
+    """`memory`: where translated sentences are kept (memory.py): an SQLite file's path, a store
+    (to share one between translators), or None for this translator's own in-process memory.
+    `model_key` names the checkpoint in memory keys (from_pretrained: a hash of its files)."""
+
     def __init__(self, model, tokenizer, backend: MTBackend, *, name: str, target_lang: str,
-                 num_beams: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS):
+                 num_beams: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                 memory: MemoryStore | str | Path | None = None, model_key: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.backend = backend
@@ -51,21 +61,36 @@ class Translator:
         self.target_lang = target_lang
         self.num_beams = num_beams or getattr(model.generation_config, "num_beams", 1) or 1
         self.batch_tokens = batch_tokens
+        self.model_key = model_key or name
+        self.use_memory(memory)
 
     @classmethod
     def from_pretrained(cls, name: str, *, device: str | torch.device = "auto", dtype: str | None = None,
                         backend: str = "auto", target_lang: str | None = None, num_beams: int | None = None,
-                        batch_tokens: int = DEFAULT_BATCH_TOKENS, option: str = "--ja-en") -> "Translator":
+                        batch_tokens: int = DEFAULT_BATCH_TOKENS, option: str = "--ja-en",
+                        memory: MemoryStore | str | Path | None = None) -> "Translator":
         """Load a MarianMT model by hub id or local directory (`option` names it in error messages)."""
         from transformers import MarianMTModel
 
+        store = open_store(memory)   # a bad memory file is refused before minutes of loading
         device = device if isinstance(device, torch.device) else resolve_device(device)
         directory = locate_model(name, option)
         model = load_pretrained(MarianMTModel, directory, name, device, resolve_dtype(dtype, device))
         tokenizer = load_tokenizer(directory, name)
         target = target_lang or _guess_target_lang(tokenizer, name)
         return cls(model, tokenizer, select_mt_backend(backend, model, directory, device), name=name,
-                   target_lang=target, num_beams=num_beams, batch_tokens=batch_tokens)
+                   target_lang=target, num_beams=num_beams, batch_tokens=batch_tokens, memory=store,
+                   model_key=f"{Path(directory).name}-{cache_key(directory)}")
+
+    def use_memory(self, memory: MemoryStore | str | Path | None) -> None:
+        """Keep translations in `memory` from now on (see the class docstring); counters restart."""
+        self.memory = TranslationMemory(open_store(memory))
+
+    def memory_context(self) -> dict:
+        """Everything that changes a sentence's translation: memory entries are kept per context."""
+        return {"model": self.model_key, "target": self.target_lang, "beams": self.num_beams,
+                "backend": self.backend.name, "variant": getattr(self.backend, "quantization", None),
+                "dtype": str(self.model.dtype)}
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -74,6 +99,16 @@ class Translator:
         """Translate each text, keeping paragraphs, line breaks, list markers and code as they are."""
         layouts = [plan_text(text) for text in texts]
         sentences = [sentence for layout in layouts for sentence in sentences_of(layout)]
+        joined = self.memory.recall(self.memory_context(), sentences, self._translate_sentences)
+        results, position = [], 0
+        for layout in layouts:
+            count = len(sentences_of(layout))
+            results.append(rebuild(layout, joined[position:position + count], self.target_lang))
+            position += count
+        return results
+
+    def _translate_sentences(self, sentences: list[str]) -> list[str]:
+        """Translate sentences, cutting over-long ones into pieces and joining their translations."""
         # Each sentence is tokenised once: the ids that measure it are the ids the model reads.
         pieces_per_sentence, encoded = [], []
         for sentence, ids in zip(sentences, self._encode(sentences)):
@@ -86,22 +121,7 @@ class Translator:
                 encoded.extend(self._encode(pieces))
         translated = iter(self._translate_ids(encoded))
         joiner = " " if self.target_lang != "ja" else ""
-        joined = [joiner.join(next(translated) for _ in range(count)) for count in pieces_per_sentence]
-        results, position = [], 0
-        for layout in layouts:
-            count = len(sentences_of(layout))
-            results.append(rebuild(layout, joined[position:position + count], self.target_lang))
-            position += count
-        return results
-
-    def plan_sentences(self, text: str) -> list[str]:
-        """The pieces of `text` the model will see: its sentences, over-long ones cut to fit."""
-        return [piece for sentence in sentences_of(plan_text(text))
-                for piece in split_to_fit(sentence, MAX_SENTENCE_TOKENS, self.count_tokens)]
-
-    def translate_sentences(self, sentences: list[str]) -> list[str]:
-        """Translate sentences that each fit the model; outputs come back in input order."""
-        return self._translate_ids(self._encode(sentences))
+        return [joiner.join(next(translated) for _ in range(count)) for count in pieces_per_sentence]
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=False)["input_ids"] if texts else []

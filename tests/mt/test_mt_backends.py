@@ -136,7 +136,7 @@ def test_fast_backend_with_cuda_graphs_matches_generate(published, sources):
 
 @needs_triton
 def test_decode_attention_kernel_matches_softmax_attention_over_parent_pointers():
-    from pipeline.mt.fast_marian import decode_attention
+    from pipeline.kernels.marian import decode_attention
 
     torch.manual_seed(0)
     positions, rows, heads, head_dim, span = 70, 6, 2, 16, 67   # two blocks of 64 positions
@@ -163,7 +163,7 @@ def test_decode_attention_kernel_matches_softmax_attention_over_parent_pointers(
 
 @needs_triton
 def test_chunked_top_k_and_add_layer_norm_kernels_match_torch():
-    from pipeline.mt.fast_marian import add_layer_norm, chunk_top
+    from pipeline.kernels.marian import add_layer_norm, chunk_top
 
     torch.manual_seed(1)
     logits = torch.randn(5, 5000, device=KERNEL_DEVICE)   # three chunks, the last partial

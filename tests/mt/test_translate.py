@@ -6,6 +6,26 @@ from pipeline.mt.backends import TransformersMTBackend
 from pipeline.mt.translator import MAX_SENTENCE_TOKENS, output_bound
 
 
+class RecordingBackend:
+    """The real backend, recording the source rows it is given."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.name = backend.name
+        self.rows: list[list[int]] = []
+
+    def generate(self, batch, max_new_tokens, num_beams):
+        self.rows.extend(batch)
+        return self.backend.generate(batch, max_new_tokens, num_beams)
+
+
+def fresh(translator: Translator) -> Translator:
+    """The same loaded model behind a new Translator, with an empty in-process memory and a
+    backend that records its rows."""
+    return Translator(translator.model, translator.tokenizer, RecordingBackend(translator.backend),
+                      name=translator.name, target_lang=translator.target_lang, num_beams=translator.num_beams)
+
+
 @pytest.fixture(scope="module")
 def ja_en(tiny_ja_en_dir):
     return Translator.from_pretrained(str(tiny_ja_en_dir), device="cpu", backend="transformers", num_beams=1)
@@ -25,8 +45,8 @@ def test_translator_loads_published_marian_format_and_translates(ja_en):
 def test_each_sentence_translates_as_it_would_alone(ja_en):
     """Batching and length sorting must not change or reorder any sentence's translation."""
     sentences = ["金利が上がります。", "これはペンです。", "円安", "東京の株式市場は午後に少し下がりました。"]
-    together = ja_en.translate_sentences(sentences)
-    alone = [ja_en.translate_sentences([s])[0] for s in sentences]
+    together = fresh(ja_en).translate(sentences)
+    alone = [fresh(ja_en).translate([s])[0] for s in sentences]   # fresh: no memory of the batch
     assert together == alone
 
 
@@ -49,18 +69,23 @@ def test_output_length_is_bounded_by_input_length(ja_en):
 
 
 def test_long_text_is_split_into_sentences_not_cut_at_512_tokens(ja_en):
-    long_text = "金利が上がると、企業は投資を減らします。" * 80
+    sentences = [f"{n}月に金利が上がると、企業は投資を減らします。" for n in range(80)]
+    long_text = "".join(sentences)
     assert len(ja_en.tokenizer(long_text)["input_ids"]) > 512
-    out = ja_en.translate([long_text])[0]
+    translator = fresh(ja_en)
+    out = translator.translate([long_text])[0]
     assert out  # translated, not refused
-    # 80 sentences went through, each bounded: far more output than one 512-token window allows
-    assert len(ja_en.plan_sentences(long_text)) == 80
+    # 80 sentences went through, each read whole and bounded on its own
+    assert len(translator.backend.rows) == 80
+    assert all(len(row) <= MAX_SENTENCE_TOKENS + 1 for row in translator.backend.rows)
 
 
 def test_one_over_long_sentence_is_cut_to_fit(ja_en):
     sentence = "、".join(["金利が上がる"] * 200) + "。"
-    pieces = ja_en.plan_sentences(sentence)
-    assert len(pieces) > 1 and all(ja_en.count_tokens(p) <= MAX_SENTENCE_TOKENS for p in pieces)
+    translator = fresh(ja_en)
+    assert translator.translate([sentence])[0]
+    pieces = translator.backend.rows
+    assert len(pieces) > 1 and all(len(p) - 1 <= MAX_SENTENCE_TOKENS for p in pieces)   # - 1: </s>
 
 
 def test_transformers_backend_matches_plain_generate(tiny_ja_en_dir):
