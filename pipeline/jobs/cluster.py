@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import logging
 import os
 import uuid
@@ -88,7 +89,11 @@ class DaskChunks:
     """Chunks run on a Dask cluster's workers; outcomes come back in input order."""
 
     def __init__(self, make_worker: Callable[[], Worker], key: str, *, workers: int, address: str | None):
-        self.make_worker, self.key = make_worker, key
+        import cloudpickle
+
+        # Workers keep models under this key: the job's options and the recipe that loads them.
+        recipe = hashlib.sha256(cloudpickle.dumps(make_worker)).hexdigest()
+        self.make_worker, self.key = make_worker, f"{key}-{recipe}"
         self.workers, self.address = workers, address
         self.cluster = self.client = None
 
