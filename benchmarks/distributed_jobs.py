@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Workers inherit these: no loading lines or load bars from each worker between the figures.
+for name, value in (("BILINGUAL_QA_QUIET", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                    ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+    os.environ.setdefault(name, value)
 
 SENTENCES = [
     "金利が上がると、人や企業にとって借り入れの費用が高くなります。", "円安は日本の輸出品を海外で安くします。",
