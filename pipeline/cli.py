@@ -6,20 +6,26 @@ is written only once it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
+import warnings
+from pathlib import Path
 
 import click
 
 from pipeline.llm.answerer import ENGINE_CHOICES
 from pipeline.text.detect import detect_language, require_supported
-from pipeline.errors import BilingualQAError, EmptyInputError
+from pipeline.errors import BilingualQAError, EmptyInputError, JobError
+from pipeline.jobs import workers as jobs
+from pipeline.jobs.files import input_format
 from pipeline.llm.engine import GenerationSettings
 from pipeline.mt.backends import BACKEND_CHOICES
 from pipeline.mt.memory import SQLiteStore
-from pipeline.qa import BilingualQA, check_question
+from pipeline.qa import BilingualQA, check_question, model_names
 from pipeline.text.render import FORMATS
-from pipeline.mt.translator import DEFAULT_BATCH_TOKENS
+from pipeline.mt.translator import DEFAULT_BATCH_TOKENS, Translator
 
 EXIT_USER_ERROR = 2
 
@@ -78,7 +84,7 @@ def generation_options(command):
     return command
 
 
-def job_options(prefix: str, holds: str):
+def job_options(prefix: str, holds: str, chunk_rows: int):
     """Options of a batch job over a file (`translate`, `ask --batch`); `prefix` starts each help."""
     def lead(text: str) -> str:
         return prefix + text
@@ -89,7 +95,15 @@ def job_options(prefix: str, holds: str):
         click.option("--errors", "errors_path", type=click.Path(dir_okay=False), default=None,
                      help=lead("Bad rows file [default: OUTPUT.errors.jsonl].")),
         click.option("--restart", is_flag=True, help=lead("Start over, overwriting the output.")),
-        click.option("--quiet", "-q", is_flag=True, help=lead("No progress and no summary on stderr.")),
+        click.option("--chunk-rows", type=click.IntRange(1), default=chunk_rows, show_default=True,
+                     help=lead("Rows per committed chunk: a crash costs at most this much work.")),
+        click.option("--workers", default="1", show_default=True, metavar="N|auto",
+                     help=lead("Run the chunks on N local Dask workers, one per GPU (auto: one per GPU, "
+                               "1 without a GPU); needs the 'distributed' extra.")),
+        click.option("--cluster", metavar="ADDRESS", default=None,
+                     help=lead("Run the chunks on the workers of this running Dask scheduler "
+                               "(tcp://HOST:8786) instead of a local cluster.")),
+        click.option("--quiet", "-q", is_flag=True, help=lead("Only errors and the final summary on stderr.")),
     ]
 
     def apply(command):
@@ -97,6 +111,59 @@ def job_options(prefix: str, holds: str):
             command = option(command)
         return command
     return apply
+
+
+def field_for(input: str | Path, field: str | None, column: str | None) -> str:
+    """The JSONL field or CSV column that holds the text, refusing the option of the other format."""
+    fmt = input_format(Path(input))
+    if fmt in ("csv", "tsv") and field is not None:
+        raise JobError("--field is for .jsonl input; use --column for .csv/.tsv")
+    if fmt == "jsonl" and column is not None:
+        raise JobError("--column is for .csv/.tsv input; use --field for .jsonl")
+    if fmt == "txt" and (field or column) is not None:
+        raise JobError("a .txt input holds one text per line: --field and --column are for .jsonl and .csv")
+    return field or column or "text"
+
+
+def check_workers(workers: str, cluster: str | None, device: str) -> None:
+    """Refuse what cannot work on workers before anything loads."""
+    if cluster is not None and workers != "1":
+        fail("--cluster runs on that cluster's workers: leave out --workers")
+    if (workers != "1" or cluster) and device.startswith("cuda:"):
+        fail(f"--device {device}: each worker has its own GPU; use --device auto or cuda with --workers")
+
+
+QUIET_ENVIRONMENT = {"BILINGUAL_QA_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error",
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+@contextlib.contextmanager
+def quiet_job(quiet: bool):
+    """--quiet: no loading lines, notes, warnings or transformers' bars, here and in the workers a
+    local cluster starts (they inherit the environment); errors and the summary still show."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    saved = {name: os.environ.get(name) for name in QUIET_ENVIRONMENT}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    os.environ.update(QUIET_ENVIRONMENT)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def read_question(question: str | None) -> str:
@@ -143,23 +210,30 @@ def main() -> None:
               help="Answer every question of this .txt/.jsonl/.csv/.tsv file (no QUESTION) into --output.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="With --batch: the answers, one JSON object per question (.jsonl).")
-@job_options("With --batch: ", "question")
+@job_options("With --batch: ", "question", jobs.ASK_CHUNK_ROWS)
 @click.option("--memory", type=click.Path(dir_okay=False), default=None,
-              help="With --batch: Translation memory (SQLite file): sentences translated before, by any job, are reused.")
+              help="With --batch: translation memory (SQLite file): sentences translated before, by any job, are reused.")
 @click.option("--stream", is_flag=True, help="Show the English answer as phi-2 writes it (--format text).")
 @user_errors
 def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
-        temperature, top_p, seed, source_lang, batch_path, output, field, column, errors_path, restart, quiet,
-        memory, stream):
+        temperature, top_p, seed, source_lang, batch_path, output, field, column, errors_path, restart,
+        chunk_rows, workers, cluster, quiet, memory, stream):
     """Answer QUESTION (or stdin) and show it in English and Japanese; with --batch FILE, answer every
     question of FILE into --output (JSON lines), exactly once and resumable."""
+    given = {name for name in ("fmt", "chunk_rows", "workers")
+             if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
     if batch_path is not None:
+        if stream or "fmt" in given:
+            fail("--batch writes one JSON object per question into --output: --format and --stream are "
+                 "for a single QUESTION")
         return ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet,
                               dict(llm=llm, ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, engine=engine,
                                    mt_backend=mt_backend, beams=beams, memory=memory),
-                              settings_from(max_new_tokens, temperature, top_p, seed), source_lang)
-    if output or field or column or errors_path or restart or quiet or memory:
-        fail("--output, --field, --column, --errors, --restart, --quiet and --memory go with --batch")
+                              settings_from(max_new_tokens, temperature, top_p, seed), source_lang,
+                              chunk_rows, workers, cluster)
+    if output or field or column or errors_path or restart or quiet or cluster or memory or given - {"fmt"}:
+        fail("--output, --field, --column, --errors, --restart, --chunk-rows, --workers, --cluster, --quiet "
+             "and --memory go with --batch")
     if stream and fmt != "text":
         fail("--stream goes with --format text")
     question = read_question(question)
@@ -206,64 +280,53 @@ def compare(question, llms, fmt, ja_en, en_ja, device, dtype, mt_backend, beams,
 @model_options
 @click.option("--batch-tokens", type=click.IntRange(16), default=DEFAULT_BATCH_TOKENS, show_default=True,
               help="Token budget of one translation batch (padded).")
-@click.option("--chunk-rows", type=click.IntRange(1), default=512, show_default=True,
-              help="Rows per committed chunk: a crash costs at most this much work.")
-@job_options("", "text")
+@job_options("", "text", jobs.TRANSLATE_CHUNK_ROWS)
 @click.option("--memory", type=click.Path(dir_okay=False), default=None,
               help="Translation memory (SQLite file): sentences translated before, by any job, are reused.")
 @user_errors
 def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, mt_backend, beams, batch_tokens,
-              chunk_rows, field, column, errors_path, restart, quiet, memory):
+              chunk_rows, workers, cluster, field, column, errors_path, restart, quiet, memory):
     """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash."""
-    from pipeline.jobs import runner as jobs
-    from pipeline.qa import model_names
-    from pipeline.mt.translator import Translator
-
+    check_workers(workers, cluster, device)
     names = model_names(ja_en=ja_en, en_ja=en_ja)
     model, option = (names["ja_en"], "--ja-en") if target == "en" else (names["en_ja"], "--en-ja")
     options = {"model": model, "beams": beams, "batch_tokens": batch_tokens, "mt_backend": mt_backend, "dtype": dtype}
     store = SQLiteStore(memory) if memory else None   # a bad memory file is refused before any work
-
-    def load() -> Translator:  # only the model this direction needs, and only if there is work
-        return Translator.from_pretrained(model, device=device, dtype=dtype, backend=mt_backend, target_lang=target,
-                                          num_beams=beams, batch_tokens=batch_tokens, option=option, memory=store)
-
-    summary = jobs.translate_file(input_path, output, to=target, load_translator=load, options=options,
-                                  source_lang=source, field=jobs.field_for(input_path, field, column),
-                                  errors=errors_path, restart=restart, quiet=quiet, chunk_rows=chunk_rows)
-    if not quiet:
-        click.echo(f"bilingual-qa: {summary.describe()}", err=True)
+    # Only the model this direction needs, and only if there is work; a recipe (not a closure) so
+    # that a cluster's workers can be sent it (the store reopens its file in each process).
+    load = functools.partial(Translator.from_pretrained, model, device=device, dtype=dtype, backend=mt_backend,
+                             target_lang=target, num_beams=beams, batch_tokens=batch_tokens, option=option,
+                             memory=store)
+    with quiet_job(quiet):
+        summary = jobs.translate_file(input_path, output, to=target, load_translator=load, options=options,
+                                      source_lang=source, field=field_for(input_path, field, column),
+                                      errors=errors_path, restart=restart, quiet=quiet, chunk_rows=chunk_rows,
+                                      workers=workers, cluster=cluster)
+    click.echo(f"bilingual-qa: {summary.describe()}", err=True)
 
 
 def ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet, load: dict,
-                   settings: GenerationSettings, source_lang: str) -> None:
+                   settings: GenerationSettings, source_lang: str, chunk_rows: int, workers: str,
+                   cluster: str | None) -> None:
     """`ask --batch`: every question of a file, answered in batches, exactly once and resumable."""
-    from pipeline.jobs import runner as jobs
-    from pipeline.qa import model_names
-
     if question is not None:
         fail("give QUESTION or --batch FILE, not both")
     if output is None:
         fail("--batch needs --output ANSWERS.jsonl")
+    check_workers(workers, cluster, load["device"])
     models = model_names(load["llm"], load["ja_en"], load["en_ja"])
     options = {"models": models, **{key: load[key] for key in ("dtype", "engine", "mt_backend", "beams")}}
     store = SQLiteStore(load["memory"]) if load["memory"] else None   # refused before any work if bad
-
-    def load_qa() -> BilingualQA:
-        qa = BilingualQA.from_pretrained(models["llm"], models["ja_en"], models["en_ja"], device=load["device"],
-                                         dtype=load["dtype"], engine=load["engine"],
-                                         mt_backend=load["mt_backend"], beams=load["beams"])
-        if store is not None:
-            for translator in (qa.ja_en, qa.en_ja):
-                translator.use_memory(store)
-        return qa
-
-    summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=options,
-                            source_lang=None if source_lang == "auto" else source_lang, settings=settings,
-                            field=jobs.field_for(batch_path, field, column), errors=errors_path,
-                            restart=restart, quiet=quiet)
-    if not quiet:
-        click.echo(f"bilingual-qa: {summary.describe()}", err=True)
+    load_qa = functools.partial(BilingualQA.from_pretrained, models["llm"], models["ja_en"], models["en_ja"],
+                                device=load["device"], dtype=load["dtype"], engine=load["engine"],
+                                mt_backend=load["mt_backend"], beams=load["beams"], memory=store)
+    with quiet_job(quiet):
+        summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=options,
+                                source_lang=None if source_lang == "auto" else source_lang, settings=settings,
+                                field=field_for(batch_path, field, column), errors=errors_path,
+                                restart=restart, quiet=quiet, chunk_rows=chunk_rows, workers=workers,
+                                cluster=cluster)
+    click.echo(f"bilingual-qa: {summary.describe()}", err=True)
 
 
 @main.command()

@@ -5,7 +5,7 @@ every row carries the byte offset just past it: a job resumes by seeking there. 
 span several lines (a newline inside a quoted field); `_csv_record_ends` follows the csv module's
 quoting rules over the raw bytes to find where each record ends, so offsets stay exact for CSV too.
 
-Writers turn a row and what the job made of it into the bytes of the output file; jobs.py decides
+Writers turn a row and what the job made of it into the bytes of the output file; runner.py decides
 when those bytes are written and committed.
 """
 
@@ -247,8 +247,10 @@ class TxtWriter:
 
     def row(self, row: InputRow, outcome: Outcome | None) -> bytes:
         text = "" if outcome is None or outcome.error else outcome.line
-        # A line break inside a translation would shift every later line.
-        return (" ".join(text.splitlines()) + "\n").encode("utf-8")
+        # A line break inside a translation would shift every later line. Each line ends as its
+        # input line did (CRLF stays CRLF), so the output diffs cleanly against the input.
+        ending = "\r\n" if row.raw.endswith(b"\r\n") else "\n"
+        return (" ".join(text.splitlines()) + ending).encode("utf-8")
 
 
 class JsonlWriter:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -95,11 +96,14 @@ class Translator:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def translate(self, texts: list[str]) -> list[str]:
-        """Translate each text, keeping paragraphs, line breaks, list markers and code as they are."""
+    def translate(self, texts: list[str], progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Translate each text, keeping paragraphs, line breaks, list markers and code as they are.
+
+        `progress(done, total)` is called after each batch, in sentence pieces (a job's progress bar)."""
         layouts = [plan_text(text) for text in texts]
         sentences = [sentence for layout in layouts for sentence in sentences_of(layout)]
-        joined = self.memory.recall(self.memory_context(), sentences, self._translate_sentences)
+        joined = self.memory.recall(self.memory_context(), sentences,
+                                    lambda missing: self._translate_sentences(missing, progress))
         results, position = [], 0
         for layout in layouts:
             count = len(sentences_of(layout))
@@ -107,7 +111,7 @@ class Translator:
             position += count
         return results
 
-    def _translate_sentences(self, sentences: list[str]) -> list[str]:
+    def _translate_sentences(self, sentences: list[str], progress=None) -> list[str]:
         """Translate sentences, cutting over-long ones into pieces and joining their translations."""
         # Each sentence is tokenised once: the ids that measure it are the ids the model reads.
         pieces_per_sentence, encoded = [], []
@@ -119,23 +123,28 @@ class Translator:
                 pieces = split_to_fit(sentence, MAX_SENTENCE_TOKENS, self.count_tokens)
                 pieces_per_sentence.append(len(pieces))
                 encoded.extend(self._encode(pieces))
-        translated = iter(self._translate_ids(encoded))
+        translated = iter(self._translate_ids(encoded, progress))
         joiner = " " if self.target_lang != "ja" else ""
         return [joiner.join(next(translated) for _ in range(count)) for count in pieces_per_sentence]
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=False)["input_ids"] if texts else []
 
-    def _translate_ids(self, encoded: list[list[int]]) -> list[str]:
+    def _translate_ids(self, encoded: list[list[int]], progress: Callable[[int, int], None] | None = None
+                       ) -> list[str]:
         for ids in encoded:
             if len(ids) > MODEL_MAX_TOKENS:
                 raise InputTooLongError(
                     f"a sentence is {len(ids)} tokens long; {self.name} reads at most {MODEL_MAX_TOKENS}"
                 )
         outputs: list[str] = [""] * len(encoded)
+        done = 0
         for batch in self._batches(encoded):
             for index, target in zip(batch.indices, self._generate(batch.ids)):
                 outputs[index] = self.tokenizer.decode(target, skip_special_tokens=True).strip()
+            done += len(batch.indices)
+            if progress is not None:
+                progress(done, len(encoded))
         return outputs
 
     def _batches(self, encoded: list[list[int]]) -> list[TranslationBatch]:
@@ -165,13 +174,18 @@ class Translator:
             return self._generate(batch[:half]) + self._generate(batch[half:])
         return [out[: output_bound(len(row))] for row, out in zip(batch, outputs)]
 
+    def job_options(self) -> dict:
+        """What of this loaded translator shapes a job's output: the job's fingerprint options."""
+        return {"model": self.name, "beams": self.num_beams, "batch_tokens": self.batch_tokens,
+                "mt_backend": self.backend.name, "dtype": str(self.model.dtype)}
+
     def translate_file(self, input, output, *, source_lang: str = "auto", field: str = "text",
                        errors=None, restart: bool = False, quiet: bool = False, chunk_rows: int | None = None):
         """Translate every row of a .txt/.jsonl/.csv/.tsv file into this model's target language,
-        exactly once and resumable (see jobs.py); returns a JobSummary."""
-        from pipeline.jobs import runner as jobs
+        exactly once and resumable (see pipeline/jobs); returns a JobSummary."""
+        from pipeline.jobs import workers as jobs
 
         return jobs.translate_file(input, output, to=self.target_lang, load_translator=lambda: self,
-                                   options=jobs.translator_options(self), source_lang=source_lang, field=field,
+                                   options=self.job_options(), source_lang=source_lang, field=field,
                                    errors=errors, restart=restart, quiet=quiet,
                                    chunk_rows=chunk_rows or jobs.TRANSLATE_CHUNK_ROWS)

@@ -1,5 +1,6 @@
 """`bilingual-qa translate` and `ask --batch`: in-process through click for most cases, and in real
-subprocesses that die (os._exit at a named point, and a real kill -9) and are run again."""
+subprocesses that die (SIGKILL at a named point through a test driver, and a kill -9 from outside)
+and are run again."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from pipeline.jobs import runner as jobs
 from pipeline.cli import main
-from pipeline.jobs.runner import CRASH_ENV
+from pipeline.jobs import workers as jobs
+
+CRASH_DRIVER = os.path.join(os.path.dirname(__file__), "crash_driver.py")
 
 ROWS = ["金利が上がると、人や企業にとって借り入れの費用が高くなります。", "円安は日本の輸出品を海外で安くします。", "",
         "The quick brown fox jumps over the lazy dog.", "東京の株式市場は午後に少し下がりました。", "これはペンです。"]
@@ -59,7 +61,9 @@ def test_translate_with_failed_rows_still_exits_zero_and_names_the_errors_file(t
     errors = tmp_path / "bad.jsonl"
     result = invoke("translate", str(source), "-o", str(tmp_path / "out.jsonl"), "--to", "en", "--errors",
                     str(errors), "--quiet", *translate_args)
-    assert result.exit_code == 0 and "rows:" not in result.stderr  # no summary (model loading still speaks)
+    # --quiet: the summary alone (issue 16: errors and the summary only; no loading lines)
+    assert result.exit_code == 0 and result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("bilingual-qa: 3 rows: 1 done, 0 copied, 2 failed")
     assert [json.loads(line)["line"] for line in errors.read_text().splitlines()] == [2, 3]
 
 
@@ -97,10 +101,11 @@ def crash_at(point: str, occurrence: int):
 def test_translate_refuses_a_changed_input_under_an_unfinished_output(tmp_path, translate_args, monkeypatch):
     source = write_rows(tmp_path / "in.txt", ROWS)
     output = tmp_path / "out.txt"
-    monkeypatch.setattr(jobs, "crash_hook", crash_at("after_progress", 2))
+    run_job, checkpoint = jobs.run_job, crash_at("after_progress", 2)
+    monkeypatch.setattr(jobs, "run_job", lambda *a, **kw: run_job(*a, **{**kw, "checkpoint": checkpoint}))
     with pytest.raises(Crash):
         invoke("translate", str(source), "-o", str(output), "--to", "en", "--chunk-rows", "2", *translate_args)
-    monkeypatch.setattr(jobs, "crash_hook", None)
+    monkeypatch.undo()
     write_rows(source, ROWS + ["追加の行です。"])
     result = invoke("translate", str(source), "-o", str(output), "--to", "en", "--chunk-rows", "2", *translate_args)
     assert result.exit_code == 2 and "changed since; pass --restart" in result.stderr
@@ -136,10 +141,10 @@ def test_ask_batch_refuses_unusable_arguments_with_exit_2(tmp_path, model_args, 
     assert result.exit_code == 2 and message in result.stderr
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, env=environment,
-                          timeout=300)
+def run_cli_dying_at(point: str, occurrence: int, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess that SIGKILLs itself the `occurrence`-th time the job reaches `point`."""
+    return subprocess.run([sys.executable, CRASH_DRIVER, point, str(occurrence), *args], capture_output=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
 def many_rows(count: int) -> list[str]:
@@ -148,7 +153,7 @@ def many_rows(count: int) -> list[str]:
 
 
 def test_translate_killed_at_a_commit_then_by_kill_9_loses_no_row_and_repeats_none(tmp_path, translate_args):
-    """Two real deaths of real processes: os._exit between a chunk and its progress record, then
+    """Two real deaths of real processes: SIGKILL between a chunk and its progress record, then
     SIGKILL at whatever moment; a third run finishes, and the files equal an uninterrupted run's."""
     source = tmp_path / "in.csv"
     rows = [row for row in many_rows(60) if row]
@@ -156,8 +161,8 @@ def test_translate_killed_at_a_commit_then_by_kill_9_loses_no_row_and_repeats_no
                       encoding="utf-8")
     args = ["--to", "en", "--chunk-rows", "5", *translate_args]
     output, progress = tmp_path / "out.csv", tmp_path / "out.csv.progress.json"
-    died = run_cli("translate", str(source), "-o", str(output), *args, env={CRASH_ENV: "before_progress:4"})
-    assert died.returncode == 86
+    died = run_cli_dying_at("before_progress", 4, "translate", str(source), "-o", str(output), *args)
+    assert died.returncode == -signal.SIGKILL, died.stderr.decode()
     committed = json.loads(progress.read_text())["counts"]["rows"]
     assert committed == 10  # the header commit, then two chunks of five
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from pipeline import GenerationSettings, Translator
-from pipeline.jobs import runner as jobs
+from pipeline.jobs import workers as jobs
 from pipeline.errors import JobError
 
 JAPANESE = [
@@ -64,20 +64,25 @@ def write_input(tmp_path, fmt: str, rows: list[str]):
     return path
 
 
-def translate(translator, source, output, **kwargs):
-    return translator.translate_file(source, output, quiet=True, **kwargs)
+def translate(translator, source, output, checkpoint=None, **kwargs):
+    """Through the API method; with a checkpoint, through the job function with the same options."""
+    if checkpoint is None:
+        return translator.translate_file(source, output, quiet=True, **kwargs)
+    return jobs.translate_file(source, output, to=translator.target_lang, load_translator=lambda: translator,
+                               options=translator.job_options(), quiet=True, checkpoint=checkpoint, **kwargs)
 
 
-def crash_at(monkeypatch, point: str, occurrence: int) -> None:
+def crash_at(point: str, occurrence: int):
+    """A checkpoint that crashes the job the `occurrence`-th time it reaches `point`."""
     seen = {"count": 0}
 
-    def hook(name: str) -> None:
+    def checkpoint(name: str) -> None:
         if name == point:
             seen["count"] += 1
             if seen["count"] == occurrence:
                 raise Crash(name)
 
-    monkeypatch.setattr(jobs, "crash_hook", hook)
+    return checkpoint
 
 
 def files_of(output):
@@ -232,26 +237,22 @@ def uninterrupted(ja_en, tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["txt", "csv"])
 @pytest.mark.parametrize("point,occurrence", CRASHES)
-def test_resume_after_crash_gives_output_identical_to_an_uninterrupted_run(ja_en, tmp_path, monkeypatch, fmt,
+def test_resume_after_crash_gives_output_identical_to_an_uninterrupted_run(ja_en, tmp_path, fmt,
                                                                            point, occurrence, uninterrupted):
     source, expected_files, expected_counts = uninterrupted[fmt]
     resumed = tmp_path / f"resumed.{fmt}"
-    crash_at(monkeypatch, point, occurrence)
     with pytest.raises(Crash):
-        translate(ja_en, source, resumed, chunk_rows=4)
-    monkeypatch.setattr(jobs, "crash_hook", None)
+        translate(ja_en, source, resumed, chunk_rows=4, checkpoint=crash_at(point, occurrence))
     summary = translate(ja_en, source, resumed, chunk_rows=4)
     assert files_of(resumed) == expected_files
     assert summary.counts() == expected_counts and expected_counts["failed"] == 1
 
 
-def test_resume_cuts_off_bytes_written_after_the_last_committed_chunk(ja_en, tmp_path, monkeypatch):
+def test_resume_cuts_off_bytes_written_after_the_last_committed_chunk(ja_en, tmp_path):
     source = write_input(tmp_path, "jsonl", many_rows(14))
     translate(ja_en, source, tmp_path / "whole.jsonl", chunk_rows=4)
-    crash_at(monkeypatch, "before_progress", 3)
     with pytest.raises(Crash):
-        translate(ja_en, source, tmp_path / "out.jsonl", chunk_rows=4)
-    monkeypatch.setattr(jobs, "crash_hook", None)
+        translate(ja_en, source, tmp_path / "out.jsonl", chunk_rows=4, checkpoint=crash_at("before_progress", 3))
     with open(tmp_path / "out.jsonl", "ab") as f:  # a torn write: half a line of garbage
         f.write(b'{"id": 999, "te')
     translate(ja_en, source, tmp_path / "out.jsonl", chunk_rows=4)
@@ -278,12 +279,10 @@ def test_crash_in_the_model_mid_chunk_resumes_without_losing_a_row(tiny_ja_en_di
     assert files_of(tmp_path / "out.txt") == files_of(tmp_path / "whole.txt")
 
 
-def test_changed_input_under_an_unfinished_output_is_refused(ja_en, tmp_path, monkeypatch):
+def test_changed_input_under_an_unfinished_output_is_refused(ja_en, tmp_path):
     source = write_input(tmp_path, "txt", many_rows(20))
-    crash_at(monkeypatch, "after_progress", 2)
     with pytest.raises(Crash):
-        translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4)
-    monkeypatch.setattr(jobs, "crash_hook", None)
+        translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4, checkpoint=crash_at("after_progress", 2))
     with open(source, "a", encoding="utf-8") as f:
         f.write("円安\n")
     with pytest.raises(JobError, match=r"unfinished job of an input that has changed since; pass --restart"):
@@ -293,12 +292,10 @@ def test_changed_input_under_an_unfinished_output_is_refused(ja_en, tmp_path, mo
     assert (tmp_path / "out.txt").read_text(encoding="utf-8").count("\n") == 21
 
 
-def test_changed_options_under_an_unfinished_output_are_refused(ja_en, tmp_path, monkeypatch):
+def test_changed_options_under_an_unfinished_output_are_refused(ja_en, tmp_path):
     source = write_input(tmp_path, "txt", many_rows(20))
-    crash_at(monkeypatch, "mid_chunk", 2)
     with pytest.raises(Crash):
-        translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4)
-    monkeypatch.setattr(jobs, "crash_hook", None)
+        translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4, checkpoint=crash_at("mid_chunk", 2))
     with pytest.raises(JobError, match=r"other options \(from\)"):
         translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4, source_lang="ja")
 
@@ -328,17 +325,15 @@ def test_finished_job_run_again_does_nothing_and_loads_no_model(tmp_path):
     assert (tmp_path / "out.txt").read_text(encoding="utf-8") == ENGLISH[0] + "\n"
 
 
-def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(ja_en, tmp_path, monkeypatch):
+def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(ja_en, tmp_path):
     source = write_input(tmp_path, "txt", many_rows(12))
 
     def second_job(point):
         if point == "after_progress":
-            monkeypatch.setattr(jobs, "crash_hook", None)
             with pytest.raises(JobError, match="another job is writing"):
                 translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4)
 
-    monkeypatch.setattr(jobs, "crash_hook", second_job)
-    summary = translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4)
+    summary = translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4, checkpoint=second_job)
     assert summary.rows == 12
 
 
@@ -382,16 +377,15 @@ def test_ask_file_writes_the_json_fields_after_the_input_fields(qa, tmp_path, sh
     assert summary.failed == 1 and read_errors(tmp_path / "a.jsonl")[0]["line"] == 3
 
 
-def test_ask_file_from_txt_keeps_each_line_as_question_and_resumes_identically(qa, tmp_path, monkeypatch,
+def test_ask_file_from_txt_keeps_each_line_as_question_and_resumes_identically(qa, tmp_path,
                                                                                short_answers):
     source = tmp_path / "q.txt"
     source.write_text("\n".join(["What is inflation?", "", "円安とは何ですか？", "这个问题很难吗",
                                  "Why do rates rise?", "株式とは何ですか？", "What is a bond?"]) + "\n", encoding="utf-8")
     qa.ask_file(source, tmp_path / "whole.jsonl", settings=short_answers, quiet=True, chunk_rows=2)
-    crash_at(monkeypatch, "before_progress", 3)
     with pytest.raises(Crash):
-        qa.ask_file(source, tmp_path / "out.jsonl", settings=short_answers, quiet=True, chunk_rows=2)
-    monkeypatch.setattr(jobs, "crash_hook", None)
+        jobs.ask_file(source, tmp_path / "out.jsonl", load_qa=lambda: qa, options=qa.job_options(),
+                      settings=short_answers, quiet=True, chunk_rows=2, checkpoint=crash_at("before_progress", 3))
     summary = qa.ask_file(source, tmp_path / "out.jsonl", settings=short_answers, quiet=True, chunk_rows=2)
     assert files_of(tmp_path / "out.jsonl") == files_of(tmp_path / "whole.jsonl")
     questions = [json.loads(line)["question"] for line in (tmp_path / "out.jsonl").read_text("utf-8").splitlines()]

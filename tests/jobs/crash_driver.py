@@ -1,0 +1,35 @@
+"""Runs `bilingual-qa ARGS...` and dies by SIGKILL at a named point of the job, like a kill -9 there.
+
+    python tests/jobs/crash_driver.py POINT N ARGS...
+
+The N-th time the job reaches POINT ("mid_chunk", "before_progress", "after_progress"), the process
+kills itself. The checkpoint is passed into the job runner from here: production code has no hook.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from pipeline import cli
+from pipeline.jobs import workers
+
+
+def die_at(point: str, occurrence: int):
+    seen = []
+
+    def checkpoint(name: str) -> None:
+        if name == point:
+            seen.append(name)
+            if len(seen) == occurrence:
+                os.kill(os.getpid(), signal.SIGKILL)
+    return checkpoint
+
+
+if __name__ == "__main__":
+    point, occurrence, *args = sys.argv[1:]
+    run_job, checkpoint = workers.run_job, die_at(point, int(occurrence))
+    workers.run_job = lambda *a, **kw: run_job(*a, **{**kw, "checkpoint": checkpoint})
+    sys.argv = ["bilingual-qa", *args]
+    cli.run()
