@@ -112,11 +112,13 @@ class FastPhiEngine:
         for first in range(0, len(prompts), self.max_batch_size):
             group = prompts[first:first + self.max_batch_size]
             rows: list[list[int]] = [[] for _ in group]
-            for new in self._run(group, settings, stop_check, self.check_every):
+            # rows are numbered in the whole call, as the stop check knows them
+            check = None if stop_check is None else (lambda row, ids, first=first: stop_check(first + row, ids))
+            for new in self._run(group, settings, check, self.check_every):
                 for row, tokens in zip(rows, new):
                     row.extend(tokens)
-            results.extend(finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check)
-                           for row in rows)
+            results.extend(finish_row(row, self.eos_token_id, settings.max_new_tokens, check, index)
+                           for index, row in enumerate(rows))
         return results
 
     def stream(self, prompt: list[int], settings: GenerationSettings,
@@ -210,7 +212,7 @@ class FastPhiEngine:
                 continue
             ids[row].extend(tokens)
             new.append(tokens)
-            if self.eos_token_id in tokens or (stop_check is not None and stop_check(ids[row])):
+            if self.eos_token_id in tokens or (stop_check is not None and stop_check(row, ids[row])):
                 finished[row] = True
         return new
 

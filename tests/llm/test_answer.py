@@ -45,7 +45,7 @@ def test_sampling_with_a_seed_is_reproducible(answerer):
 
 def test_stop_check_ends_generation_early_with_finish_reason_stop(answerer):
     prompt = answerer.encode("What is a loan?", 30)
-    stop_after_four = lambda ids: len(ids) >= 4  # noqa: E731
+    stop_after_four = lambda row, ids: len(ids) >= 4  # noqa: E731
     row = answerer.engine.generate([prompt], GenerationSettings(max_new_tokens=30), stop_after_four)[0]
     assert row.finish_reason == FINISH_STOP
     assert 4 <= len(row.token_ids) < 30
@@ -58,12 +58,12 @@ def test_length_limit_gives_finish_reason_length(answerer):
 
 
 def test_finish_row_names_eos_stop_and_length():
-    never = lambda ids: False  # noqa: E731
+    never = lambda row, ids: False  # noqa: E731
     assert finish_row([5, 6, 0, 0], 0, 10, never).finish_reason == FINISH_EOS
     assert finish_row([5, 6, 0, 0], 0, 10, never).token_ids == [5, 6]
     assert finish_row([5, 6, 7], 0, 3, never).finish_reason == FINISH_LENGTH
     # a row stopped by a stop sequence is padded with end-of-text afterwards: still "stop"
-    assert finish_row([5, 6, 0, 0], 0, 10, lambda ids: 6 in ids).finish_reason == FINISH_STOP
+    assert finish_row([5, 6, 0, 0], 0, 10, lambda row, ids: 6 in ids).finish_reason == FINISH_STOP
 
 
 def test_question_too_long_for_phi2_is_refused_with_the_limit(answerer):
