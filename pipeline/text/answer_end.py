@@ -34,12 +34,14 @@ class AnswerSpan:
 def answer_start(text: str, question: str | None, final: bool) -> int:
     """Index after the leading repeated question and answer labels; raises Undecided on a short prefix."""
     pos = skip_space(text, 0)
+    echoed = False  # the question is removed once; a second copy would be the answer's own words
     for _ in range(LEADING_PASSES):
         if pos == len(text) and not final:
             raise Undecided  # a label or the question may come next
         end = leading_label_end(text, pos, final)
-        if end is None and question:
+        if end is None and question and not echoed:
             end = echo_end(text, pos, question, final)
+            echoed = end is not None
         if end is None:
             break
         pos = skip_space(text, end)
@@ -56,6 +58,7 @@ def locate_answer(text: str, question: str | None = None, *, final: bool = True)
     eot = text.find(END_OF_TEXT)
     if eot >= 0:  # another document starts: the text ends here, whatever follows
         text, final = text[:eot], True
+    held = 0 if final else partial_marker(text)
     try:
         start = answer_start(text, question, final)
     except Undecided:
@@ -71,10 +74,18 @@ def locate_answer(text: str, question: str | None = None, *, final: bool = True)
         if verdict == STOP:
             return AnswerSpan(start, pos, pos)
         if verdict == OPEN:
-            return AnswerSpan(start, None, pos)
+            return AnswerSpan(start, None, min(pos, len(text) - held))
         state.add(line)
         pos = line_end + 1
-    return AnswerSpan(start, eot if eot >= 0 else None, len(text))
+    return AnswerSpan(start, eot if eot >= 0 else None, len(text) - held)
+
+
+def partial_marker(text: str) -> int:
+    """Length of the end of `text` that may be the start of an end-of-text marker."""
+    for size in range(min(len(END_OF_TEXT) - 1, len(text)), 0, -1):
+        if END_OF_TEXT.startswith(text[-size:]):
+            return size
+    return 0
 
 
 def find_stop(text: str, question: str | None = None) -> int | None:

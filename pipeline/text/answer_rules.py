@@ -38,8 +38,10 @@ HEADING = re.compile(r"#{1,6}[ \t]")
 # Where a line reads as a finished sentence of the answer: the next line may start a new block.
 COMPLETE_END = ".!?。！？)]\"'”’*`"
 QUESTION_MARKS = ("?", "？")
-# A question line is a short line of questions only; a longer one is a paragraph.
+# A question line is a short line of questions only; a longer one is a paragraph. An invented question
+# is a whole sentence: a line of one or two words ("Why?") is the answer's own rhetorical beat.
 MAX_QUESTION_LINE = 300
+MIN_QUESTION_WORDS = 3
 
 # A sentence that ends with something other than a question mark ("Rates rose. Why?" is a paragraph).
 STATEMENT_END = re.compile(r"(\S*)[.!](?=\s)|[。！](?=.)")
@@ -88,11 +90,18 @@ def leading_label_end(text: str, pos: int, final: bool) -> int | None:
     return match.end()
 
 
+def after_abbreviation(line: str, dot: int) -> bool:
+    """Is the full stop at `dot` the end of an abbreviation ("U.S.", "e.g.") rather than of a sentence?"""
+    before = line[:dot].split()
+    return line[dot] == "." and bool(before) and ABBREVIATION.fullmatch(before[-1]) is not None
+
+
 def echo_end(text: str, pos: int, question: str, final: bool) -> int | None:
     """End of the user's question repeated at `pos` (the first sentence or line), or None.
 
     The candidates are the sentence ends of the first line and the line's end; the first whose
-    words match the question's closely enough is the echo.
+    words match the question's closely enough is the echo. A sentence at least as long as the
+    question that does not match means the answer has begun.
     """
     wanted = words(question)
     if not wanted:
@@ -102,13 +111,15 @@ def echo_end(text: str, pos: int, question: str, final: bool) -> int | None:
     line = text[pos:newline if newline >= 0 else len(text)]
     label = ECHO_LABEL.match(line)
     skip = label.end() if label else 0
-    ends = [m.end() for m in SENTENCE_END.finditer(line, skip)]
+    ends = [m.end() for m in SENTENCE_END.finditer(line, skip) if not after_abbreviation(line, m.start())]
     if complete:
         ends.append(len(line.rstrip()))
     for end in ends:
         said = words(line[skip:end])
         if said and difflib.SequenceMatcher(None, wanted, said, autojunk=False).ratio() >= ECHO_SIMILARITY:
             return pos + end
+        if len(said) >= len(wanted):
+            return None
     # ratio = 2*common/(a+b) < 0.75 once b > 5a/3: a longer first sentence can no longer match. One
     # word of slack covers a label still being written ("Questio" before its colon).
     if complete or len(words(line)) > len(wanted) * 5 / 3 + 1:
@@ -127,7 +138,7 @@ def question_line(line: str, complete: bool) -> bool | None:
         if match.group(1) is None or not ABBREVIATION.fullmatch(match.group(1)):
             return False
     if complete:
-        return body.endswith(QUESTION_MARKS)
+        return body.endswith(QUESTION_MARKS) and len(words(body)) >= MIN_QUESTION_WORDS
     return None
 
 
