@@ -17,7 +17,7 @@ import torch
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.llm.engine import FINISH_STOP, Engine, GenerationSettings, StopCheck, TransformersEngine
 from pipeline.loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype, status
-from pipeline.text.answer_end import answer_ended, locate_answer, stream_answer
+from pipeline.text.answer_end import EndWatch, locate_answer, stream_answer
 
 DEFAULT_LLM = "microsoft/phi-2"
 PROMPT = "Instruct: {question}\nOutput:"
@@ -69,8 +69,10 @@ class Answerer:
 
     def stop_check(self, questions: Sequence[str]) -> StopCheck:
         """The engines' check: row i's answer (to questions[i]) has ended, so its generation may stop."""
+        watches = [EndWatch(question) for question in questions]
+
         def ended(row: int, ids: Sequence[int]) -> bool:
-            return answer_ended(self.tokenizer.decode(ids, skip_special_tokens=False), questions[row])
+            return watches[row](self.tokenizer.decode(ids, skip_special_tokens=False))
         return ended
 
     @staticmethod

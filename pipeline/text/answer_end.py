@@ -48,8 +48,12 @@ def answer_start(text: str, question: str | None, final: bool) -> int:
     return pos
 
 
-def locate_answer(text: str, question: str | None = None, *, final: bool = True) -> AnswerSpan:
+def locate_answer(text: str, question: str | None = None, *, final: bool = True,
+                  start: int | None = None) -> AnswerSpan:
     """The answer's span in `text`; `final=False` for a text phi-2 is still writing.
+
+    `start`: the answer's start found on an earlier prefix of this text (it never moves once known),
+    which spares the stop check comparing the first sentence with the question at every token.
 
     On a prefix, every index this returns is the one the finished text will give: a line is judged
     only from itself and the lines before it, and a line that may still become a stop holds `settled`
@@ -59,10 +63,11 @@ def locate_answer(text: str, question: str | None = None, *, final: bool = True)
     if eot >= 0:  # another document starts: the text ends here, whatever follows
         text, final = text[:eot], True
     held = 0 if final else partial_marker(text)
-    try:
-        start = answer_start(text, question, final)
-    except Undecided:
-        return AnswerSpan(None, None, 0)
+    if start is None:
+        try:
+            start = answer_start(text, question, final)
+        except Undecided:
+            return AnswerSpan(None, None, 0)
     asks = asks_for_questions(question)
     state = BodyState()
     pos = start
@@ -108,6 +113,18 @@ def trim_answer(text: str, question: str | None = None) -> tuple[str, bool]:
 def answer_ended(text: str, question: str | None = None) -> bool:
     """True once the text phi-2 is writing has certainly gone past the answer's end."""
     return locate_answer(text, question, final=False).end is not None
+
+
+class EndWatch:
+    """`answer_ended` for one growing text, remembering the answer's start once it is known."""
+
+    def __init__(self, question: str | None):
+        self.question, self.start = question, None
+
+    def __call__(self, text: str) -> bool:
+        span = locate_answer(text, self.question, final=False, start=self.start)
+        self.start = span.start
+        return span.end is not None
 
 
 def settled_answer(text: str, question: str | None = None) -> str:

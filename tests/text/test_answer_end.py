@@ -4,7 +4,7 @@ finished text, while it is written (the engines' stop check) and while it is str
 import pytest
 
 from pipeline import trim_answer
-from pipeline.text.answer_end import answer_ended, find_stop, settled_answer, stream_answer
+from pipeline.text.answer_end import EndWatch, answer_ended, find_stop, settled_answer, stream_answer
 from pipeline.text.answer_rules import asks_for_questions
 from answer_corpus import SAMPLES  # tests/text/answer_corpus.py, beside this file
 
@@ -230,7 +230,10 @@ def test_trimmed_corpus_answer_is_the_expected_one(sample):
 def test_stop_check_on_the_corpus_fires_by_the_end_of_the_stop_line_and_trims_the_same(sample):
     full = trim_answer(sample.output, sample.question)
     stop = find_stop(sample.output, sample.question)
-    fired = next((p for p in prefixes(sample.output) if answer_ended(p, sample.question)), None)
+    watch = EndWatch(sample.question)  # the engines' check, which remembers the answer's start
+    checks = [(p, answer_ended(p, sample.question)) for p in prefixes(sample.output)]
+    assert [watch(p) for p, _ in checks] == [ended for _, ended in checks]
+    fired = next((p for p, ended in checks if ended), None)
     if fired is None:
         # only a question line phi-2 ended the text with is known without its newline
         assert stop is None or "\n" not in sample.output[stop:]
