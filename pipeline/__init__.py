@@ -10,6 +10,7 @@ from pipeline.errors import BilingualQAError
 from pipeline.llm.engine import GenerationSettings
 from pipeline.qa import BilingualQA, QAResult
 from pipeline.mt.translator import Translator
+from pipeline.text.answer_end import trim_answer
 
-__all__ = ["BilingualQA", "BilingualQAError", "GenerationSettings", "QAResult", "Translator", "detect_language"]
+__all__ = ["BilingualQA", "BilingualQAError", "GenerationSettings", "QAResult", "Translator", "detect_language", "trim_answer"]
 __version__ = "0.1.0"

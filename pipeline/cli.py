@@ -78,6 +78,8 @@ def generation_options(command):
         click.option("--seed", type=int, default=None, help="Makes sampling reproducible."),
         click.option("--source-lang", type=click.Choice(["auto", "ja", "en"]), default="auto", show_default=True,
                      help="Skip detection and take the question as this language."),
+        click.option("--raw", is_flag=True,
+                     help="phi-2's whole output, untrimmed (echoed question, invented follow-ups), translated."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -189,8 +191,9 @@ def validate_language(question: str, source_lang: str) -> str | None:
     return None
 
 
-def settings_from(max_new_tokens, temperature, top_p, seed) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+def settings_from(max_new_tokens, temperature, top_p, seed, raw=False) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              raw=raw)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -216,7 +219,7 @@ def main() -> None:
 @click.option("--stream", is_flag=True, help="Show the English answer as phi-2 writes it (--format text).")
 @user_errors
 def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
-        temperature, top_p, seed, source_lang, batch_path, output, field, column, errors_path, restart,
+        temperature, top_p, seed, source_lang, raw, batch_path, output, field, column, errors_path, restart,
         chunk_rows, workers, cluster, quiet, memory, stream):
     """Answer QUESTION (or stdin) and show it in English and Japanese; with --batch FILE, answer every
     question of FILE into --output (JSON lines), exactly once and resumable."""
@@ -229,7 +232,7 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
         return ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet,
                               dict(llm=llm, ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, engine=engine,
                                    mt_backend=mt_backend, beams=beams, memory=memory),
-                              settings_from(max_new_tokens, temperature, top_p, seed), source_lang,
+                              settings_from(max_new_tokens, temperature, top_p, seed, raw), source_lang,
                               chunk_rows, workers, cluster)
     if output or field or column or errors_path or restart or quiet or cluster or memory or given - {"fmt"}:
         fail("--output, --field, --column, --errors, --restart, --chunk-rows, --workers, --cluster, --quiet "
@@ -240,7 +243,7 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
     forced = validate_language(question, source_lang)
     qa = BilingualQA.from_pretrained(llm, ja_en, en_ja, device=device, dtype=dtype, engine=engine,
                                      mt_backend=mt_backend, beams=beams)
-    settings = settings_from(max_new_tokens, temperature, top_p, seed)
+    settings = settings_from(max_new_tokens, temperature, top_p, seed, raw)
     if stream:
         for piece in qa.stream_text(question, source_lang=forced, settings=settings):
             click.echo(piece, nl=False)
@@ -259,14 +262,14 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
 @generation_options
 @user_errors
 def compare(question, llms, fmt, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
-            temperature, top_p, seed, source_lang):
+            temperature, top_p, seed, source_lang, raw):
     """The same QUESTION through several models (e.g. phi-2 and a fine-tune), answers paired."""
     question = read_question(question)
     forced = validate_language(question, source_lang)
     qa = BilingualQA.from_pretrained(llms[0], ja_en, en_ja, device=device, dtype=dtype, engine=engine,
                                      mt_backend=mt_backend, beams=beams)
     results = qa.compare(question, list(llms), source_lang=forced, dtype=dtype, engine=engine,
-                         settings=settings_from(max_new_tokens, temperature, top_p, seed))
+                         settings=settings_from(max_new_tokens, temperature, top_p, seed, raw))
     click.echo(render_comparison(results, fmt), nl=False)
 
 

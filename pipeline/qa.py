@@ -49,6 +49,7 @@ class QAResult:
     engine: str = ""
     mt_backend: str = ""
     generated_tokens: int = 0
+    raw: bool = False  # answer_en/answer_ja are phi-2's whole output (and its translation), untrimmed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,6 +158,7 @@ class BilingualQA:
                 answer_en=answers[i].text, answer_ja=answer_ja[i], finish_reason=answers[i].finish_reason,
                 models=self.models, timings=dict(clock.timings), engine=self.answerer.engine.name,
                 mt_backend=self.ja_en.backend.name, generated_tokens=answers[i].generated_tokens,
+                raw=settings.raw,
             ))
         return results
 

@@ -51,3 +51,16 @@ def qa(tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_dir):
     return BilingualQA.from_pretrained(str(tiny_phi2_dir), str(tiny_ja_en_dir), str(tiny_en_ja_dir),
                                        device="cpu", engine="transformers", mt_backend="transformers",
                                        beams=1)
+
+
+@pytest.fixture(scope="session")
+def answer_samples():
+    """The phi-2-style outputs of tests/text/answer_corpus.py, each with its question and expected answer."""
+    import importlib.util
+    import sys
+
+    if "answer_corpus" not in sys.modules:  # tests/text imports it by name, from beside its tests
+        spec = importlib.util.spec_from_file_location("answer_corpus", Path(__file__).parent / "text" / "answer_corpus.py")
+        sys.modules["answer_corpus"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["answer_corpus"])
+    return sys.modules["answer_corpus"].SAMPLES

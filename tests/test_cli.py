@@ -120,3 +120,62 @@ def test_streamed_output_equals_the_plain_text_output(model_args):
 
 def test_stream_with_json_is_refused(model_args):
     assert_one_line_error(run_cli("ask", "What is a bond?", *model_args, "--stream", "--format", "json"), "--stream")
+
+
+# ---- --raw: phi-2's whole output, as the source article printed it ------------------------------------
+
+def whole_generation(tiny_phi2_dir, question: str, max_new_tokens: int) -> str:
+    """What phi-2 (here the tiny checkpoint) writes after the prompt, untrimmed, greedy."""
+    from pipeline.llm.answerer import Answerer
+    from pipeline.llm.engine import GenerationSettings
+
+    answerer = Answerer.from_pretrained(str(tiny_phi2_dir), device="cpu", engine="transformers")
+    return answerer.answer([question], GenerationSettings(max_new_tokens=max_new_tokens, raw=True))[0].text
+
+
+def test_ask_raw_json_holds_the_whole_output_and_says_raw(model_args, tiny_phi2_dir):
+    args = ["ask", "What is a bond?", *model_args, "--format", "json", "--max-new-tokens", "24", "--beams", "1"]
+    raw, trimmed = run_cli(*args, "--raw"), run_cli(*args)
+    assert raw.returncode == 0 and trimmed.returncode == 0, raw.stderr.decode() + trimmed.stderr.decode()
+    raw, trimmed = json.loads(raw.stdout), json.loads(trimmed.stdout)
+    assert (raw["raw"], trimmed["raw"]) == (True, False)
+    assert raw["answer_en"] == whole_generation(tiny_phi2_dir, "What is a bond?", 24)
+    assert raw["finish_reason"] in ("eos", "length")  # nothing is cut in raw mode
+    from pipeline import trim_answer
+
+    assert trimmed["answer_en"] == trim_answer(raw["answer_en"], "What is a bond?")[0]
+    assert raw["generated_tokens"] >= trimmed["generated_tokens"]
+
+
+def test_ask_raw_text_shows_the_whole_output_and_its_translation_and_streams_the_same(model_args, tiny_phi2_dir):
+    args = ["ask", "What is a bond?", *model_args, "--max-new-tokens", "16", "--beams", "1", "--raw"]
+    plain, streamed = run_cli(*args), run_cli(*args, "--stream")
+    assert plain.returncode == 0, plain.stderr.decode()
+    english, japanese = plain.stdout.decode().split("\n### ---\n")
+    assert english == f"Q: What is a bond?\n\n{whole_generation(tiny_phi2_dir, 'What is a bond?', 16)}\n"
+    assert japanese.strip()  # the translation of the whole output
+    assert streamed.stdout == plain.stdout
+
+
+def test_compare_raw_gives_each_models_whole_output(model_args, tiny_phi2_dir):
+    args = [a for a in model_args]
+    args[args.index("--llm"):args.index("--llm") + 2] = []
+    proc = run_cli("compare", "What is a bond?", "--llm", str(tiny_phi2_dir), "--llm", str(tiny_phi2_dir),
+                   *args, "--format", "json", "--max-new-tokens", "12", "--beams", "1", "--raw")
+    assert proc.returncode == 0, proc.stderr.decode()
+    whole = whole_generation(tiny_phi2_dir, "What is a bond?", 12)
+    assert [(r["raw"], r["answer_en"]) for r in json.loads(proc.stdout)] == [(True, whole), (True, whole)]
+
+
+def test_ask_batch_raw_writes_the_whole_outputs_and_a_raw_field(model_args, tiny_phi2_dir, tmp_path):
+    source = tmp_path / "q.txt"
+    source.write_text("What is a bond?\nWhat is a loan?\n", encoding="utf-8")
+    common = ["ask", "--batch", str(source), *model_args, "--max-new-tokens", "10", "--beams", "1", "--quiet"]
+    proc = run_cli(*common, "-o", str(tmp_path / "raw.jsonl"), "--raw")
+    assert proc.returncode == 0, proc.stderr.decode()
+    rows = [json.loads(line) for line in (tmp_path / "raw.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["raw"], r["answer_en"]) for r in rows] == [
+        (True, whole_generation(tiny_phi2_dir, q, 10)) for q in ("What is a bond?", "What is a loan?")]
+    # --raw changes the answers: the same file and output without it is another job
+    again = run_cli(*common, "-o", str(tmp_path / "raw.jsonl"))
+    assert again.returncode == 2 and "--restart" in again.stderr.decode()

@@ -1,28 +1,29 @@
 """Stage 3: answer an English question with phi-2 (or a phi-2-family fine-tune).
 
 The prompt is the model card's QA format, `Instruct: <question>\\nOutput:`. Generation runs on an
-engine (engine.py: transformers' `generate`; fast_engine.py: static cache and CUDA graphs),
-stops at end-of-text or where phi-2 starts a new turn (text/answer_end.py), and the text is trimmed
-there. What runs on this machine (dtype, engine, kernels) is hardware.py's plan.
+engine (engine.py: transformers' `generate`; fast_engine.py: static cache and CUDA graphs) and stops
+at end-of-text or as soon as the answer has ended (text/answer_end.py: phi-2 invents a new question
+or turn); the text is trimmed by the same rules (`finish`), which every caller gets from here. With
+`settings.raw` phi-2 writes until end-of-text or the length limit and nothing is trimmed. What runs
+on this machine (dtype, engine, kernels) is hardware.py's plan.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
-from pipeline.llm.engine import FINISH_STOP, Engine, GenerationSettings, TransformersEngine
+from pipeline.llm.engine import FINISH_STOP, Engine, GenerationSettings, StopCheck, TransformersEngine
 from pipeline.llm.hardware import Plan, plan, probe
 from pipeline.loading import DTYPES, load_pretrained, load_tokenizer, locate_model, resolve_device, status
-from pipeline.text.answer_end import find_stop, trim_answer
+from pipeline.text.answer_end import EndWatch, locate_answer, stream_answer
 
 DEFAULT_LLM = "microsoft/phi-2"
 PROMPT = "Instruct: {question}\nOutput:"
 ENGINE_CHOICES = ("auto", "fast", "transformers")
-HOLD_BACK = 24  # characters of a new line held back while streaming (longer than any stop line)
 
 
 @dataclass
@@ -75,8 +76,26 @@ class Answerer:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
         return cls(model, tokenizer, choose_engine(engine, model, eos, device, chosen), name)
 
-    def _stops(self, ids) -> bool:
-        return find_stop(self.tokenizer.decode(ids, skip_special_tokens=False)) is not None
+    def stop_check(self, questions: Sequence[str]) -> StopCheck:
+        """The engines' check: row i's answer (to questions[i]) has ended, so its generation may stop."""
+        watches = [EndWatch(question) for question in questions]
+
+        def ended(row: int, ids: Sequence[int]) -> bool:
+            return watches[row](self.tokenizer.decode(ids, skip_special_tokens=False))
+        return ended
+
+    @staticmethod
+    def finish(text: str, question: str, finish_reason: str, raw: bool = False) -> tuple[str, str]:
+        """The answer shown for `question` and its finish reason, from the whole text phi-2 wrote.
+
+        `stop` when the answer ended before phi-2 did; a repeated question or a leading "Answer:"
+        removed alone does not change the reason. Raw: the whole text, only its outer space stripped.
+        """
+        if raw:
+            return text.strip(), finish_reason
+        span = locate_answer(text, question)
+        end = len(text) if span.end is None else span.end
+        return text[span.start:end].strip(), FINISH_STOP if span.end is not None else finish_reason
 
     def encode(self, question: str, max_new_tokens: int) -> list[int]:
         ids = self.tokenizer(PROMPT.format(question=question.strip()))["input_ids"]
@@ -90,31 +109,39 @@ class Answerer:
     def answer(self, questions: list[str], settings: GenerationSettings) -> list[AnswerText]:
         """Answer English questions together, in one batch."""
         prompts = [self.encode(q, settings.max_new_tokens) for q in questions]
-        generated = self.engine.generate(prompts, settings, self._stops)
+        generated = self.engine.generate(prompts, settings, None if settings.raw else self.stop_check(questions))
         answers = []
-        for prompt, row in zip(prompts, generated):
-            text, cut = trim_answer(self.tokenizer.decode(row.token_ids, skip_special_tokens=True))
-            reason = FINISH_STOP if cut else row.finish_reason
+        for question, prompt, row in zip(questions, prompts, generated):
+            text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+            text, reason = self.finish(text, question, row.finish_reason, settings.raw)
             answers.append(AnswerText(text, reason, len(prompt), len(row.token_ids)))
         return answers
 
     def stream(self, question: str, settings: GenerationSettings) -> Iterator[str]:
-        """The answer's text as it is generated, piece by piece, ending at the first stop."""
+        """The answer's text as it is generated, piece by piece: each piece as soon as no later text
+        can cut it, so the pieces joined equal `answer`'s text."""
         prompt = self.encode(question, settings.max_new_tokens)
+        check = None if settings.raw else self.stop_check([question])
         ids: list[int] = []
-        shown = 0
-        for token in self.engine.stream(prompt, settings, self._stops):
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-            stop = find_stop(text)
-            if stop is not None:
-                break
-            # Hold back half a character and a short last line: it may be the start of a stop line.
-            line_start = text.rfind("\n") + 1
-            ready = text.rstrip("\ufffd") if len(text) - line_start >= HOLD_BACK else text[:line_start]
-            if len(ready) > shown:
-                yield ready[shown:]
-                shown = len(ready)
-        final = trim_answer(self.tokenizer.decode(ids, skip_special_tokens=True))[0]
-        if len(final) > shown:
-            yield final[shown:]
+
+        def texts() -> Iterator[str]:
+            for token in self.engine.stream(prompt, settings, check):
+                ids.append(token)
+                yield self.tokenizer.decode(ids, skip_special_tokens=True)
+
+        if settings.raw:
+            yield from stream_raw(texts())
+        else:
+            yield from stream_answer(texts(), question)
+
+
+def stream_raw(texts: Iterator[str]) -> Iterator[str]:
+    """Pieces of the whole text, its outer space stripped; a partly decoded character waits."""
+    shown, text = "", ""
+    for text in texts:
+        ready = text.lstrip().rstrip("\ufffd").rstrip()
+        if len(ready) > len(shown):
+            yield ready[len(shown):]
+            shown = ready
+    if len(text.strip()) > len(shown):
+        yield text.strip()[len(shown):]

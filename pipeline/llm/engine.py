@@ -18,11 +18,12 @@ import torch
 
 from pipeline.errors import BilingualQAError
 
-# Given one row's generated ids so far, True once a stop sequence has appeared in its text.
-StopCheck = Callable[[Sequence[int]], bool]
+# Given a row's index in the call's prompts and its generated ids so far, True once its answer has
+# ended (each row has its own question, so the check needs to know which row it sees).
+StopCheck = Callable[[int, Sequence[int]], bool]
 
 FINISH_EOS = "eos"  # the model wrote end-of-text
-FINISH_STOP = "stop"  # a stop sequence appeared (phi-2 starting an invented follow-up)
+FINISH_STOP = "stop"  # the answer ended and phi-2 went on (an invented follow-up question or turn)
 FINISH_LENGTH = "length"  # max_new_tokens reached
 
 
@@ -32,6 +33,8 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None
+    # phi-2's whole output: no stop check, nothing trimmed (read by the answer stage; engines ignore it)
+    raw: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -55,7 +58,7 @@ class Engine(Protocol):
 
 
 def finish_row(ids: Sequence[int], eos_token_id: int, max_new_tokens: int,
-               stop_check: StopCheck | None) -> Generated:
+               stop_check: StopCheck | None, row: int = 0) -> Generated:
     """Cut a row's ids at end-of-text and name why it finished.
 
     A row stopped by a stop sequence is padded with end-of-text afterwards, so the stop check comes
@@ -64,7 +67,7 @@ def finish_row(ids: Sequence[int], eos_token_id: int, max_new_tokens: int,
     ids = list(ids)
     ended = eos_token_id in ids
     body = ids[: ids.index(eos_token_id)] if ended else ids[:max_new_tokens]
-    if stop_check is not None and stop_check(body):
+    if stop_check is not None and stop_check(row, body):
         return Generated(body, FINISH_STOP)
     return Generated(body, FINISH_EOS if ended else FINISH_LENGTH)
 
@@ -84,9 +87,15 @@ class AnswerOutOfMemoryError(BilingualQAError):
     pass
 
 
-def generate_shrinking(prompts: list, run: Callable[[list], list], max_rows: int,
+def shifted(stop_check: StopCheck | None, first: int) -> StopCheck | None:
+    """The check of a group whose rows start at index `first` of the call's prompts."""
+    return None if stop_check is None else (lambda row, ids: stop_check(first + row, ids))
+
+
+def generate_shrinking(prompts: list, run: Callable[[list, int], list], max_rows: int,
                        release: Callable[[], None] = lambda: None) -> list:
-    """run(group) over consecutive groups of at most max_rows prompts, results in order.
+    """run(group, first) over consecutive groups of at most max_rows prompts (`first`: the group's
+    first index in `prompts`), results in order.
 
     A CUDA out-of-memory error halves the group size, calls `release` (free caches) and runs the
     same group again: rows already done are kept, none is lost or run twice in the results. The
@@ -97,7 +106,7 @@ def generate_shrinking(prompts: list, run: Callable[[list], list], max_rows: int
     while first < len(prompts):
         group = prompts[first:first + size]
         try:
-            done = run(group)
+            done = run(group, first)
         except torch.cuda.OutOfMemoryError:
             release()
             if len(group) == 1:
@@ -133,7 +142,7 @@ class _StopEachRow:
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         rows = input_ids[:, self.prompt_length:].tolist()
-        done = [self.stop_check(row) for row in rows]
+        done = [self.stop_check(index, row) for index, row in enumerate(rows)]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -208,8 +217,9 @@ class TransformersEngine:
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
                  stop_check: StopCheck | None = None) -> list[Generated]:
         release = torch.cuda.empty_cache if self.model.device.type == "cuda" else (lambda: None)
-        return generate_shrinking(prompts, lambda group: self._generate(group, settings, stop_check),
-                                  len(prompts), release)
+        return generate_shrinking(
+            prompts, lambda group, first: self._generate(group, settings, shifted(stop_check, first)),
+            len(prompts), release)
 
     @torch.inference_mode()
     def _generate(self, prompts: list[list[int]], settings: GenerationSettings,
@@ -221,7 +231,8 @@ class TransformersEngine:
             out = self.model.generate(input_ids=ids, attention_mask=mask,
                                       **self._generate_kwargs(settings, ids.shape[1], stop_check))
         new = out[:, ids.shape[1]:].tolist()
-        return [finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check) for row in new]
+        return [finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check, index)
+                for index, row in enumerate(new)]
 
     def stream(self, prompt: list[int], settings: GenerationSettings,
                stop_check: StopCheck | None = None) -> Iterator[int]:

@@ -22,7 +22,8 @@ import torch
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.kernels.phi_attention import AttentionConfig, triton
 from pipeline.llm.decode_config import DEFAULT_DECODE, DecodeConfig
-from pipeline.llm.engine import Generated, GenerationSettings, StopCheck, finish_row, generate_shrinking, non_finite_error
+from pipeline.llm.engine import (Generated, GenerationSettings, StopCheck, finish_row, generate_shrinking,
+                                 non_finite_error, shifted)
 from pipeline.llm.memory import CACHE_FIT_SHARE, rows_that_fit, usable_memory
 from pipeline.llm.phi_model import DecodeState, decode_step, prefill
 from pipeline.llm.phi_weights import phi_weights, rope_tables
@@ -116,12 +117,14 @@ class FastPhiEngine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
                  stop_check: StopCheck | None = None) -> list[Generated]:
-        def run(group: list[list[int]]) -> list[Generated]:
+        def run(group: list[list[int]], first: int) -> list[Generated]:
             rows: list[list[int]] = [[] for _ in group]
-            for new in self._run(group, settings, stop_check, self.check_every):
+            check = shifted(stop_check, first)  # rows are numbered in the whole call, as the check knows them
+            for new in self._run(group, settings, check, self.check_every):
                 for row, tokens in zip(rows, new):
                     row.extend(tokens)
-            return [finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check) for row in rows]
+            return [finish_row(row, self.eos_token_id, settings.max_new_tokens, check, index)
+                    for index, row in enumerate(rows)]
 
         if not prompts:
             return []
@@ -223,7 +226,7 @@ class FastPhiEngine:
                 continue
             ids[row].extend(tokens)
             new.append(tokens)
-            if self.eos_token_id in tokens or (stop_check is not None and stop_check(ids[row])):
+            if self.eos_token_id in tokens or (stop_check is not None and stop_check(row, ids[row])):
                 finished[row] = True
         return new
 

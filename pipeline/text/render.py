@@ -27,7 +27,8 @@ def render_markdown(result: "QAResult") -> str:
     return "\n".join([
         "## English", "", f"**Q:** {result.question_en}", "", result.answer_en, "",
         "## 日本語", "", f"**質問:** {result.question_ja}", "", result.answer_ja, "",
-        f"<sub>model: {result.models['llm']} · finish: {result.finish_reason}</sub>", "",
+        f"<sub>model: {result.models['llm']} · finish: {result.finish_reason}"
+        f"{' · raw output, untrimmed' if result.raw else ''}</sub>", "",
     ])
 
 

@@ -4,6 +4,7 @@ import torch
 from pipeline.llm.answerer import PROMPT, Answerer
 from pipeline.errors import InputTooLongError
 from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationSettings, TransformersEngine, finish_row
+from pipeline.text.answer_end import END_OF_TEXT, find_stop, trim_answer
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_sampling_with_a_seed_is_reproducible(answerer):
 
 def test_stop_check_ends_generation_early_with_finish_reason_stop(answerer):
     prompt = answerer.encode("What is a loan?", 30)
-    stop_after_four = lambda ids: len(ids) >= 4  # noqa: E731
+    stop_after_four = lambda row, ids: len(ids) >= 4  # noqa: E731
     row = answerer.engine.generate([prompt], GenerationSettings(max_new_tokens=30), stop_after_four)[0]
     assert row.finish_reason == FINISH_STOP
     assert 4 <= len(row.token_ids) < 30
@@ -58,12 +59,12 @@ def test_length_limit_gives_finish_reason_length(answerer):
 
 
 def test_finish_row_names_eos_stop_and_length():
-    never = lambda ids: False  # noqa: E731
+    never = lambda row, ids: False  # noqa: E731
     assert finish_row([5, 6, 0, 0], 0, 10, never).finish_reason == FINISH_EOS
     assert finish_row([5, 6, 0, 0], 0, 10, never).token_ids == [5, 6]
     assert finish_row([5, 6, 7], 0, 3, never).finish_reason == FINISH_LENGTH
     # a row stopped by a stop sequence is padded with end-of-text afterwards: still "stop"
-    assert finish_row([5, 6, 0, 0], 0, 10, lambda ids: 6 in ids).finish_reason == FINISH_STOP
+    assert finish_row([5, 6, 0, 0], 0, 10, lambda row, ids: 6 in ids).finish_reason == FINISH_STOP
 
 
 def test_question_too_long_for_phi2_is_refused_with_the_limit(answerer):
@@ -82,3 +83,84 @@ def test_transformers_engine_stream_yields_same_tokens_as_generate(answerer):
     prompt = answerer.encode("Why save?", 8)
     engine = TransformersEngine(answerer.model, answerer.tokenizer.eos_token_id)
     assert list(engine.stream(prompt, settings)) == engine.generate([prompt], settings)[0].token_ids
+
+
+# ---- where the answer ends, through the Answerer ------------------------------------------------------
+
+class ReplayEngine:
+    """The engine contract over fixed token ids: rows "generate" the ids given, the stop check runs
+    after every token as in TransformersEngine. It drives the real Answerer (prompt, tokenizer, stop
+    check, trimming, streaming) through exact phi-2-style texts, which random tiny weights never write."""
+
+    name = "replay"
+
+    def __init__(self, rows: list[list[int]], eos_token_id: int):
+        self.rows, self.eos_token_id = rows, eos_token_id
+
+    def _run(self, row: int, settings, stop_check):
+        ids = []
+        for token in self.rows[row][:settings.max_new_tokens]:
+            ids.append(token)
+            yield token
+            if stop_check is not None and stop_check(row, ids):
+                return
+
+    def generate(self, prompts, settings, stop_check=None):
+        return [finish_row(list(self._run(row, settings, stop_check)) + [self.eos_token_id], self.eos_token_id,
+                           settings.max_new_tokens, stop_check, row) for row in range(len(prompts))]
+
+    def stream(self, prompt, settings, stop_check=None):
+        yield from self._run(0, settings, stop_check)
+
+
+def replaying(answerer, outputs: list[str]) -> tuple[Answerer, list[list[int]]]:
+    rows = [answerer.tokenizer(text)["input_ids"] for text in outputs]
+    assert [answerer.tokenizer.decode(r) for r in rows] == outputs  # byte-level BPE: the exact text
+    engine = ReplayEngine(rows, answerer.tokenizer.eos_token_id)
+    return Answerer(answerer.model, answerer.tokenizer, engine, answerer.name), rows
+
+
+def test_answerer_stops_where_the_answer_ends_and_trims_as_trim_answer_does(answerer, answer_samples):
+    settings = GenerationSettings(max_new_tokens=1500)
+    outputs = [s.output.replace(END_OF_TEXT, "") for s in answer_samples]
+    replay, rows = replaying(answerer, outputs)
+    answers = replay.answer([s.question for s in answer_samples], settings)  # one batch, each row its question
+    for sample, output, row, answer in zip(answer_samples, outputs, rows, answers):
+        assert answer.text == trim_answer(output, sample.question)[0], sample.name
+        stop = find_stop(output, sample.question)
+        assert answer.finish_reason == (FINISH_STOP if stop is not None else FINISH_EOS), sample.name
+        if stop is not None and "\n" in output[stop:].rstrip():  # stopped at the stop line, not at the end
+            assert answer.generated_tokens < len(row), sample.name
+
+
+def test_streamed_pieces_fed_token_by_token_join_to_the_answer(answerer, answer_samples):
+    settings = GenerationSettings(max_new_tokens=1500)
+    for sample in answer_samples:
+        output = sample.output.replace(END_OF_TEXT, "")
+        replay, _ = replaying(answerer, [output])
+        pieces = list(replay.stream(sample.question, settings))
+        assert "".join(pieces) == replay.answer([sample.question], settings)[0].text, sample.name
+
+
+def test_raw_answer_is_the_whole_output_with_the_engines_finish_reason(answerer, answer_samples):
+    raw = GenerationSettings(max_new_tokens=1500, raw=True)
+    sample = next(s for s in answer_samples if s.name == "echo_then_answer_label_then_new_question")
+    replay, rows = replaying(answerer, [sample.output])
+    answer = replay.answer([sample.question], raw)[0]
+    assert (answer.text, answer.finish_reason, answer.generated_tokens) == (sample.output.strip(), FINISH_EOS, len(rows[0]))
+    assert "".join(replay.stream(sample.question, raw)) == sample.output.strip()
+
+
+def test_raw_generation_runs_past_where_the_trimmed_answer_stops(answerer):
+    # the tiny model writes noise; greedy, the trimmed answer is the trim of the raw one whatever it is
+    question = "What is a bond?"
+    trimmed = answerer.answer([question], GenerationSettings(max_new_tokens=40))[0]
+    raw = answerer.answer([question], GenerationSettings(max_new_tokens=40, raw=True))[0]
+    prompt = answerer.encode(question, 40)
+    plain = answerer.model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+                                    pad_token_id=answerer.tokenizer.eos_token_id)[0, len(prompt):].tolist()
+    plain = [t for t in plain if t != answerer.tokenizer.eos_token_id]
+    assert raw.text == answerer.tokenizer.decode(plain, skip_special_tokens=True).strip()
+    assert raw.generated_tokens == len(plain) >= trimmed.generated_tokens
+    assert trimmed.text == trim_answer(raw.text, question)[0]
+    assert "".join(answerer.stream(question, GenerationSettings(max_new_tokens=40, raw=True))) == raw.text

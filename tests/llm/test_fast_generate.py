@@ -121,9 +121,9 @@ def test_stop_check_finishes_the_row_with_reason_stop(model, eos, fast):
     marker = greedy[0].token_ids[5]
     checked = []
 
-    def stop_check(ids):
+    def stop_check(row, ids):
         checked.append(len(ids))
-        return marker in ids
+        return row == 0 and marker in ids
 
     engine = FastPhiEngine(model, eos, use_graphs=False, max_seq_len=256, check_every=4)
     out = engine.generate([PROMPTS[0], PROMPTS[2]], GREEDY, stop_check)

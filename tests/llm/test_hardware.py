@@ -95,7 +95,8 @@ def test_rows_that_fit_takes_the_whole_batch_or_the_largest_power_of_two_that_fi
 def test_out_of_memory_halves_the_group_and_loses_nothing():
     calls, released = [], []
 
-    def run(group):
+    def run(group, first):
+        assert group[0] == first  # each group knows where it starts in the call
         calls.append(list(group))
         if len(group) > 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (pretend)")
@@ -106,7 +107,7 @@ def test_out_of_memory_halves_the_group_and_loses_nothing():
     assert [len(c) for c in calls] == [8, 4, 2, 2, 2, 2, 2, 1]  # 8 and 4 fail; 2 from then on
     assert len(released) == 2
     with pytest.raises(AnswerOutOfMemoryError):
-        generate_shrinking([1], lambda group: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom")), 1)
+        generate_shrinking([1], lambda group, first: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom")), 1)
 
 
 def test_fast_engine_splits_a_batch_that_runs_out_of_memory_and_keeps_every_row(tiny_phi2_dir):
