@@ -7,7 +7,9 @@ is written only once it is complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import math
 import os
 import sys
 import warnings
@@ -17,17 +19,40 @@ import click
 
 from pipeline.llm.answerer import ENGINE_CHOICES
 from pipeline.text.detect import detect_language, require_supported
-from pipeline.errors import BilingualQAError, EmptyInputError, JobError
+from pipeline.errors import BilingualQAError, DeviceError, EmptyInputError, JobError, ModelLoadError
 from pipeline.jobs import workers as jobs
 from pipeline.jobs.files import input_format
 from pipeline.llm.engine import GenerationSettings
+from pipeline.loading import locate_model, quiet_libraries, resolve_device
 from pipeline.mt.backends import BACKEND_CHOICES
 from pipeline.mt.memory import SQLiteStore
 from pipeline.qa import BilingualQA, check_question, model_names
+from pipeline.text.controls import strip_controls
 from pipeline.text.render import FORMATS
 from pipeline.mt.translator import DEFAULT_BATCH_TOKENS, Translator
 
 EXIT_USER_ERROR = 2
+MAX_SEED = 2**32 - 1  # what every engine's generator takes
+# Errors of the machine, not of our code, that a user fixes: a full disk, a read-only directory.
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR,
+                  errno.EISDIR, errno.ENOENT}
+ENV_EPILOG = (
+    "\b\nEnvironment:\n"
+    "  BILINGUAL_QA_LLM, BILINGUAL_QA_JA_EN, BILINGUAL_QA_EN_JA  default models (hub id or directory)\n"
+    "  BILINGUAL_QA_QUIET=1   no status lines (as --quiet)\n"
+    "  HF_HUB_OFFLINE=1       never reach the hub; HF_HOME: where hub models are cached\n"
+    "  XDG_CACHE_HOME         CTranslate2 conversions go to $XDG_CACHE_HOME/bilingual-qa/ct2"
+)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses nan and inf (which pass every comparison or bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def fail(message: str) -> None:
@@ -49,9 +74,9 @@ def user_errors(command):
 def model_options(command):
     """Options shared by every command that loads models."""
     options = [
-        click.option("--ja-en", envvar="BILINGUAL_QA_JA_EN", default=None,
+        click.option("--ja-en", envvar="BILINGUAL_QA_JA_EN", default=None, show_envvar=True,
                      help="Japanese->English MarianMT model: hub id or local directory."),
-        click.option("--en-ja", envvar="BILINGUAL_QA_EN_JA", default=None,
+        click.option("--en-ja", envvar="BILINGUAL_QA_EN_JA", default=None, show_envvar=True,
                      help="English->Japanese MarianMT model: hub id or local directory."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", default="auto", show_default=True,
@@ -72,10 +97,11 @@ def generation_options(command):
         click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True,
                      help="phi-2 generation engine (auto: fast on CUDA, else transformers)."),
         click.option("--max-new-tokens", type=click.IntRange(1, 2000), default=256, show_default=True),
-        click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True,
+        click.option("--temperature", type=FiniteFloatRange(0.0, 100.0), default=0.0, show_default=True,
                      help="0 is greedy; above 0 samples."),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Makes sampling reproducible."),
+        click.option("--top-p", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
+                     help=f"Makes sampling reproducible (0 to {MAX_SEED})."),
         click.option("--source-lang", type=click.Choice(["auto", "ja", "en"]), default="auto", show_default=True,
                      help="Skip detection and take the question as this language."),
         click.option("--raw", is_flag=True,
@@ -105,7 +131,8 @@ def job_options(prefix: str, holds: str, chunk_rows: int):
         click.option("--cluster", metavar="ADDRESS", default=None,
                      help=lead("Run the chunks on the workers of this running Dask scheduler "
                                "(tcp://HOST:8786) instead of a local cluster.")),
-        click.option("--quiet", "-q", is_flag=True, help=lead("Only errors and the final summary on stderr.")),
+        click.option("--quiet", "-q", is_flag=True,
+                     help="Only errors on stderr (and a job's one-line summary): no loading lines, bars or warnings."),
     ]
 
     def apply(command):
@@ -171,9 +198,14 @@ def quiet_job(quiet: bool):
 def read_question(question: str | None) -> str:
     """The question from the argument, or from stdin when it is absent or '-'."""
     if question is None or question == "-":
+        if sys.stdin.isatty():
+            if question is None:
+                fail('no question: give it as an argument (bilingual-qa ask "...") or on stdin'
+                     ' (echo "..." | bilingual-qa ask), or pass - to type it here')
+            click.echo("bilingual-qa: type the question, then Ctrl-D", err=True)
         data = sys.stdin.buffer.read()
         try:
-            question = data.decode("utf-8")
+            question = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not text
         except UnicodeDecodeError as error:
             raise EmptyInputError(f"the question is not valid UTF-8 (byte {error.start})") from None
     try:
@@ -191,21 +223,44 @@ def validate_language(question: str, source_lang: str) -> str | None:
     return None
 
 
+def check_before_loading(device: str, engine: str | None = None, mt_backend: str = "auto") -> None:
+    """The checks that need no model, run before any model loads: the device, and engines or
+    backends that cannot serve it (each would otherwise fail only after minutes of loading)."""
+    resolved = resolve_device(device)
+    if engine == "fast" and resolved.type != "cuda":
+        raise DeviceError(f"--engine fast needs a CUDA device, not {resolved.type}; use --engine transformers")
+    if mt_backend == "fast" and resolved.type != "cuda":
+        raise DeviceError(f"--mt-backend fast needs a CUDA device, not {resolved.type}; use --mt-backend auto")
+    if mt_backend == "ctranslate2":
+        from pipeline.mt.ctranslate2 import ctranslate2_available
+
+        if resolved.type != "cpu":
+            raise DeviceError("--mt-backend ctranslate2 runs on the CPU only here; use --mt-backend fast on CUDA")
+        if not ctranslate2_available():
+            raise ModelLoadError("--mt-backend ctranslate2 needs the optional extra: pip install 'bilingual-qa[cpu-fast]'")
+
+
 def settings_from(max_new_tokens, temperature, top_p, seed, raw=False) -> GenerationSettings:
     return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               raw=raw)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True,
+             epilog=ENV_EPILOG)
 @click.version_option(package_name="bilingual-qa")
-def main() -> None:
-    """Ask phi-2 in Japanese or English; get the question and answer in both languages."""
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Ask phi-2 in Japanese or English; get the question and answer in both languages.
+
+    `bilingual-qa COMMAND --help` shows each command's options."""
+    if ctx.invoked_subcommand is None:  # bare `bilingual-qa`: the help, as asked for, exit 0
+        click.echo(ctx.get_help())
 
 
-@main.command()
+@main.command(epilog=ENV_EPILOG)
 @click.argument("question", required=False)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
-@click.option("--llm", envvar="BILINGUAL_QA_LLM", default=None,
+@click.option("--llm", envvar="BILINGUAL_QA_LLM", default=None, show_envvar=True,
               help="phi-2-family model: hub id or local directory [default: microsoft/phi-2].")
 @model_options
 @generation_options
@@ -225,6 +280,8 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
     question of FILE into --output (JSON lines), exactly once and resumable."""
     given = {name for name in ("fmt", "chunk_rows", "workers")
              if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    quiet_libraries(quiet)
+    check_before_loading(device, engine, mt_backend)
     if batch_path is not None:
         if stream or "fmt" in given:
             fail("--batch writes one JSON object per question into --output: --format and --stream are "
@@ -234,8 +291,8 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
                                    mt_backend=mt_backend, beams=beams, memory=memory),
                               settings_from(max_new_tokens, temperature, top_p, seed, raw), source_lang,
                               chunk_rows, workers, cluster)
-    if output or field or column or errors_path or restart or quiet or cluster or memory or given - {"fmt"}:
-        fail("--output, --field, --column, --errors, --restart, --chunk-rows, --workers, --cluster, --quiet "
+    if output or field or column or errors_path or restart or cluster or memory or given - {"fmt"}:
+        fail("--output, --field, --column, --errors, --restart, --chunk-rows, --workers, --cluster "
              "and --memory go with --batch")
     if stream and fmt != "text":
         fail("--stream goes with --format text")
@@ -246,26 +303,31 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
     settings = settings_from(max_new_tokens, temperature, top_p, seed, raw)
     if stream:
         for piece in qa.stream_text(question, source_lang=forced, settings=settings):
-            click.echo(piece, nl=False)
+            click.echo(strip_controls(piece), nl=False)
             sys.stdout.flush()
         return
     result = qa.ask(question, source_lang=forced, settings=settings)
     click.echo(result.render(fmt), nl=False)
 
 
-@main.command()
+@main.command(epilog=ENV_EPILOG)
 @click.argument("question", required=False)
 @click.option("--llm", "llms", multiple=True, required=True,
               help="A phi-2-family model (hub id or directory); give it twice or more.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
 @model_options
 @generation_options
+@click.option("--quiet", "-q", is_flag=True, help="Errors only on stderr: no loading lines, progress bars or warnings.")
 @user_errors
 def compare(question, llms, fmt, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
-            temperature, top_p, seed, source_lang, raw):
+            temperature, top_p, seed, source_lang, raw, quiet):
     """The same QUESTION through several models (e.g. phi-2 and a fine-tune), answers paired."""
+    quiet_libraries(quiet)
+    check_before_loading(device, engine, mt_backend)
     question = read_question(question)
     forced = validate_language(question, source_lang)
+    for name in llms:  # every model checked before the first loads: none fails after an answer
+        locate_model(name, "--llm")
     qa = BilingualQA.from_pretrained(llms[0], ja_en, en_ja, device=device, dtype=dtype, engine=engine,
                                      mt_backend=mt_backend, beams=beams)
     results = qa.compare(question, list(llms), source_lang=forced, dtype=dtype, engine=engine,
@@ -273,7 +335,7 @@ def compare(question, llms, fmt, ja_en, en_ja, device, dtype, mt_backend, beams,
     click.echo(render_comparison(results, fmt), nl=False)
 
 
-@main.command()
+@main.command(epilog=ENV_EPILOG)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="Output file, of the input's type; resumed if a run of the same job stopped.")
@@ -291,6 +353,8 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
               chunk_rows, workers, cluster, field, column, errors_path, restart, quiet, memory):
     """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash."""
     check_workers(workers, cluster, device)
+    quiet_libraries(quiet)
+    check_before_loading(device, None, mt_backend)
     names = model_names(ja_en=ja_en, en_ja=en_ja)
     model, option = (names["ja_en"], "--ja-en") if target == "en" else (names["en_ja"], "--en-ja")
     options = {"model": model, "beams": beams, "batch_tokens": batch_tokens, "mt_backend": mt_backend, "dtype": dtype}
@@ -361,11 +425,31 @@ def run() -> None:
     """Console entry point: click's own usage errors also become one line and exit code 2."""
     try:
         main.main(standalone_mode=False)
+        sys.stdout.flush()  # here, so a full disk under stdout is reported, not lost at exit
+    except OSError as error:
+        if error.errno == errno.EPIPE:  # `| head`: the reader has all it wanted
+            _discard_stdout()
+            sys.exit(1)
+        if error.errno not in USER_OS_ERRORS:
+            raise
+        _discard_stdout()
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        fail(f"cannot write {error.filename or 'the output'}: {error.strerror or error}" if full
+             else f"{error.filename or 'a file'}: {error.strerror or error}")
     except click.exceptions.Abort:
         click.echo("bilingual-qa: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as error:
-        fail(error.format_message().replace("\n", " "))
+        fail(" ".join(error.format_message().split()))
     except KeyboardInterrupt:
         click.echo("bilingual-qa: interrupted", err=True)
         sys.exit(130)
+
+
+def _discard_stdout() -> None:
+    # What stdout still buffers would fail again at exit, with Python's own multi-line complaint.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

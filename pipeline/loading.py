@@ -7,7 +7,9 @@ is not cached is downloaded once, with progress on stderr.
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -28,10 +30,47 @@ DTYPES = {
 }
 
 
-def status(message: str) -> None:
-    """A status line on stderr, kept off stdout so JSON output stays clean."""
-    if os.environ.get("BILINGUAL_QA_QUIET") != "1":
+QUIET_ENV = "BILINGUAL_QA_QUIET"
+_shown_once: set[str] = set()
+
+
+def status(message: str, *, once: bool = False) -> None:
+    """A status line on stderr, kept off stdout so JSON output stays clean; `once`: at most once
+    per process (a note that both translation models would print)."""
+    if once:
+        if message in _shown_once:
+            return
+        _shown_once.add(message)
+    if os.environ.get(QUIET_ENV) != "1":
         print(f"bilingual-qa: {message}", file=sys.stderr, flush=True)
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """Quiet: no status line, no progress bar, no library warning; errors still show. Otherwise the
+    libraries' bars (transformers' per-tensor "Loading weights", hub downloads) show on a terminal
+    only: in a log they are noise, and our own lines ("loading NAME", "downloading NAME") say it."""
+    # Through the environment where the libraries are not imported yet (the CLI imports them only to
+    # load a model), which also reaches every place they read it.
+    bars_off = quiet or not sys.stderr.isatty()
+    if quiet:
+        os.environ[QUIET_ENV] = "1"
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    if bars_off:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules and bars_off:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        if bars_off:
+            transformers_logging.disable_progress_bar()
+        if quiet:
+            transformers_logging.set_verbosity_error()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -77,15 +116,82 @@ def _looks_like_path(name: str) -> bool:
 
 
 def locate_model(name: str, option: str = "--llm") -> str:
-    """A local directory holding the model `name` (a directory already, or a hub id, downloaded once)."""
+    """A local directory holding the model `name` (a directory already, or a hub id, downloaded once),
+    its files checked for the role `option` names before any weight is read."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory '{name}' has no config.json: is it a transformers checkpoint?")
-        return str(path)
-    if _looks_like_path(name):
+        directory = str(path)
+    elif _looks_like_path(name):
         raise ModelLoadError(f"model directory '{name}' does not exist; pass an existing local directory with {option} DIR")
-    return _download(name, option)
+    else:
+        directory = _download(name, option)
+    check_model_files(directory, name, option)
+    return directory
+
+
+# What each option's model must be, by config.json, and the tokenizer files it cannot work without
+# (any one of each group). phi-msft is phi-2's config before transformers took the model in.
+ROLES = {
+    "--llm": ("a phi-2-family causal LM", {"phi", "phi-msft"}, [("tokenizer.json", "vocab.json")]),
+    "--ja-en": ("a MarianMT translation model", {"marian"}, [("source.spm",), ("target.spm",), ("vocab.json",)]),
+    "--en-ja": ("a MarianMT translation model", {"marian"}, [("source.spm",), ("target.spm",), ("vocab.json",)]),
+}
+
+
+def _damaged(name: str, what: str) -> ModelLoadError:
+    return ModelLoadError(f"model '{name}' is damaged: {what}; download it again or pass another directory")
+
+
+def check_model_files(directory: str, name: str, option: str = "--llm") -> None:
+    """Refuse a model of the wrong kind for its role, or with missing or corrupt files, from its small
+    files alone: seconds before minutes of loading, and one clear line instead of a loader's traceback."""
+    folder = Path(directory)
+    config = None
+    for json_file in sorted(folder.glob("*.json")):
+        try:
+            parsed = json.loads(json_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise _damaged(name, f"{json_file.name} is not valid JSON ({error})") from None
+        if json_file.name == "config.json":
+            config = parsed
+    if not isinstance(config, dict):
+        raise _damaged(name, "config.json does not hold a JSON object")
+    if option in ROLES:
+        role, model_types, needed = ROLES[option]
+        model_type = config.get("model_type") or "unknown"
+        if model_type not in model_types:
+            architectures = ", ".join(map(str, config.get("architectures") or [])) or "a model"
+            raise ModelLoadError(f"{option} needs {role}, but '{name}' is {architectures} (model_type '{model_type}')")
+        for group in needed:
+            if not any((folder / file).is_file() for file in group):
+                raise _damaged(name, f"{' or '.join(group)} is missing (a tokenizer file)")
+    for spm in sorted(folder.glob("*.spm")):
+        _check_sentencepiece(spm, name)
+    for weights in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(weights, name)
+
+
+def _check_sentencepiece(path: Path, name: str) -> None:
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError):
+        raise _damaged(name, f"{path.name} is not a sentencepiece model") from None
+
+
+def _check_safetensors(path: Path, name: str) -> None:
+    # Reads only the header, and safetensors checks that the header's tensors fill the file exactly:
+    # a truncated download is caught here.
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise _damaged(name, f"{path.name} is truncated or not a safetensors file ({error})") from None
 
 
 def _download(repo_id: str, option: str) -> str:
@@ -125,10 +231,17 @@ def load_pretrained(model_class, directory: str, name: str, device: torch.device
             directory, dtype=dtype, device_map={"": device}, low_cpu_mem_usage=True,
             trust_remote_code=False,
         )
-    except (OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load model '{name}': {first_line}") from None
+    except torch.cuda.OutOfMemoryError:
+        raise ModelLoadError(f"not enough GPU memory to load '{name}' on {device}; try --device cpu") from None
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        # RuntimeError and pickle errors: a damaged legacy .bin, or weights that fit no layer.
+        raise ModelLoadError(f"cannot load model '{name}': {_first_line(error)}") from None
     return model.eval()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_tokenizer(directory: str, name: str):
@@ -136,6 +249,5 @@ def load_tokenizer(directory: str, name: str):
 
     try:
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load the tokenizer of '{name}': {first_line}") from None
+    except Exception as error:  # tokenizers and sentencepiece raise bare Exception/RuntimeError on bad files
+        raise ModelLoadError(f"cannot load the tokenizer of '{name}': {_first_line(error)}") from None

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from pipeline.llm.answerer import DEFAULT_LLM, Answerer
+from pipeline.text.controls import refuse_controls
 from pipeline.text.detect import detect_language, require_supported
 from pipeline.errors import BilingualQAError, EmptyInputError, InputTooLongError
 from pipeline.llm.engine import GenerationSettings
@@ -59,6 +60,7 @@ class QAResult:
 
 
 def check_question(text: str) -> str:
+    text = refuse_controls(text)
     if not text or not text.strip():
         raise EmptyInputError("the question is empty: type a question in Japanese or English")
     if len(text) > MAX_QUESTION_CHARS:

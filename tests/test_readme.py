@@ -56,3 +56,30 @@ def test_readme_command_runs(command, tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_
         assert proc.returncode == 0, proc.stderr.decode()
         written = [p for p in tmp_path.iterdir() if p.suffix in (".txt", ".jsonl") and p.stat().st_size]
         assert proc.stdout.strip() or written  # an answer on stdout, or a job's output file
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def test_readme_python_block_runs(tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_dir, tmp_path):
+    """The Python block, as written, with one documented substitution: the hub ids it names become
+    the tiny checkpoints (the models it leaves to the defaults come from BILINGUAL_QA_*). Each
+    `print(...)  # "value"` must print that value."""
+    [block] = python_blocks()
+    swaps = {"microsoft/phi-2": tiny_phi2_dir, "Helsinki-NLP/opus-mt-ja-en": tiny_ja_en_dir}
+    code = block
+    for hub_id, directory in swaps.items():
+        assert f'"{hub_id}"' in code
+        code = code.replace(f'"{hub_id}"', repr(str(directory)))
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BILINGUAL_QA_LLM": str(tiny_phi2_dir),
+           "BILINGUAL_QA_JA_EN": str(tiny_ja_en_dir), "BILINGUAL_QA_EN_JA": str(tiny_en_ja_dir)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    printed = proc.stdout.decode().splitlines()
+    promised = re.findall(r'^print\(.*\)\s+# "([^"]+)"', block, re.M)
+    assert promised == ["ja", "zh"]
+    found = [line for line in printed if line in promised]
+    assert found == promised, printed
+    assert (tmp_path / "questions_en.txt").stat().st_size > 0

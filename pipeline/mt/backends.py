@@ -44,7 +44,7 @@ BACKEND_CHOICES = ("auto", "transformers", "ctranslate2", "fast")
 
 def notice(message: str) -> None:
     """A one-line note for the user on stderr, beside the other status lines."""
-    status(f"note: {message}")
+    status(f"note: {message}", once=True)  # once, not once per translation model
 
 
 def _pad_embedding_is_zero(model) -> bool:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import ModelLoadError
+from pipeline.loading import status
 
 QUANTIZATIONS = ("int8", "float32")
 # Small files are hashed by content; the weights by size and modification time (hashing 300 MB
@@ -61,6 +62,7 @@ def converted_model_dir(model_dir: str | Path, quantization: str = "int8",
         return target
     from ctranslate2.converters import TransformersConverter
 
+    status(f"converting {model_dir.name} for CTranslate2 into {target} (first use only)")
     root.mkdir(parents=True, exist_ok=True)
     # Convert beside the target and rename: an interrupted or concurrent conversion never leaves a
     # half-written model where a later run would trust it.

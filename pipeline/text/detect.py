@@ -1,15 +1,18 @@
 """Stage 1: which language is the question in?
 
 The script decides first, because it is certain where statistics are not: kana means Japanese,
-Hangul means Korean. Text of kanji alone is the hard case: Chinese must never reach the Japanese
-model, so characters that exist only in Chinese (simplified or traditional) or only in Japanese
-(shinjitai) are counted, and a tie goes to langdetect. Everything else goes to langdetect, seeded so
-the same text always gets the same answer.
+Hangul means Korean. Text of kanji alone is Japanese unless it holds a character Japanese does not
+write: one outside JIS X 0208, the character set of Japanese (simplified forms such as 们 经 银), or
+one of the traditional and Chinese-only forms that JIS X 0208 keeps only in its rare second level
+(會 經 們 ...). Chinese must never reach the Japanese model, and no statistics can tell a two-kanji
+term apart, so the rule is a fixed one. Text in no CJK script goes to langdetect, seeded so the same
+text always gets the same answer; its answer counts only if the text holds that language's script.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from pipeline.errors import EmptyInputError, UnsupportedLanguageError
 
@@ -20,17 +23,54 @@ HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LETTER = re.compile(r"[^\W\d_]")
 
-# Forms that differ between Japanese (shinjitai) and Chinese, and common Chinese function words
-# that Japanese does not write in kanji.
-JAPANESE_ONLY = set("円経済説価売実図関気広変対応為転込払辺従権帰県様歩戦浜沢駅験険銭鉄剤弐")
+# Characters of JIS X 0208's second level (rare kanji, old forms) that Chinese writes and Japanese
+# does not: traditional forms that Japanese replaced (會 -> 会), and simplified or colloquial
+# Chinese characters that happen to be in JIS. Only second-level characters belong here: the first
+# level is everyday Japanese (tests/text/test_detect.py checks it).
 CHINESE_ONLY = set(
-    "们这个说时为还进来过对会发经现样种么动应关点东车书长门问间见话让语认识头实题产业从开气报选条边传"
-    "资际战几贷银额币险汇价货买卖钱铁济场员义务网络电视线级读写该这样吗呢吧您她没很"
-    "們這個說時為還進來過對會發經現樣種麼動應關點東車書長門問間見話讓語認識頭實題產業從開氣報選條邊傳"
-    "資際戰幾貸銀額幣險匯價貨買賣錢鐵濟場員義務網絡電視線級讀寫該嗎"
+    "們來對會發經樣麼應關點讓實從氣條邊傳戰險匯價賣錢鐵濟讀寫國學體舊廣聲歸圖當黨權變斷繼續處擔單數"
+    "樂藝顯驗爲與萬號區醫營寶亞惡壓圍圓聽戀齡滿榮縣勞專證擇澤譯驛雙總鬥覺觀勸盡蟲莊爭"
+    "个从气几价网很"
 )
+# The first byte of a character's EUC-JP code tells the JIS X 0208 level: rows 16-47 are the first.
+JIS_LEVEL_1 = range(0xB0, 0xD0)
+JIS_LEVEL_2 = range(0xD0, 0xF5)
+
+# langdetect's languages whose script is not Latin: an answer counts only if the text has its script.
+SCRIPT_OF = {
+    "ja": ("HIRAGANA", "KATAKANA", "CJK"), "zh": ("CJK",), "ko": ("HANGUL",),
+    "ru": ("CYRILLIC",), "uk": ("CYRILLIC",), "bg": ("CYRILLIC",), "mk": ("CYRILLIC",),
+    "ar": ("ARABIC",), "fa": ("ARABIC",), "ur": ("ARABIC",), "he": ("HEBREW",), "el": ("GREEK",),
+    "th": ("THAI",), "hi": ("DEVANAGARI",), "mr": ("DEVANAGARI",), "ne": ("DEVANAGARI",),
+    "bn": ("BENGALI",), "ta": ("TAMIL",), "te": ("TELUGU",), "kn": ("KANNADA",), "ml": ("MALAYALAM",),
+    "gu": ("GUJARATI",), "pa": ("GURMUKHI",),
+}
 # langdetect is unreliable on a few Latin words; such text is taken as English.
 SHORT_LATIN_WORDS = 3
+
+
+def jis_level(character: str) -> int:
+    """1 or 2 for a kanji of JIS X 0208's first or second level, 0 for one outside it."""
+    try:
+        code = character.encode("euc_jp")
+    except UnicodeEncodeError:
+        return 0
+    if len(code) != 2:  # three bytes: JIS X 0212, the supplement of characters Japanese rarely needs
+        return 0
+    return 1 if code[0] in JIS_LEVEL_1 else 2 if code[0] in JIS_LEVEL_2 else 0
+
+
+def is_chinese_only(character: str) -> bool:
+    """A Han character that Chinese writes and Japanese does not."""
+    return character in CHINESE_ONLY or jis_level(character) == 0
+
+
+def _kanji_only_language(text: str) -> str:
+    return "zh" if any(is_chinese_only(ch) for ch in HAN.findall(text)) else "ja"
+
+
+def _scripts(text: str) -> set[str]:
+    return {unicodedata.name(ch, "").split(" ")[0] for ch in LETTER.findall(text)}
 
 
 def _seeded_langdetect():
@@ -41,14 +81,6 @@ def _seeded_langdetect():
     return detect_langs
 
 
-def _kanji_only_language(text: str) -> str | None:
-    chinese = sum(ch in CHINESE_ONLY for ch in text)
-    japanese = sum(ch in JAPANESE_ONLY for ch in text)
-    if chinese != japanese:
-        return "zh" if chinese > japanese else "ja"
-    return None
-
-
 def _statistical_language(text: str) -> str:
     from langdetect.lang_detect_exception import LangDetectException
 
@@ -56,10 +88,15 @@ def _statistical_language(text: str) -> str:
         candidates = _seeded_langdetect()(text)
     except LangDetectException:
         return "unknown"
+    scripts = _scripts(text)
     for candidate in candidates:
         if candidate.lang == "en" and candidate.prob >= 0.3:
             return "en"
-    return candidates[0].lang.split("-")[0]  # "zh-cn" -> "zh"
+    for candidate in candidates:
+        lang = candidate.lang.split("-")[0]  # "zh-cn" -> "zh"
+        if scripts & set(SCRIPT_OF.get(lang, ("LATIN",))):
+            return lang
+    return "unknown"
 
 
 def detect_language(text: str) -> str:
@@ -71,7 +108,7 @@ def detect_language(text: str) -> str:
     if HANGUL.search(text):
         return "ko"
     if HAN.search(text):
-        return _kanji_only_language(text) or _statistical_language(text)
+        return _kanji_only_language(text)
     letters = LETTER.findall(text)
     if not letters:
         return "unknown"

@@ -1,13 +1,16 @@
 """Stage 5: show the question and answer in English, then in Japanese.
 
 `text` is the source article's layout (English, a line `### ---`, Japanese); `markdown` has
-headings; `json` is one object for scripts.
+headings; `json` is one object for scripts. Text and markdown go to terminals, so control characters
+a model produced are removed there; JSON escapes them.
 """
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING
+
+from pipeline.text.controls import strip_controls
 
 if TYPE_CHECKING:
     from pipeline.qa import QAResult
@@ -17,19 +20,19 @@ DIVIDER = "### ---"
 
 
 def render_text(result: "QAResult") -> str:
-    return "\n".join([
+    return strip_controls("\n".join([
         f"Q: {result.question_en}", "", result.answer_en, "", DIVIDER, "",
         f"Q: {result.question_ja}", "", result.answer_ja, "",
-    ])
+    ]))
 
 
 def render_markdown(result: "QAResult") -> str:
-    return "\n".join([
+    return strip_controls("\n".join([
         "## English", "", f"**Q:** {result.question_en}", "", result.answer_en, "",
         "## 日本語", "", f"**質問:** {result.question_ja}", "", result.answer_ja, "",
         f"<sub>model: {result.models['llm']} · finish: {result.finish_reason}"
         f"{' · raw output, untrimmed' if result.raw else ''}</sub>", "",
-    ])
+    ]))
 
 
 def render_json(result: "QAResult") -> str:

@@ -1,0 +1,84 @@
+"""What the command says besides its answer: help, --quiet, status lines and notes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import loading
+from pipeline.qa import QAResult
+from tests.test_cli import run_cli
+
+
+def test_bare_command_prints_the_whole_help_and_exits_0():
+    proc = run_cli()
+    out = proc.stdout.decode()
+    assert proc.returncode == 0 and proc.stderr == b""
+    assert out.startswith("Usage:") and len(out.splitlines()) > 10
+    assert "ask" in out and "translate" in out and "BILINGUAL_QA_LLM" in out
+
+
+@pytest.mark.parametrize("command", ["ask", "compare", "translate"])
+def test_each_command_help_names_the_environment_variables(command):
+    out = " ".join(run_cli(command, "--help").stdout.decode().split())  # help wraps lines
+    assert "BILINGUAL_QA_JA_EN" in out and "BILINGUAL_QA_EN_JA" in out and "XDG_CACHE_HOME" in out
+    if command == "ask":
+        assert "env var: BILINGUAL_QA_LLM" in out
+
+
+def test_quiet_ask_prints_only_the_answer(model_args):
+    proc = run_cli("ask", "金利とは？", *model_args, "--max-new-tokens", "6", "--beams", "1", "--quiet")
+    assert proc.returncode == 0
+    assert proc.stderr == b""  # no loading line, no library bar or warning
+    assert "### ---" in proc.stdout.decode()
+
+
+def test_quiet_compare_prints_only_the_answers(model_args, tiny_phi2_dir):
+    rest = [a for a in model_args if a not in ("--llm", str(tiny_phi2_dir))]
+    proc = run_cli("compare", "What is a bond?", "--llm", str(tiny_phi2_dir), "--llm", str(tiny_phi2_dir), *rest,
+                   "--max-new-tokens", "4", "--beams", "1", "--format", "json", "-q")
+    assert proc.returncode == 0 and proc.stderr == b""
+    assert len(json.loads(proc.stdout)) == 2
+
+
+def test_without_quiet_loading_lines_are_whole_lines_and_no_bar_off_a_terminal(model_args):
+    proc = run_cli("ask", "What is a bond?", *model_args, "--max-new-tokens", "4", "--beams", "1")
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 0, stderr
+    assert "\r" not in stderr and "Loading weights" not in stderr
+    assert all(line.startswith("bilingual-qa: ") for line in stderr.splitlines()), stderr
+
+
+def test_transformers_fallback_note_prints_once_for_both_translators(tiny_ja_en_dir, tiny_en_ja_dir, monkeypatch, capsys):
+    from pipeline.mt import ctranslate2 as ct2
+    from pipeline.mt.translator import Translator
+
+    monkeypatch.setattr(ct2, "ctranslate2_available", lambda: False)
+    monkeypatch.setattr(loading, "_shown_once", set())
+    monkeypatch.delenv(loading.QUIET_ENV, raising=False)
+    for directory, target in ((tiny_ja_en_dir, "en"), (tiny_en_ja_dir, "ja")):
+        Translator.from_pretrained(str(directory), device="cpu", backend="auto", target_lang=target)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note: translating with transformers" in line]
+    assert len(notes) == 1
+
+
+def test_first_ctranslate2_conversion_says_where_it_writes(tiny_ja_en_dir, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("ctranslate2")
+    from pipeline.mt.ctranslate2 import converted_model_dir
+
+    monkeypatch.delenv(loading.QUIET_ENV, raising=False)
+    target = converted_model_dir(tiny_ja_en_dir, cache_root=tmp_path)
+    first = capsys.readouterr().err
+    assert "converting" in first and str(target) in first and len(first.strip().splitlines()) == 1
+    converted_model_dir(tiny_ja_en_dir, cache_root=tmp_path)
+    assert "converting" not in capsys.readouterr().err  # reused, silently
+
+
+def test_control_characters_a_model_writes_never_reach_the_terminal():
+    result = QAResult("en", "What?", "何？", "red \x1b[31mtext\x07\r", "赤\x1b[0m", "eos", {"llm": "m"})
+    for fmt in ("text", "markdown"):
+        shown = result.render(fmt)
+        assert "\x1b" not in shown and "\x07" not in shown and "\r" not in shown
+        assert "red [31mtext" in shown
+    assert json.loads(result.render("json"))["answer_en"] == "red \x1b[31mtext\x07\r"
