@@ -51,3 +51,36 @@ def qa(tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_dir):
     return BilingualQA.from_pretrained(str(tiny_phi2_dir), str(tiny_ja_en_dir), str(tiny_en_ja_dir),
                                        device="cpu", engine="transformers", mt_backend="transformers",
                                        beams=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tiny_models_dir, tiny_phi2_dir) -> Path:
+    """A LoRA adapter of the tiny phi-2 (q/k/v/dense/fc1/fc2, r=8), made by peft, B non-zero."""
+    from pipeline.checkpoints import build_lora_adapter
+
+    return build_lora_adapter(tiny_models_dir / "phi2-lora", tiny_phi2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_saved_head_dir(tiny_models_dir, tiny_phi2_dir) -> Path:
+    """A LoRA adapter that also saves a trained lm_head (`modules_to_save`) and ships a tokenizer."""
+    import shutil
+
+    from pipeline.checkpoints import build_lora_adapter
+
+    path = build_lora_adapter(tiny_models_dir / "phi2-lora-head", tiny_phi2_dir, r=4, seed=2,
+                              targets=("q_proj", "v_proj"), modules_to_save=["lm_head"])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_phi2_dir / name, path / name)
+    return path
+
+
+def seed_hub_cache(hub_cache: Path, repo_id: str, directory: Path) -> None:
+    """Put `directory` into a Hugging Face hub cache as the snapshot of `repo_id`, as a download would."""
+    import shutil
+
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(directory, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)

@@ -200,7 +200,7 @@ def apply_adapter(model: torch.nn.Module, adapter: AdapterSource) -> AppliedAdap
             delta = module.get_delta_weight(ADAPTER_NAME).float()
             merged = (weight.float() + delta).to(weight.dtype)
             differs = ((merged.float() - delta).to(weight.dtype) != weight).view(-1).nonzero().view(-1)
-            applied.merged.append(_MergedWeight(weight, module, differs, weight.view(-1)[differs].clone()))
+            applied.merged.append(_MergedWeight(weight, module, differs, weight.reshape(-1)[differs].clone()))
             weight.copy_(merged)
         elif isinstance(module, ModulesToSaveWrapper) and ADAPTER_NAME in module.modules_to_save:
             trained = dict(module.modules_to_save[ADAPTER_NAME].named_parameters())
