@@ -306,3 +306,15 @@ def build_phi_msft(path: Path, phi2_dir: Path) -> Path:
         if file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
             shutil.copy(file, path / file.name)
     return path
+
+
+def seed_hub_cache(hub_cache: Path, repo_id: str, directory: Path) -> None:
+    """Put `directory` into a Hugging Face hub cache (HF_HOME/hub) as the snapshot of `repo_id`, where an
+    offline run finds it as it finds a download."""
+    import shutil
+
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(directory, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)

@@ -74,13 +74,3 @@ def tiny_lora_saved_head_dir(tiny_models_dir, tiny_phi2_dir) -> Path:
         shutil.copy(tiny_phi2_dir / name, path / name)
     return path
 
-
-def seed_hub_cache(hub_cache: Path, repo_id: str, directory: Path) -> None:
-    """Put `directory` into a Hugging Face hub cache as the snapshot of `repo_id`, as a download would."""
-    import shutil
-
-    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
-    commit = "0" * 40
-    shutil.copytree(directory, repo / "snapshots" / commit, dirs_exist_ok=True)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error, run_cli
 
 QUICK = ["--max-new-tokens", "8", "--beams", "1", "--engine", "transformers", "--mt-backend", "transformers"]
 
