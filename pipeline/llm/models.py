@@ -112,7 +112,17 @@ def tokenizer_for(source: LLMSource):
     """The adapter's tokenizer when it ships one, else the checkpoint's."""
     if source.adapter is not None and source.adapter.has_tokenizer:
         return load_tokenizer(source.adapter.directory, source.name)
-    return load_tokenizer(source.directory, source.base_name or source.name)
+    from transformers.utils import logging
+
+    # AutoTokenizer reads config.json too, and warns that phi-msft is no transformers model type.
+    quiet = is_legacy_phi(_read_config(source.directory, source.base_name or source.name))
+    previous = logging.get_verbosity()
+    if quiet:
+        logging.set_verbosity_error()
+    try:
+        return load_tokenizer(source.directory, source.base_name or source.name)
+    finally:
+        logging.set_verbosity(previous)
 
 
 def load_llm(name: str | LLMSource, *, base: str | None = None, device: torch.device,
