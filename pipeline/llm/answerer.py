@@ -96,6 +96,9 @@ class Answerer:
             touched = self.applied.touches_engine_copies
             self.applied.remove()
             self.applied = None
+            # The model is the bare base now, whatever happens to the next merge.
+            self.source = LLMSource(source.base_name or source.name, source.directory)
+            self.name = self.source.name
         if source.adapter is not None:
             status(f"merging adapter {source.name} into {source.base_name} in place")
             self.applied = apply_adapter(self.model, source.adapter)
