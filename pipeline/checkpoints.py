@@ -226,3 +226,95 @@ def build_tiny_phi2(path: Path, *, hidden: int = 64, layers: int = 2, heads: int
     model.generation_config.pad_token_id = eos_id
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+
+
+def build_lora_adapter(path: Path, base_dir: Path, *, base_name: str | None = None, r: int = 8,
+                       targets=LORA_TARGETS, modules_to_save=None, seed: int = 1, scale: float = 0.05,
+                       device: str = "cpu", dtype: torch.dtype | None = None) -> Path:
+    """A PEFT LoRA adapter of the phi-2 checkpoint in `base_dir`, made by peft itself.
+
+    peft starts B at zero (the adapter changes nothing); here B is drawn at random, as after training,
+    so the adapter's answers differ from the base's. `base_name` is written as
+    `base_model_name_or_path` (default: `base_dir`). Saved modules (`modules_to_save`) are perturbed too.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import PhiForCausalLM
+
+    path = Path(path)
+    model = PhiForCausalLM.from_pretrained(base_dir, dtype=dtype or "auto", device_map={"": device})
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), task_type="CAUSAL_LM",
+                        modules_to_save=list(modules_to_save) if modules_to_save else None)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                noise = torch.randn(parameter.shape, generator=generator, device=device, dtype=parameter.dtype)
+                parameter.add_(noise * scale)
+    peft_model.save_pretrained(path)
+    config_file = path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["base_model_name_or_path"] = base_name or str(base_dir)
+    config_file.write_text(json.dumps(saved, indent=1))
+    return path
+
+
+def build_phi_msft(path: Path, phi2_dir: Path) -> Path:
+    """The phi-2 checkpoint in `phi2_dir` rewritten in phi-2's older custom-code layout (phi-msft):
+    its config field names, `Wqkv` fused, `out_proj`, `lm_head.ln` and `lm_head.linear`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    phi = json.loads((Path(phi2_dir) / "config.json").read_text())
+    hidden, heads = phi["hidden_size"], phi["num_attention_heads"]
+    factor = (phi.get("rope_parameters") or {}).get("partial_rotary_factor", phi.get("partial_rotary_factor", 0.4))
+    legacy_config = {
+        "_name_or_path": "microsoft/phi-2", "architectures": ["PhiForCausalLM"], "model_type": "phi-msft",
+        "auto_map": {"AutoConfig": "configuration_phi.PhiConfig", "AutoModelForCausalLM": "modeling_phi.PhiForCausalLM"},
+        "activation_function": phi["hidden_act"], "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.1,
+        "flash_attn": False, "flash_rotary": False, "fused_dense": False, "img_processor": None,
+        "initializer_range": 0.02, "layer_norm_epsilon": phi["layer_norm_eps"], "n_embd": hidden,
+        "n_head": heads, "n_head_kv": None, "n_inner": None, "n_layer": phi["num_hidden_layers"],
+        "n_positions": phi["max_position_embeddings"], "rotary_dim": int(hidden // heads * factor),
+        "tie_word_embeddings": False, "torch_dtype": "float32", "vocab_size": phi["vocab_size"],
+    }
+    (path / "config.json").write_text(json.dumps(legacy_config, indent=1))
+    state = load_file(str(Path(phi2_dir) / "model.safetensors"))
+    legacy = {"transformer.embd.wte.weight": state.pop("model.embed_tokens.weight"),
+              "lm_head.ln.weight": state.pop("model.final_layernorm.weight"),
+              "lm_head.ln.bias": state.pop("model.final_layernorm.bias"),
+              "lm_head.linear.weight": state.pop("lm_head.weight"), "lm_head.linear.bias": state.pop("lm_head.bias")}
+    for layer in range(phi["num_hidden_layers"]):
+        old, new = f"model.layers.{layer}.", f"transformer.h.{layer}."
+        for kind in ("weight", "bias"):
+            legacy[f"{new}mixer.Wqkv.{kind}"] = torch.cat(
+                [state.pop(f"{old}self_attn.{p}.{kind}") for p in ("q_proj", "k_proj", "v_proj")])
+            legacy[f"{new}mixer.out_proj.{kind}"] = state.pop(f"{old}self_attn.dense.{kind}")
+            legacy[f"{new}ln.{kind}"] = state.pop(f"{old}input_layernorm.{kind}")
+            for fc in ("fc1", "fc2"):
+                legacy[f"{new}mlp.{fc}.{kind}"] = state.pop(f"{old}mlp.{fc}.{kind}")
+    if state:
+        raise ValueError(f"tensors left unconverted: {sorted(state)[:3]}")
+    save_file({k: v.contiguous() for k, v in legacy.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    for file in Path(phi2_dir).iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(file, path / file.name)
+    return path
+
+
+def seed_hub_cache(hub_cache: Path, repo_id: str, directory: Path) -> None:
+    """Put `directory` into a Hugging Face hub cache (HF_HOME/hub) as the snapshot of `repo_id`, where an
+    offline run finds it as it finds a download."""
+    import shutil
+
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(directory, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)

@@ -92,6 +92,11 @@ def model_options(command):
     return command
 
 
+base_option = click.option(
+    "--base", envvar="BILINGUAL_QA_BASE", default=None,
+    help="Base model of a LoRA adapter --llm (hub id or directory) [default: the adapter's base_model_name_or_path].")
+
+
 def generation_options(command):
     options = [
         click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True,
@@ -262,6 +267,7 @@ def main(ctx: click.Context) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
 @click.option("--llm", envvar="BILINGUAL_QA_LLM", default=None, show_envvar=True,
               help="phi-2-family model: hub id or local directory [default: microsoft/phi-2].")
+@base_option
 @model_options
 @generation_options
 @click.option("--batch", "batch_path", type=click.Path(dir_okay=False), default=None,
@@ -273,7 +279,7 @@ def main(ctx: click.Context) -> None:
               help="With --batch: translation memory (SQLite file): sentences translated before, by any job, are reused.")
 @click.option("--stream", is_flag=True, help="Show the English answer as phi-2 writes it (--format text).")
 @user_errors
-def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
+def ask(question, fmt, llm, base, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
         temperature, top_p, seed, source_lang, raw, batch_path, output, field, column, errors_path, restart,
         chunk_rows, workers, cluster, quiet, memory, stream):
     """Answer QUESTION (or stdin) and show it in English and Japanese; with --batch FILE, answer every
@@ -287,8 +293,8 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
             fail("--batch writes one JSON object per question into --output: --format and --stream are "
                  "for a single QUESTION")
         return ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet,
-                              dict(llm=llm, ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, engine=engine,
-                                   mt_backend=mt_backend, beams=beams, memory=memory),
+                              dict(llm=llm, base=base, ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype,
+                                   engine=engine, mt_backend=mt_backend, beams=beams, memory=memory),
                               settings_from(max_new_tokens, temperature, top_p, seed, raw), source_lang,
                               chunk_rows, workers, cluster)
     if output or field or column or errors_path or restart or cluster or memory or given - {"fmt"}:
@@ -299,7 +305,7 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
     question = read_question(question)
     forced = validate_language(question, source_lang)
     qa = BilingualQA.from_pretrained(llm, ja_en, en_ja, device=device, dtype=dtype, engine=engine,
-                                     mt_backend=mt_backend, beams=beams)
+                                     mt_backend=mt_backend, beams=beams, base=base)
     settings = settings_from(max_new_tokens, temperature, top_p, seed, raw)
     if stream:
         for piece in qa.stream_text(question, source_lang=forced, settings=settings):
@@ -313,24 +319,28 @@ def ask(question, fmt, llm, ja_en, en_ja, device, dtype, mt_backend, beams, engi
 @main.command(epilog=ENV_EPILOG)
 @click.argument("question", required=False)
 @click.option("--llm", "llms", multiple=True, required=True,
-              help="A phi-2-family model (hub id or directory); give it twice or more.")
+              help="A phi-2-family model or LoRA adapter (hub id or directory); give it twice or more.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
+@base_option
 @model_options
 @generation_options
 @click.option("--quiet", "-q", is_flag=True, help="Errors only on stderr: no loading lines, progress bars or warnings.")
 @user_errors
-def compare(question, llms, fmt, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
+def compare(question, llms, fmt, base, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
             temperature, top_p, seed, source_lang, raw, quiet):
-    """The same QUESTION through several models (e.g. phi-2 and a fine-tune), answers paired."""
+    """The same QUESTION through several models (e.g. phi-2 and a fine-tune), answers paired; a base
+    and its LoRA adapters share one copy of the base weights."""
+    from pipeline.llm.models import resolve_llm
+
     quiet_libraries(quiet)
     check_before_loading(device, engine, mt_backend)
     question = read_question(question)
     forced = validate_language(question, source_lang)
     for name in llms:  # every model checked before the first loads: none fails after an answer
-        locate_model(name, "--llm")
+        resolve_llm(name, base)
     qa = BilingualQA.from_pretrained(llms[0], ja_en, en_ja, device=device, dtype=dtype, engine=engine,
-                                     mt_backend=mt_backend, beams=beams)
-    results = qa.compare(question, list(llms), source_lang=forced, dtype=dtype, engine=engine,
+                                     mt_backend=mt_backend, beams=beams, base=base)
+    results = qa.compare(question, list(llms), source_lang=forced, dtype=dtype, engine=engine, base=base,
                          settings=settings_from(max_new_tokens, temperature, top_p, seed, raw))
     click.echo(render_comparison(results, fmt), nl=False)
 
@@ -383,10 +393,13 @@ def ask_batch_file(question, batch_path, output, field, column, errors_path, res
     check_workers(workers, cluster, load["device"])
     models = model_names(load["llm"], load["ja_en"], load["en_ja"])
     options = {"models": models, **{key: load[key] for key in ("dtype", "engine", "mt_backend", "beams")}}
+    if load["base"]:
+        options["base"] = load["base"]
     store = SQLiteStore(load["memory"]) if load["memory"] else None   # refused before any work if bad
     load_qa = functools.partial(BilingualQA.from_pretrained, models["llm"], models["ja_en"], models["en_ja"],
                                 device=load["device"], dtype=load["dtype"], engine=load["engine"],
-                                mt_backend=load["mt_backend"], beams=load["beams"], memory=store)
+                                mt_backend=load["mt_backend"], beams=load["beams"], memory=store,
+                                base=load["base"])
     with quiet_job(quiet):
         summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=options,
                                 source_lang=None if source_lang == "auto" else source_lang, settings=settings,
@@ -418,7 +431,10 @@ def render_comparison(results, fmt: str) -> str:
 
         return json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2) + "\n"
     heading = "## {}\n\n" if fmt == "markdown" else "=== {} ===\n\n"
-    return "\n".join(heading.format(r.models["llm"]) + r.render(fmt) for r in results)
+
+    def label(models: dict) -> str:  # an adapter is named with its base
+        return f"{models['llm']} (LoRA adapter on {models['llm_base']})" if "llm_base" in models else models["llm"]
+    return "\n".join(heading.format(label(r.models)) + r.render(fmt) for r in results)
 
 
 def run() -> None:

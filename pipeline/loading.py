@@ -21,7 +21,11 @@ from pipeline.errors import DeviceError, ModelLoadError
 # that transformers reads with torch's weights_only loader.
 CONFIG_PATTERNS = ["*.json", "*.spm", "*.model", "*.txt", "*.tiktoken"]
 SAFETENSORS_PATTERNS = ["*.safetensors"]
-LEGACY_PATTERNS = ["pytorch_model*.bin"]
+LEGACY_PATTERNS = ["pytorch_model*.bin", "adapter_model.bin"]
+# A transformers checkpoint has config.json; a PEFT adapter (accepted where `adapters=True`) has
+# adapter_config.json instead, and its base is located separately.
+CHECKPOINT_MARKER = "config.json"
+ADAPTER_MARKER = "adapter_config.json"
 
 DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -115,19 +119,30 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
-def locate_model(name: str, option: str = "--llm") -> str:
+def _is_model_dir(directory: Path, adapters: bool) -> bool:
+    return (directory / CHECKPOINT_MARKER).is_file() or (adapters and (directory / ADAPTER_MARKER).is_file())
+
+
+def locate_model(name: str, option: str = "--llm", *, adapters: bool = False) -> str:
     """A local directory holding the model `name` (a directory already, or a hub id, downloaded once),
-    its files checked for the role `option` names before any weight is read."""
+    a checkpoint's files checked for the role `option` names before any weight is read.
+
+    With `adapters`, a PEFT adapter directory (adapter_config.json, no config.json) is accepted too.
+    """
     path = Path(name).expanduser()
+    what = "config.json" + (" or adapter_config.json" if adapters else "")
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model directory '{name}' has no config.json: is it a transformers checkpoint?")
+        if not _is_model_dir(path, adapters):
+            raise ModelLoadError(f"model directory '{name}' has no {what}: is it a transformers checkpoint?")
         directory = str(path)
     elif _looks_like_path(name):
         raise ModelLoadError(f"model directory '{name}' does not exist; pass an existing local directory with {option} DIR")
     else:
         directory = _download(name, option)
-    check_model_files(directory, name, option)
+        if not _is_model_dir(Path(directory), adapters):
+            raise ModelLoadError(f"model '{name}' has no {what}: it is not a transformers checkpoint")
+    if (Path(directory) / CHECKPOINT_MARKER).is_file():
+        check_model_files(directory, name, option)
     return directory
 
 
@@ -218,8 +233,6 @@ def _download(repo_id: str, option: str) -> str:
         ) from None
     except (RepositoryNotFoundError, HFValidationError):
         raise ModelLoadError(f"model '{repo_id}' does not exist on the hub; check the id or pass {option} DIR") from None
-    if not (Path(directory) / "config.json").is_file():
-        raise ModelLoadError(f"model '{repo_id}' has no config.json: it is not a transformers checkpoint")
     return directory
 
 

@@ -18,6 +18,7 @@ from pipeline.text.controls import refuse_controls
 from pipeline.text.detect import detect_language, require_supported
 from pipeline.errors import BilingualQAError, EmptyInputError, InputTooLongError
 from pipeline.llm.engine import GenerationSettings
+from pipeline.llm.models import resolve_llm
 from pipeline.loading import locate_model, resolve_device
 from pipeline.text.render import DIVIDER, render
 from pipeline.mt.translator import Translator
@@ -88,29 +89,35 @@ class BilingualQA:
     @classmethod
     def from_pretrained(cls, llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None, *,
                         device: str = "auto", dtype: str | None = None, engine: str = "auto",
-                        mt_backend: str = "auto", beams: int | None = None, memory=None) -> "BilingualQA":
+                        mt_backend: str = "auto", beams: int | None = None, memory=None,
+                        base: str | None = None) -> "BilingualQA":
         """Load the three models (hub ids or local directories) once, onto one device.
 
-        `beams` is the translators' beam width; by default each model's published generation config.
-        `memory` is both translators' translation memory (a store or an SQLite path; see mt/memory.py).
+        `llm` may be a LoRA adapter, merged into `base` (default: the base its adapter_config.json
+        names, or $BILINGUAL_QA_BASE). `beams` is the translators' beam width; by default each model's
+        published generation config. `memory` is both translators' translation memory (a store or an
+        SQLite path; see mt/memory.py).
         """
         names = model_names(llm, ja_en, en_ja)
         llm, ja_en, en_ja = names["llm"], names["ja_en"], names["en_ja"]
         resolved = resolve_device(device)
-        for name, option in ((llm, "--llm"), (ja_en, "--ja-en"), (en_ja, "--en-ja")):
-            locate_model(name, option)  # a missing model fails now, before minutes of loading
+        source = resolve_llm(llm, base)  # a missing or unfit model fails now, before minutes of loading
+        for name, option in ((ja_en, "--ja-en"), (en_ja, "--en-ja")):
+            locate_model(name, option)
         translators = [
             Translator.from_pretrained(name, device=resolved, dtype=dtype, backend=mt_backend,
                                        target_lang=target, option=option, num_beams=beams,
                                        memory=memory)
             for name, target, option in ((ja_en, "en", "--ja-en"), (en_ja, "ja", "--en-ja"))
         ]
-        answerer = Answerer.from_pretrained(llm, device=resolved, dtype=dtype, engine=engine)
+        answerer = Answerer.from_pretrained(source, device=resolved, dtype=dtype, engine=engine)
         return cls(answerer, *translators)
 
     @property
     def models(self) -> dict[str, str]:
-        return {"llm": self.answerer.name, "ja_en": self.ja_en.name, "en_ja": self.en_ja.name}
+        """The models' names; `llm_base` only when the LLM is a LoRA adapter (its base)."""
+        base = {"llm_base": self.answerer.base_name} if self.answerer.base_name else {}
+        return {"llm": self.answerer.name, **base, "ja_en": self.ja_en.name, "en_ja": self.en_ja.name}
 
     def ask(self, text: str, *, source_lang: str | None = None,
             settings: GenerationSettings = GenerationSettings()) -> QAResult:
@@ -193,23 +200,28 @@ class BilingualQA:
 
     def compare(self, text: str, llms: list[str], *, source_lang: str | None = None,
                 settings: GenerationSettings = GenerationSettings(), dtype: str | None = None,
-                engine: str = "auto") -> list[QAResult]:
+                engine: str = "auto", base: str | None = None) -> list[QAResult]:
         """The same question through several phi-2-family models (base vs fine-tune, as in the
-        source article); translation models are loaded once, each LLM in turn."""
+        source article); translation models are loaded once, each LLM in turn. A base and its LoRA
+        adapters share one copy of the base weights: each adapter is merged in place and removed."""
+        sources = [resolve_llm(name, base) for name in llms]  # every model checked before any loads
         results = []
         device = self.answerer.model.device
-        for index, name in enumerate(llms):
-            if index > 0 or name != self.answerer.name:
-                self._replace_llm(name, device, dtype, engine)
+        for index, source in enumerate(sources):
+            if index > 0 or source.name != self.answerer.name:
+                self._replace_llm(source, device, dtype, engine)
             results.append(self.ask(text, source_lang=source_lang, settings=settings))
         return results
 
-    def _replace_llm(self, name: str, device: torch.device, dtype: str | None, engine: str) -> None:
+    def _replace_llm(self, source, device: torch.device, dtype: str | None, engine: str) -> None:
+        if self.answerer.shares_weights_with(source):
+            self.answerer.switch_to(source)
+            return
         # Free the previous model first: two 5.6 GB models need not fit on the GPU together.
         self.answerer = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        self.answerer = Answerer.from_pretrained(name, device=device, dtype=dtype, engine=engine)
+        self.answerer = Answerer.from_pretrained(source, device=device, dtype=dtype, engine=engine)
 
     def job_options(self) -> dict:
         """What of the loaded pipeline shapes a job's output: the job's fingerprint options."""

@@ -64,3 +64,26 @@ def answer_samples():
         sys.modules["answer_corpus"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["answer_corpus"])
     return sys.modules["answer_corpus"].SAMPLES
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tiny_models_dir, tiny_phi2_dir) -> Path:
+    """A LoRA adapter of the tiny phi-2 (q/k/v/dense/fc1/fc2, r=8), made by peft, B non-zero."""
+    from pipeline.checkpoints import build_lora_adapter
+
+    return build_lora_adapter(tiny_models_dir / "phi2-lora", tiny_phi2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_saved_head_dir(tiny_models_dir, tiny_phi2_dir) -> Path:
+    """A LoRA adapter that also saves a trained lm_head (`modules_to_save`) and ships a tokenizer."""
+    import shutil
+
+    from pipeline.checkpoints import build_lora_adapter
+
+    path = build_lora_adapter(tiny_models_dir / "phi2-lora-head", tiny_phi2_dir, r=4, seed=2,
+                              targets=("q_proj", "v_proj"), modules_to_save=["lm_head"])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_phi2_dir / name, path / name)
+    return path
+

@@ -35,11 +35,28 @@ def test_test_command_is_the_one_ci_runs():
     assert re.search(r"^HF_HUB_OFFLINE=1 pytest$", (ROOT / ".ci" / "run").read_text(), re.M)
 
 
+@pytest.fixture(scope="session")
+def hub_models(tiny_models_dir, tiny_phi2_dir) -> dict[str, Path]:
+    """Tiny stand-ins, under their hub ids, for the models of the article's comparison: phi-2 and
+    the finance fine-tune, a LoRA adapter whose adapter_config.json names microsoft/phi-2 as its base."""
+    from pipeline.checkpoints import build_lora_adapter
+
+    adapter = build_lora_adapter(tiny_models_dir / "phi2_finance_SFT", tiny_phi2_dir, base_name="microsoft/phi-2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the published adapter ships its tokenizer
+        shutil.copy(tiny_phi2_dir / name, adapter / name)
+    return {"microsoft/phi-2": tiny_phi2_dir, "Ronal999/phi2_finance_SFT": adapter}
+
+
 @pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_runs(command, tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_dir, tmp_path):
+def test_readme_command_runs(command, tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_dir, hub_models, tmp_path):
     """Commands that name no model run on the tiny checkpoints (set as the defaults through the
-    environment variables); commands that name hub models or directories this machine lacks must
-    fail with the one-line error that says how to pass a local directory."""
+    environment variables); so do commands that name only the article's hub models (tiny stand-ins
+    put in the hub cache, found offline as a download would be); commands that name directories
+    this machine lacks must fail with the one-line error that says how to pass a local directory."""
+    from pipeline.checkpoints import seed_hub_cache
+
+    for repo_id, directory in hub_models.items():
+        seed_hub_cache(tmp_path / "hub", repo_id, directory)
     executable = shutil.which("bilingual-qa", path=str(Path(sys.executable).parent)) or "bilingual-qa"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path),
            "BILINGUAL_QA_LLM": str(tiny_phi2_dir), "BILINGUAL_QA_JA_EN": str(tiny_ja_en_dir),
@@ -48,8 +65,8 @@ def test_readme_command_runs(command, tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_
     quick = " --beams 1" if " translate " in command else " --max-new-tokens 8 --beams 1"
     shell = command.replace("bilingual-qa", executable, 1) + quick
     proc = subprocess.run(["bash", "-c", shell], capture_output=True, env=env, timeout=300, cwd=tmp_path)
-    names_models = re.search(r"--(llm|ja-en|en-ja) ", command)
-    if names_models:
+    named = re.findall(r"--(?:llm|base|ja-en|en-ja) (\S+)", command)
+    if any(name not in hub_models for name in named):
         assert proc.returncode == 2 and b"Traceback" not in proc.stderr, proc.stderr.decode()
         assert b"pass a local directory" in proc.stderr or b"does not exist" in proc.stderr
     else:

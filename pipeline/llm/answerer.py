@@ -16,9 +16,11 @@ from typing import Iterator, Sequence
 import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
+from pipeline.llm.adapters import AppliedAdapter, apply_adapter
 from pipeline.llm.engine import FINISH_STOP, Engine, GenerationSettings, StopCheck, TransformersEngine
 from pipeline.llm.hardware import Plan, plan, probe
-from pipeline.loading import DTYPES, load_pretrained, load_tokenizer, locate_model, resolve_device, status
+from pipeline.llm.models import LLMSource, load_llm, tokenizer_for
+from pipeline.loading import DTYPES, resolve_device, status
 from pipeline.text.answer_end import EndWatch, locate_answer, stream_answer
 
 DEFAULT_LLM = "microsoft/phi-2"
@@ -52,29 +54,70 @@ def choose_engine(choice: str, model, eos_token_id: int, device: torch.device, c
     return TransformersEngine(model, eos_token_id, fp32_attention_scores=chosen.fp32_attention_scores)
 
 
+def _eos(tokenizer, model) -> int:
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+
+
 class Answerer:
-    def __init__(self, model, tokenizer, engine: Engine, name: str):
+    def __init__(self, model, tokenizer, engine: Engine, name: str, *, source: LLMSource | None = None,
+                 applied: AppliedAdapter | None = None, engine_choice: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.engine = engine
         self.name = name
+        self.source = source
+        self.applied = applied  # the adapter merged into `model`'s weights, removable in place
+        self.engine_choice = engine_choice
         self.max_positions = getattr(model.config, "max_position_embeddings", 2048)
 
     @classmethod
-    def from_pretrained(cls, name: str = DEFAULT_LLM, *, device: str | torch.device = "auto",
-                        dtype: str | None = None, engine: str = "auto") -> "Answerer":
-        from transformers import AutoModelForCausalLM
-
+    def from_pretrained(cls, name: str | LLMSource = DEFAULT_LLM, *, base: str | None = None,
+                        device: str | torch.device = "auto", dtype: str | None = None,
+                        engine: str = "auto") -> "Answerer":
+        """`name`: a phi-2-family checkpoint, an older phi-msft one, or a LoRA adapter (on `base`, or the
+        base its adapter_config.json names); hub id, directory or an already resolved LLMSource."""
         device = device if isinstance(device, torch.device) else resolve_device(device)
         hardware = probe(device)
         chosen = plan(hardware, dtype=dtype, engine=engine)
         if chosen.fallbacks and (dtype in (None, "auto") or engine == "auto"):
             status(f"on {hardware.name}: {chosen.summary()}")
-        directory = locate_model(name, "--llm")
-        model = load_pretrained(AutoModelForCausalLM, directory, name, device, DTYPES[chosen.dtype])
-        tokenizer = load_tokenizer(directory, name)
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-        return cls(model, tokenizer, choose_engine(engine, model, eos, device, chosen), name)
+        loaded = load_llm(name, base=base, device=device, dtype=DTYPES[chosen.dtype])
+        model, tokenizer = loaded.model, loaded.tokenizer
+        return cls(model, tokenizer, choose_engine(engine, model, _eos(tokenizer, model), device, chosen),
+                   loaded.source.name, source=loaded.source, applied=loaded.applied, engine_choice=engine)
+
+    @property
+    def base_name(self) -> str | None:
+        """The base a LoRA adapter is merged into, else None."""
+        return self.source.base_name if self.source is not None and self.source.adapter else None
+
+    def shares_weights_with(self, source: LLMSource) -> bool:
+        """Whether `source` can be served by swapping adapters on this model's base weights."""
+        return self.source is not None and self.source.weights_key == source.weights_key
+
+    def switch_to(self, source: LLMSource) -> None:
+        """Serve `source` (this model's base, or an adapter of it) by removing the merged adapter and
+        merging the next in place: the base weights are read once and never held twice."""
+        if not self.shares_weights_with(source):
+            raise ValueError(f"{source.name} does not share {self.name}'s base weights")
+        touched = False
+        if self.applied is not None:
+            touched = self.applied.touches_engine_copies
+            self.applied.remove()
+            self.applied = None
+            # The model is the bare base now, whatever happens to the next merge.
+            self.source = LLMSource(source.base_name or source.name, source.directory)
+            self.name = self.source.name
+        if source.adapter is not None:
+            status(f"merging adapter {source.name} into {source.base_name} in place")
+            self.applied = apply_adapter(self.model, source.adapter)
+            touched |= self.applied.touches_engine_copies
+        tokenizer = tokenizer_for(source)
+        eos = _eos(tokenizer, self.model)
+        if touched or eos != _eos(self.tokenizer, self.model):
+            # The fast engine keeps copies of the fused biases (and the end-of-text id); weights it views.
+            self.engine = choose_engine(self.engine_choice, self.model, eos, self.model.device)
+        self.tokenizer, self.source, self.name = tokenizer, source, source.name
 
     def stop_check(self, questions: Sequence[str]) -> StopCheck:
         """The engines' check: row i's answer (to questions[i]) has ended, so its generation may stop."""

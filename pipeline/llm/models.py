@@ -1,0 +1,138 @@
+"""What `--llm NAME` (with `--base ID|DIR`) names, and loading it: the one way every caller gets phi-2.
+
+Three kinds of checkpoint serve:
+- a transformers checkpoint (`config.json`, `model_type: phi`): loaded as it is;
+- phi-2's older custom-code layout (`model_type: phi-msft`): converted as it loads (legacy_phi.py);
+- a PEFT LoRA adapter (`adapter_config.json`, no `config.json`): its base (`base_model_name_or_path`,
+  or `--base`) is loaded as above and the adapter merged into it (adapters.py).
+
+`resolve_llm` locates everything (downloading once) and checks it without reading a weight;
+`load_llm` loads. The CLI, `compare`, batch jobs and the HTTP server all go through these two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import ModelLoadError
+from pipeline.llm.adapters import AdapterError, AdapterSource, AppliedAdapter, apply_adapter, check_fits, \
+    is_adapter_dir, read_adapter
+from pipeline.llm.legacy_phi import is_legacy_phi, load_legacy_phi, phi_config_from_legacy
+from pipeline.loading import load_pretrained, load_tokenizer, locate_model, status
+
+BASE_ENV = "BILINGUAL_QA_BASE"
+
+
+@dataclass(frozen=True)
+class LLMSource:
+    """A located, checked phi-2-family model: `directory` holds the (base) weights."""
+
+    name: str  # as the user named it (the adapter's name, for an adapter)
+    directory: str
+    base_name: str | None = None  # an adapter's base, as named
+    adapter: AdapterSource | None = None
+
+    @property
+    def weights_key(self) -> str:
+        """Two sources with the same key share base weights (an adapter can be swapped in place)."""
+        return os.path.realpath(self.directory)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (LoRA adapter on {self.base_name})" if self.adapter else self.name
+
+
+def _read_config(directory: str, name: str) -> dict:
+    try:
+        return json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read the config.json of '{name}': {error}") from None
+
+
+def _model_config(directory: str, name: str):
+    """The checkpoint's transformers config (a phi-msft one converted), without remote code."""
+    from transformers import AutoConfig
+
+    config = _read_config(directory, name)
+    if is_legacy_phi(config):
+        return phi_config_from_legacy(config)
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"cannot read the config.json of '{name}': {str(error).strip().splitlines()[0]}") from None
+
+
+def resolve_llm(name: str, base: str | None = None) -> LLMSource:
+    """Locate `name` (and an adapter's base) and check they can serve, reading no weights.
+
+    `base` overrides an adapter's `base_model_name_or_path` (default: $BILINGUAL_QA_BASE); a full
+    checkpoint ignores it.
+    """
+    base = base or os.environ.get(BASE_ENV) or None
+    directory = locate_model(name, "--llm", adapters=True)
+    if not is_adapter_dir(directory):
+        return LLMSource(name, directory)
+    adapter = read_adapter(directory, name)
+    base_name = base or adapter.base_name
+    if base_name is None:
+        raise AdapterError(f"adapter '{name}' names no base model (base_model_name_or_path); pass --base ID|DIR")
+    base_directory = locate_model(base_name, "--base")
+    if is_adapter_dir(base_directory):
+        raise AdapterError(f"the base of adapter '{name}', '{base_name}', is itself an adapter; pass --base"
+                           " with a full phi-2 checkpoint")
+    check_fits(adapter, _model_config(base_directory, base_name), base_name)
+    return LLMSource(name, base_directory, base_name, adapter)
+
+
+@dataclass
+class LoadedLLM:
+    source: LLMSource
+    model: torch.nn.Module
+    tokenizer: object
+    applied: AppliedAdapter | None = None
+
+
+def load_base(source: LLMSource, device: torch.device, dtype: torch.dtype, tokenizer) -> torch.nn.Module:
+    """The (base) weights of `source` on `device`, as a PhiForCausalLM (or another native causal LM)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _read_config(source.directory, source.base_name or source.name)
+    if is_legacy_phi(config):
+        return load_legacy_phi(source.directory, source.base_name or source.name, device, dtype,
+                               tokenizer.eos_token_id)
+    return load_pretrained(AutoModelForCausalLM, source.directory, source.base_name or source.name, device, dtype)
+
+
+def tokenizer_for(source: LLMSource):
+    """The adapter's tokenizer when it ships one, else the checkpoint's."""
+    if source.adapter is not None and source.adapter.has_tokenizer:
+        return load_tokenizer(source.adapter.directory, source.name)
+    from transformers.utils import logging
+
+    # AutoTokenizer reads config.json too, and warns that phi-msft is no transformers model type.
+    quiet = is_legacy_phi(_read_config(source.directory, source.base_name or source.name))
+    previous = logging.get_verbosity()
+    if quiet:
+        logging.set_verbosity_error()
+    try:
+        return load_tokenizer(source.directory, source.base_name or source.name)
+    finally:
+        logging.set_verbosity(previous)
+
+
+def load_llm(name: str | LLMSource, *, base: str | None = None, device: torch.device,
+             dtype: torch.dtype) -> LoadedLLM:
+    """`--llm NAME` [`--base ID|DIR`] loaded on `device`: a model and its tokenizer, adapters merged."""
+    source = name if isinstance(name, LLMSource) else resolve_llm(name, base)
+    tokenizer = tokenizer_for(source)
+    model = load_base(source, device, dtype, tokenizer)
+    applied = None
+    if source.adapter is not None:
+        status(f"merging adapter {source.name} into {source.base_name}")
+        applied = apply_adapter(model, source.adapter)
+    return LoadedLLM(source, model, tokenizer, applied)
