@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
-from pipeline.llm.engine import FINISH_STOP, Engine, GenerationSettings, TransformersEngine
+from pipeline.llm.engine import FINISH_STOP, Engine, Generated, GenerationSettings, TransformersEngine, finish_row
 from pipeline.loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype, status
 from pipeline.text.answer_end import find_stop, trim_answer
 
@@ -83,30 +83,56 @@ class Answerer:
         """Answer English questions together, in one batch."""
         prompts = [self.encode(q, settings.max_new_tokens) for q in questions]
         generated = self.engine.generate(prompts, settings, self._stops)
-        answers = []
-        for prompt, row in zip(prompts, generated):
-            text, cut = trim_answer(self.tokenizer.decode(row.token_ids, skip_special_tokens=True))
-            reason = FINISH_STOP if cut else row.finish_reason
-            answers.append(AnswerText(text, reason, len(prompt), len(row.token_ids)))
-        return answers
+        return [self.answer_text(prompt, row) for prompt, row in zip(prompts, generated)]
+
+    def answer_text(self, prompt: list[int], row: Generated) -> AnswerText:
+        """One generated row as the answer's text, trimmed at its first stop."""
+        text, cut = trim_answer(self.tokenizer.decode(row.token_ids, skip_special_tokens=True))
+        return AnswerText(text, FINISH_STOP if cut else row.finish_reason, len(prompt), len(row.token_ids))
+
+    def finish_ids(self, ids: list[int], max_new_tokens: int) -> Generated:
+        """Generated ids (end-of-text included if written) cut and named as the engines do."""
+        return finish_row(ids, self.engine.eos_token_id, max_new_tokens, self._stops)
 
     def stream(self, question: str, settings: GenerationSettings) -> Iterator[str]:
         """The answer's text as it is generated, piece by piece, ending at the first stop."""
         prompt = self.encode(question, settings.max_new_tokens)
-        ids: list[int] = []
-        shown = 0
+        pieces = TextPieces(self.tokenizer)
         for token in self.engine.stream(prompt, settings, self._stops):
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-            stop = find_stop(text)
-            if stop is not None:
+            piece, stopped = pieces.push(token)
+            if piece:
+                yield piece
+            if stopped:
                 break
-            # Hold back half a character and a short last line: it may be the start of a stop line.
-            line_start = text.rfind("\n") + 1
-            ready = text.rstrip("\ufffd") if len(text) - line_start >= HOLD_BACK else text[:line_start]
-            if len(ready) > shown:
-                yield ready[shown:]
-                shown = len(ready)
-        final = trim_answer(self.tokenizer.decode(ids, skip_special_tokens=True))[0]
-        if len(final) > shown:
-            yield final[shown:]
+        if last := pieces.finish():
+            yield last
+
+
+class TextPieces:
+    """Generated ids -> new text as it becomes safe to show, ending at the first stop line."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(text ready to show since the last call, whether a stop line has appeared)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if find_stop(text) is not None:
+            return "", True
+        # Hold back half a character and a short last line: it may be the start of a stop line.
+        line_start = text.rfind("\n") + 1
+        ready = text.rstrip("\ufffd") if len(text) - line_start >= HOLD_BACK else text[:line_start]
+        if len(ready) > self.shown:
+            piece, self.shown = ready[self.shown:], len(ready)
+            return piece, False
+        return "", False
+
+    def finish(self) -> str:
+        """The rest of the answer, trimmed at its stop."""
+        final = trim_answer(self.tokenizer.decode(self.ids, skip_special_tokens=True))[0]
+        piece = final[self.shown:] if len(final) > self.shown else ""
+        self.shown = max(self.shown, len(final))
+        return piece

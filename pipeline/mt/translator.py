@@ -36,6 +36,13 @@ def _guess_target_lang(tokenizer, name: str) -> str:
 
 
 @dataclass
+class TranslationPlan:
+    layouts: list
+    pieces_per_sentence: list[int]
+    ids: list[list[int]]  # the pieces' token ids, in the order assemble() reads their translations
+
+
+@dataclass
 class TranslationBatch:
     indices: list[int]
     ids: list[list[int]]
@@ -72,6 +79,12 @@ class Translator:
 
     def translate(self, texts: list[str]) -> list[str]:
         """Translate each text, keeping paragraphs, line breaks, list markers and code as they are."""
+        plan = self.plan(texts)
+        return self.assemble(plan, self.translate_ids(plan.ids))
+
+    def plan(self, texts: list[str]) -> TranslationPlan:
+        """Split texts into the token ids the model will translate (a caller may batch them with
+        other plans' ids, as the server does) and remember how to rebuild each text."""
         layouts = [plan_text(text) for text in texts]
         sentences = [sentence for layout in layouts for sentence in sentences_of(layout)]
         # Each sentence is tokenised once: the ids that measure it are the ids the model reads.
@@ -84,11 +97,15 @@ class Translator:
                 pieces = split_to_fit(sentence, MAX_SENTENCE_TOKENS, self.count_tokens)
                 pieces_per_sentence.append(len(pieces))
                 encoded.extend(self._encode(pieces))
-        translated = iter(self._translate_ids(encoded))
+        return TranslationPlan(layouts, pieces_per_sentence, encoded)
+
+    def assemble(self, plan: TranslationPlan, translated: list[str]) -> list[str]:
+        """The texts of `plan` rebuilt from their pieces' translations (in `plan.ids` order)."""
+        pieces = iter(translated)
         joiner = " " if self.target_lang != "ja" else ""
-        joined = [joiner.join(next(translated) for _ in range(count)) for count in pieces_per_sentence]
+        joined = [joiner.join(next(pieces) for _ in range(count)) for count in plan.pieces_per_sentence]
         results, position = [], 0
-        for layout in layouts:
+        for layout in plan.layouts:
             count = len(sentences_of(layout))
             results.append(rebuild(layout, joined[position:position + count], self.target_lang))
             position += count
@@ -102,6 +119,10 @@ class Translator:
     def translate_sentences(self, sentences: list[str]) -> list[str]:
         """Translate sentences that each fit the model; outputs come back in input order."""
         return self._translate_ids(self._encode(sentences))
+
+    def translate_ids(self, encoded: list[list[int]]) -> list[str]:
+        """Translate tokenised pieces (each under the model's limit) in length-sorted batches."""
+        return self._translate_ids(encoded)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=False)["input_ids"] if texts else []
