@@ -120,14 +120,14 @@ class Translator:
         """Translate sentences that each fit the model; outputs come back in input order."""
         return self._translate_ids(self._encode(sentences))
 
-    def translate_ids(self, encoded: list[list[int]]) -> list[str]:
+    def translate_ids(self, encoded: list[list[int]], num_beams: int | None = None) -> list[str]:
         """Translate tokenised pieces (each under the model's limit) in length-sorted batches."""
-        return self._translate_ids(encoded)
+        return self._translate_ids(encoded, num_beams)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=False)["input_ids"] if texts else []
 
-    def _translate_ids(self, encoded: list[list[int]]) -> list[str]:
+    def _translate_ids(self, encoded: list[list[int]], num_beams: int | None = None) -> list[str]:
         for ids in encoded:
             if len(ids) > MODEL_MAX_TOKENS:
                 raise InputTooLongError(
@@ -135,7 +135,7 @@ class Translator:
                 )
         outputs: list[str] = [""] * len(encoded)
         for batch in self._batches(encoded):
-            for index, target in zip(batch.indices, self._generate(batch.ids)):
+            for index, target in zip(batch.indices, self._generate(batch.ids, num_beams or self.num_beams)):
                 outputs[index] = self.tokenizer.decode(target, skip_special_tokens=True).strip()
         return outputs
 
@@ -153,17 +153,17 @@ class Translator:
             batches.append(TranslationBatch(current, [encoded[i] for i in current]))
         return batches
 
-    def _generate(self, batch: list[list[int]]) -> list[list[int]]:
+    def _generate(self, batch: list[list[int]], num_beams: int) -> list[list[int]]:
         """Decode one batch; on CUDA out-of-memory, halve it and retry, losing nothing."""
         bound = output_bound(max(len(row) for row in batch))
         try:
-            outputs = self.backend.generate(batch, bound, self.num_beams)
+            outputs = self.backend.generate(batch, bound, num_beams)
         except torch.cuda.OutOfMemoryError:
             if len(batch) == 1:
                 raise
             torch.cuda.empty_cache()
             half = len(batch) // 2
-            return self._generate(batch[:half]) + self._generate(batch[half:])
+            return self._generate(batch[:half], num_beams) + self._generate(batch[half:], num_beams)
         return [out[: output_bound(len(row))] for row, out in zip(batch, outputs)]
 
     def translate_file(self, input, output, *, source_lang: str = "auto", field: str = "text",
