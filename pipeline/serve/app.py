@@ -366,7 +366,7 @@ def create_app(load: ModelRegistry | Callable[[], ModelRegistry], config: Server
         else:
             threading.Thread(target=run_loader, name="load-models", daemon=True).start()
         yield
-        if state.models is not None:
+        if state.models is not None and callable(load):  # models handed in belong to the caller
             state.models.close()
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
