@@ -365,9 +365,7 @@ def create_app(load: ModelRegistry | Callable[[], ModelRegistry], config: Server
             run_loader()
         else:
             threading.Thread(target=run_loader, name="load-models", daemon=True).start()
-        yield
-        if state.models is not None and callable(load):  # models handed in belong to the caller
-            state.models.close()
+        yield  # the models outlive the app: whoever runs it closes them (server.py), once requests drained
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         HTTPError: _http_error, HTTPException: _starlette_error, BilingualQAError: _user_error,

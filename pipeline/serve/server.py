@@ -28,3 +28,5 @@ def run_server(options: LoadOptions, *, host: str = "127.0.0.1", port: int = 800
     logging.basicConfig(level=log_level.upper(), format="bilingual-qa: %(message)s")
     app = create_app(lambda: ModelRegistry.load(options), config)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    if app.state.serve.models is not None:
+        app.state.serve.models.close()
