@@ -179,8 +179,8 @@ def number(fields: dict, name: str, kind, default, low=None, high=None, low_open
 
 def flag(fields: dict, name: str) -> bool:
     value = fields.get(name, False)
-    if isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        return value.lower() in ("1", "true", "yes", "on")  # form bodies carry flags as text
     if not isinstance(value, bool):
         raise HTTPError(400, f"{name} must be true or false")
     return value

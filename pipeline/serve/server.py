@@ -4,6 +4,7 @@ stops taking connections, lets the requests in flight finish (streams included),
 from __future__ import annotations
 
 import logging
+import signal
 
 import uvicorn
 
@@ -27,6 +28,12 @@ def run_server(options: LoadOptions, *, host: str = "127.0.0.1", port: int = 800
     check_models(options)
     logging.basicConfig(level=log_level.upper(), format="bilingual-qa: %(message)s")
     app = create_app(lambda: ModelRegistry.load(options), config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
-    if app.state.serve.models is not None:
-        app.state.serve.models.close()
+    # uvicorn drains, then raises the signal again for the handler it found: with this one a SIGTERM
+    # ends in a clean exit (code 0) after the models are closed, not in the default handler's kill.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if app.state.serve.models is not None:
+            app.state.serve.models.close()

@@ -178,9 +178,9 @@ def test_translate_is_libretranslate_shaped(client, qa):
     assert one.status_code == 200
     assert one.json()["translatedText"] == qa.ja_en.translate(["金利とは何ですか？"])[0]
     assert one.json()["detectedLanguage"]["language"] == "ja" and 0 < one.json()["detectedLanguage"]["confidence"] <= 100
-    many = client.post("/translate", json={"q": ["Hello world.", "金利"], "source": "auto", "target": "ja"},
+    many = client.post("/translate", json={"q": ["Hello world.", "金利が上がります。"], "source": "auto", "target": "ja"},
                        headers=AUTH).json()
-    assert many["translatedText"] == [qa.en_ja.translate(["Hello world."])[0], "金利"]  # already Japanese: kept
+    assert many["translatedText"] == [qa.en_ja.translate(["Hello world."])[0], "金利が上がります。"]  # already Japanese: kept
     assert [d["language"] for d in many["detectedLanguage"]] == ["en", "ja"]
     form = client.post("/translate", data={"q": "Hello world.", "source": "en", "target": "ja", "api_key": KEY})
     assert form.json() == {"translatedText": many["translatedText"][0]}
