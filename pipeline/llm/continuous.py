@@ -122,9 +122,12 @@ class TransformersDecodeBatch:
         out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
                          use_cache=True, **{self._cache_arg: self.cache},
                          cache_position=torch.tensor([columns], device=self.device))
+        last = out.logits[:, -1]
+        greedy = last.argmax(-1).tolist()  # one device->host copy for every greedy row
         chosen = {}
         for index, row in enumerate(self.rows):
-            row.next_token = select_token(out.logits[index, -1], row.settings, row.generator)
+            row.next_token = (greedy[index] if row.settings.greedy
+                              else select_token(last[index], row.settings, row.generator))
             row.position += 1
             chosen[row.key] = row.next_token
         return chosen
