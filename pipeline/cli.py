@@ -382,6 +382,43 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
     click.echo(f"bilingual-qa: {summary.describe()}", err=True)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--llm", "llms", multiple=True, envvar="BILINGUAL_QA_LLM",
+              help="A phi-2-family model (hub id or directory); repeat to serve several, the first is the default.")
+@model_options
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True,
+              help="phi-2 generation engine (auto: fast on CUDA, else transformers).")
+@click.option("--api-key", envvar="BILINGUAL_QA_API_KEY", default=None,
+              help="Key every API request must carry (bearer token or api_key field) [env: BILINGUAL_QA_API_KEY].")
+@click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True,
+              help="Requests in flight before new ones get 503 and Retry-After.")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=64, show_default=True,
+              help="Most questions decoded together.")
+@click.option("--max-body", type=click.IntRange(1), default=1_000_000, show_default=True,
+              help="Largest request body in bytes (413 above).")
+@user_errors
+def serve(host, port, llms, ja_en, en_ja, device, dtype, mt_backend, beams, engine, api_key, max_queue, max_batch,
+          max_body):
+    """Serve the models over HTTP: a web page, /v1/ask, LibreTranslate- and OpenAI-compatible APIs."""
+    from pipeline import serve as serve_room  # the serve extra is imported only by this command
+
+    if not serve_room.is_loopback(host) and not api_key:
+        fail(f"refusing to listen on {host} without an API key: pass --api-key or set BILINGUAL_QA_API_KEY")
+    if missing := serve_room.missing_requirements():
+        fail(f"the server needs {', '.join(missing)}: pip install 'bilingual-qa[serve]'")
+    from pipeline.serve.app import ServerConfig
+    from pipeline.serve.models import LoadOptions
+    from pipeline.serve.server import run_server
+
+    options = LoadOptions(llms=list(llms), ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, engine=engine,
+                          mt_backend=mt_backend, beams=beams, max_rows=max_batch)
+    run_server(options, host=host, port=port,
+               config=ServerConfig(api_key=api_key or None, max_body=max_body, max_queue=max_queue))
+
+
 def ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet, load: dict,
                    settings: GenerationSettings, source_lang: str, chunk_rows: int, workers: str,
                    cluster: str | None) -> None:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.llm.answerer import DEFAULT_LLM, Answerer
+from pipeline.llm.answerer import DEFAULT_LLM, Answerer, AnswerText
 from pipeline.text.controls import refuse_controls
 from pipeline.text.detect import detect_language, require_supported
 from pipeline.errors import BilingualQAError, EmptyInputError, InputTooLongError
@@ -162,14 +162,20 @@ class BilingualQA:
             if isinstance(lang, BilingualQAError):
                 results.append(lang)
                 continue
-            results.append(QAResult(
-                source_lang=lang, question_en=question_en[i], question_ja=question_ja[i],
-                answer_en=answers[i].text, answer_ja=answer_ja[i], finish_reason=answers[i].finish_reason,
-                models=self.models, timings=dict(clock.timings), engine=self.answerer.engine.name,
-                mt_backend=self.ja_en.backend.name, generated_tokens=answers[i].generated_tokens,
-                raw=settings.raw,
-            ))
+            results.append(self.result(lang, question_en[i], question_ja[i], answers[i], answer_ja[i],
+                                       dict(clock.timings), settings.raw))
         return results
+
+    def result(self, source_lang: str, question_en: str, question_ja: str, answer: AnswerText, answer_ja: str,
+               timings: dict[str, float], raw: bool = False) -> QAResult:
+        """One question's result from its stages' outputs (ask_batch's, or a server's that runs the
+        stages itself to batch them across callers)."""
+        return QAResult(
+            source_lang=source_lang, question_en=question_en, question_ja=question_ja, answer_en=answer.text,
+            answer_ja=answer_ja, finish_reason=answer.finish_reason, models=self.models, timings=timings,
+            engine=self.answerer.engine.name, mt_backend=self.ja_en.backend.name,
+            generated_tokens=answer.generated_tokens, raw=raw,
+        )
 
     def _answer_each(self, question_en: dict[int, str], settings: GenerationSettings, langs: list) -> dict:
         """Answer the questions that fit phi-2 together; one that is too long gets its error."""

@@ -17,11 +17,12 @@ import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.llm.adapters import AppliedAdapter, apply_adapter
-from pipeline.llm.engine import FINISH_STOP, Engine, GenerationSettings, StopCheck, TransformersEngine
+from pipeline.llm.engine import (FINISH_STOP, Engine, Generated, GenerationSettings, StopCheck, TransformersEngine,
+                                 finish_row)
 from pipeline.llm.hardware import Plan, plan, probe
 from pipeline.llm.models import LLMSource, load_llm, tokenizer_for
 from pipeline.loading import DTYPES, resolve_device, status
-from pipeline.text.answer_end import EndWatch, locate_answer, stream_answer
+from pipeline.text.answer_end import EndWatch, locate_answer, settled_span
 
 DEFAULT_LLM = "microsoft/phi-2"
 PROMPT = "Instruct: {question}\nOutput:"
@@ -153,38 +154,66 @@ class Answerer:
         """Answer English questions together, in one batch."""
         prompts = [self.encode(q, settings.max_new_tokens) for q in questions]
         generated = self.engine.generate(prompts, settings, None if settings.raw else self.stop_check(questions))
-        answers = []
-        for question, prompt, row in zip(questions, prompts, generated):
-            text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
-            text, reason = self.finish(text, question, row.finish_reason, settings.raw)
-            answers.append(AnswerText(text, reason, len(prompt), len(row.token_ids)))
-        return answers
+        return [self.answer_text(question, prompt, row, settings.raw)
+                for question, prompt, row in zip(questions, prompts, generated)]
+
+    def answer_text(self, question: str, prompt: list[int], row: Generated, raw: bool = False) -> AnswerText:
+        """One generated row as the answer shown for `question` (trimmed unless `raw`)."""
+        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        text, reason = self.finish(text, question, row.finish_reason, raw)
+        return AnswerText(text, reason, len(prompt), len(row.token_ids))
+
+    def finish_ids(self, ids: list[int], max_new_tokens: int, question: str, raw: bool = False) -> Generated:
+        """Ids generated elsewhere (the server's scheduler; end-of-text included if written) cut and
+        named as the engines do."""
+        check = None if raw else self.stop_check([question])
+        return finish_row(ids, self.engine.eos_token_id, max_new_tokens, check)
 
     def stream(self, question: str, settings: GenerationSettings) -> Iterator[str]:
         """The answer's text as it is generated, piece by piece: each piece as soon as no later text
         can cut it, so the pieces joined equal `answer`'s text."""
         prompt = self.encode(question, settings.max_new_tokens)
         check = None if settings.raw else self.stop_check([question])
-        ids: list[int] = []
+        pieces = AnswerPieces(self.tokenizer, question, settings.raw)
+        for token in self.engine.stream(prompt, settings, check):
+            if piece := pieces.push(token):
+                yield piece
+        if tail := pieces.finish():
+            yield tail
 
-        def texts() -> Iterator[str]:
-            for token in self.engine.stream(prompt, settings, check):
-                ids.append(token)
-                yield self.tokenizer.decode(ids, skip_special_tokens=True)
 
-        if settings.raw:
-            yield from stream_raw(texts())
+class AnswerPieces:
+    """Generated ids, pushed one at a time -> the shown answer's new text, each piece as soon as no
+    later token can change it (the CLI's stream and the server's both). The pieces joined equal
+    `Answerer.finish`'s text; `ended` turns true once the answer has ended (never when raw)."""
+
+    def __init__(self, tokenizer, question: str, raw: bool = False):
+        self.tokenizer, self.question, self.raw = tokenizer, question, raw
+        self.ids: list[int] = []
+        self.shown = ""
+        self.ended = False
+        self._start = None  # where the answer starts, once known: each push need not find it again
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        """Add one generated id; the text that became safe to show."""
+        self.ids.append(token)
+        text = self.text()
+        if self.raw:  # the whole text; only a partly decoded character and trailing space wait
+            ready = text.lstrip().rstrip("\ufffd").rstrip()
         else:
-            yield from stream_answer(texts(), question)
+            ready, span = settled_span(text, self.question, self._start)
+            self._start, self.ended = span.start, span.end is not None
+        return self._show(ready)
 
+    def finish(self) -> str:
+        """The rest of the answer once generation is over."""
+        return self._show(Answerer.finish(self.text(), self.question, "", self.raw)[0])
 
-def stream_raw(texts: Iterator[str]) -> Iterator[str]:
-    """Pieces of the whole text, its outer space stripped; a partly decoded character waits."""
-    shown, text = "", ""
-    for text in texts:
-        ready = text.lstrip().rstrip("\ufffd").rstrip()
-        if len(ready) > len(shown):
-            yield ready[len(shown):]
-            shown = ready
-    if len(text.strip()) > len(shown):
-        yield text.strip()[len(shown):]
+    def _show(self, ready: str) -> str:
+        if len(ready) <= len(self.shown):
+            return ""
+        piece, self.shown = ready[len(self.shown):], ready
+        return piece

@@ -19,7 +19,7 @@ import json
 import os
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -178,17 +178,15 @@ class TranslationMemory:
         self.hits = 0
         self.misses = 0
 
-    def recall(self, description: dict, sources: list[str],
-               translate: Callable[[list[str]], list[str]]) -> list[str]:
-        """Each source's translation, from the store or from `translate` (called once, with each
-        missing source once, in first-seen order); new translations are stored."""
-        context = context_key(description)
-        known = self.store.get_many(context, sources)
+    def lookup(self, description: dict, sources: list[str]) -> tuple[dict[str, str], list[str]]:
+        """(the translations the store holds, the other sources each once in first-seen order)."""
+        known = self.store.get_many(context_key(description), sources)
         missing = [source for source in dict.fromkeys(sources) if source not in known]
-        if missing:
-            new = list(zip(missing, translate(missing)))
-            self.store.put_many(context, description, new)
-            known.update(new)
         self.misses += len(missing)
         self.hits += len(sources) - len(missing)
-        return [known[source] for source in sources]
+        return known, missing
+
+    def remember(self, description: dict, pairs: list[tuple[str, str]]) -> None:
+        """Store new (source, translation) pairs."""
+        if pairs:
+            self.store.put_many(context_key(description), description, pairs)

@@ -42,6 +42,17 @@ def _guess_target_lang(tokenizer, name: str) -> str:
 
 
 @dataclass
+class TranslationPlan:
+    layouts: list
+    sentences: list[str]  # every sentence of the texts, in order
+    known: dict[str, str]  # the memory's translations of some of them
+    missing: list[str]  # the others, each once, in first-seen order
+    pieces_per_sentence: list[int]  # per missing sentence: an over-long one is cut into pieces
+    ids: list[list[int]]  # the pieces' token ids, in the order assemble() reads their translations
+    num_beams: int | None = None  # what they are translated with (None: the translator's)
+
+
+@dataclass
 class TranslationBatch:
     indices: list[int]
     ids: list[list[int]]
@@ -87,9 +98,9 @@ class Translator:
         """Keep translations in `memory` from now on (see the class docstring); counters restart."""
         self.memory = TranslationMemory(open_store(memory))
 
-    def memory_context(self) -> dict:
+    def memory_context(self, num_beams: int | None = None) -> dict:
         """Everything that changes a sentence's translation: memory entries are kept per context."""
-        return {"model": self.model_key, "target": self.target_lang, "beams": self.num_beams,
+        return {"model": self.model_key, "target": self.target_lang, "beams": num_beams or self.num_beams,
                 "backend": self.backend.name, "variant": getattr(self.backend, "quantization", None),
                 "dtype": str(self.model.dtype)}
 
@@ -100,38 +111,58 @@ class Translator:
         """Translate each text, keeping paragraphs, line breaks, list markers and code as they are.
 
         `progress(done, total)` is called after each batch, in sentence pieces (a job's progress bar)."""
+        plan = self.plan(texts)
+        return self.assemble(plan, self._translate_ids(plan.ids, progress=progress))
+
+    def plan(self, texts: list[str], num_beams: int | None = None) -> TranslationPlan:
+        """Split texts into sentences, take those the memory knows, and tokenise the rest into the ids
+        the model will translate (a caller may batch them with other plans' ids, as the server does,
+        translating them with `num_beams`, default this translator's)."""
         layouts = [plan_text(text) for text in texts]
         sentences = [sentence for layout in layouts for sentence in sentences_of(layout)]
-        joined = self.memory.recall(self.memory_context(), sentences,
-                                    lambda missing: self._translate_sentences(missing, progress))
-        results, position = [], 0
-        for layout in layouts:
-            count = len(sentences_of(layout))
-            results.append(rebuild(layout, joined[position:position + count], self.target_lang))
-            position += count
-        return results
-
-    def _translate_sentences(self, sentences: list[str], progress=None) -> list[str]:
-        """Translate sentences, cutting over-long ones into pieces and joining their translations."""
+        known, missing = self.memory.lookup(self.memory_context(num_beams), sentences)
         # Each sentence is tokenised once: the ids that measure it are the ids the model reads.
         pieces_per_sentence, encoded = [], []
-        for sentence, ids in zip(sentences, self._encode(sentences)):
-            if len(ids) - 1 <= MAX_SENTENCE_TOKENS:  # - 1: the </s> the tokenizer appends
+        for sentence, ids in zip(missing, self._encode(missing)):
+            if len(ids) <= MAX_SENTENCE_TOKENS:
                 pieces_per_sentence.append(1)
                 encoded.append(ids)
             else:
                 pieces = split_to_fit(sentence, MAX_SENTENCE_TOKENS, self.count_tokens)
                 pieces_per_sentence.append(len(pieces))
                 encoded.extend(self._encode(pieces))
-        translated = iter(self._translate_ids(encoded, progress))
+        return TranslationPlan(layouts, sentences, known, missing, pieces_per_sentence, encoded, num_beams)
+
+    def assemble(self, plan: TranslationPlan, translated: list[str]) -> list[str]:
+        """The texts of `plan` rebuilt from its pieces' translations (in `plan.ids` order); the new
+        sentences go into the memory."""
+        joined = self.sentence_translations(plan, translated)
+        self.memory.remember(self.memory_context(plan.num_beams), list(zip(plan.missing, joined[len(plan.sentences):])))
+        results, position = [], 0
+        for layout in plan.layouts:
+            count = len(sentences_of(layout))
+            results.append(rebuild(layout, joined[position:position + count], self.target_lang))
+            position += count
+        return results
+
+    def sentence_translations(self, plan: TranslationPlan, translated: list[str]) -> list[str]:
+        """Every sentence of the plan translated, in order (then the new ones again, for the memory)."""
+        pieces = iter(translated)
         joiner = " " if self.target_lang != "ja" else ""
-        return [joiner.join(next(translated) for _ in range(count)) for count in pieces_per_sentence]
+        new = {sentence: joiner.join(next(pieces) for _ in range(count))
+               for sentence, count in zip(plan.missing, plan.pieces_per_sentence)}
+        known = {**plan.known, **new}
+        return [known[sentence] for sentence in plan.sentences] + [new[sentence] for sentence in plan.missing]
+
+    def translate_ids(self, encoded: list[list[int]], num_beams: int | None = None) -> list[str]:
+        """Translate tokenised pieces (each under the model's limit) in length-sorted batches."""
+        return self._translate_ids(encoded, num_beams)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=False)["input_ids"] if texts else []
 
-    def _translate_ids(self, encoded: list[list[int]], progress: Callable[[int, int], None] | None = None
-                       ) -> list[str]:
+    def _translate_ids(self, encoded: list[list[int]], num_beams: int | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> list[str]:
         for ids in encoded:
             if len(ids) > MODEL_MAX_TOKENS:
                 raise InputTooLongError(
@@ -140,7 +171,7 @@ class Translator:
         outputs: list[str] = [""] * len(encoded)
         done = 0
         for batch in self._batches(encoded):
-            for index, target in zip(batch.indices, self._generate(batch.ids)):
+            for index, target in zip(batch.indices, self._generate(batch.ids, num_beams or self.num_beams)):
                 outputs[index] = self.tokenizer.decode(target, skip_special_tokens=True).strip()
             done += len(batch.indices)
             if progress is not None:
@@ -161,17 +192,17 @@ class Translator:
             batches.append(TranslationBatch(current, [encoded[i] for i in current]))
         return batches
 
-    def _generate(self, batch: list[list[int]]) -> list[list[int]]:
+    def _generate(self, batch: list[list[int]], num_beams: int) -> list[list[int]]:
         """Decode one batch; on CUDA out-of-memory, halve it and retry, losing nothing."""
         bound = output_bound(max(len(row) for row in batch))
         try:
-            outputs = self.backend.generate(batch, bound, self.num_beams)
+            outputs = self.backend.generate(batch, bound, num_beams)
         except torch.cuda.OutOfMemoryError:
             if len(batch) == 1:
                 raise
             torch.cuda.empty_cache()
             half = len(batch) // 2
-            return self._generate(batch[:half]) + self._generate(batch[half:])
+            return self._generate(batch[:half], num_beams) + self._generate(batch[half:], num_beams)
         return [out[: output_bound(len(row))] for row, out in zip(batch, outputs)]
 
     def job_options(self) -> dict:

@@ -129,13 +129,18 @@ class EndWatch:
 
 def settled_answer(text: str, question: str | None = None) -> str:
     """The part of the trimmed answer that no continuation of `text` can change (for streaming)."""
-    span = locate_answer(text, question, final=False)
+    return settled_span(text, question)[0]
+
+
+def settled_span(text: str, question: str | None = None, start: int | None = None) -> tuple[str, AnswerSpan]:
+    """`settled_answer` and the span it comes from (`start`: the answer's start if already known)."""
+    span = locate_answer(text, question, final=False, start=start)
     if span.start is None:
-        return ""
+        return "", span
     if span.end is not None:
-        return text[span.start:span.end].strip()
+        return text[span.start:span.end].strip(), span
     # A partly decoded character shows as U+FFFD; trailing space may turn out to be the answer's end.
-    return text[span.start:span.settled].rstrip().rstrip("\ufffd").rstrip()
+    return text[span.start:span.settled].rstrip().rstrip("\ufffd").rstrip(), span
 
 
 def stream_answer(texts: Iterable[str], question: str | None = None) -> Iterator[str]:

@@ -1,0 +1,171 @@
+"""Continuous batching: rows join a running decode batch and leave it between decode steps.
+
+`generate` decodes a fixed set of prompts until the last one ends, so a question that arrives while
+others are being answered waits for the whole batch. A `DecodeBatch` instead lets the server add a
+row (prefilled alone, then decoded with the others) and drop a finished or abandoned row at once.
+
+The contract is three calls, all from one thread:
+- `add(prompt, settings) -> (row, first_token)`: prefill one prompt, return its row key and first token;
+- `step() -> {row: token}`: one decode step for every live row, feeding each the token it last returned;
+- `drop(row)`: forget a row (its cache columns are freed).
+
+`TransformersDecodeBatch` implements it for any transformers causal LM on any device: a manual decode
+loop over a DynamicCache whose rows are left-padded to a shared column count, each row with its own
+positions and attention mask, so a row decodes exactly what it would decode alone (up to float
+rounding of a wider batch). `open_decode_batch` returns None for an engine that cannot step (the
+server then falls back to gathering waiting questions into one `generate` call).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pipeline.llm.engine import GenerationSettings
+
+
+class DecodeBatch(Protocol):
+    max_rows: int
+
+    def add(self, prompt: list[int], settings: GenerationSettings) -> tuple[int, int]: ...
+
+    def step(self) -> dict[int, int]: ...
+
+    def drop(self, row: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+def open_decode_batch(engine, max_rows: int = 64) -> DecodeBatch | None:
+    """A decode batch on `engine`'s model, or None when the engine cannot decode step by step."""
+    opener = getattr(engine, "decode_batch", None)
+    if opener is not None:  # an engine with its own step-wise implementation (see docs/design.md)
+        return opener(max_rows)
+    if getattr(engine, "name", "") == "transformers":
+        return TransformersDecodeBatch(engine.model, max_rows)
+    return None
+
+
+@dataclass
+class _Row:
+    key: int
+    next_token: int  # returned to the caller, not yet in the cache
+    position: int  # the next token's position id
+    settings: GenerationSettings
+    generator: torch.Generator | None
+
+
+def select_token(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> int:
+    """Greedy argmax, or temperature + top-p sampling from one row's logits."""
+    if settings.greedy:
+        return int(torch.argmax(logits))
+    scores = logits.float() / settings.temperature
+    if settings.top_p < 1.0:
+        ordered, order = scores.sort(descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs > settings.top_p  # keep the fewest reaching top_p
+        scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    probs = scores.softmax(-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class TransformersDecodeBatch:
+    """A DecodeBatch over a transformers causal LM and a DynamicCache (see the module docstring)."""
+
+    def __init__(self, model, max_rows: int = 64):
+        self.model = model
+        self.max_rows = max_rows
+        self.device = next(model.parameters()).device
+        self.rows: list[_Row] = []
+        self.cache = None  # DynamicCache, one batch row per entry of self.rows
+        self.mask: torch.Tensor | None = None  # (rows, columns): 1 where a row has a real token
+        self._keys = itertools.count()
+        # transformers renamed past_key_values to cache (5.x deprecation); take whichever forward has.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, prompt: list[int], settings: GenerationSettings) -> tuple[int, int]:
+        from transformers import DynamicCache
+
+        if len(self.rows) >= self.max_rows:
+            raise RuntimeError(f"the decode batch is full ({self.max_rows} rows)")
+        ids = torch.tensor([prompt], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache},
+                         position_ids=torch.arange(len(prompt), device=self.device)[None])
+        generator = None
+        if not settings.greedy:
+            generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None
+                                                      else int(torch.randint(0, 2**31, ())))
+        first = select_token(out.logits[0, -1], settings, generator)
+        row = _Row(next(self._keys), first, len(prompt), settings, generator)
+        self._merge(cache, len(prompt))
+        self.rows.append(row)
+        return row.key, first
+
+    @torch.inference_mode()
+    def step(self) -> dict[int, int]:
+        if not self.rows:
+            return {}
+        columns = self.mask.shape[1]
+        tokens = torch.tensor([[row.next_token] for row in self.rows], device=self.device)
+        positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype,
+                                                     device=self.device)], dim=1)
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                         use_cache=True, **{self._cache_arg: self.cache},
+                         cache_position=torch.tensor([columns], device=self.device))
+        last = out.logits[:, -1]
+        greedy = last.argmax(-1).tolist()  # one device->host copy for every greedy row
+        chosen = {}
+        for index, row in enumerate(self.rows):
+            row.next_token = (greedy[index] if row.settings.greedy
+                              else select_token(last[index], row.settings, row.generator))
+            row.position += 1
+            chosen[row.key] = row.next_token
+        return chosen
+
+    def drop(self, key: int) -> None:
+        keep = [i for i, row in enumerate(self.rows) if row.key != key]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.mask = self.mask[index]
+        # Columns no live row reads any more (left of every row's first token) are cut away.
+        first_used = int(self.mask.any(dim=0).int().argmax())
+        self.mask = self.mask[:, first_used:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first_used:]
+            layer.values = layer.values[index, :, first_used:]
+
+    def _merge(self, cache, length: int) -> None:
+        """Append one prefilled row's cache: right-aligned, the narrower side padded on the left."""
+        new_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, new_mask
+            return
+        width = max(self.mask.shape[1], length)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(new_mask, width)])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

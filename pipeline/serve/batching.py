@@ -1,0 +1,258 @@
+"""Many callers, one model: each model stage runs on its own thread, batching what callers left waiting.
+
+`AnswerScheduler` owns one answer engine. Where the engine can decode step by step
+(llm/continuous.py), a question that arrives while others are decoding joins the running batch at the
+next step and a finished or abandoned row leaves it at once (continuous batching). Otherwise every
+question that arrived while the last batch ran goes into the next `generate` call (micro-batching).
+
+`TranslationBatcher` owns one translator: the sentences of every waiting caller are translated
+together in one length-sorted call.
+
+Callers live on the asyncio loop; results come back through `loop.call_soon_threadsafe` and
+concurrent futures, so no stage ever runs on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Callable
+
+from pipeline.llm.continuous import open_decode_batch
+from pipeline.llm.engine import GenerationSettings
+
+log = logging.getLogger("bilingual_qa.serve")
+_STOP = object()  # queued to end a stage's thread
+
+
+class AnswerJob:
+    """One question's generation: its tokens arrive on `events` as ("token", id), then ("end", eos)."""
+
+    def __init__(self, prompt: list[int], settings: GenerationSettings, loop: asyncio.AbstractEventLoop,
+                 stop_check: Callable | None = None):
+        self.prompt = prompt
+        self.settings = settings
+        self.stop_check = stop_check  # used where the engine generates whole rows (micro-batching)
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.count = 0
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    def push(self, token: int) -> None:
+        self.count += 1
+        self._put(("token", token))
+
+    def end(self, eos: bool) -> None:
+        self._put(("end", eos))
+
+    def fail(self, error: BaseException) -> None:
+        self._put(("error", error))
+
+    def cancel(self) -> None:
+        """The caller is gone or has what it needs: the row is freed at the next step."""
+        self.cancelled = True
+
+
+class AnswerScheduler:
+    def __init__(self, engine, *, max_rows: int = 64, on_tokens: Callable[[int], None] | None = None):
+        self.engine = engine
+        self.eos = engine.eos_token_id
+        self.max_rows = max_rows
+        self.on_tokens = on_tokens or (lambda n: None)
+        self.waiting: queue.Queue = queue.Queue()
+        self.running_rows = 0
+        self.decode_batch = open_decode_batch(engine, max_rows)
+        self.mode = "continuous" if self.decode_batch is not None else "micro-batch"
+        target = self._run_continuous if self.decode_batch is not None else self._run_micro_batches
+        self.thread = threading.Thread(target=self._guard(target), name=f"answer-{engine.name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: AnswerJob) -> None:
+        self.waiting.put(job)
+
+    def close(self) -> None:
+        self.waiting.put(_STOP)
+        self.thread.join(timeout=30)
+
+    def _guard(self, target):
+        def run():
+            try:
+                target()
+            except Exception:  # noqa: BLE001 - a dead engine thread must be loud in the log
+                log.exception("the answer engine thread stopped")
+        return run
+
+    # ---- continuous batching -------------------------------------------------------------------
+
+    def _run_continuous(self) -> None:
+        batch = self.decode_batch
+        live: dict[int, AnswerJob] = {}
+        while True:
+            while len(live) < batch.max_rows:
+                try:
+                    job = self.waiting.get(block=not live)
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    self._finish_all(live, batch)
+                    return
+                if job.cancelled:
+                    continue
+                try:
+                    key, first = batch.add(job.prompt, job.settings)
+                except Exception as error:  # noqa: BLE001 - this caller's failure, not the others'
+                    log.exception("prefill failed")
+                    job.fail(error)
+                    continue
+                live[key] = job
+                self._deliver(key, job, first, live, batch)
+            for key in [key for key, job in live.items() if job.cancelled]:
+                batch.drop(key)
+                del live[key]
+            self.running_rows = len(live)
+            if not live:
+                continue
+            try:
+                tokens = batch.step()
+            except Exception as error:  # noqa: BLE001 - fail the rows of this batch, keep serving
+                log.exception("decode step failed")
+                for key, job in list(live.items()):
+                    job.fail(error)
+                    batch.drop(key)
+                live.clear()
+                continue
+            self.on_tokens(len(tokens))
+            for key, token in tokens.items():
+                self._deliver(key, live[key], token, live, batch)
+            self.running_rows = len(live)
+
+    def _deliver(self, key: int, job: AnswerJob, token: int, live: dict, batch) -> None:
+        if token == self.eos:
+            job.end(eos=True)
+        else:
+            job.push(token)
+            if job.count < job.settings.max_new_tokens:
+                return
+            job.end(eos=False)
+        batch.drop(key)
+        del live[key]
+
+    def _finish_all(self, live: dict, batch) -> None:
+        """Shutting down: the rows still decoding run to their end (the server drains before this)."""
+        while live:
+            for key, token in batch.step().items():
+                self._deliver(key, live[key], token, live, batch)
+
+    # ---- micro-batching ------------------------------------------------------------------------
+
+    def _run_micro_batches(self) -> None:
+        while True:
+            jobs = [self.waiting.get()]
+            while len(jobs) < self.max_rows:
+                try:
+                    jobs.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = any(job is _STOP for job in jobs)
+            jobs = [job for job in jobs if job is not _STOP and not job.cancelled]
+            groups: dict[GenerationSettings, list[AnswerJob]] = {}
+            for job in jobs:
+                groups.setdefault(job.settings, []).append(job)
+            for settings, group in groups.items():
+                self._generate_group(settings, group)
+            if stopping:
+                return
+
+    def _generate_group(self, settings: GenerationSettings, group: list[AnswerJob]) -> None:
+        self.running_rows = len(group)
+        try:
+            rows = self.engine.generate([job.prompt for job in group], settings, _rows_check(group))
+        except Exception as error:  # noqa: BLE001
+            log.exception("generate failed")
+            for job in group:
+                job.fail(error)
+            return
+        finally:
+            self.running_rows = 0
+        for job, row in zip(group, rows):
+            for token in row.token_ids:
+                job.push(token)
+            self.on_tokens(len(row.token_ids))
+            job.end(eos=row.finish_reason == "eos")
+
+
+def _rows_check(group: list[AnswerJob]):
+    """One stop check for a micro-batch: row i is checked by its own job's (one-row) check."""
+    checks = [job.stop_check for job in group]
+    if all(check is None for check in checks):
+        return None
+    return lambda row, ids: checks[row] is not None and checks[row](0, ids)
+
+
+class TranslationBatcher:
+    """One translator's thread: every waiting caller's pieces go into one `translate_ids` call."""
+
+    def __init__(self, translator, *, on_batch: Callable[[int], None] | None = None):
+        self.translator = translator
+        self.on_batch = on_batch or (lambda n: None)
+        self.waiting: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=f"translate-{translator.target_lang}", daemon=True)
+        self.thread.start()
+
+    def submit(self, ids: list[list[int]], num_beams: int | None = None) -> Future:
+        future: Future = Future()
+        if not ids:
+            future.set_result([])
+        else:
+            self.waiting.put((ids, num_beams, future))
+        return future
+
+    async def translate(self, texts: list[str], num_beams: int | None = None) -> list[str]:
+        plan = self.translator.plan(texts, num_beams)
+        return self.translator.assemble(plan, await asyncio.wrap_future(self.submit(plan.ids, num_beams)))
+
+    def close(self) -> None:
+        self.waiting.put(_STOP)
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            jobs = [self.waiting.get()]
+            while True:
+                try:
+                    jobs.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = any(job is _STOP for job in jobs)
+            by_beams: dict = {}
+            for job in jobs:
+                if job is not _STOP:
+                    by_beams.setdefault(job[1], []).append(job)
+            for beams, group in by_beams.items():
+                self._translate_group(group, beams)
+            if stopping:
+                return
+
+    def _translate_group(self, group: list, beams: int | None) -> None:
+        try:
+            flat = [ids for job in group for ids in job[0]]
+            self.on_batch(len(flat))
+            out = self.translator.translate_ids(flat, beams)
+        except Exception as error:  # noqa: BLE001 - one caller's bad piece must not fail the others
+            if len(group) == 1:
+                group[0][2].set_exception(error)
+                return
+            for job in group:
+                self._translate_group([job], beams)
+            return
+        position = 0
+        for ids, _, future in group:
+            future.set_result(out[position:position + len(ids)])
+            position += len(ids)
+

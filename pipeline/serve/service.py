@@ -1,0 +1,155 @@
+"""The pipeline for one caller among many: the same stages as `BilingualQA.ask`, each handed to the
+thread that batches it across callers (batching.py), yielding events as each stage finishes.
+
+detect -> translate the question (ja->en batcher) -> answer (scheduler: English streams in) ->
+translate the answer (en->ja batcher: Japanese per sentence) -> the result object of `ask --format json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from pipeline.errors import BilingualQAError
+from pipeline.llm.answerer import AnswerPieces
+from pipeline.llm.engine import GenerationSettings
+from pipeline.qa import check_question
+from pipeline.serve.batching import AnswerJob
+from pipeline.serve.models import ModelRegistry
+from pipeline.text.detect import detect_language, require_supported
+from pipeline.text.sentences import sentences_of
+
+LANGUAGE_NAMES = {"en": "English", "ja": "Japanese"}
+
+
+@dataclass(frozen=True)
+class AskRequest:
+    question: str
+    source_lang: str | None = None
+    model: str | None = None
+    settings: GenerationSettings = GenerationSettings()
+    beams: int | None = None
+    raw: bool = False
+
+
+class Service:
+    def __init__(self, models: ModelRegistry, observe=lambda stage, seconds: None):
+        self.models = models
+        self.observe = observe  # stage latency hook (metrics)
+
+    async def ask(self, request: AskRequest) -> dict:
+        """The whole result object; a problem with the question raises a BilingualQAError."""
+        result = None
+        async for kind, data in self.ask_events(request):
+            if kind == "result":
+                result = data
+        return result
+
+    async def ask_events(self, request: AskRequest) -> AsyncIterator[tuple[str, dict]]:
+        """("question", ...), ("english", {"text"})..., ("japanese", {"text", "index"})..., ("result", ...).
+
+        Everything the caller can get wrong is raised before the first event."""
+        qa, scheduler = self.models.get(request.model)
+        timings: dict[str, float] = {}
+        start = t = time.perf_counter()
+        question = check_question(request.question)
+        lang = require_supported(request.source_lang or detect_language(question))
+        t = self._lap(timings, "detect", t)
+        if lang == "ja":
+            question_en = (await self.models.ja_en.translate([question], request.beams))[0]
+        else:
+            question_en = question
+        t = self._lap(timings, "translate_question", t)
+        prompt = qa.answerer.encode(question_en, request.settings.max_new_tokens)
+        yield "question", {"source_lang": lang, "question_en": question_en, "model": qa.answerer.name,
+                           "prompt_tokens": len(prompt)}
+
+        answerer, raw = qa.answerer, request.raw
+        pieces = AnswerPieces(answerer.tokenizer, question_en, raw)
+        settings = dataclasses.replace(request.settings, raw=raw)
+        job = AnswerJob(prompt, settings, asyncio.get_running_loop(),
+                        stop_check=None if raw else answerer.stop_check([question_en]))
+        scheduler.submit(job)
+        eos = False
+        try:
+            while True:
+                kind, value = await job.events.get()
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    eos = value
+                    break
+                if piece := pieces.push(value):
+                    yield "english", {"text": piece}
+                if pieces.ended:
+                    break
+        finally:
+            job.cancel()  # frees the row at once when the caller left or the answer has ended
+        ids = pieces.ids + ([answerer.engine.eos_token_id] if eos else [])
+        answer = answerer.answer_text(question_en, prompt,
+                                      answerer.finish_ids(ids, settings.max_new_tokens, question_en, raw), raw)
+        if tail := pieces.finish():
+            yield "english", {"text": tail}
+        t = self._lap(timings, "answer", t)
+
+        texts = [answer.text] + ([question_en] if lang == "en" else [])
+        plan = qa.en_ja.plan(texts, request.beams)
+        translated = await asyncio.wrap_future(self.models.en_ja.submit(plan.ids, request.beams))
+        answer_ja, *question_ja = qa.en_ja.assemble(plan, translated)
+        for index, sentence in enumerate(_sentences(qa.en_ja, plan, translated)):
+            yield "japanese", {"text": sentence, "index": index}
+        self._lap(timings, "translate_answer", t)
+        timings["total"] = round(time.perf_counter() - start, 4)
+        result = qa.result(lang, question_en, question_ja[0] if question_ja else question, answer, answer_ja,
+                           timings, raw)
+        yield "result", result.to_dict()
+
+    def _lap(self, timings: dict, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = round(now - since, 4)
+        self.observe(stage, now - since)
+        return now
+
+    async def translate(self, texts: list[str], source: str, target: str,
+                        beams: int | None = None) -> tuple[list[str], list[dict]]:
+        """Each text in `target` (copied where it already is) and each text's detected language."""
+        if target not in LANGUAGE_NAMES:
+            raise BilingualQAError(f"target must be 'ja' or 'en', not '{target}'")
+        detected, todo = [], []
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise BilingualQAError("q is empty: give the text to translate")
+            lang = require_supported(detect_language(text) if source == "auto" else source)
+            detected.append({"language": lang, "confidence": confidence(text, lang) if source == "auto" else 100.0})
+            if lang != target:
+                todo.append(index)
+        batcher = self.models.ja_en if target == "en" else self.models.en_ja
+        out = list(texts)
+        if todo:
+            for index, text in zip(todo, await batcher.translate([texts[i] for i in todo], beams)):
+                out[index] = text
+        return out, detected
+
+
+def confidence(text: str, lang: str) -> float:
+    """LibreTranslate's 0-100 confidence: langdetect's probability for `lang`, or 100 where the script
+    decided alone (kana, hangul, short ASCII), which langdetect is not asked about."""
+    from langdetect import DetectorFactory, detect_langs
+    from langdetect.lang_detect_exception import LangDetectException
+
+    DetectorFactory.seed = 0
+    try:
+        for candidate in detect_langs(text):
+            if candidate.lang.split("-")[0] == lang:
+                return round(candidate.prob * 100, 1)
+    except LangDetectException:
+        pass
+    return 100.0
+
+
+def _sentences(translator, plan, translated: list[str]) -> list[str]:
+    """The first text's sentences, translated, in order."""
+    return translator.sentence_translations(plan, translated)[:len(sentences_of(plan.layouts[0]))]
