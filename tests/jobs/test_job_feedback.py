@@ -35,12 +35,13 @@ class RecordingDisplay(progress.ProgressDisplay):
 
 
 def test_progress_moves_batch_by_batch_inside_one_long_line(tiny_ja_en_dir, tmp_path, monkeypatch, capsys):
-    """One line of 120 sentences is one row in one chunk: the display still moves as batches finish,
+    """One line of 120 different sentences is one row in one chunk: the display still moves as batches finish,
     and without a terminal it prints rows, the share of the input, a rate and the time left."""
     translator = Translator.from_pretrained(str(tiny_ja_en_dir), device="cpu", backend="transformers",
                                             num_beams=1, batch_tokens=64)
     source = tmp_path / "long.txt"
-    source.write_text("".join(SENTENCES[i % 3] for i in range(120)) + "\n", encoding="utf-8")
+    # 120 different sentences: the translation memory would translate repeats once, in one batch
+    source.write_text("".join(f"その{i}、" + SENTENCES[i % 3] for i in range(120)) + "\n", encoding="utf-8")
     RecordingDisplay.updates = []
     display = functools.partial(RecordingDisplay, terminal=False, line_seconds=0.0)
     monkeypatch.setattr(runner, "ProgressDisplay", display)
