@@ -123,12 +123,14 @@ def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch
     command = [sys.executable, "-m", "pipeline", "serve", "--port", str(port), "--llm", str(paths["llm"]),
                "--ja-en", str(paths["ja_en"]), "--en-ja", str(paths["en_ja"]), "--engine", engine,
                "--mt-backend", mt_backend, "--max-batch", str(max_batch), "--max-queue", "4096"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server's log goes to a file (a pipe nobody reads would fill and stall it), shown on failure.
+    log = open(paths["llm"].parent / "server.log", "w")
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"the server exited: {server.stderr.read()[-2000:]}")
+            raise SystemExit(f"the server exited: {(paths['llm'].parent / 'server.log').read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return server, url
@@ -155,6 +157,8 @@ async def one_request(client, url: str, question: str, tokens: int) -> dict:
                     first = time.perf_counter() - began
             elif line.startswith("data: ") and event == "result":
                 result = json.loads(line[6:])
+            elif line.startswith("data: ") and event == "error":
+                raise RuntimeError(f"the server failed the request: {line[6:]}")
     return {"ttft": first if first is not None else float("nan"), "total": time.perf_counter() - began,
             "tokens": result["generated_tokens"]}
 
@@ -202,6 +206,9 @@ def main() -> None:
     server, url = start_server(paths, args.engine, args.mt_backend, max(64, *args.clients))
     try:
         rows = [asyncio.run(closed_loop(url, clients, args.rounds, args.answer_tokens)) for clients in args.clients]
+    except RuntimeError:
+        print((root / "server.log").read_text()[-4000:], file=sys.stderr)
+        raise
     finally:
         server.terminate()
         server.wait(timeout=120)

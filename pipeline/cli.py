@@ -6,33 +6,30 @@ is written only once it is complete.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
-import math
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import click
 
 from pipeline.llm.answerer import ENGINE_CHOICES
 from pipeline.text.detect import detect_language, require_supported
-from pipeline.errors import BilingualQAError, DeviceError, EmptyInputError, JobError, ModelLoadError
+from pipeline.errors import BilingualQAError, EmptyInputError
 from pipeline.jobs import workers as jobs
-from pipeline.jobs.files import input_format
 from pipeline.llm.engine import GenerationSettings
-from pipeline.loading import locate_model, quiet_libraries, resolve_device
-from pipeline.mt.backends import BACKEND_CHOICES
+from pipeline.loading import quiet_libraries
 from pipeline.mt.memory import SQLiteStore
-from pipeline.qa import BilingualQA, check_question, model_names
+from pipeline.qa import BilingualQA, check_question
+from pipeline.spec import DIRECTION_ROLE, MODEL_OPTION, LoadSpec
+from pipeline.cli_options import (QUIET_ENVIRONMENT, base_option, check_before_loading, check_workers, field_for,
+                                  generation_options, job_options, model_options, quiet_job, settings_from)
 from pipeline.text.controls import strip_controls
-from pipeline.text.render import FORMATS
+from pipeline.text.render import FORMATS, render_comparison
 from pipeline.mt.translator import DEFAULT_BATCH_TOKENS, Translator
 
 EXIT_USER_ERROR = 2
-MAX_SEED = 2**32 - 1  # what every engine's generator takes
 # Errors of the machine, not of our code, that a user fixes: a full disk, a read-only directory.
 USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR,
                   errno.EISDIR, errno.ENOENT}
@@ -45,16 +42,6 @@ ENV_EPILOG = (
 )
 
 
-class FiniteFloatRange(click.FloatRange):
-    """A float range that also refuses nan and inf (which pass every comparison or bound)."""
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
-
-
 def fail(message: str) -> None:
     click.echo(f"bilingual-qa: error: {message}", err=True)
     sys.exit(EXIT_USER_ERROR)
@@ -64,140 +51,21 @@ def user_errors(command):
     """Turn our own errors into one line and exit code 2."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        # --quiet sets environment variables and warning filters for this command only: a caller that
+        # runs several commands in one process (tests, scripts using click) gets them back afterwards.
+        saved = {name: os.environ.get(name) for name in QUIET_ENVIRONMENT}
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                return command(*args, **kwargs)
         except BilingualQAError as error:
             fail(str(error))
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return wrapper
-
-
-def model_options(command):
-    """Options shared by every command that loads models."""
-    options = [
-        click.option("--ja-en", envvar="BILINGUAL_QA_JA_EN", default=None, show_envvar=True,
-                     help="Japanese->English MarianMT model: hub id or local directory."),
-        click.option("--en-ja", envvar="BILINGUAL_QA_EN_JA", default=None, show_envvar=True,
-                     help="English->Japanese MarianMT model: hub id or local directory."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--dtype", default="auto", show_default=True,
-                     help="auto (bfloat16 on GPUs of compute capability 8.0+, float16 with fp32 attention scores below, "
-                          "float32 on CPU), float16, bfloat16 or float32."),
-        click.option("--mt-backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-                     help="Translation backend."),
-        click.option("--beams", type=click.IntRange(1, 16), default=None,
-                     help="Translation beam width [default: each model's own, 4-6 for opus-mt].")
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-base_option = click.option(
-    "--base", envvar="BILINGUAL_QA_BASE", default=None,
-    help="Base model of a LoRA adapter --llm (hub id or directory) [default: the adapter's base_model_name_or_path].")
-
-
-def generation_options(command):
-    options = [
-        click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True,
-                     help="phi-2 generation engine (auto: fast on CUDA, else transformers)."),
-        click.option("--max-new-tokens", type=click.IntRange(1, 2000), default=256, show_default=True),
-        click.option("--temperature", type=FiniteFloatRange(0.0, 100.0), default=0.0, show_default=True,
-                     help="0 is greedy; above 0 samples."),
-        click.option("--top-p", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
-        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
-                     help=f"Makes sampling reproducible (0 to {MAX_SEED})."),
-        click.option("--source-lang", type=click.Choice(["auto", "ja", "en"]), default="auto", show_default=True,
-                     help="Skip detection and take the question as this language."),
-        click.option("--raw", is_flag=True,
-                     help="phi-2's whole output, untrimmed (echoed question, invented follow-ups), translated."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def job_options(prefix: str, holds: str, chunk_rows: int):
-    """Options of a batch job over a file (`translate`, `ask --batch`); `prefix` starts each help."""
-    def lead(text: str) -> str:
-        return prefix + text
-
-    options = [
-        click.option("--field", default=None, help=lead(f"JSONL field holding the {holds} [default: text].")),
-        click.option("--column", default=None, help=lead(f"CSV/TSV column holding the {holds} [default: text].")),
-        click.option("--errors", "errors_path", type=click.Path(dir_okay=False), default=None,
-                     help=lead("Bad rows file [default: OUTPUT.errors.jsonl].")),
-        click.option("--restart", is_flag=True, help=lead("Start over, overwriting the output.")),
-        click.option("--chunk-rows", type=click.IntRange(1), default=chunk_rows, show_default=True,
-                     help=lead("Rows per committed chunk: a crash costs at most this much work.")),
-        click.option("--workers", default="1", show_default=True, metavar="N|auto",
-                     help=lead("Run the chunks on N local Dask workers, one per GPU (auto: one per GPU, "
-                               "1 without a GPU); needs the 'distributed' extra.")),
-        click.option("--cluster", metavar="ADDRESS", default=None,
-                     help=lead("Run the chunks on the workers of this running Dask scheduler "
-                               "(tcp://HOST:8786) instead of a local cluster.")),
-        click.option("--quiet", "-q", is_flag=True,
-                     help="Only errors on stderr (and a job's one-line summary): no loading lines, bars or warnings."),
-    ]
-
-    def apply(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-    return apply
-
-
-def field_for(input: str | Path, field: str | None, column: str | None) -> str:
-    """The JSONL field or CSV column that holds the text, refusing the option of the other format."""
-    fmt = input_format(Path(input))
-    if fmt in ("csv", "tsv") and field is not None:
-        raise JobError("--field is for .jsonl input; use --column for .csv/.tsv")
-    if fmt == "jsonl" and column is not None:
-        raise JobError("--column is for .csv/.tsv input; use --field for .jsonl")
-    if fmt == "txt" and (field or column) is not None:
-        raise JobError("a .txt input holds one text per line: --field and --column are for .jsonl and .csv")
-    return field or column or "text"
-
-
-def check_workers(workers: str, cluster: str | None, device: str) -> None:
-    """Refuse what cannot work on workers before anything loads."""
-    if cluster is not None and workers != "1":
-        fail("--cluster runs on that cluster's workers: leave out --workers")
-    if (workers != "1" or cluster) and device.startswith("cuda:"):
-        fail(f"--device {device}: each worker has its own GPU; use --device auto or cuda with --workers")
-
-
-QUIET_ENVIRONMENT = {"BILINGUAL_QA_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error",
-                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-
-
-@contextlib.contextmanager
-def quiet_job(quiet: bool):
-    """--quiet: no loading lines, notes, warnings or transformers' bars, here and in the workers a
-    local cluster starts (they inherit the environment); errors and the summary still show."""
-    if not quiet:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    saved = {name: os.environ.get(name) for name in QUIET_ENVIRONMENT}
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    os.environ.update(QUIET_ENVIRONMENT)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def read_question(question: str | None) -> str:
@@ -226,28 +94,6 @@ def validate_language(question: str, source_lang: str) -> str | None:
         return source_lang
     require_supported(detect_language(question))
     return None
-
-
-def check_before_loading(device: str, engine: str | None = None, mt_backend: str = "auto") -> None:
-    """The checks that need no model, run before any model loads: the device, and engines or
-    backends that cannot serve it (each would otherwise fail only after minutes of loading)."""
-    resolved = resolve_device(device)
-    if engine == "fast" and resolved.type != "cuda":
-        raise DeviceError(f"--engine fast needs a CUDA device, not {resolved.type}; use --engine transformers")
-    if mt_backend == "fast" and resolved.type != "cuda":
-        raise DeviceError(f"--mt-backend fast needs a CUDA device, not {resolved.type}; use --mt-backend auto")
-    if mt_backend == "ctranslate2":
-        from pipeline.mt.ctranslate2 import ctranslate2_available
-
-        if resolved.type != "cpu":
-            raise DeviceError("--mt-backend ctranslate2 runs on the CPU only here; use --mt-backend fast on CUDA")
-        if not ctranslate2_available():
-            raise ModelLoadError("--mt-backend ctranslate2 needs the optional extra: pip install 'bilingual-qa[cpu-fast]'")
-
-
-def settings_from(max_new_tokens, temperature, top_p, seed, raw=False) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              raw=raw)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True,
@@ -365,9 +211,10 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
     check_workers(workers, cluster, device)
     quiet_libraries(quiet)
     check_before_loading(device, None, mt_backend)
-    names = model_names(ja_en=ja_en, en_ja=en_ja)
-    model, option = (names["ja_en"], "--ja-en") if target == "en" else (names["en_ja"], "--en-ja")
-    options = {"model": model, "beams": beams, "batch_tokens": batch_tokens, "mt_backend": mt_backend, "dtype": dtype}
+    spec = LoadSpec.resolve(ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, mt_backend=mt_backend,
+                            beams=beams, batch_tokens=batch_tokens)
+    role = DIRECTION_ROLE[target]
+    model, option = getattr(spec, role), MODEL_OPTION[role]
     store = SQLiteStore(memory) if memory else None   # a bad memory file is refused before any work
     # Only the model this direction needs, and only if there is work; a recipe (not a closure) so
     # that a cluster's workers can be sent it (the store reopens its file in each process).
@@ -375,7 +222,8 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
                              target_lang=target, num_beams=beams, batch_tokens=batch_tokens, option=option,
                              memory=store)
     with quiet_job(quiet):
-        summary = jobs.translate_file(input_path, output, to=target, load_translator=load, options=options,
+        summary = jobs.translate_file(input_path, output, to=target, load_translator=load,
+                                      options=spec.fingerprint("translate", target),
                                       source_lang=source, field=field_for(input_path, field, column),
                                       errors=errors_path, restart=restart, quiet=quiet, chunk_rows=chunk_rows,
                                       workers=workers, cluster=cluster)
@@ -428,17 +276,13 @@ def ask_batch_file(question, batch_path, output, field, column, errors_path, res
     if output is None:
         fail("--batch needs --output ANSWERS.jsonl")
     check_workers(workers, cluster, load["device"])
-    models = model_names(load["llm"], load["ja_en"], load["en_ja"])
-    options = {"models": models, **{key: load[key] for key in ("dtype", "engine", "mt_backend", "beams")}}
-    if load["base"]:
-        options["base"] = load["base"]
+    spec = LoadSpec.resolve(**{key: value for key, value in load.items() if key != "memory"})
     store = SQLiteStore(load["memory"]) if load["memory"] else None   # refused before any work if bad
-    load_qa = functools.partial(BilingualQA.from_pretrained, models["llm"], models["ja_en"], models["en_ja"],
-                                device=load["device"], dtype=load["dtype"], engine=load["engine"],
-                                mt_backend=load["mt_backend"], beams=load["beams"], memory=store,
-                                base=load["base"])
+    load_qa = functools.partial(BilingualQA.from_pretrained, spec.llm, spec.ja_en, spec.en_ja,
+                                device=spec.device, dtype=spec.dtype, engine=spec.engine,
+                                mt_backend=spec.mt_backend, beams=spec.beams, memory=store, base=spec.base)
     with quiet_job(quiet):
-        summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=options,
+        summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=spec.fingerprint("ask"),
                                 source_lang=None if source_lang == "auto" else source_lang, settings=settings,
                                 field=field_for(batch_path, field, column), errors=errors_path,
                                 restart=restart, quiet=quiet, chunk_rows=chunk_rows, workers=workers,
@@ -460,18 +304,6 @@ def doctor(fmt, device, dtype, engine):
 
     info = diagnosis.report(device, dtype, engine)
     click.echo(json.dumps(info, indent=2) if fmt == "json" else diagnosis.render(info), nl=fmt == "json")
-
-
-def render_comparison(results, fmt: str) -> str:
-    if fmt == "json":
-        import json
-
-        return json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2) + "\n"
-    heading = "## {}\n\n" if fmt == "markdown" else "=== {} ===\n\n"
-
-    def label(models: dict) -> str:  # an adapter is named with its base
-        return f"{models['llm']} (LoRA adapter on {models['llm_base']})" if "llm_base" in models else models["llm"]
-    return "\n".join(heading.format(label(r.models)) + r.render(fmt) for r in results)
 
 
 def run() -> None:

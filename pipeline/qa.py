@@ -6,14 +6,13 @@ answers one question (`ask`) or many together (`ask_batch`, each stage batched a
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
 
-from pipeline.llm.answerer import DEFAULT_LLM, Answerer, AnswerText
+from pipeline.llm.answerer import Answerer, AnswerText
 from pipeline.text.controls import refuse_controls
 from pipeline.text.detect import detect_language, require_supported
 from pipeline.errors import BilingualQAError, EmptyInputError, InputTooLongError
@@ -22,20 +21,15 @@ from pipeline.llm.models import resolve_llm
 from pipeline.loading import locate_model, resolve_device
 from pipeline.text.render import DIVIDER, render
 from pipeline.mt.translator import Translator
+from pipeline.spec import LoadSpec
 
-DEFAULT_JA_EN = "Helsinki-NLP/opus-mt-ja-en"
-DEFAULT_EN_JA = "staka/fugumt-en-ja"
 BATCH_ROWS, FAST_BATCH_ROWS = 32, 128  # questions per LLM batch of a file job (preferred_batch_rows)
 MAX_QUESTION_CHARS = 4000  # far past what phi-2's 2048 positions hold; refused before any model runs
 
 
 def model_names(llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None) -> dict[str, str]:
     """The models to load: those named, else the environment variables, else the published ones."""
-    return {
-        "llm": llm or os.environ.get("BILINGUAL_QA_LLM", DEFAULT_LLM),
-        "ja_en": ja_en or os.environ.get("BILINGUAL_QA_JA_EN", DEFAULT_JA_EN),
-        "en_ja": en_ja or os.environ.get("BILINGUAL_QA_EN_JA", DEFAULT_EN_JA),
-    }
+    return LoadSpec.resolve(llm, ja_en, en_ja).models
 
 
 @dataclass
@@ -81,10 +75,12 @@ class _StageClock:
 
 
 class BilingualQA:
-    def __init__(self, answerer: Answerer, ja_en: Translator, en_ja: Translator):
+    def __init__(self, answerer: Answerer, ja_en: Translator, en_ja: Translator, spec: LoadSpec | None = None):
         self.answerer = answerer
         self.ja_en = ja_en
         self.en_ja = en_ja
+        # What was asked for (from_pretrained's arguments); for stages built by hand, their names.
+        self.spec = spec or LoadSpec.resolve(answerer.name, ja_en.name, en_ja.name)
 
     @classmethod
     def from_pretrained(cls, llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None, *,
@@ -98,8 +94,9 @@ class BilingualQA:
         published generation config. `memory` is both translators' translation memory (a store or an
         SQLite path; see mt/memory.py).
         """
-        names = model_names(llm, ja_en, en_ja)
-        llm, ja_en, en_ja = names["llm"], names["ja_en"], names["en_ja"]
+        spec = LoadSpec.resolve(llm, ja_en, en_ja, device=device, dtype=dtype, engine=engine,
+                                mt_backend=mt_backend, beams=beams, base=base)
+        llm, ja_en, en_ja = spec.llm, spec.ja_en, spec.en_ja
         resolved = resolve_device(device)
         source = resolve_llm(llm, base)  # a missing or unfit model fails now, before minutes of loading
         for name, option in ((ja_en, "--ja-en"), (en_ja, "--en-ja")):
@@ -111,7 +108,7 @@ class BilingualQA:
             for name, target, option in ((ja_en, "en", "--ja-en"), (en_ja, "ja", "--en-ja"))
         ]
         answerer = Answerer.from_pretrained(source, device=resolved, dtype=dtype, engine=engine)
-        return cls(answerer, *translators)
+        return cls(answerer, *translators, spec=spec)
 
     @property
     def models(self) -> dict[str, str]:
@@ -230,9 +227,9 @@ class BilingualQA:
         self.answerer = Answerer.from_pretrained(source, device=device, dtype=dtype, engine=engine)
 
     def job_options(self) -> dict:
-        """What of the loaded pipeline shapes a job's output: the job's fingerprint options."""
-        return {"models": self.models, "beams": self.ja_en.num_beams, "engine": self.answerer.engine.name,
-                "mt_backend": self.ja_en.backend.name, "dtype": str(self.answerer.model.dtype)}
+        """The job's fingerprint options: those of the LoadSpec this pipeline was loaded from (what
+        `ask --batch` uses too, so a job started on the command line resumes from Python)."""
+        return self.spec.fingerprint("ask")
 
     @property
     def preferred_batch_rows(self) -> int:

@@ -35,12 +35,13 @@ class LoadSpec:
     mt_backend: str = "auto"
     beams: int | None = None  # translation beam width; None: each model's published generation config
     batch_tokens: int = DEFAULT_BATCH_TOKENS
+    base: str | None = None  # the base a LoRA adapter given as `llm` merges into (None: the one it names)
 
     @classmethod
     def resolve(cls, llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None, *,
                 device: str | None = "auto", dtype: str | None = "auto", engine: str | None = "auto",
                 mt_backend: str | None = "auto", beams: int | None = None,
-                batch_tokens: int | None = None) -> "LoadSpec":
+                batch_tokens: int | None = None, base: str | None = None) -> "LoadSpec":
         """Fill what was not given: a model from its environment variable, else the published one;
         None options mean their default, so every caller spells the same job the same way."""
         names = {"llm": llm, "ja_en": ja_en, "en_ja": en_ja}
@@ -49,7 +50,7 @@ class LoadSpec:
             names[role] = name or os.environ.get(MODEL_ENV[role]) or getattr(defaults, role)
         return cls(**names, device=device or "auto", dtype=dtype or "auto", engine=engine or "auto",
                    mt_backend=mt_backend or "auto", beams=beams,
-                   batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS)
+                   batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS, base=base or None)
 
     def with_llm(self, llm: str) -> "LoadSpec":
         return replace(self, llm=llm)
@@ -70,5 +71,6 @@ class LoadSpec:
         if command == "translate":
             return {"model": getattr(self, self.translation_role(target_lang)), "beams": self.beams,
                     "batch_tokens": self.batch_tokens, "mt_backend": self.mt_backend, "dtype": self.dtype}
-        return {"models": self.models, "dtype": self.dtype, "engine": self.engine,
-                "mt_backend": self.mt_backend, "beams": self.beams}
+        options = {"models": self.models, "dtype": self.dtype, "engine": self.engine,
+                   "mt_backend": self.mt_backend, "beams": self.beams}
+        return {**options, "base": self.base} if self.base else options

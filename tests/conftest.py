@@ -87,3 +87,12 @@ def tiny_lora_saved_head_dir(tiny_models_dir, tiny_phi2_dir) -> Path:
         shutil.copy(tiny_phi2_dir / name, path / name)
     return path
 
+
+
+@pytest.fixture(autouse=True)
+def fresh_once_notices():
+    """Notes printed once per process (loading.status(once=True)) print again in each test."""
+    from pipeline import loading
+
+    loading._shown_once.clear()
+    yield

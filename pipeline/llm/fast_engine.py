@@ -397,7 +397,8 @@ class FastPhiEngine:
                 step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a server decodes on another thread while this one captures (translation, answers)
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = step()
         self._graphs[rows] = (graph, logits)
         return graph, logits

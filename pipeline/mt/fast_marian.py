@@ -280,7 +280,8 @@ class FastMarianBackend:
         # buffers above, never in the pool.
         for n in range(1 + chunks):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: the server answers on another thread while this one captures
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 if n == 0:
                     self._prefill(s)
                 else:

@@ -21,11 +21,11 @@ from pipeline.mt.backends import select_mt_backend
 from pipeline.mt.contract import MTBackend
 from pipeline.mt.ctranslate2 import cache_key
 from pipeline.mt.memory import MemoryStore, TranslationMemory, open_store
+from pipeline.spec import DEFAULT_BATCH_TOKENS, DIRECTION_ROLE, LoadSpec
 from pipeline.text.sentences import plan_text, rebuild, sentences_of, split_to_fit
 
 MAX_SENTENCE_TOKENS = 256  # longer sentences are cut at commas/spaces first; Marian reads 512 at most
 MODEL_MAX_TOKENS = 512
-DEFAULT_BATCH_TOKENS = 8192
 MAX_BATCH_ROWS = 256
 
 
@@ -75,6 +75,9 @@ class Translator:
         self.batch_tokens = batch_tokens
         self.model_key = model_key or name
         self.use_memory(memory)
+        # What was asked for (from_pretrained's arguments): a job's identity, as the CLI spells it.
+        self.spec = LoadSpec.resolve(**{DIRECTION_ROLE[target_lang]: name}, beams=num_beams,
+                                     batch_tokens=batch_tokens) if target_lang in DIRECTION_ROLE else None
 
     @classmethod
     def from_pretrained(cls, name: str, *, device: str | torch.device = "auto", dtype: str | None = None,
@@ -90,9 +93,12 @@ class Translator:
         model = load_pretrained(MarianMTModel, directory, name, device, resolve_dtype(dtype, device))
         tokenizer = load_tokenizer(directory, name)
         target = target_lang or _guess_target_lang(tokenizer, name)
-        return cls(model, tokenizer, select_mt_backend(backend, model, directory, device), name=name,
-                   target_lang=target, num_beams=num_beams, batch_tokens=batch_tokens, memory=store,
-                   model_key=f"{Path(directory).name}-{cache_key(directory)}")
+        translator = cls(model, tokenizer, select_mt_backend(backend, model, directory, device), name=name,
+                         target_lang=target, num_beams=num_beams, batch_tokens=batch_tokens, memory=store,
+                         model_key=f"{Path(directory).name}-{cache_key(directory)}")
+        translator.spec = LoadSpec.resolve(**{DIRECTION_ROLE[target]: name}, dtype=dtype, mt_backend=backend,
+                                           beams=num_beams, batch_tokens=batch_tokens)
+        return translator
 
     def use_memory(self, memory: MemoryStore | str | Path | None) -> None:
         """Keep translations in `memory` from now on (see the class docstring); counters restart."""
@@ -206,9 +212,12 @@ class Translator:
         return [out[: output_bound(len(row))] for row, out in zip(batch, outputs)]
 
     def job_options(self) -> dict:
-        """What of this loaded translator shapes a job's output: the job's fingerprint options."""
-        return {"model": self.name, "beams": self.num_beams, "batch_tokens": self.batch_tokens,
-                "mt_backend": self.backend.name, "dtype": str(self.model.dtype)}
+        """The job's fingerprint options: those of the LoadSpec this translator was loaded from (what
+        the `translate` command uses too, so a job started on the command line resumes from Python)."""
+        if self.spec is None:  # built by hand for another target language
+            return {"model": self.name, "beams": self.num_beams, "batch_tokens": self.batch_tokens,
+                    "mt_backend": self.backend.name, "dtype": str(self.model.dtype)}
+        return self.spec.fingerprint("translate", self.target_lang)
 
     def translate_file(self, input, output, *, source_lang: str = "auto", field: str = "text",
                        errors=None, restart: bool = False, quiet: bool = False, chunk_rows: int | None = None):

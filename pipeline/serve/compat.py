@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pipeline.serve.app import (HTTPError, State, check_key, first_event, flag, generation_settings, model_request,
-                                number, sse, stream_with, _model_field)
+from pipeline.serve.http import (HTTPError, State, check_key, first_event, flag, generation_settings, model_field,
+                                 model_request, number, sse, stream_with)
 from pipeline.serve.service import LANGUAGE_NAMES, AskRequest, confidence
 from pipeline.text.detect import detect_language
 
@@ -94,7 +94,7 @@ async def chat_completions(request: Request) -> Response:
     if number(fields, "n", int, 1, 1, 1) != 1:
         raise HTTPError(400, "n must be 1")
     tokens_field = "max_completion_tokens" if fields.get("max_completion_tokens") is not None else "max_tokens"
-    ask_request = AskRequest(question=question, model=_model_field(fields),
+    ask_request = AskRequest(question=question, model=model_field(fields),
                              settings=generation_settings(fields, tokens_field))
     service = state.require_service()
     admission = state.admit()

@@ -44,3 +44,16 @@ def render(result: "QAResult", fmt: str = "text") -> str:
     if fmt not in renderers:
         raise ValueError(f"unknown format '{fmt}': use one of {', '.join(FORMATS)}")
     return renderers[fmt](result)
+
+
+def render_comparison(results: list["QAResult"], fmt: str) -> str:
+    """`compare`'s output: each model's result under a heading that names it."""
+    if fmt == "json":
+        import json
+
+        return json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2) + "\n"
+    heading = "## {}\n\n" if fmt == "markdown" else "=== {} ===\n\n"
+
+    def label(models: dict) -> str:  # an adapter is named with its base
+        return f"{models['llm']} (LoRA adapter on {models['llm_base']})" if "llm_base" in models else models["llm"]
+    return "\n".join(heading.format(label(r.models)) + r.render(fmt) for r in results)

@@ -1,0 +1,182 @@
+"""The options the commands share (models, generation, batch jobs), the checks that run before any
+model loads, and --quiet for a job: what `cli.py`'s commands are made of."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from pathlib import Path
+
+import click
+
+from pipeline.errors import DeviceError, JobError, ModelLoadError
+from pipeline.jobs.files import input_format
+from pipeline.llm.answerer import ENGINE_CHOICES
+from pipeline.llm.engine import GenerationSettings
+from pipeline.loading import resolve_device
+from pipeline.mt.backends import BACKEND_CHOICES
+
+MAX_SEED = 2**32 - 1  # what every engine's generator takes
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses nan and inf (which pass every comparison or bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def model_options(command):
+    """Options shared by every command that loads models."""
+    options = [
+        click.option("--ja-en", envvar="BILINGUAL_QA_JA_EN", default=None, show_envvar=True,
+                     help="Japanese->English MarianMT model: hub id or local directory."),
+        click.option("--en-ja", envvar="BILINGUAL_QA_EN_JA", default=None, show_envvar=True,
+                     help="English->Japanese MarianMT model: hub id or local directory."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", default="auto", show_default=True,
+                     help="auto (bfloat16 on GPUs of compute capability 8.0+, float16 with fp32 attention scores below, "
+                          "float32 on CPU), float16, bfloat16 or float32."),
+        click.option("--mt-backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+                     help="Translation backend."),
+        click.option("--beams", type=click.IntRange(1, 16), default=None,
+                     help="Translation beam width [default: each model's own, 4-6 for opus-mt].")
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+base_option = click.option(
+    "--base", envvar="BILINGUAL_QA_BASE", default=None,
+    help="Base model of a LoRA adapter --llm (hub id or directory) [default: the adapter's base_model_name_or_path].")
+
+
+def generation_options(command):
+    options = [
+        click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True,
+                     help="phi-2 generation engine (auto: fast on CUDA, else transformers)."),
+        click.option("--max-new-tokens", type=click.IntRange(1, 2000), default=256, show_default=True),
+        click.option("--temperature", type=FiniteFloatRange(0.0, 100.0), default=0.0, show_default=True,
+                     help="0 is greedy; above 0 samples."),
+        click.option("--top-p", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
+                     help=f"Makes sampling reproducible (0 to {MAX_SEED})."),
+        click.option("--source-lang", type=click.Choice(["auto", "ja", "en"]), default="auto", show_default=True,
+                     help="Skip detection and take the question as this language."),
+        click.option("--raw", is_flag=True,
+                     help="phi-2's whole output, untrimmed (echoed question, invented follow-ups), translated."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def job_options(prefix: str, holds: str, chunk_rows: int):
+    """Options of a batch job over a file (`translate`, `ask --batch`); `prefix` starts each help."""
+    def lead(text: str) -> str:
+        return prefix + text
+
+    options = [
+        click.option("--field", default=None, help=lead(f"JSONL field holding the {holds} [default: text].")),
+        click.option("--column", default=None, help=lead(f"CSV/TSV column holding the {holds} [default: text].")),
+        click.option("--errors", "errors_path", type=click.Path(dir_okay=False), default=None,
+                     help=lead("Bad rows file [default: OUTPUT.errors.jsonl].")),
+        click.option("--restart", is_flag=True, help=lead("Start over, overwriting the output.")),
+        click.option("--chunk-rows", type=click.IntRange(1), default=chunk_rows, show_default=True,
+                     help=lead("Rows per committed chunk: a crash costs at most this much work.")),
+        click.option("--workers", default="1", show_default=True, metavar="N|auto",
+                     help=lead("Run the chunks on N local Dask workers, one per GPU (auto: one per GPU, "
+                               "1 without a GPU); needs the 'distributed' extra.")),
+        click.option("--cluster", metavar="ADDRESS", default=None,
+                     help=lead("Run the chunks on the workers of this running Dask scheduler "
+                               "(tcp://HOST:8786) instead of a local cluster.")),
+        click.option("--quiet", "-q", is_flag=True,
+                     help="Only errors on stderr (and a job's one-line summary): no loading lines, bars or warnings."),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
+def field_for(input: str | Path, field: str | None, column: str | None) -> str:
+    """The JSONL field or CSV column that holds the text, refusing the option of the other format."""
+    fmt = input_format(Path(input))
+    if fmt in ("csv", "tsv") and field is not None:
+        raise JobError("--field is for .jsonl input; use --column for .csv/.tsv")
+    if fmt == "jsonl" and column is not None:
+        raise JobError("--column is for .csv/.tsv input; use --field for .jsonl")
+    if fmt == "txt" and (field or column) is not None:
+        raise JobError("a .txt input holds one text per line: --field and --column are for .jsonl and .csv")
+    return field or column or "text"
+
+
+def check_workers(workers: str, cluster: str | None, device: str) -> None:
+    """Refuse what cannot work on workers before anything loads."""
+    if cluster is not None and workers != "1":
+        raise JobError("--cluster runs on that cluster's workers: leave out --workers")
+    if (workers != "1" or cluster) and device.startswith("cuda:"):
+        raise JobError(f"--device {device}: each worker has its own GPU; use --device auto or cuda with --workers")
+
+
+QUIET_ENVIRONMENT = {"BILINGUAL_QA_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error",
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+@contextlib.contextmanager
+def quiet_job(quiet: bool):
+    """--quiet: no loading lines, notes, warnings or transformers' bars, here and in the workers a
+    local cluster starts (they inherit the environment); errors and the summary still show."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    saved = {name: os.environ.get(name) for name in QUIET_ENVIRONMENT}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    os.environ.update(QUIET_ENVIRONMENT)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def check_before_loading(device: str, engine: str | None = None, mt_backend: str = "auto") -> None:
+    """The checks that need no model, run before any model loads: the device, and engines or
+    backends that cannot serve it (each would otherwise fail only after minutes of loading)."""
+    resolved = resolve_device(device)
+    if engine == "fast" and resolved.type != "cuda":
+        raise DeviceError(f"--engine fast needs a CUDA device, not {resolved.type}; use --engine transformers")
+    if mt_backend == "fast" and resolved.type != "cuda":
+        raise DeviceError(f"--mt-backend fast needs a CUDA device, not {resolved.type}; use --mt-backend auto")
+    if mt_backend == "ctranslate2":
+        from pipeline.mt.ctranslate2 import ctranslate2_available
+
+        if resolved.type != "cpu":
+            raise DeviceError("--mt-backend ctranslate2 runs on the CPU only here; use --mt-backend fast on CUDA")
+        if not ctranslate2_available():
+            raise ModelLoadError("--mt-backend ctranslate2 needs the optional extra: pip install 'bilingual-qa[cpu-fast]'")
+
+
+def settings_from(max_new_tokens, temperature, top_p, seed, raw=False) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              raw=raw)
