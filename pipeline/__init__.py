@@ -1,8 +1,9 @@
 """bilingual-qa: ask phi-2 in Japanese or English, get the answer in both languages.
 
-The stages, in the order the data flows:
-detect.py -> translate.py (ja->en) -> answer.py -> translate.py (en->ja) -> render.py;
-qa.py composes them, jobs.py runs them over files, cli.py is the command line.
+The stages, in the order the data flows, each a subpackage:
+text/detect -> mt/ (ja->en) -> llm/ (phi-2) -> mt/ (en->ja) -> text/render;
+qa.py composes them, jobs/ runs them over files, serve/ for many callers, cli.py is the command line.
+docs/design.md shows the house.
 """
 
 from pipeline.text.detect import detect_language
