@@ -43,6 +43,9 @@ class Outcome:
     added: dict = field(default_factory=dict)  # fields added to the row's record (JSONL/CSV output)
     copied: bool = False  # already in the target language: copied, no model ran
     error: str | None = None  # the row failed after all (e.g. a language not asked for)
+    # Sentences the chunk found in the translation memory / translated anew: on its first row only.
+    memory_hits: int = 0
+    memory_misses: int = 0
 
 
 def input_format(path: Path) -> str:

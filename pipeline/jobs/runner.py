@@ -53,6 +53,8 @@ class JobSummary:
     blank: int = 0
     already_complete: bool = False
     seconds: float = 0.0
+    memory_hits: int = 0  # sentences the translation memory had (this run)
+    memory_misses: int = 0  # sentences translated and added to it
 
     def counts(self) -> dict[str, int]:
         return {"rows": self.rows, "done": self.done, "copied": self.copied, "failed": self.failed,
@@ -63,8 +65,11 @@ class JobSummary:
             return (f"{self.output} is already complete ({self.rows:,} rows); nothing to do"
                     " (pass --restart to run the job again)")
         failed = f"{self.failed:,} failed" + (f" (see {self.errors})" if self.failed else "")
+        sentences = self.memory_hits + self.memory_misses
+        memory = (f"; translation memory: {self.memory_hits:,} of {sentences:,} sentences found"
+                  if sentences else "")
         return (f"{self.rows:,} rows: {self.done:,} done, {self.copied:,} copied, {failed}, "
-                f"{self.blank:,} blank; wrote {self.output} in {self.seconds:.1f} s")
+                f"{self.blank:,} blank; wrote {self.output} in {self.seconds:.1f} s{memory}")
 
 
 @dataclass
@@ -280,6 +285,9 @@ def _render_chunk(chunk: list[InputRow], outcomes: list[Outcome], writer, summar
         outcome = next(outcomes) if row.text is not None else None
         reason = row.error or (outcome.error if outcome else None)
         summary.rows += 1
+        if outcome is not None:
+            summary.memory_hits += outcome.memory_hits
+            summary.memory_misses += outcome.memory_misses
         if reason:
             summary.failed += 1
             errors.append(error_record(row, reason))

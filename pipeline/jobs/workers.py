@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -41,6 +41,21 @@ def _takes_progress(function) -> bool:
         return "progress" in inspect.signature(function).parameters
     except (TypeError, ValueError):
         return False
+
+
+def memory_counts(translators: list) -> tuple[int, int]:
+    """(hits, misses) of the translators' memories so far; a translator not loaded yet counts none."""
+    memories = [t.memory for t in translators if t is not None and getattr(t, "memory", None) is not None]
+    return sum(m.hits for m in memories), sum(m.misses for m in memories)
+
+
+def with_memory_counts(outcomes: list[Outcome], before: tuple[int, int], after: tuple[int, int]) -> list[Outcome]:
+    """The chunk's outcomes, its first row carrying the memory's counts for the chunk (the summary
+    adds them up: the driver never sees a worker's translator)."""
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    if outcomes and (hits or misses):
+        outcomes = [replace(outcomes[0], memory_hits=hits, memory_misses=misses), *outcomes[1:]]
+    return outcomes
 
 
 class TranslationWorker:
@@ -78,8 +93,10 @@ class TranslationWorker:
             except BilingualQAError as error:
                 languages.append(error)
         todo = [i for i, language in enumerate(languages) if language == other_language(self.target_lang)]
+        before = memory_counts([self._translator])
         translated = dict(zip(todo, self.translate([texts[i] for i in todo], report)))
-        return [self.outcome(text, languages[i], translated.get(i)) for i, text in enumerate(texts)]
+        outcomes = [self.outcome(text, languages[i], translated.get(i)) for i, text in enumerate(texts)]
+        return with_memory_counts(outcomes, before, memory_counts([self._translator]))
 
     def translate(self, texts: list[str], report: Report | None = None) -> list[str | BilingualQAError]:
         """The whole chunk in one call (the Translator sorts and batches it); should a row be
@@ -164,6 +181,7 @@ class AnswerWorker:
     def __call__(self, texts: list[str], report: Report | None = None) -> list[Outcome]:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         outcomes: list[Outcome] = [Outcome()] * len(texts)
+        before = memory_counts([self.qa.ja_en, self.qa.en_ja])
         for start in range(0, len(order), self.batch_rows):
             group = order[start:start + self.batch_rows]
             results = self.qa.ask_batch([texts[i] for i in group], source_lang=self.source_lang,
@@ -172,7 +190,7 @@ class AnswerWorker:
                 outcomes[i] = self.outcome(result)
             if report is not None:
                 report((start + len(group)) / len(texts))
-        return outcomes
+        return with_memory_counts(outcomes, before, memory_counts([self.qa.ja_en, self.qa.en_ja]))
 
     @staticmethod
     def outcome(result) -> Outcome:

@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
+from pipeline.gpu_gate import GATE
 from pipeline.kernels.phi_attention import AttentionConfig, triton
 from pipeline.llm.decode_config import DEFAULT_DECODE, DecodeConfig
 from pipeline.llm.engine import (Generated, GenerationSettings, StopCheck, finish_row, generate_shrinking,
@@ -381,6 +382,10 @@ class FastPhiEngine:
         """Capture (once per batch bucket and cache) the decode step; returns it and its logits."""
         if rows in self._graphs:
             return self._graphs[rows]
+        with GATE.capture():  # no other thread's GPU work (a server's translators) meanwhile
+            return self._capture_graph(rows)
+
+    def _capture_graph(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         state = self._state(rows)
         for buffer in (self._col, self._positions, self._starts):  # in-range values for the warm-up
             buffer.zero_()
@@ -397,8 +402,7 @@ class FastPhiEngine:
                 step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a server decodes on another thread while this one captures (translation, answers)
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool):
             logits = step()
         self._graphs[rows] = (graph, logits)
         return graph, logits

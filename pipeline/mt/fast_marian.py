@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pipeline.gpu_gate import GATE
 from pipeline.kernels.marian import add_layer_norm, decode_attention, triton
 from pipeline.mt.beam_search import BeamState, SearchRules, beam_step, greedy_step
 from pipeline.mt.contract import right_pad, strip_special
@@ -266,6 +267,10 @@ class FastMarianBackend:
         return s
 
     def _capture(self, s: _Session) -> None:
+        with GATE.capture():  # no other thread's GPU work (a server's phi-2) meanwhile
+            self._capture_session(s)
+
+    def _capture_session(self, s: _Session) -> None:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         # Warm up on a side stream (cuBLAS handles, workspaces) before capturing, as torch requires.
@@ -280,8 +285,7 @@ class FastMarianBackend:
         # buffers above, never in the pool.
         for n in range(1 + chunks):
             graph = torch.cuda.CUDAGraph()
-            # thread_local: the server answers on another thread while this one captures
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool):
                 if n == 0:
                     self._prefill(s)
                 else:

@@ -21,6 +21,7 @@ import threading
 from concurrent.futures import Future
 from typing import Callable
 
+from pipeline.gpu_gate import GATE
 from pipeline.llm.continuous import open_decode_batch
 from pipeline.llm.engine import GenerationSettings
 
@@ -105,7 +106,7 @@ class AnswerScheduler:
                 if job.cancelled:
                     continue
                 try:
-                    key, first = batch.add(job.prompt, job.settings)
+                    key, first = _gated(batch.add, job.prompt, job.settings)
                 except Exception as error:  # noqa: BLE001 - this caller's failure, not the others'
                     log.exception("prefill failed")
                     job.fail(error)
@@ -113,18 +114,18 @@ class AnswerScheduler:
                 live[key] = job
                 self._deliver(key, job, first, live, batch)
             for key in [key for key, job in live.items() if job.cancelled]:
-                batch.drop(key)
+                _gated(batch.drop, key)
                 del live[key]
             self.running_rows = len(live)
             if not live:
                 continue
             try:
-                tokens = batch.step()
+                tokens = _gated(batch.step)
             except Exception as error:  # noqa: BLE001 - fail the rows of this batch, keep serving
                 log.exception("decode step failed")
                 for key, job in list(live.items()):
                     job.fail(error)
-                    batch.drop(key)
+                    _gated(batch.drop, key)
                 live.clear()
                 continue
             self.on_tokens(len(tokens))
@@ -140,13 +141,13 @@ class AnswerScheduler:
             if job.count < job.settings.max_new_tokens:
                 return
             job.end(eos=False)
-        batch.drop(key)
+        _gated(batch.drop, key)
         del live[key]
 
     def _finish_all(self, live: dict, batch) -> None:
         """Shutting down: the rows still decoding run to their end (the server drains before this)."""
         while live:
-            for key, token in batch.step().items():
+            for key, token in _gated(batch.step).items():
                 self._deliver(key, live[key], token, live, batch)
 
     # ---- micro-batching ------------------------------------------------------------------------
@@ -172,7 +173,7 @@ class AnswerScheduler:
     def _generate_group(self, settings: GenerationSettings, group: list[AnswerJob]) -> None:
         self.running_rows = len(group)
         try:
-            rows = self.engine.generate([job.prompt for job in group], settings, _rows_check(group))
+            rows = _gated(self.engine.generate, [job.prompt for job in group], settings, _rows_check(group))
         except Exception as error:  # noqa: BLE001
             log.exception("generate failed")
             for job in group:
@@ -185,6 +186,12 @@ class AnswerScheduler:
                 job.push(token)
             self.on_tokens(len(row.token_ids))
             job.end(eos=row.finish_reason == "eos")
+
+
+def _gated(call, *args):
+    """`call(*args)` as GPU work: never beside another stage's CUDA graph capture (gpu_gate.py)."""
+    with GATE.work():
+        return call(*args)
 
 
 def _rows_check(group: list[AnswerJob]):
@@ -243,7 +250,7 @@ class TranslationBatcher:
         try:
             flat = [ids for job in group for ids in job[0]]
             self.on_batch(len(flat))
-            out = self.translator.translate_ids(flat, beams)
+            out = _gated(self.translator.translate_ids, flat, beams)
         except Exception as error:  # noqa: BLE001 - one caller's bad piece must not fail the others
             if len(group) == 1:
                 group[0][2].set_exception(error)

@@ -4,6 +4,7 @@ across jobs and processes sharing a `--memory` file; other contexts never share 
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -141,10 +142,17 @@ def test_a_second_job_and_process_with_the_same_memory_translates_nothing_new(ti
     source = tmp_path / "in.txt"
     source.write_text("".join(row + "\n" for row in ROWS), encoding="utf-8")
     memory = str(tmp_path / "memory.db")
+    summaries = []
     for output in ("first.txt", "second.txt"):
         result = CliRunner().invoke(main, ["translate", str(source), "-o", str(tmp_path / output), "--to", "en",
                                            "--memory", memory, *cli_args(tiny_ja_en_dir)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
+        summaries.append(result.stderr.strip().splitlines()[-1])
+    # the job's summary counts the memory's sentences: found none of them first, all of them second
+    found = [re.search(r"translation memory: ([\d,]+) of ([\d,]+) sentences found", line) for line in summaries]
+    assert all(found), summaries
+    assert found[1].group(1) == found[1].group(2) == found[0].group(2)
+    assert int(found[0].group(1)) < int(found[0].group(2))
     first = (tmp_path / "first.txt").read_bytes()
     assert (tmp_path / "second.txt").read_bytes() == first
     done = subprocess.run([sys.executable, "-c", SECOND_PROCESS, str(tiny_ja_en_dir), memory], input=source.read_bytes(), capture_output=True, timeout=300,
