@@ -14,11 +14,10 @@ import click
 from pipeline.errors import DeviceError, JobError, ModelLoadError
 from pipeline.jobs.files import input_format
 from pipeline.llm.answerer import ENGINE_CHOICES
-from pipeline.llm.engine import GenerationSettings
+from pipeline.llm.engine import MAX_SEED, GenerationSettings
 from pipeline.loading import resolve_device
 from pipeline.mt.backends import BACKEND_CHOICES
 
-MAX_SEED = 2**32 - 1  # what every engine's generator takes
 
 
 class FiniteFloatRange(click.FloatRange):

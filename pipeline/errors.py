@@ -31,3 +31,7 @@ class JobError(BilingualQAError):
 
 class MemoryFileError(BilingualQAError):
     """A translation memory file (`--memory`) that cannot be opened, read or written."""
+
+
+class SettingsError(BilingualQAError, ValueError):
+    """A generation setting out of range (a nan temperature, a negative seed...)."""

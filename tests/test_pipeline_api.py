@@ -95,3 +95,14 @@ def test_compare_runs_each_model_and_keeps_the_translators(qa, tiny_phi2_dir, tm
 def test_streamed_layout_equals_the_rendered_answer(qa, question):
     streamed = "".join(qa.stream_text(question, settings=SETTINGS))
     assert streamed == qa.ask(question, settings=SETTINGS).render("text")
+
+
+@pytest.mark.parametrize("bad", [{"temperature": float("nan")}, {"temperature": -0.5}, {"top_p": 0.0},
+                                 {"top_p": float("inf")}, {"seed": -1}, {"seed": 2**32}, {"max_new_tokens": 0}])
+def test_generation_settings_out_of_range_are_refused_with_the_setting_named(bad):
+    from pipeline import BilingualQAError
+
+    [name] = bad
+    with pytest.raises(BilingualQAError, match=name) as refused:
+        GenerationSettings(**bad)
+    assert "\n" not in str(refused.value) and isinstance(refused.value, ValueError)
