@@ -114,7 +114,8 @@ def in_process_question(paths: dict[str, Path], tokens: int, engine: str, mt_bac
     return statistics.median(times)
 
 
-def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch: int,
+                 batching: str = "auto") -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as sock:
@@ -122,7 +123,8 @@ def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "pipeline", "serve", "--port", str(port), "--llm", str(paths["llm"]),
                "--ja-en", str(paths["ja_en"]), "--en-ja", str(paths["en_ja"]), "--engine", engine,
-               "--mt-backend", mt_backend, "--max-batch", str(max_batch), "--max-queue", "4096"]
+               "--mt-backend", mt_backend, "--max-batch", str(max_batch), "--max-queue", "4096",
+               "--batching", batching]
     # The server's log goes to a file (a pipe nobody reads would fill and stall it), shown on failure.
     log = open(paths["llm"].parent / "server.log", "w")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
@@ -191,6 +193,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="questions each client asks in turn")
     parser.add_argument("--answer-tokens", type=int, default=200)
     parser.add_argument("--engine", default="auto", choices=["auto", "fast", "transformers"])
+    parser.add_argument("--batching", default="auto", choices=["auto", "continuous", "micro"],
+                        help="the server's --batching")
     parser.add_argument("--mt-backend", default="auto")
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints (CPU smoke test)")
     parser.add_argument("--models", type=Path, default=None, help="where to build the checkpoints")
@@ -203,7 +207,7 @@ def main() -> None:
     paths = build(root, args.tiny)
     engine_tps, engine_name = engine_batch_throughput(paths, args.answer_tokens, 64, args.engine)
     alone = in_process_question(paths, args.answer_tokens, args.engine, args.mt_backend)
-    server, url = start_server(paths, args.engine, args.mt_backend, max(64, *args.clients))
+    server, url = start_server(paths, args.engine, args.mt_backend, max(64, *args.clients), args.batching)
     try:
         rows = [asyncio.run(closed_loop(url, clients, args.rounds, args.answer_tokens)) for clients in args.clients]
     except RuntimeError:
@@ -215,7 +219,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     lines = [f"serve_load on {device}, torch {torch.__version__}, {datetime.date.today()};"
-             f" engine {engine_name}, {args.answer_tokens}-token answers, {args.rounds} questions per client",
+             f" engine {engine_name}, batching {args.batching}, {args.answer_tokens}-token answers, {args.rounds} questions per client",
              "", f"engine alone, batch 64 decode: {engine_tps:,.0f} answer tokens/s;"
              f" one question in-process (BilingualQA.ask, warm): {alone:.3f} s", "",
              "| clients | requests | answer tokens/s | share of batch-64 | TTFT p50 ms | TTFT p99 ms | request p50 s | request p99 s |",

@@ -15,6 +15,7 @@ import warnings
 import click
 
 from pipeline.llm.answerer import ENGINE_CHOICES
+from pipeline.llm.continuous import BATCHING_CHOICES
 from pipeline.text.detect import detect_language, require_supported
 from pipeline.errors import BilingualQAError, EmptyInputError
 from pipeline.jobs import workers as jobs
@@ -247,9 +248,12 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
               help="Most questions decoded together.")
 @click.option("--max-body", type=click.IntRange(1), default=1_000_000, show_default=True,
               help="Largest request body in bytes (413 above).")
+@click.option("--batching", type=click.Choice(BATCHING_CHOICES), default="auto", show_default=True,
+              help="continuous: questions join the decoding batch at the next step; micro: each generate call "
+                   "takes the questions waiting (auto: continuous on --engine transformers, micro on fast).")
 @user_errors
 def serve(host, port, llms, ja_en, en_ja, device, dtype, mt_backend, beams, engine, api_key, max_queue, max_batch,
-          max_body):
+          max_body, batching):
     """Serve the models over HTTP: a web page, /v1/ask, LibreTranslate- and OpenAI-compatible APIs."""
     from pipeline import serve as serve_room  # the serve extra is imported only by this command
 
@@ -262,7 +266,7 @@ def serve(host, port, llms, ja_en, en_ja, device, dtype, mt_backend, beams, engi
     from pipeline.serve.server import run_server
 
     options = LoadOptions(llms=list(llms), ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, engine=engine,
-                          mt_backend=mt_backend, beams=beams, max_rows=max_batch)
+                          mt_backend=mt_backend, beams=beams, max_rows=max_batch, batching=batching)
     run_server(options, host=host, port=port,
                config=ServerConfig(api_key=api_key or None, max_body=max_body, max_queue=max_queue))
 

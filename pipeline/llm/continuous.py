@@ -40,11 +40,20 @@ class DecodeBatch(Protocol):
     def __len__(self) -> int: ...
 
 
-def open_decode_batch(engine, max_rows: int = 64) -> DecodeBatch | None:
-    """A decode batch on `engine`'s model, or None when the engine cannot decode step by step."""
+BATCHING_CHOICES = ("auto", "continuous", "micro")
+
+
+def open_decode_batch(engine, max_rows: int = 64, batching: str = "auto") -> DecodeBatch | None:
+    """A decode batch on `engine`'s model, or None for micro-batching (whole `generate` calls).
+
+    `auto`: continuous on transformers' engine; on the fast engine micro-batching, whose GPU figures
+    are measured, until its own continuous batch (fast_batch.py, tested on the CPU) is measured too.
+    """
+    if batching == "micro":
+        return None
     opener = getattr(engine, "decode_batch", None)
-    if opener is not None:  # an engine with its own step-wise implementation (see docs/design.md)
-        return opener(max_rows)
+    if opener is not None:  # an engine with its own step-wise implementation
+        return opener(max_rows) if batching == "continuous" else None
     if getattr(engine, "name", "") == "transformers":
         return TransformersDecodeBatch(engine.model, max_rows)
     return None

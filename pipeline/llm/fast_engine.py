@@ -146,6 +146,12 @@ class FastPhiEngine:
                         return
                     yield token
 
+    def decode_batch(self, max_rows: int = 64):
+        """Continuous batching on this engine's cache and graphs (llm/fast_batch.py)."""
+        from pipeline.llm.fast_batch import FastDecodeBatch
+
+        return FastDecodeBatch(self, max_rows)
+
     # ---- the generation loop -------------------------------------------------------------------
 
     def _run(self, prompts: list[list[int]], settings: GenerationSettings, stop_check: StopCheck | None,

@@ -61,14 +61,15 @@ class AnswerJob:
 
 
 class AnswerScheduler:
-    def __init__(self, engine, *, max_rows: int = 64, on_tokens: Callable[[int], None] | None = None):
+    def __init__(self, engine, *, max_rows: int = 64, on_tokens: Callable[[int], None] | None = None,
+                 batching: str = "auto"):
         self.engine = engine
         self.eos = engine.eos_token_id
         self.max_rows = max_rows
         self.on_tokens = on_tokens or (lambda n: None)
         self.waiting: queue.Queue = queue.Queue()
         self.running_rows = 0
-        self.decode_batch = open_decode_batch(engine, max_rows)
+        self.decode_batch = _gated(open_decode_batch, engine, max_rows, batching)  # may allocate its cache
         self.mode = "continuous" if self.decode_batch is not None else "micro-batch"
         target = self._run_continuous if self.decode_batch is not None else self._run_micro_batches
         self.thread = threading.Thread(target=self._guard(target), name=f"answer-{engine.name}", daemon=True)

@@ -30,11 +30,12 @@ class LoadOptions:
     mt_backend: str = "auto"
     beams: int | None = None
     max_rows: int = 64
+    batching: str = "auto"  # continuous, micro, or auto (llm/continuous.py's open_decode_batch)
 
 
 class ModelRegistry:
     def __init__(self, qas: dict[str, BilingualQA], *, max_rows: int = 64,
-                 on_tokens: Callable[[int], None] | None = None):
+                 on_tokens: Callable[[int], None] | None = None, batching: str = "auto"):
         if not qas:
             raise ValueError("at least one answer model is needed")
         self.qas = qas
@@ -42,7 +43,8 @@ class ModelRegistry:
         first = qas[self.default]
         self.ja_en = TranslationBatcher(first.ja_en)
         self.en_ja = TranslationBatcher(first.en_ja)
-        self.schedulers = {name: AnswerScheduler(qa.answerer.engine, max_rows=max_rows, on_tokens=on_tokens)
+        self.schedulers = {name: AnswerScheduler(qa.answerer.engine, max_rows=max_rows, on_tokens=on_tokens,
+                                                 batching=batching)
                            for name, qa in qas.items()}
 
     @classmethod
@@ -57,7 +59,7 @@ class ModelRegistry:
                 answerer = Answerer.from_pretrained(name, device=first.answerer.model.device, dtype=options.dtype,
                                                     engine=options.engine)
                 qas[name] = BilingualQA(answerer, first.ja_en, first.en_ja)
-        return cls(qas, max_rows=options.max_rows, on_tokens=on_tokens)
+        return cls(qas, max_rows=options.max_rows, on_tokens=on_tokens, batching=options.batching)
 
     @property
     def names(self) -> list[str]:
