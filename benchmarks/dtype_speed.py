@@ -20,28 +20,11 @@ import sys
 
 import torch
 
-from llm_decode import EOS, prompts_for, wall
+from llm_decode import EOS, build_model, prompts_for, wall
 
 from pipeline.llm.engine import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.llm.hardware import plan, probe
-
-
-def build_model(dtype: torch.dtype):
-    """phi-2's published config, random weights in `dtype`, allocated on the GPU (no CPU copy)."""
-    from transformers import PhiForCausalLM
-
-    from pipeline.checkpoints import phi2_config
-
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("cuda"):
-            model = PhiForCausalLM(phi2_config()).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    return model
 
 
 def engine_for(model, dtype_name: str, max_batch_size: int) -> FastPhiEngine:

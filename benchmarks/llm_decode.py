@@ -35,14 +35,14 @@ EOS = 50256
 VOCAB_DRAWN = 50000  # prompt ids are drawn below the tokenizer's size
 
 
-def build_model():
-    """phi-2's published config, random fp16 weights, allocated on the GPU (no CPU copy)."""
+def build_model(dtype: torch.dtype = torch.float16):
+    """phi-2's published config, random weights in `dtype`, allocated on the GPU (no CPU copy)."""
     from pipeline.checkpoints import phi2_config
     from transformers import PhiForCausalLM
 
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device("cuda"):
             model = PhiForCausalLM(phi2_config()).eval()

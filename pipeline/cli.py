@@ -10,7 +10,6 @@ import errno
 import functools
 import os
 import sys
-import warnings
 
 import click
 
@@ -24,8 +23,8 @@ from pipeline.loading import quiet_libraries
 from pipeline.mt.memory import SQLiteStore
 from pipeline.qa import BilingualQA, check_question
 from pipeline.spec import DIRECTION_ROLE, MODEL_OPTION, LoadSpec
-from pipeline.cli_options import (QUIET_ENVIRONMENT, base_option, check_before_loading, check_workers, field_for,
-                                  generation_options, job_options, model_options, quiet_job, settings_from)
+from pipeline.cli_options import (base_option, check_before_loading, check_workers, field_for,
+                                  generation_options, job_options, model_options, settings_from)
 from pipeline.text.controls import strip_controls
 from pipeline.text.render import FORMATS, render_comparison
 from pipeline.mt.translator import DEFAULT_BATCH_TOKENS, Translator
@@ -52,20 +51,12 @@ def user_errors(command):
     """Turn our own errors into one line and exit code 2."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        # --quiet sets environment variables and warning filters for this command only: a caller that
-        # runs several commands in one process (tests, scripts using click) gets them back afterwards.
-        saved = {name: os.environ.get(name) for name in QUIET_ENVIRONMENT}
         try:
-            with warnings.catch_warnings():
+            # --quiet (and bars only on a terminal) for this command alone: every command passes here
+            with quiet_libraries(kwargs.get("quiet", False)):
                 return command(*args, **kwargs)
         except BilingualQAError as error:
             fail(str(error))
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
     return wrapper
 
 
@@ -133,7 +124,6 @@ def ask(question, fmt, llm, base, ja_en, en_ja, device, dtype, mt_backend, beams
     question of FILE into --output (JSON lines), exactly once and resumable."""
     given = {name for name in ("fmt", "chunk_rows", "workers")
              if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
-    quiet_libraries(quiet)
     check_before_loading(device, engine, mt_backend)
     if batch_path is not None:
         if stream or "fmt" in given:
@@ -179,7 +169,6 @@ def compare(question, llms, fmt, base, ja_en, en_ja, device, dtype, mt_backend, 
     and its LoRA adapters share one copy of the base weights."""
     from pipeline.llm.models import resolve_llm
 
-    quiet_libraries(quiet)
     check_before_loading(device, engine, mt_backend)
     question = read_question(question)
     forced = validate_language(question, source_lang)
@@ -210,7 +199,6 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
               chunk_rows, workers, cluster, field, column, errors_path, restart, quiet, memory):
     """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash."""
     check_workers(workers, cluster, device)
-    quiet_libraries(quiet)
     check_before_loading(device, None, mt_backend)
     spec = LoadSpec.resolve(ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, mt_backend=mt_backend,
                             beams=beams, batch_tokens=batch_tokens)
@@ -222,12 +210,11 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
     load = functools.partial(Translator.from_pretrained, model, device=device, dtype=dtype, backend=mt_backend,
                              target_lang=target, num_beams=beams, batch_tokens=batch_tokens, option=option,
                              memory=store)
-    with quiet_job(quiet):
-        summary = jobs.translate_file(input_path, output, to=target, load_translator=load,
-                                      options=spec.fingerprint("translate", target),
-                                      source_lang=source, field=field_for(input_path, field, column),
-                                      errors=errors_path, restart=restart, quiet=quiet, chunk_rows=chunk_rows,
-                                      workers=workers, cluster=cluster)
+    summary = jobs.translate_file(input_path, output, to=target, load_translator=load,
+                                  options=spec.fingerprint("translate", target),
+                                  source_lang=source, field=field_for(input_path, field, column),
+                                  errors=errors_path, restart=restart, quiet=quiet, chunk_rows=chunk_rows,
+                                  workers=workers, cluster=cluster)
     click.echo(f"bilingual-qa: {summary.describe()}", err=True)
 
 
@@ -285,12 +272,11 @@ def ask_batch_file(question, batch_path, output, field, column, errors_path, res
     load_qa = functools.partial(BilingualQA.from_pretrained, spec.llm, spec.ja_en, spec.en_ja,
                                 device=spec.device, dtype=spec.dtype, engine=spec.engine,
                                 mt_backend=spec.mt_backend, beams=spec.beams, memory=store, base=spec.base)
-    with quiet_job(quiet):
-        summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=spec.fingerprint("ask"),
-                                source_lang=None if source_lang == "auto" else source_lang, settings=settings,
-                                field=field_for(batch_path, field, column), errors=errors_path,
-                                restart=restart, quiet=quiet, chunk_rows=chunk_rows, workers=workers,
-                                cluster=cluster)
+    summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=spec.fingerprint("ask"),
+                            source_lang=None if source_lang == "auto" else source_lang, settings=settings,
+                            field=field_for(batch_path, field, column), errors=errors_path,
+                            restart=restart, quiet=quiet, chunk_rows=chunk_rows, workers=workers,
+                            cluster=cluster)
     click.echo(f"bilingual-qa: {summary.describe()}", err=True)
 
 

@@ -3,10 +3,7 @@ model loads, and --quiet for a job: what `cli.py`'s commands are made of."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import warnings
 from pathlib import Path
 
 import click
@@ -124,39 +121,6 @@ def check_workers(workers: str, cluster: str | None, device: str) -> None:
         raise JobError("--cluster runs on that cluster's workers: leave out --workers")
     if (workers != "1" or cluster) and device.startswith("cuda:"):
         raise JobError(f"--device {device}: each worker has its own GPU; use --device auto or cuda with --workers")
-
-
-QUIET_ENVIRONMENT = {"BILINGUAL_QA_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error",
-                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-
-
-@contextlib.contextmanager
-def quiet_job(quiet: bool):
-    """--quiet: no loading lines, notes, warnings or transformers' bars, here and in the workers a
-    local cluster starts (they inherit the environment); errors and the summary still show."""
-    if not quiet:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    saved = {name: os.environ.get(name) for name in QUIET_ENVIRONMENT}
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    os.environ.update(QUIET_ENVIRONMENT)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def check_before_loading(device: str, engine: str | None = None, mt_backend: str = "auto") -> None:

@@ -68,7 +68,8 @@ def test_first_ctranslate2_conversion_says_where_it_writes(tiny_ja_en_dir, tmp_p
     from pipeline.mt.ctranslate2 import converted_model_dir
 
     monkeypatch.delenv(loading.QUIET_ENV, raising=False)
-    target = converted_model_dir(tiny_ja_en_dir, cache_root=tmp_path)
+    with loading.quiet_libraries(False):  # as every command runs: stderr is no terminal, so no bars
+        target = converted_model_dir(tiny_ja_en_dir, cache_root=tmp_path)
     first = capsys.readouterr().err
     assert "converting" in first and str(target) in first and len(first.strip().splitlines()) == 1
     converted_model_dir(tiny_ja_en_dir, cache_root=tmp_path)
