@@ -9,13 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.jobs import workers as jobs
+
+from crashes import Crash, crash_at, kill_when_committed  # tests/jobs/crashes.py
 
 CRASH_DRIVER = os.path.join(os.path.dirname(__file__), "crash_driver.py")
 
@@ -81,21 +82,6 @@ def test_translate_refuses_unusable_arguments_with_exit_2(tmp_path, translate_ar
     paths = [str(tmp_path / a) if a.startswith(("in.", "out.", "missing")) else a for a in args]
     result = invoke("translate", *paths, "--to", "en", *translate_args)
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
-
-
-class Crash(BaseException):
-    """Stands for kill -9 inside the test process."""
-
-
-def crash_at(point: str, occurrence: int):
-    seen = []
-
-    def hook(name: str) -> None:
-        if name == point:
-            seen.append(name)
-            if len(seen) == occurrence:
-                raise Crash(name)
-    return hook
 
 
 def test_translate_refuses_a_changed_input_under_an_unfinished_output(tmp_path, translate_args, monkeypatch):
@@ -168,17 +154,7 @@ def test_translate_killed_at_a_commit_then_by_kill_9_loses_no_row_and_repeats_no
 
     job = subprocess.Popen([sys.executable, "-m", "pipeline", "translate", str(source), "-o", str(output), *args],
                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job.poll() is None:
-        try:
-            if json.loads(progress.read_text())["counts"]["rows"] >= committed + 10:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    assert job.returncode == -signal.SIGKILL  # killed, not finished
+    kill_when_committed(job, progress, committed + 10, 120)
     assert not json.loads(progress.read_text())["finished"]
 
     assert invoke("translate", str(source), "-o", str(output), *args).exit_code == 0

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -23,6 +22,8 @@ psutil = pytest.importorskip("psutil")
 from pipeline import GenerationSettings, Translator  # noqa: E402
 from pipeline.jobs import workers as jobs  # noqa: E402
 from pipeline.jobs.cluster import local_cluster, worker_count  # noqa: E402
+
+from crashes import kill_when_committed  # tests/jobs/crashes.py
 
 # Test-made loaders and translators travel to the workers by value: the workers cannot import this file.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -142,18 +143,12 @@ def test_driver_killed_by_kill_9_leaves_no_worker_behind_and_resumes_to_the_same
     assert whole.returncode == 0, whole.stderr.decode()
 
     driver = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stderr=subprocess.DEVNULL)
-    deadline, workers = time.monotonic() + 240, []
-    while time.monotonic() < deadline and driver.poll() is None:
-        workers = psutil.Process(driver.pid).children(recursive=True) or workers
-        try:
-            if json.loads(progress.read_text())["counts"]["rows"] >= 10:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    assert driver.returncode == -signal.SIGKILL  # killed, not finished
+    workers = []
+
+    def note_workers() -> None:
+        workers[:] = psutil.Process(driver.pid).children(recursive=True) or workers
+
+    kill_when_committed(driver, progress, 10, 240, poll=0.02, while_waiting=note_workers)
     assert len(workers) >= 2  # the two worker processes were the driver's children
     gone, alive = psutil.wait_procs(workers, timeout=20)
     assert not alive, f"worker processes outlived their driver: {alive}"

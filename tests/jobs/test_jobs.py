@@ -12,6 +12,8 @@ from pipeline import GenerationSettings, Translator
 from pipeline.jobs import workers as jobs
 from pipeline.errors import JobError
 
+from crashes import Crash, crash_at  # tests/jobs/crashes.py
+
 JAPANESE = [
     "金利が上がると、人や企業にとって借り入れの費用が高くなります。",
     "インフレとは何ですか、そしてなぜ重要なのですか？",
@@ -22,10 +24,6 @@ JAPANESE = [
     "ローンとリースの違いを説明してください。",
 ]
 ENGLISH = ["The quick brown fox jumps over the lazy dog.", "Stocks represent a share of ownership in a company."]
-
-
-class Crash(BaseException):
-    """Stands for kill -9: raised at a named point, caught by nothing in the job."""
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +68,6 @@ def translate(translator, source, output, checkpoint=None, **kwargs):
         return translator.translate_file(source, output, quiet=True, **kwargs)
     return jobs.translate_file(source, output, to=translator.target_lang, load_translator=lambda: translator,
                                options=translator.job_options(), quiet=True, checkpoint=checkpoint, **kwargs)
-
-
-def crash_at(point: str, occurrence: int):
-    """A checkpoint that crashes the job the `occurrence`-th time it reaches `point`."""
-    seen = {"count": 0}
-
-    def checkpoint(name: str) -> None:
-        if name == point:
-            seen["count"] += 1
-            if seen["count"] == occurrence:
-                raise Crash(name)
-
-    return checkpoint
 
 
 def files_of(output):
