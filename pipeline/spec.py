@@ -1,14 +1,15 @@
-"""What to load and how: one typed object, resolved once, that every stage receives.
+"""What to load and how: one typed object that fills in what was not given the same way everywhere.
 
-The CLI, the Python API and the server build a `LoadSpec`; `BilingualQA` and `Translator` load from
-it, and a batch job's identity comes from `fingerprint()` alone, so a job started on the command line
-and resumed from Python (or the other way round) is recognised as the same job.
+The CLI builds a `LoadSpec` from its options, and `BilingualQA.from_pretrained` and
+`Translator.from_pretrained` build the same one from their arguments and keep it (`.spec`). A batch
+job's identity comes from `fingerprint()` alone, so a job started on the command line and resumed
+from Python (or the other way round) is recognised as the same job.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 DEFAULT_LLM = "microsoft/phi-2"
 DEFAULT_JA_EN = "Helsinki-NLP/opus-mt-ja-en"
@@ -52,16 +53,9 @@ class LoadSpec:
                    mt_backend=mt_backend or "auto", beams=beams,
                    batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS, base=base or None)
 
-    def with_llm(self, llm: str) -> "LoadSpec":
-        return replace(self, llm=llm)
-
     @property
     def models(self) -> dict[str, str]:
         return {"llm": self.llm, "ja_en": self.ja_en, "en_ja": self.en_ja}
-
-    def translation_role(self, target_lang: str) -> str:
-        """"ja_en" for a translation into English, "en_ja" into Japanese."""
-        return DIRECTION_ROLE[target_lang]
 
     def fingerprint(self, command: str, target_lang: str | None = None) -> dict:
         """Every load option that changes a job's output, and nothing else (not the device).
@@ -69,7 +63,7 @@ class LoadSpec:
         `translate` depends on one translation model; `ask` on all three and the engine.
         """
         if command == "translate":
-            return {"model": getattr(self, self.translation_role(target_lang)), "beams": self.beams,
+            return {"model": getattr(self, DIRECTION_ROLE[target_lang]), "beams": self.beams,
                     "batch_tokens": self.batch_tokens, "mt_backend": self.mt_backend, "dtype": self.dtype}
         options = {"models": self.models, "dtype": self.dtype, "engine": self.engine,
                    "mt_backend": self.mt_backend, "beams": self.beams}

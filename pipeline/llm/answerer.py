@@ -22,9 +22,9 @@ from pipeline.llm.engine import (FINISH_STOP, Engine, Generated, GenerationSetti
 from pipeline.llm.hardware import Plan, plan, probe
 from pipeline.llm.models import LLMSource, load_llm, tokenizer_for
 from pipeline.loading import DTYPES, resolve_device, status
+from pipeline.spec import DEFAULT_LLM
 from pipeline.text.answer_end import EndWatch, locate_answer, settled_span
 
-DEFAULT_LLM = "microsoft/phi-2"
 PROMPT = "Instruct: {question}\nOutput:"
 ENGINE_CHOICES = ("auto", "fast", "transformers")
 

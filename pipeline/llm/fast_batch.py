@@ -13,6 +13,8 @@ holds the highest live row: one client alone decodes in the one-row graph.
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +25,13 @@ from pipeline.llm.phi_model import prefill
 CACHE_COLUMNS = 1024  # columns of the shared cache: prompt and answer of every live row fit in it
 
 
+@dataclass
+class _Live:
+    row: int  # its row of the engine's cache
+    settings: GenerationSettings
+    generator: torch.Generator | None  # for sampling
+
+
 class FastDecodeBatch:
     def __init__(self, engine, max_rows: int = 64, columns: int = CACHE_COLUMNS):
         self.engine = engine
@@ -31,9 +40,8 @@ class FastDecodeBatch:
         engine._ensure_cache(engine._bucket(self.max_rows), columns)
         self.columns = min(columns, engine._k_cache.shape[3])  # the cache may hold more, from generate
         self.col = 0  # the host's copy of the shared column
-        self.rows: dict[int, int] = {}  # key -> cache row
+        self.rows: dict[int, _Live] = {}  # by the key add() returned
         self._free = torch.ones(engine.max_batch_size, dtype=torch.bool, device=engine.device)
-        self.settings: dict[int, tuple[GenerationSettings, torch.Generator | None]] = {}
         self._keys = itertools.count()
 
     def __len__(self) -> int:
@@ -48,7 +56,7 @@ class FastDecodeBatch:
             raise ValueError(f"a prompt needs 1 to {self.columns - 1} tokens, not {length}")
         if not self.rows:
             self._begin()
-        row = min(set(range(self.max_rows)) - set(self.rows.values()))
+        row = min(set(range(self.max_rows)) - {live.row for live in self.rows.values()})
         if self.col >= self.columns:
             self._compact()
         if length > self.col:
@@ -64,7 +72,7 @@ class FastDecodeBatch:
         engine._starts[row] = self.col - length
         self._free[row] = False
         key = next(self._keys)
-        self.rows[key], self.settings[key] = row, (settings, generator)
+        self.rows[key] = _Live(row, settings, generator)
         return key, first
 
     @torch.inference_mode()
@@ -74,39 +82,36 @@ class FastDecodeBatch:
         engine = self.engine
         if self.col >= self.columns:
             self._compact()
-        bucket = engine._bucket(max(self.rows.values()) + 1)
+        bucket = engine._bucket(max(live.row for live in self.rows.values()) + 1)
         engine._starts[:bucket].masked_fill_(self._free[:bucket], self.col)  # free rows: one column each
-        state = engine._state(bucket)
         if engine.use_graphs:
             graph, logits = self._graph(bucket)
             graph.replay()
         else:
-            logits = engine._step(state, bucket, kv_len=self.col + 1)
+            logits = engine._step(engine._state(bucket), bucket, kv_len=self.col + 1)
         self.col += 1
         # Free rows step too; their positions must stay inside the rotary tables.
         engine._positions.clamp_(max=engine.max_seq_len - 1)
         values, greedy = torch.max(logits, -1)
-        values, greedy_ids = values.tolist(), greedy.tolist()  # the step's one device->host copy
+        values, greedy_ids = values.tolist(), greedy.tolist()  # the step's one wait for the GPU
         chosen = {}
-        for key, row in self.rows.items():
-            settings, generator = self.settings[key]
-            if values[row] != values[row] or abs(values[row]) == float("inf"):
+        for key, live in self.rows.items():
+            if not math.isfinite(values[live.row]):
                 raise non_finite_error(engine.weights.dtype)
-            chosen[key] = greedy_ids[row] if settings.greedy else self._choose(logits[row], settings, generator)
-        if any(not self.settings[key][0].greedy for key in self.rows):
-            for key, row in self.rows.items():
-                engine._tokens[row] = chosen[key]
-        else:
+            chosen[key] = (greedy_ids[live.row] if live.settings.greedy
+                           else self._choose(logits[live.row], live.settings, live.generator))
+        if all(live.settings.greedy for live in self.rows.values()):
             engine._tokens[:bucket].copy_(greedy)
+        else:
+            for key, live in self.rows.items():
+                engine._tokens[live.row] = chosen[key]
         return chosen
 
     def drop(self, key: int) -> None:
-        row = self.rows.pop(key, None)
-        self.settings.pop(key, None)
-        if row is None:
+        live = self.rows.pop(key, None)
+        if live is None:
             return
-        self.engine._starts[row] = self.col  # a free row attends only to its own column
-        self._free[row] = True
+        self._free[live.row] = True  # from the next step it attends only to its own column
         if not self.rows:
             self.engine._busy = False
 
@@ -167,8 +172,10 @@ class FastDecodeBatch:
         self._move(first, self.col, -first)
 
     def _first_live_column(self) -> int:
-        starts = self.engine._starts
-        return min(int(starts[row]) for row in self.rows.values()) if self.rows else self.col
+        if not self.rows:
+            return self.col
+        live = ~self._free[:self.max_rows]
+        return int(self.engine._starts[:self.max_rows][live].min())
 
     def _move(self, first: int, end: int, by: int) -> None:
         """Columns first..end-1 of every row to first+by..end-1+by; starts and the column follow."""

@@ -65,7 +65,8 @@ class Translator:
 
     def __init__(self, model, tokenizer, backend: MTBackend, *, name: str, target_lang: str,
                  num_beams: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                 memory: MemoryStore | str | Path | None = None, model_key: str | None = None):
+                 memory: MemoryStore | str | Path | None = None, model_key: str | None = None,
+                 spec: LoadSpec | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.backend = backend
@@ -76,8 +77,9 @@ class Translator:
         self.model_key = model_key or name
         self.use_memory(memory)
         # What was asked for (from_pretrained's arguments): a job's identity, as the CLI spells it.
-        self.spec = LoadSpec.resolve(**{DIRECTION_ROLE[target_lang]: name}, beams=num_beams,
-                                     batch_tokens=batch_tokens) if target_lang in DIRECTION_ROLE else None
+        if spec is None and target_lang in DIRECTION_ROLE:
+            spec = LoadSpec.resolve(**{DIRECTION_ROLE[target_lang]: name}, beams=num_beams, batch_tokens=batch_tokens)
+        self.spec = spec
 
     @classmethod
     def from_pretrained(cls, name: str, *, device: str | torch.device = "auto", dtype: str | None = None,
@@ -93,12 +95,11 @@ class Translator:
         model = load_pretrained(MarianMTModel, directory, name, device, resolve_dtype(dtype, device))
         tokenizer = load_tokenizer(directory, name)
         target = target_lang or _guess_target_lang(tokenizer, name)
-        translator = cls(model, tokenizer, select_mt_backend(backend, model, directory, device), name=name,
-                         target_lang=target, num_beams=num_beams, batch_tokens=batch_tokens, memory=store,
-                         model_key=f"{Path(directory).name}-{cache_key(directory)}")
-        translator.spec = LoadSpec.resolve(**{DIRECTION_ROLE[target]: name}, dtype=dtype, mt_backend=backend,
-                                           beams=num_beams, batch_tokens=batch_tokens)
-        return translator
+        spec = LoadSpec.resolve(**{DIRECTION_ROLE[target]: name}, dtype=dtype, mt_backend=backend,
+                                beams=num_beams, batch_tokens=batch_tokens)
+        return cls(model, tokenizer, select_mt_backend(backend, model, directory, device), name=name,
+                   target_lang=target, num_beams=num_beams, batch_tokens=batch_tokens, memory=store,
+                   model_key=f"{Path(directory).name}-{cache_key(directory)}", spec=spec)
 
     def use_memory(self, memory: MemoryStore | str | Path | None) -> None:
         """Keep translations in `memory` from now on (see the class docstring); counters restart."""
@@ -142,8 +143,9 @@ class Translator:
     def assemble(self, plan: TranslationPlan, translated: list[str]) -> list[str]:
         """The texts of `plan` rebuilt from its pieces' translations (in `plan.ids` order); the new
         sentences go into the memory."""
-        joined = self.sentence_translations(plan, translated)
-        self.memory.remember(self.memory_context(plan.num_beams), list(zip(plan.missing, joined[len(plan.sentences):])))
+        new = self._new_sentences(plan, translated)
+        self.memory.remember(self.memory_context(plan.num_beams), list(new.items()))
+        joined = _in_order(plan, new)
         results, position = [], 0
         for layout in plan.layouts:
             count = len(sentences_of(layout))
@@ -152,13 +154,15 @@ class Translator:
         return results
 
     def sentence_translations(self, plan: TranslationPlan, translated: list[str]) -> list[str]:
-        """Every sentence of the plan translated, in order (then the new ones again, for the memory)."""
+        """Every sentence of the plan translated, in order."""
+        return _in_order(plan, self._new_sentences(plan, translated))
+
+    def _new_sentences(self, plan: TranslationPlan, translated: list[str]) -> dict[str, str]:
+        """The translations of the sentences the memory lacked, each joined from its pieces'."""
         pieces = iter(translated)
         joiner = " " if self.target_lang != "ja" else ""
-        new = {sentence: joiner.join(next(pieces) for _ in range(count))
-               for sentence, count in zip(plan.missing, plan.pieces_per_sentence)}
-        known = {**plan.known, **new}
-        return [known[sentence] for sentence in plan.sentences] + [new[sentence] for sentence in plan.missing]
+        return {sentence: joiner.join(next(pieces) for _ in range(count))
+                for sentence, count in zip(plan.missing, plan.pieces_per_sentence)}
 
     def translate_ids(self, encoded: list[list[int]], num_beams: int | None = None) -> list[str]:
         """Translate tokenised pieces (each under the model's limit) in length-sorted batches."""
@@ -229,3 +233,9 @@ class Translator:
                                    options=self.job_options(), source_lang=source_lang, field=field,
                                    errors=errors, restart=restart, quiet=quiet,
                                    chunk_rows=chunk_rows or jobs.TRANSLATE_CHUNK_ROWS)
+
+
+def _in_order(plan: TranslationPlan, new: dict[str, str]) -> list[str]:
+    """Each sentence of `plan`'s texts translated, from the memory or from `new`."""
+    known = {**plan.known, **new}
+    return [known[sentence] for sentence in plan.sentences]

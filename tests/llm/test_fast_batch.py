@@ -80,7 +80,7 @@ def test_a_free_row_is_reused_and_the_engine_is_free_again_when_the_batch_emptie
         batch.add(SHORT, GREEDY)
     batch.drop(first)
     third, _ = batch.add(LONG, GREEDY)
-    assert batch.rows[third] == 0  # the lowest free row
+    assert batch.rows[third].row == 0  # the lowest free row
     for key in (second, third):
         batch.drop(key)
     assert engine.generate([SHORT], GREEDY)[0].token_ids == alone(engine, SHORT)
