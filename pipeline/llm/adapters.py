@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import BilingualQAError
+from pipeline.loading import ADAPTER_MARKER, CHECKPOINT_MARKER
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "served"
@@ -56,7 +56,7 @@ class AdapterSource:
 
 
 def is_adapter_dir(directory: str | Path) -> bool:
-    return (Path(directory) / ADAPTER_CONFIG).is_file() and not (Path(directory) / "config.json").is_file()
+    return (Path(directory) / ADAPTER_MARKER).is_file() and not (Path(directory) / CHECKPOINT_MARKER).is_file()
 
 
 def _tensor_shapes(directory: Path, name: str) -> dict[str, tuple[int, ...]]:
@@ -76,7 +76,7 @@ def _tensor_shapes(directory: Path, name: str) -> dict[str, tuple[int, ...]]:
 def read_adapter(directory: str, name: str) -> AdapterSource:
     """The adapter's config and tensor shapes; refuses what this pipeline cannot merge."""
     try:
-        config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        config = json.loads((Path(directory) / ADAPTER_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise AdapterError(f"cannot read the adapter_config.json of '{name}': {error}") from None
     kind = config.get("peft_type")
