@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from cli_run import assert_one_line_error, run_cli  # tests/cli_run.py
+
 JA_QUESTION = "金利が上昇すると、どのように個人や企業の経済活動に影響を与えるのでしょうか？"
-
-
-def run_cli(*args: str, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], input=stdin, capture_output=True,
-                          env=environment, timeout=300)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    stderr = proc.stderr.decode()
-    assert proc.returncode == 2, stderr
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("bilingual-qa: error:")]
-    assert len(errors) == 1, stderr
-    for fragment in fragments:
-        assert fragment in errors[0]
-    assert proc.stdout == b""  # nothing half-written
 
 
 def test_ask_japanese_prints_english_then_divider_then_japanese(model_args):

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import loading
 from pipeline.qa import QAResult
-from tests.test_cli import run_cli
+from cli_run import run_cli  # tests/cli_run.py
 
 
 def test_bare_command_prints_the_whole_help_and_exits_0():

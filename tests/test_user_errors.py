@@ -17,7 +17,7 @@ import torch
 
 from pipeline import cli
 from pipeline.errors import BilingualQAError, ModelLoadError
-from tests.test_cli import assert_one_line_error, run_cli
+from cli_run import assert_one_line_error, run_cli  # tests/cli_run.py
 
 QUESTION = "What is a bond?"
 

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import pytest
 
 pytest.importorskip("starlette", reason="the serve extra is not installed")
 
-from pipeline import BilingualQA, GenerationSettings  # noqa: E402
+from pipeline import BilingualQA  # noqa: E402
 from pipeline.checkpoints import build_tiny_phi2  # noqa: E402
 from pipeline.llm.answerer import Answerer  # noqa: E402
 
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-TOKENS = 16
-SETTINGS = GenerationSettings(max_new_tokens=TOKENS)
-QUESTIONS = ["金利が上昇すると、経済にどのような影響がありますか？", "What is a bond?",
-             "How do banks make money when interest rates rise?", "インフレとは何ですか？"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def comparable(result: dict) -> dict:
-    """A result without its timings (the only field that differs between two runs)."""
-    return {key: value for key, value in result.items() if key != "timings"}
+from serve_support import KEY, QUESTIONS, SETTINGS, comparable, start_server  # noqa: E402 - tests/serve/serve_support.py
 
 
 @pytest.fixture(scope="session")
@@ -50,20 +30,6 @@ def registry(qa, second_phi2_dir):
 def alone(qa):
     """Each question's result asked alone through BilingualQA.ask, without timings."""
     return {question: comparable(qa.ask(question, settings=SETTINGS).to_dict()) for question in QUESTIONS}
-
-
-def start_server(app):
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the test server did not start"
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

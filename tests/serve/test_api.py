@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tests.serve.conftest import AUTH, KEY, QUESTIONS, TOKENS, comparable
+from serve_support import AUTH, KEY, QUESTIONS, TOKENS, comparable
 
 
 def ask(client, **body):

@@ -3,7 +3,6 @@ use (openai SDK, libretranslatepy), graceful SIGTERM, and the page in headless C
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.conftest import AUTH, KEY, QUESTIONS, TOKENS, comparable, free_port
+from serve_support import AUTH, KEY, QUESTIONS, TOKENS, comparable, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,7 +154,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_page_in_headless_chromium_shows_both_answers(registry):
     sync_api = pytest.importorskip("playwright.sync_api")
     from pipeline.serve.app import create_app
-    from tests.serve.conftest import start_server
+    from serve_support import start_server
 
     server, thread, url = start_server(create_app(registry))  # no key: as on one's own machine
     try:

@@ -1,0 +1,42 @@
+"""What the server tests share besides fixtures (imported by name: pytest puts tests/serve/ on the
+path for the tests in it)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from pipeline import GenerationSettings
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+TOKENS = 16
+SETTINGS = GenerationSettings(max_new_tokens=TOKENS)
+QUESTIONS = ["金利が上昇すると、経済にどのような影響がありますか？", "What is a bond?",
+             "How do banks make money when interest rates rise?", "インフレとは何ですか？"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def comparable(result: dict) -> dict:
+    """A result without its timings (the only field that differs between two runs)."""
+    return {key: value for key, value in result.items() if key != "timings"}
+
+
+def start_server(app):
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the test server did not start"
+    return server, thread, f"http://127.0.0.1:{port}"
