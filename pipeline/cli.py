@@ -113,8 +113,6 @@ def main(ctx: click.Context) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="With --batch: the answers, one JSON object per question (.jsonl).")
 @job_options("With --batch: ", "question", jobs.ASK_CHUNK_ROWS)
-@click.option("--memory", type=click.Path(dir_okay=False), default=None,
-              help="With --batch: translation memory (SQLite file): sentences translated before, by any job, are reused.")
 @click.option("--stream", is_flag=True, help="Show the English answer as phi-2 writes it (--format text).")
 @user_errors
 def ask(question, fmt, llm, base, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
@@ -192,8 +190,6 @@ def compare(question, llms, fmt, base, ja_en, en_ja, device, dtype, mt_backend, 
 @click.option("--batch-tokens", type=click.IntRange(16), default=DEFAULT_BATCH_TOKENS, show_default=True,
               help="Token budget of one translation batch (padded).")
 @job_options("", "text", jobs.TRANSLATE_CHUNK_ROWS)
-@click.option("--memory", type=click.Path(dir_okay=False), default=None,
-              help="Translation memory (SQLite file): sentences translated before, by any job, are reused.")
 @user_errors
 def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, mt_backend, beams, batch_tokens,
               chunk_rows, workers, cluster, field, column, errors_path, restart, quiet, memory):

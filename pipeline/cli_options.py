@@ -43,9 +43,7 @@ def model_options(command):
         click.option("--beams", type=click.IntRange(1, 16), default=None,
                      help="Translation beam width [default: each model's own, 4-6 for opus-mt].")
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return with_options(options)(command)
 
 
 base_option = click.option(
@@ -68,9 +66,7 @@ def generation_options(command):
         click.option("--raw", is_flag=True,
                      help="phi-2's whole output, untrimmed (echoed question, invented follow-ups), translated."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return with_options(options)(command)
 
 
 def job_options(prefix: str, holds: str, chunk_rows: int):
@@ -94,8 +90,15 @@ def job_options(prefix: str, holds: str, chunk_rows: int):
                                "(tcp://HOST:8786) instead of a local cluster.")),
         click.option("--quiet", "-q", is_flag=True,
                      help="Only errors on stderr (and a job's one-line summary): no loading lines, bars or warnings."),
+        click.option("--memory", type=click.Path(dir_okay=False), default=None,
+                     help=lead("Translation memory (SQLite file): sentences translated before, by any job, "
+                               "are reused.")),
     ]
+    return with_options(options)
 
+
+def with_options(options: list):
+    """A decorator applying click options in the order listed (as they show in --help)."""
     def apply(command):
         for option in reversed(options):
             command = option(command)

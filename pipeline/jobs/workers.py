@@ -45,7 +45,7 @@ def _takes_progress(function) -> bool:
 
 def memory_counts(translators: list) -> tuple[int, int]:
     """(hits, misses) of the translators' memories so far; a translator not loaded yet counts none."""
-    memories = [t.memory for t in translators if t is not None and getattr(t, "memory", None) is not None]
+    memories = [translator.memory for translator in translators if translator is not None]
     return sum(m.hits for m in memories), sum(m.misses for m in memories)
 
 
