@@ -2,17 +2,22 @@
 
 Builds random-weight checkpoints at the published shapes (phi-2 2.78B, opus-mt/fugumt 6+6 layers) in
 the published formats, then in one run:
-1. the engine's own batch-64 decode throughput (FastPhiEngine.generate on 64 prompts, as llm_decode.py
-   measures it), and one question asked in-process through BilingualQA.ask (the single-client bar);
-2. `bilingual-qa serve` in a subprocess; for each client count, every client asks Japanese questions
-   one after another with `"stream": true` and 200-token answers (random weights never write
-   end-of-text), for --rounds questions each;
-3. one table: aggregate answer tokens/s, p50/p99 time to the first English token, p50/p99 whole
-   request time, the scheduler's mode, beside the engine's batch-64 figure.
+1. the engine's own batch-8 and batch-64 decode throughput (FastPhiEngine.generate on 8 and 64
+   prompts, as llm_decode.py measures it), and one question asked in-process through BilingualQA.ask
+   (the single-client bar);
+2. `bilingual-qa serve` in a subprocess (its default batching unless --batching); for each client
+   count, every client asks Japanese questions one after another with `"stream": true, "raw": true`
+   and 200-token answers (random weights never write end-of-text; raw, because a trimmed stream
+   rightly holds a line back until the answer-end rules decide it), for --rounds questions each;
+3. a mixed-length run: 64 clients, each answer's length drawn between 32 and 1,500 tokens
+   (log-uniform, seeded), --rounds questions each;
+4. one table: aggregate answer tokens/s against the engine's batch throughput, p50/p99 time to the
+   first English token, p50/p99 whole request time, the p50 of each server stage (from the
+   results' timings: where a request's time goes), then the issue's targets, met or not.
 
     python benchmarks/serve_load.py                          # published shapes, on the GPU
-    python benchmarks/serve_load.py --engine transformers    # continuous batching on transformers' model
-    python benchmarks/serve_load.py --tiny --clients 1 4     # smoke test on the CPU
+    python benchmarks/serve_load.py --batching micro         # the micro-batching scheduler instead
+    python benchmarks/serve_load.py --tiny --clients 1 4 --mixed-clients 4 --mixed-max 40   # CPU smoke test
 
 The table is also written to $OUT/serve_load.md when OUT is set (or to --out).
 """
@@ -68,8 +73,9 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(share * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def engine_batch_throughput(paths: dict[str, Path], tokens: int, rows: int, engine: str) -> tuple[float, str]:
-    """Answer tokens/s of the server's answer engine decoding `rows` prompts together, alone in-process."""
+def engine_batch_throughput(paths: dict[str, Path], tokens: int, batches: list[int], engine: str) -> tuple[dict, str]:
+    """Answer tokens/s of the server's answer engine decoding each batch of prompts together, alone
+    in-process: {rows: tokens/s}, and the engine's name."""
     import torch
 
     from pipeline.llm.answerer import Answerer
@@ -77,20 +83,22 @@ def engine_batch_throughput(paths: dict[str, Path], tokens: int, rows: int, engi
 
     answerer = Answerer.from_pretrained(str(paths["llm"]), engine=engine)
     prompt = answerer.encode("How do rising interest rates affect households and companies?", tokens)
-    prompts = [prompt] * rows
     settings = GenerationSettings(max_new_tokens=tokens)
-    answerer.engine.generate(prompts, settings)  # warm-up: cache, graphs
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    began = time.perf_counter()
-    rows_out = answerer.engine.generate(prompts, settings)
-    sync()
-    produced = sum(len(row.token_ids) for row in rows_out)
+    speeds = {}
+    for rows in batches:
+        prompts = [prompt] * rows
+        answerer.engine.generate(prompts, settings)  # warm-up: cache, graphs
+        sync()
+        began = time.perf_counter()
+        rows_out = answerer.engine.generate(prompts, settings)
+        sync()
+        speeds[rows] = sum(len(row.token_ids) for row in rows_out) / (time.perf_counter() - began)
     name = answerer.engine.name
     del answerer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return produced / (time.perf_counter() - began), name
+    return speeds, name
 
 
 def in_process_question(paths: dict[str, Path], tokens: int, engine: str, mt_backend: str) -> float:
@@ -101,7 +109,7 @@ def in_process_question(paths: dict[str, Path], tokens: int, engine: str, mt_bac
 
     qa = BilingualQA.from_pretrained(str(paths["llm"]), str(paths["ja_en"]), str(paths["en_ja"]), engine=engine,
                                      mt_backend=mt_backend)
-    settings = GenerationSettings(max_new_tokens=tokens)
+    settings = GenerationSettings(max_new_tokens=tokens, raw=True)  # as the clients ask
     qa.ask(QUESTIONS[0], settings=settings)
     times = []
     for _ in range(3):
@@ -123,8 +131,10 @@ def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "pipeline", "serve", "--port", str(port), "--llm", str(paths["llm"]),
                "--ja-en", str(paths["ja_en"]), "--en-ja", str(paths["en_ja"]), "--engine", engine,
-               "--mt-backend", mt_backend, "--max-batch", str(max_batch), "--max-queue", "4096",
-               "--batching", batching]
+               "--mt-backend", mt_backend, "--max-queue", "4096"]
+    # the server's own defaults unless asked otherwise (--max-batch 64, --batching auto)
+    command += ["--max-batch", str(max_batch)] if max_batch != 64 else []
+    command += ["--batching", batching] if batching != "auto" else []
     # The server's log goes to a file (a pipe nobody reads would fill and stall it), shown on failure.
     log = open(paths["llm"].parent / "server.log", "w")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
@@ -143,12 +153,15 @@ def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch
     raise SystemExit("the server did not load in 10 minutes")
 
 
+STAGES = ("translate_question", "answer", "translate_answer")
+
+
 async def one_request(client, url: str, question: str, tokens: int) -> dict:
     began = time.perf_counter()
     first = None
     result = None
-    async with client.stream("POST", f"{url}/v1/ask", json={"question": question, "max_new_tokens": tokens,
-                                                           "stream": True}) as response:
+    body = {"question": question, "max_new_tokens": tokens, "stream": True, "raw": True}
+    async with client.stream("POST", f"{url}/v1/ask", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {await response.aread()}")
         event = None
@@ -162,29 +175,65 @@ async def one_request(client, url: str, question: str, tokens: int) -> dict:
             elif line.startswith("data: ") and event == "error":
                 raise RuntimeError(f"the server failed the request: {line[6:]}")
     return {"ttft": first if first is not None else float("nan"), "total": time.perf_counter() - began,
-            "tokens": result["generated_tokens"]}
+            "tokens": result["generated_tokens"], "stages": {k: result["timings"].get(k, 0.0) for k in STAGES}}
 
 
-async def closed_loop(url: str, clients: int, rounds: int, tokens: int) -> dict:
+async def closed_loop(url: str, clients: int, rounds: int, lengths, warm_tokens: int, label: str) -> dict:
+    """Every client asks `rounds` questions in turn; lengths(client, round) is each answer's length."""
     import httpx
 
     samples: list[dict] = []
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_request(client, url, QUESTIONS[0], tokens)  # warm-up: graphs, caches
+    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+        await one_request(client, url, QUESTIONS[0], warm_tokens)  # warm-up: translation memory, cache width
 
         async def client_loop(index: int):
             for round_ in range(rounds):
-                samples.append(await one_request(client, url, QUESTIONS[(index + round_) % len(QUESTIONS)], tokens))
+                samples.append(await one_request(client, url, QUESTIONS[(index + round_) % len(QUESTIONS)],
+                                                 lengths(index, round_)))
 
         began = time.perf_counter()
         await asyncio.gather(*(client_loop(i) for i in range(clients)))
         wall = time.perf_counter() - began
     ttft = [s["ttft"] for s in samples]
     total = [s["total"] for s in samples]
-    return {"clients": clients, "requests": len(samples), "tokens_per_s": sum(s["tokens"] for s in samples) / wall,
+    return {"label": label, "clients": clients, "requests": len(samples),
+            "tokens_per_s": sum(s["tokens"] for s in samples) / wall,
             "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
-            "total_p50": percentile(total, 0.5), "total_p99": percentile(total, 0.99)}
+            "total_p50": percentile(total, 0.5), "total_p99": percentile(total, 0.99),
+            "stages": {k: percentile([s["stages"][k] for s in samples], 0.5) for k in STAGES}}
+
+
+def mixed_lengths(low: int, high: int, seed: int = 0):
+    """Answer lengths log-uniform in [low, high], fixed per (client, round)."""
+    import math
+    import random
+
+    def length(client: int, round_: int) -> int:
+        rng = random.Random(seed * 1_000_003 + client * 1009 + round_)
+        return int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+
+    return length
+
+
+def targets(rows: list[dict], engine: dict[int, float], alone: float) -> list[str]:
+    """The issue's targets, each with the figure measured."""
+    by = {(row["label"], row["clients"]): row for row in rows}
+    checks = []
+
+    def check(name: str, value: float, goal: float, higher: bool, unit: str):
+        met = value >= goal if higher else value <= goal
+        checks.append(f"| {name} | {value:{unit}} | {'>=' if higher else '<='} {goal:{unit}} | {'met' if met else 'NOT met'} |")
+
+    if (row := by.get(("fixed", 64))) and 64 in engine:
+        check("64 clients: share of batch-64 throughput", row["tokens_per_s"] / engine[64], 0.80, True, ".0%")
+        check("64 clients: TTFT p50 (ms)", row["ttft_p50"] * 1e3, 250, False, ",.0f")
+    if (row := by.get(("fixed", 8))) and 8 in engine:
+        check("8 clients: share of batch-8 throughput", row["tokens_per_s"] / engine[8], 0.70, True, ".0%")
+    if row := by.get(("fixed", 1)):
+        check("1 client: TTFT p50 (ms)", row["ttft_p50"] * 1e3, 100, False, ",.0f")
+        check("1 client: request p50 / in-process", row["total_p50"] / alone, 1.10, False, ".3f")
+    return ["| target | measured | goal | |", "|---|---|---|---|", *checks] if checks else []
 
 
 def main() -> None:
@@ -192,6 +241,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--rounds", type=int, default=4, help="questions each client asks in turn")
     parser.add_argument("--answer-tokens", type=int, default=200)
+    parser.add_argument("--mixed-clients", type=int, default=64, help="clients of the mixed-length run (0: none)")
+    parser.add_argument("--mixed-min", type=int, default=32)
+    parser.add_argument("--mixed-max", type=int, default=1500)
+    parser.add_argument("--mixed-rounds", type=int, default=2)
     parser.add_argument("--engine", default="auto", choices=["auto", "fast", "transformers"])
     parser.add_argument("--batching", default="auto", choices=["auto", "continuous", "micro"],
                         help="the server's --batching")
@@ -205,11 +258,18 @@ def main() -> None:
 
     root = args.models or Path(tempfile.gettempdir()) / ("serve-load-tiny" if args.tiny else "serve-load-published")
     paths = build(root, args.tiny)
-    engine_tps, engine_name = engine_batch_throughput(paths, args.answer_tokens, 64, args.engine)
+    engine_tps, engine_name = engine_batch_throughput(paths, args.answer_tokens, [8, 64], args.engine)
     alone = in_process_question(paths, args.answer_tokens, args.engine, args.mt_backend)
-    server, url = start_server(paths, args.engine, args.mt_backend, max(64, *args.clients), args.batching)
+    server, url = start_server(paths, args.engine, args.mt_backend, max(64, *args.clients, args.mixed_clients),
+                               args.batching)
+    fixed = lambda client, round_: args.answer_tokens  # noqa: E731
     try:
-        rows = [asyncio.run(closed_loop(url, clients, args.rounds, args.answer_tokens)) for clients in args.clients]
+        rows = [asyncio.run(closed_loop(url, clients, args.rounds, fixed, args.answer_tokens, "fixed"))
+                for clients in args.clients]
+        if args.mixed_clients:
+            rows.append(asyncio.run(closed_loop(url, args.mixed_clients, args.mixed_rounds,
+                                                mixed_lengths(args.mixed_min, args.mixed_max), args.mixed_max,
+                                                f"mixed {args.mixed_min}-{args.mixed_max}")))
     except RuntimeError:
         print((root / "server.log").read_text()[-4000:], file=sys.stderr)
         raise
@@ -219,15 +279,22 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     lines = [f"serve_load on {device}, torch {torch.__version__}, {datetime.date.today()};"
-             f" engine {engine_name}, batching {args.batching}, {args.answer_tokens}-token answers, {args.rounds} questions per client",
-             "", f"engine alone, batch 64 decode: {engine_tps:,.0f} answer tokens/s;"
-             f" one question in-process (BilingualQA.ask, warm): {alone:.3f} s", "",
-             "| clients | requests | answer tokens/s | share of batch-64 | TTFT p50 ms | TTFT p99 ms | request p50 s | request p99 s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f" engine {engine_name}, batching {args.batching}, raw streamed requests, {args.rounds} questions"
+             f" per client ({args.mixed_rounds} in the mixed run)", "",
+             f"engine alone: batch 8 {engine_tps[8]:,.0f}, batch 64 {engine_tps[64]:,.0f} answer tokens/s"
+             f" ({args.answer_tokens}-token answers); one question in-process (BilingualQA.ask, raw, warm):"
+             f" {alone:.3f} s", "",
+             "| answers | clients | requests | answer tokens/s | share of engine batch | TTFT p50 ms | TTFT p99 ms |"
+             " request p50 s | request p99 s | p50 s: translate question / answer / translate answer |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['clients']} | {row['requests']} | {row['tokens_per_s']:,.0f} |"
-                     f" {row['tokens_per_s'] / engine_tps:.0%} | {row['ttft_p50'] * 1e3:.0f} | {row['ttft_p99'] * 1e3:.0f} |"
-                     f" {row['total_p50']:.3f} | {row['total_p99']:.3f} |")
+        batch = min((b for b in engine_tps if b >= row["clients"]), default=64)
+        share = f"{row['tokens_per_s'] / engine_tps[batch]:.0%} of {batch}" if row["clients"] > 1 else "-"
+        stages = " / ".join(f"{row['stages'][k]:.3f}" for k in STAGES)
+        lines.append(f"| {row['label']} | {row['clients']} | {row['requests']} | {row['tokens_per_s']:,.0f} |"
+                     f" {share} | {row['ttft_p50'] * 1e3:.0f} | {row['ttft_p99'] * 1e3:.0f} |"
+                     f" {row['total_p50']:.3f} | {row['total_p99']:.3f} | {stages} |")
+    lines += ["", *targets(rows, engine_tps, alone)]
     table = "\n".join(lines)
     print(table)
     out = args.out or (Path(os.environ["OUT"]) / "serve_load.md" if os.environ.get("OUT") else None)

@@ -233,7 +233,7 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
               help="Largest request body in bytes (413 above).")
 @click.option("--batching", type=click.Choice(BATCHING_CHOICES), default="auto", show_default=True,
               help="continuous: questions join the decoding batch at the next step; micro: each generate call "
-                   "takes the questions waiting (auto: continuous on --engine transformers, micro on fast).")
+                   "takes the questions waiting (auto: continuous on both engines).")
 @user_errors
 def serve(host, port, llms, ja_en, en_ja, device, dtype, mt_backend, beams, engine, api_key, max_queue, max_batch,
           max_body, batching):

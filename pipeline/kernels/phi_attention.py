@@ -1,7 +1,9 @@
 """Decode attention for phi-2 in Triton: each row's one query against its valid cache columns.
 
-Rows are left-padded, so row b's valid keys are cache columns start[b]..col, and the kernels read
-only those, where scaled_dot_product_attention would read the whole cache under a mask. The engine's
+Row b's valid keys are cache columns start[b]..col[b], and the kernels read only those, where
+scaled_dot_product_attention would read the whole cache under a mask (and attention over a cache
+reads slower the more unused columns it spans). `col` is one column for every row (`generate`'s
+left-padded batch: shape [1]) or one per row (the continuous batch's slots, fast_batch.py: [B]). The engine's
 form (`AttentionConfig("dot")`, one split, rope inside) is one kernel per layer that also applies the
 rotary embedding to the step's query and key and writes the key and value to the cache. The other
 forms are the tuner's alternatives, reachable only through an AttentionConfig or the `rope_inside`
@@ -85,7 +87,12 @@ class StepColumns(Protocol):
 
     positions: torch.Tensor  # [B] long: each row's rotary position
     starts: torch.Tensor  # [B] long: each row's first valid cache column
-    col: torch.Tensor  # [1] long: the column this step writes
+    col: torch.Tensor  # [1] or [B] long: the column this step writes (shared, or each row's own)
+
+
+def col_stride(col: torch.Tensor) -> int:
+    """0 where every row writes the same column (col has one element), else 1 (one per row)."""
+    return 0 if col.numel() == 1 else 1
 
 
 def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -113,7 +120,7 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
     if config.kernel == "dot" and splits == 1 and rope_inside:
         _rope_attn_kernel[(batch * heads,)](
             qkv, k_cache, v_cache, cos, sin, s.positions, s.starts, s.col, out, qkv.stride(0), *cache_strides,
-            1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, HEADS=heads, HEAD_DIM=head_dim,
+            1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, COL_STRIDE=col_stride(s.col), HEADS=heads, HEAD_DIM=head_dim,
             ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
             STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None,
             BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1), **pdl_options(pdl))
@@ -126,7 +133,7 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
     kernel[(batch * heads, splits)](
         q, k_cache, v_cache, s.starts, s.col, partial, m, l, out,
         *cache_strides, 1.0 / math.sqrt(head_dim), splits,
-        out.stride(0), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1, BLOCK_N=config.block_n, D0=d0,
+        out.stride(0), COL_STRIDE=col_stride(s.col), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1, BLOCK_N=config.block_n, D0=d0,
         D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages, num_warps=config.warps, PRECISION=precision,
         num_stages=max(config.stages, 1),
     )
@@ -143,10 +150,10 @@ if triton is not None:
     from pipeline.kernels.phi_rope import gelu_share, rotated
 
     @triton.jit
-    def _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N: tl.constexpr):
+    def _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N: tl.constexpr, COL_STRIDE: tl.constexpr):
         """Cache columns [lo, hi) of row b that split `split` of n_splits reads (whole tiles each)."""
         start = tl.load(starts_ptr + b)
-        end = tl.load(col_ptr) + 1
+        end = tl.load(col_ptr + b * COL_STRIDE) + 1
         chunk = tl.cdiv(tl.cdiv(end - start, n_splits), BLOCK_N) * BLOCK_N
         lo = start + split * chunk
         return lo, tl.minimum(lo + chunk, end)
@@ -154,7 +161,7 @@ if triton is not None:
     @triton.jit
     def _attn_sum_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
                          stride_cb, stride_ch, stride_cs, scale, n_splits, stride_out,
-                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
+                         COL_STRIDE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
                          BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
                          STAGES: tl.constexpr, PRECISION: tl.constexpr):
         """Attention of one query over its columns on CUDA cores; head read as D0 (+ D1) columns."""
@@ -162,7 +169,7 @@ if triton is not None:
         split = tl.program_id(1)
         b = bh // HEADS
         h = bh % HEADS
-        lo, hi = _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N)
+        lo, hi = _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N, COL_STRIDE)
         d0 = tl.arange(0, D0)
         d1 = D0 + tl.arange(0, D1)
         valid0 = d0 < HEAD_DIM  # all true unless the head is one padded tile
@@ -274,7 +281,7 @@ if triton is not None:
     @triton.jit
     def _attn_dot_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
                          stride_cb, stride_ch, stride_cs, scale, n_splits, stride_out,
-                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
+                         COL_STRIDE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
                          BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
                          STAGES: tl.constexpr, PRECISION: tl.constexpr):
         """As _attn_sum_kernel on tensor cores (_attn_dot_loop)."""
@@ -282,7 +289,7 @@ if triton is not None:
         split = tl.program_id(1)
         b = bh // HEADS
         h = bh % HEADS
-        lo, hi = _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N)
+        lo, hi = _split_columns(starts_ptr, col_ptr, b, split, n_splits, BLOCK_N, COL_STRIDE)
         d0 = tl.arange(0, D0)
         d1 = D0 + tl.arange(0, D1)
         q0 = tl.load(q_ptr + bh * HEAD_DIM + d0, mask=d0 < HEAD_DIM, other=0.0)
@@ -296,7 +303,7 @@ if triton is not None:
     @triton.jit
     def _rope_attn_kernel(qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, starts_ptr, col_ptr, out_ptr,
                           stride_qkv, stride_cb, stride_ch, stride_cs, scale, stride_out,
-                          g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head,
+                          g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head, COL_STRIDE: tl.constexpr,
                           HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr,
                           D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
                           PRECISION: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -315,7 +322,7 @@ if triton is not None:
             gelu_share(g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head, b, h, BLOCK_G)
         dtype = k_ptr.dtype.element_ty
         pos = tl.load(pos_ptr + b)
-        col = tl.load(col_ptr)
+        col = tl.load(col_ptr + b * COL_STRIDE)
         d0 = tl.arange(0, D0)
         d1 = D0 + tl.arange(0, D1)
         valid0 = d0 < HEAD_DIM

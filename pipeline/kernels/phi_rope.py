@@ -39,7 +39,8 @@ def rope_and_cache_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Rotary and cache write for `tokens` consecutive tokens per batch row.
 
     qkv [batch * tokens, >= 3 * hidden] (rows may be strided), positions [batch * tokens] (each
-    token's rotary position); token t of row b goes to cache column col + t. Returns the rotated
+    token's rotary position); token t of row b goes to cache column col + t, where col has one
+    element (every row's) or one per batch row. Returns the rotated
     queries, [batch, heads, tokens, head_dim]. gelu=(src, dst): also dst = gelu_new(src), row by row.
     """
     heads, head_dim = w.heads, w.head_dim
@@ -47,7 +48,7 @@ def rope_and_cache_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     gelu_args, block_g = gelu_share_args(gelu, qkv, heads)
     _rope_write_kernel[(qkv.shape[0], heads)](
         qkv, q, k_cache, v_cache, cos, sin, positions, col, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), tokens, *gelu_args, HEADS=heads, HEAD_DIM=head_dim, ROT=w.rotary_dim,
+        k_cache.stride(2), tokens, *gelu_args, COL_STRIDE=0 if col.numel() == 1 else 1, HEADS=heads, HEAD_DIM=head_dim, ROT=w.rotary_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), HAS_GELU=gelu is not None, BLOCK_G=block_g, num_warps=warps,
     )
     return q
@@ -87,7 +88,7 @@ if triton is not None:
     def _rope_write_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, col_ptr,
                            stride_qkv, stride_cb, stride_ch, stride_cs, tokens,
                            g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head,
-                           HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
+                           COL_STRIDE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
                            BLOCK_D: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr):
         """One head of one token: rotary on q (to q, [batch, heads, tokens, head_dim]) and k, k and v
         into cache column col + (the token's place in its row), optionally the MLP's GELU share."""
@@ -105,7 +106,7 @@ if triton is not None:
         k = rotated(base + HEADS * HEAD_DIM, d, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM)
         v = tl.load(base + 2 * HEADS * HEAD_DIM + d, mask=valid, other=0.0)
         tl.store(q_ptr + ((b * HEADS + h) * tokens + t) * HEAD_DIM + d, q.to(q_ptr.dtype.element_ty), mask=valid)
-        col = tl.load(col_ptr) + t
+        col = tl.load(col_ptr + b * COL_STRIDE) + t
         dst = b * stride_cb + h * stride_ch + col * stride_cs + d
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=valid)
         tl.store(v_cache_ptr + dst, v, mask=valid)

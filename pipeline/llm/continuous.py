@@ -4,10 +4,15 @@
 others are being answered waits for the whole batch. A `DecodeBatch` instead lets the server add a
 row (prefilled alone, then decoded with the others) and drop a finished or abandoned row at once.
 
-The contract is three calls, all from one thread:
-- `add(prompt, settings) -> (row, first_token)`: prefill one prompt, return its row key and first token;
-- `step() -> {row: token}`: one decode step for every live row, feeding each the token it last returned;
-- `drop(row)`: forget a row (its cache columns are freed).
+The contract, all from one thread:
+- `room() -> int`: how many rows may join now (a request waits while there is none);
+- `check(prompt, settings)`: raise for a request that can never fit (InputTooLongError names the limit);
+- `add([(prompt, settings), ...]) -> [(row, first_token), ...]`: prefill prompts (together where the
+  engine can), return each one's row key and first token;
+- `step() -> {row: token}`: one decode step for every live row, feeding each the token it last
+  returned; an engine may hand a step's tokens back from the next call (the GPU runs on meanwhile);
+- `drop(row)`: forget a row (its cache columns are freed);
+- `warm()`: allocate and compile now, before the first request.
 
 `TransformersDecodeBatch` implements it for any transformers causal LM on any device: a manual decode
 loop over a DynamicCache whose rows are left-padded to a shared column count, each row with its own
@@ -25,19 +30,26 @@ from typing import Protocol
 
 import torch
 
+from pipeline.errors import InputTooLongError
 from pipeline.llm.engine import GenerationSettings
 
 
 class DecodeBatch(Protocol):
     max_rows: int
 
-    def add(self, prompt: list[int], settings: GenerationSettings) -> tuple[int, int]: ...
+    def room(self) -> int: ...
+
+    def check(self, prompt: list[int], settings: GenerationSettings) -> None: ...
+
+    def add(self, requests: list[tuple[list[int], GenerationSettings]]) -> list[tuple[int, int]]: ...
 
     def step(self) -> dict[int, int]: ...
 
     def drop(self, row: int) -> None: ...
 
     def __len__(self) -> int: ...
+
+    def warm(self) -> None: ...
 
 
 BATCHING_CHOICES = ("auto", "continuous", "micro")
@@ -46,14 +58,14 @@ BATCHING_CHOICES = ("auto", "continuous", "micro")
 def open_decode_batch(engine, max_rows: int = 64, batching: str = "auto") -> DecodeBatch | None:
     """A decode batch on `engine`'s model, or None for micro-batching (whole `generate` calls).
 
-    `auto`: continuous on transformers' engine; on the fast engine micro-batching, whose GPU figures
-    are measured, until its own continuous batch (fast_batch.py, tested on the CPU) is measured too.
+    `auto` and `continuous`: continuous batching where the engine can step (the fast engine's
+    slots, fast_batch.py; transformers' models here); `micro`: whole `generate` calls.
     """
     if batching == "micro":
         return None
     opener = getattr(engine, "decode_batch", None)
     if opener is not None:  # an engine with its own step-wise implementation
-        return opener(max_rows) if batching == "continuous" else None
+        return opener(max_rows)
     if getattr(engine, "name", "") == "transformers":
         return TransformersDecodeBatch(engine.model, max_rows)
     return None
@@ -99,12 +111,33 @@ class TransformersDecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def room(self) -> int:
+        return self.max_rows - len(self.rows)
+
+    def check(self, prompt: list[int], settings: GenerationSettings) -> None:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if not prompt:
+            raise ValueError("every prompt needs at least one token")
+        if limit is not None and len(prompt) + settings.max_new_tokens > limit:
+            raise InputTooLongError(
+                f"the prompt has {len(prompt)} tokens and the answer may take {settings.max_new_tokens};"
+                f" the answer model holds at most {limit} tokens in all")
+
+    def warm(self) -> None:
+        pass
+
+    def add(self, requests: list[tuple[list[int], GenerationSettings]]) -> list[tuple[int, int]]:
+        """One prefill per prompt, each merged into the shared DynamicCache in turn."""
+        for prompt, settings in requests:
+            self.check(prompt, settings)
+        if len(requests) > self.room():
+            raise RuntimeError(f"the decode batch has room for {self.room()} more rows, not {len(requests)}")
+        return [self._add(prompt, settings) for prompt, settings in requests]
+
     @torch.inference_mode()
-    def add(self, prompt: list[int], settings: GenerationSettings) -> tuple[int, int]:
+    def _add(self, prompt: list[int], settings: GenerationSettings) -> tuple[int, int]:
         from transformers import DynamicCache
 
-        if len(self.rows) >= self.max_rows:
-            raise RuntimeError(f"the decode batch is full ({self.max_rows} rows)")
         ids = torch.tensor([prompt], device=self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache},

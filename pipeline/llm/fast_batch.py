@@ -1,13 +1,25 @@
 """Continuous batching on FastPhiEngine's static cache and CUDA graphs (the DecodeBatch contract of
-continuous.py), so a question that reaches the server joins the rows being decoded at the next step.
+continuous.py): a question that reaches the server joins the rows being decoded at the next step.
 
-Every row of the cache shares one column counter, as in `generate`: a step writes each row's token at
-column `col` and attends from the row's own `starts` to `col`. A row joins by a prefill of its prompt
-alone, whose keys and values are copied to the columns just left of `col` (rotary positions go with
-the token, not the column, so the copy is exact); a prompt longer than `col` first moves the live
-columns right. When `col` reaches the end of the cache, the live columns move left to column 0.
-Rows are given the lowest free index, and a step runs the graph of the smallest batch bucket that
-holds the highest live row: one client alone decodes in the one-row graph.
+Each row of the engine's cache is a slot of its own length, as llama.cpp's server slots are: a step
+writes row b's token at its own column col[b] and attends over start[b]..col[b] (the attention kernel
+reads only those columns, whatever the others hold). So a long answer never pins a short one, a row
+frees its slot the moment it leaves, and the captured graph of a batch bucket serves any mix of
+lengths (it reads the columns from a tensor, as gpt-fast's decode step does). Slots rather than
+vLLM's paged blocks: phi-2's context is 2,048 tokens and a server runs 64 rows, so a full-context
+slot per row fits an H100/H200 beside the models (40 GiB in float16), and the kernels, prefill and
+graphs stay those `generate` uses, with no block table to read per tile.
+
+`SlotCache` owns the room: which slots are free and how many columns they have. Admission asks it
+(`room()`, `limit`): a request waits while no slot is free and is refused only when prompt + answer
+exceed the model's context. The cache starts with the columns short answers need and doubles, up to
+the context, when a longer request joins (attention reads a cache slower the wider it is, even
+columns it skips); its rows are what fits the memory left after the models at full width.
+
+Prompts that arrive together are prefilled together (left-padded, as `generate` does; each row's
+start is its first real column). A step runs the graph of the smallest bucket holding the highest
+live slot, feeds greedy rows their argmax on the device, and hands the host its tokens one step
+late: the GPU computes the next step while the server delivers this one's tokens.
 """
 
 from __future__ import annotations
@@ -18,109 +30,283 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import InputTooLongError
 from pipeline.llm.continuous import select_token
 from pipeline.llm.engine import GenerationSettings, non_finite_error
+from pipeline.llm.memory import CACHE_FIT_SHARE, rows_that_fit
 from pipeline.llm.phi_model import prefill
 
-CACHE_COLUMNS = 1024  # columns of the shared cache: prompt and answer of every live row fit in it
+FIRST_COLUMNS = 512  # columns the cache starts with (a short prompt and a few hundred answer tokens)
+PREFILL_TOKENS = 8192  # padded tokens per prefill group (its keys and values pass through a scratch cache)
+GROWTH_PEAK = 1.5  # while the cache doubles to its full width, old and new exist at once
+
+
+class SlotCache:
+    """The slots of the engine's cache: which are free, and the columns every slot has now and may reach."""
+
+    def __init__(self, rows: int, columns: int, limit: int):
+        self.rows = rows
+        self.columns = columns  # now
+        self.limit = limit  # at most: the model's context
+        self._free = list(range(rows))
+
+    def room(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int:
+        """The lowest free slot (so a small batch runs in a small graph bucket)."""
+        self._free.sort()
+        return self._free.pop(0)
+
+    def give(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def reset(self) -> None:
+        self._free = list(range(self.rows))
+
+    def width_for(self, need: int) -> int:
+        """Columns the cache needs for a row of `need` columns: now's, or double until it fits."""
+        columns = self.columns
+        while columns < need:
+            columns *= 2
+        return min(columns, self.limit)
 
 
 @dataclass
 class _Live:
-    row: int  # its row of the engine's cache
+    row: int  # its slot
     settings: GenerationSettings
     generator: torch.Generator | None  # for sampling
+    column: int  # the column its next step writes (the host's copy of col[row])
+
+
+@dataclass
+class _Launched:
+    """A step whose tokens are on their way to the host."""
+
+    rows: dict[int, int]  # key -> slot, of the rows it stepped
+    tokens: torch.Tensor
+    values: torch.Tensor  # each row's top logit: non-finite once the model overflowed
+    event: torch.cuda.Event | None
+    logits: torch.Tensor  # the step's (a graph's output: valid until its next replay)
 
 
 class FastDecodeBatch:
-    def __init__(self, engine, max_rows: int = 64, columns: int = CACHE_COLUMNS):
+    def __init__(self, engine, max_rows: int = 64, columns: int = FIRST_COLUMNS, bucket: int | None = None):
+        """bucket: run every step in the graph of this many rows (tests compare rows at one shape)."""
         self.engine = engine
-        columns = min(columns, engine.max_seq_len)
-        self.max_rows = engine._rows_for(min(max_rows, engine.max_batch_size), columns)
-        engine._ensure_cache(engine._bucket(self.max_rows), columns)
-        self.columns = min(columns, engine._k_cache.shape[3])  # the cache may hold more, from generate
-        self.col = 0  # the host's copy of the shared column
+        limit = engine.max_seq_len
+        rows = self._rows_that_fit(min(max_rows, engine.max_batch_size), limit)
+        self.max_rows = rows
+        self.bucket = bucket
+        self.slots = SlotCache(rows, min(columns, limit), limit)
+        self.limit = limit
         self.rows: dict[int, _Live] = {}  # by the key add() returned
-        self._free = torch.ones(engine.max_batch_size, dtype=torch.bool, device=engine.device)
         self._keys = itertools.count()
+        self._pending: _Launched | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def room(self) -> int:
+        """Rows that can join now."""
+        return self.slots.room()
+
+    def check(self, prompt: list[int], settings: GenerationSettings) -> None:
+        """Raise for a request that can never fit a slot (prompt + answer past the model's context)."""
+        if not prompt:
+            raise ValueError("every prompt needs at least one token")
+        if len(prompt) + settings.max_new_tokens > self.limit:
+            raise InputTooLongError(
+                f"the prompt has {len(prompt)} tokens and the answer may take {settings.max_new_tokens};"
+                f" the answer model holds at most {self.limit} tokens in all")
+
     @torch.inference_mode()
-    def add(self, prompt: list[int], settings: GenerationSettings) -> tuple[int, int]:
-        engine, length = self.engine, len(prompt)
-        if len(self.rows) >= self.max_rows:
-            raise RuntimeError(f"the decode batch is full ({self.max_rows} rows)")
-        if not prompt or length >= self.columns:
-            raise ValueError(f"a prompt needs 1 to {self.columns - 1} tokens, not {length}")
+    def warm(self) -> None:
+        """Allocate the cache and capture every bucket's graph now, not when the first request needs it."""
+        self._begin()
+        if self.engine.use_graphs:
+            for bucket in self._buckets():
+                self._graph(bucket)
+        self._end()
+
+    @torch.inference_mode()
+    def add(self, requests: list[tuple[list[int], GenerationSettings]]) -> list[tuple[int, int]]:
+        """Prefill these prompts (together where they fit one group) into free slots; (key, first token) each."""
+        for prompt, settings in requests:
+            self.check(prompt, settings)
+        if len(requests) > self.room():
+            raise RuntimeError(f"the decode batch has room for {self.room()} more rows, not {len(requests)}")
         if not self.rows:
             self._begin()
-        row = min(set(range(self.max_rows)) - {live.row for live in self.rows.values()})
-        if self.col >= self.columns:
-            self._compact()
-        if length > self.col:
-            self._shift(length - self.col)
-        logits = self._prefill_row(prompt, row)
-        generator = None
-        if not settings.greedy:
-            generator = torch.Generator(device="cpu").manual_seed(
-                settings.seed if settings.seed is not None else int(torch.randint(0, 2**31, ())))
-        first = self._choose(logits[0], settings, generator)
-        engine._tokens[row] = first
-        engine._positions[row] = length
-        engine._starts[row] = self.col - length
-        self._free[row] = False
-        key = next(self._keys)
-        self.rows[key] = _Live(row, settings, generator)
-        return key, first
+        out: list[tuple[int, int] | None] = [None] * len(requests)
+        for group in self._groups(requests):
+            for index, key_first in zip(group, self._add_group([requests[i] for i in group])):
+                out[index] = key_first
+        return out
 
     @torch.inference_mode()
     def step(self) -> dict[int, int]:
+        """One decode step for every live row; returns {key: token} of the step the host has now.
+
+        With only greedy rows the tokens are those of the step before (this one runs meanwhile);
+        with a sampling row the step waits for its own tokens. A row dropped meanwhile gets none.
+        """
+        sampling = any(not live.settings.greedy for live in self.rows.values())
+        if self._pending is not None and (sampling or not self.rows):
+            return self._read(self._take_pending())
         if not self.rows:
             return {}
-        engine = self.engine
-        if self.col >= self.columns:
-            self._compact()
-        bucket = engine._bucket(max(live.row for live in self.rows.values()) + 1)
-        engine._starts[:bucket].masked_fill_(self._free[:bucket], self.col)  # free rows: one column each
-        if engine.use_graphs:
-            graph, logits = self._graph(bucket)
-            graph.replay()
-        else:
-            logits = engine._step(engine._state(bucket), bucket, kv_len=self.col + 1)
-        self.col += 1
-        # Free rows step too; their positions must stay inside the rotary tables.
-        engine._positions.clamp_(max=engine.max_seq_len - 1)
-        values, greedy = torch.max(logits, -1)
-        values, greedy_ids = values.tolist(), greedy.tolist()  # the step's one wait for the GPU
-        chosen = {}
-        for key, live in self.rows.items():
-            if not math.isfinite(values[live.row]):
-                raise non_finite_error(engine.weights.dtype)
-            chosen[key] = (greedy_ids[live.row] if live.settings.greedy
-                           else self._choose(logits[live.row], live.settings, live.generator))
-        if all(live.settings.greedy for live in self.rows.values()):
-            engine._tokens[:bucket].copy_(greedy)
-        else:
-            for key, live in self.rows.items():
-                engine._tokens[live.row] = chosen[key]
-        return chosen
+        launched = self._launch()
+        if sampling:
+            return self._read(launched, sample=True)
+        previous, self._pending = self._pending, launched
+        return self._read(previous) if previous is not None else {}
 
     def drop(self, key: int) -> None:
         live = self.rows.pop(key, None)
         if live is None:
             return
-        self._free[live.row] = True  # from the next step it attends only to its own column
+        engine, row = self.engine, live.row
+        # From the next step the slot stays at its column 0 and attends only to it.
+        engine._advance[row] = 0
+        engine._col[row] = 0
+        engine._starts[row] = 0
+        engine._positions[row] = 0
+        self.slots.give(row)
         if not self.rows:
-            self.engine._busy = False
+            self._end()
+
+    # ---- joining -----------------------------------------------------------------------------------
+
+    def _groups(self, requests) -> list[list[int]]:
+        """Request indices in prefill groups: by length, each group's padded width fitting every row."""
+        order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
+        groups: list[list[int]] = []
+        for index in order:
+            length = len(requests[index][0])
+            group = groups[-1] if groups else None
+            if group is not None:
+                # sorted: this prompt is the group's longest, so its length is the group's width
+                fits = all(length + requests[i][1].max_new_tokens <= self.limit for i in group)
+                if fits and length * (len(group) + 1) <= PREFILL_TOKENS:
+                    group.append(index)
+                    continue
+            groups.append([index])
+        return groups
+
+    def _add_group(self, group) -> list[tuple[int, int]]:
+        engine = self.engine
+        width = max(len(prompt) for prompt, _ in group)
+        need = max(width + settings.max_new_tokens for _, settings in group)
+        if need > self.slots.columns:
+            self._grow(self.slots.width_for(need))
+        slots = [self.slots.take() for _ in group]
+        logits = self._prefill([prompt for prompt, _ in group], width, slots)
+        firsts = []
+        generators = []
+        for index, (prompt, settings) in enumerate(group):
+            generator = None
+            if not settings.greedy:
+                generator = torch.Generator(device="cpu").manual_seed(
+                    settings.seed if settings.seed is not None else int(torch.randint(0, 2**31, ())))
+            generators.append(generator)
+            firsts.append(None if settings.greedy else self._choose(logits[index], settings, generator))
+        values, greedy = torch.max(logits, -1)
+        values, greedy = values.tolist(), greedy.tolist()  # the join's one wait for the GPU
+        out = []
+        for index, (prompt, settings) in enumerate(group):
+            if not math.isfinite(values[index]):
+                raise non_finite_error(engine.weights.dtype)
+            first = greedy[index] if firsts[index] is None else firsts[index]
+            key = next(self._keys)
+            self.rows[key] = _Live(slots[index], settings, generators[index], width)
+            out.append((key, first))
+        self._join(slots, [first for _, first in out], [width - len(prompt) for prompt, _ in group], width)
+        return out
+
+    def _join(self, slots: list[int], firsts: list[int], starts: list[int], width: int) -> None:
+        """Each new row's step inputs, one write per tensor for the group (a per-row attribute of the
+        step, such as an adapter index, is written here too)."""
+        engine = self.engine
+        index = torch.tensor(slots, dtype=torch.long, device=engine.device)
+        start = torch.tensor(starts, dtype=torch.long, device=engine.device)
+        engine._tokens[index] = torch.tensor(firsts, dtype=torch.long, device=engine.device)
+        engine._starts[index] = start
+        engine._col[index] = width
+        engine._positions[index] = width - start
+        engine._advance[index] = 1
+
+    def _prefill(self, prompts: list[list[int]], width: int, slots: list[int]) -> torch.Tensor:
+        """The prompts' keys and values into their slots' columns 0..width-1 (left-padded); last logits."""
+        engine, w = self.engine, self.engine.weights
+        shape = (len(w.layers), len(prompts), w.heads, width, w.head_dim)
+        keys = torch.zeros(shape, dtype=w.dtype, device=engine.device)
+        values = torch.zeros_like(keys)
+        ids = torch.full((len(prompts), width), engine.eos_token_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+        ids = ids.to(engine.device)
+        starts = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=engine.device)
+        logits = prefill(w, ids, starts, keys, values, engine.cos, engine.sin, engine.use_triton, engine.config)
+        index = torch.tensor(slots, dtype=torch.long, device=engine.device)
+        engine._k_cache[:, :, :, :width].index_copy_(1, index, keys)
+        engine._v_cache[:, :, :, :width].index_copy_(1, index, values)
+        return logits
+
+    # ---- stepping ----------------------------------------------------------------------------------
+
+    def _launch(self) -> _Launched:
+        engine = self.engine
+        bucket = self.bucket or engine._bucket(max(live.row for live in self.rows.values()) + 1)
+        if engine.use_graphs:
+            graph, logits = self._graph(bucket)
+            graph.replay()
+        else:
+            kv_len = min(max(live.column for live in self.rows.values()) + 1, self.slots.columns)
+            logits = engine._step(engine._state(bucket), bucket, kv_len=kv_len)
+        values, tokens = torch.max(logits, -1)
+        engine._tokens[:bucket].copy_(tokens)  # greedy rows feed themselves; sampling rows are overwritten
+        rows = {}
+        for key, live in self.rows.items():
+            rows[key] = live.row
+            live.column = min(live.column + 1, self.slots.columns - 1)
+        event = None
+        if tokens.device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                    for t in (tokens, values)]
+            event = torch.cuda.Event()
+            event.record()
+            tokens, values = host
+        return _Launched(rows, tokens, values, event, logits)
+
+    def _take_pending(self) -> _Launched:
+        launched, self._pending = self._pending, None
+        return launched
+
+    def _read(self, launched: _Launched, sample: bool = False) -> dict[int, int]:
+        if launched.event is not None:
+            launched.event.synchronize()
+        tokens, values = launched.tokens.tolist(), launched.values.tolist()
+        chosen = {}
+        for key, row in launched.rows.items():
+            live = self.rows.get(key)
+            if live is None:  # dropped since: its token is nobody's
+                continue
+            if not math.isfinite(values[row]):
+                raise non_finite_error(self.engine.weights.dtype)
+            chosen[key] = tokens[row]
+            if sample and not live.settings.greedy:
+                chosen[key] = self._choose(launched.logits[row], live.settings, live.generator)
+                self.engine._tokens[row] = chosen[key]
+        return chosen
 
     def _graph(self, bucket: int):
         """The engine's captured step for `bucket` rows. Capturing resets the step's inputs and writes
         cache columns 0 and 1 of every row (its warm-up runs): live rows get them back."""
         engine = self.engine
         if bucket not in engine._graphs:
-            inputs = (engine._col, engine._positions, engine._starts, engine._tokens)
+            inputs = (engine._col, engine._positions, engine._starts, engine._tokens, engine._advance)
             saved = [tensor.clone() for tensor in inputs]
             columns = [cache[:, :, :, :2].clone() for cache in (engine._k_cache, engine._v_cache)]
             engine._graph_for(bucket)
@@ -130,61 +316,58 @@ class FastDecodeBatch:
                 cache[:, :, :, :2] = value
         return engine._graphs[bucket]
 
-    # ---- the shared columns ----------------------------------------------------------------------
+    def _buckets(self) -> list[int]:
+        if self.bucket:
+            return [self.bucket]
+        return sorted({self.engine._bucket(rows) for rows in range(1, self.max_rows + 1)})
+
+    # ---- the cache ---------------------------------------------------------------------------------
+
+    def _rows_that_fit(self, wanted: int, limit: int) -> int:
+        """Slots whose full-context cache fits the memory left after the models (growth's peak included)."""
+        engine, w = self.engine, self.engine.weights
+        per_row = 2 * len(w.layers) * w.heads * w.head_dim * w.embed.element_size() * limit * GROWTH_PEAK
+        budget = engine._cache_budget(CACHE_FIT_SHARE) if engine.device.type == "cuda" else float("inf")
+        return rows_that_fit(wanted, int(per_row), budget)
 
     def _begin(self) -> None:
+        """Take the engine (and its cache) for the batch: the first row joins an empty batch."""
         engine = self.engine
         if engine._busy:
             raise RuntimeError("FastPhiEngine serves one generate/stream call or decode batch at a time")
         engine._busy = True
-        self.col = 0
-        engine._col.fill_(0)
-        engine._starts.fill_(0)
-        engine._positions.fill_(0)
+        rows = self.bucket or engine._bucket(self.max_rows)
+        engine._ensure_cache(rows, self.slots.columns)  # generate may have reshaped it meanwhile
+        self.slots.columns = min(engine._k_cache.shape[3], self.limit)
+        self.slots.reset()
+        for tensor in (engine._col, engine._starts, engine._positions, engine._advance):
+            tensor.zero_()
         engine._tokens.fill_(engine.eos_token_id)
+        self._pending = None
 
-    def _prefill_row(self, prompt: list[int], row: int) -> torch.Tensor:
-        """The prompt's keys and values into `row`, columns col - len .. col - 1; its last logits."""
-        engine, w, length = self.engine, self.engine.weights, len(prompt)
-        shape = (len(w.layers), 1, w.heads, length, w.head_dim)
-        keys = torch.zeros(shape, dtype=w.dtype, device=engine.device)
-        values = torch.zeros_like(keys)
-        ids = torch.tensor([prompt], dtype=torch.long, device=engine.device)
-        starts = torch.zeros(1, dtype=torch.long, device=engine.device)
-        logits = prefill(w, ids, starts, keys, values, engine.cos, engine.sin, engine.use_triton, engine.config)
-        engine._k_cache[:, row, :, self.col - length:self.col] = keys[:, 0]
-        engine._v_cache[:, row, :, self.col - length:self.col] = values[:, 0]
-        return logits
+    def _end(self) -> None:
+        self.engine._busy = False
+        self._pending = None
 
-    def _shift(self, by: int) -> None:
-        """Move every row's columns right by `by` (a new prompt is longer than the shared column)."""
-        if self.col + by > self.columns and self._first_live_column() > 0:
-            self._compact()
-        if self.col + by > self.columns:
-            raise RuntimeError("the decode batch's cache has no room for this prompt now")
-        self._move(0, self.col, by)
-
-    def _compact(self) -> None:
-        """Move the live columns to the left edge (the shared column reached the cache's end)."""
-        first = self._first_live_column()
-        if first == 0:
-            raise RuntimeError("a row of the decode batch has used every column of the cache")
-        self._move(first, self.col, -first)
-
-    def _first_live_column(self) -> int:
-        if not self.rows:
-            return self.col
-        live = ~self._free[:self.max_rows]
-        return int(self.engine._starts[:self.max_rows][live].min())
-
-    def _move(self, first: int, end: int, by: int) -> None:
-        """Columns first..end-1 of every row to first+by..end-1+by; starts and the column follow."""
+    def _grow(self, columns: int) -> None:
+        """Widen every slot to `columns` (a longer request joins); live rows keep their columns. The
+        graphs hold the old cache's address: they are captured again as buckets are next used."""
         engine = self.engine
-        for cache in (engine._k_cache, engine._v_cache):
-            cache[:, :, :, first + by:end + by] = cache[:, :, :, first:end].clone()
-        engine._starts.add_(by).clamp_(min=0)
-        self.col += by
-        engine._col.fill_(self.col)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)  # no step of the old graphs may still be running
+        old = (engine._k_cache, engine._v_cache)
+        shape = list(old[0].shape)
+        shape[3] = columns
+        grown = []
+        for cache in old:
+            new = torch.zeros(shape, dtype=cache.dtype, device=cache.device)
+            new[:, :, :, :cache.shape[3]] = cache
+            grown.append(new)
+        engine._graphs.clear()
+        engine._pool = torch.cuda.graph_pool_handle() if engine.use_graphs else None
+        engine._k_cache, engine._v_cache = grown
+        del old
+        self.slots.columns = columns
 
     @staticmethod
     def _choose(logits: torch.Tensor, settings: GenerationSettings, generator) -> int:

@@ -94,7 +94,10 @@ class FastPhiEngine:
         self._tokens = torch.zeros(max_batch_size, **long)
         self._positions = torch.zeros(max_batch_size, **long)
         self._starts = torch.zeros(max_batch_size, **long)
-        self._col = torch.zeros(1, **long)
+        self._col = torch.zeros(max_batch_size, **long)  # each row's column (generate: all the same)
+        # What a step adds to each row's column and position: 1, or 0 for a free slot of the
+        # continuous batch (fast_batch.py), which then stays at its column 0.
+        self._advance = torch.ones(max_batch_size, **long)
         # Per row, the sum of the chosen tokens' logits: NaN or inf once any of them was (checked on the
         # host with each chunk of tokens, no extra sync).
         self._check = torch.zeros(max_batch_size, dtype=torch.float32, device=self.device)
@@ -247,11 +250,15 @@ class FastPhiEngine:
         return host, host_check, event
 
     def _step(self, state: DecodeState, rows: int, kv_len: int | None = None) -> torch.Tensor:
-        """One decode step, then move to the next column (inside the graph when captured)."""
+        """One decode step, then move each row to its next column (inside the graph when captured).
+
+        The clamps keep a row that stepped past its end (the continuous batch learns of an end one
+        step late) inside the cache and the rotary tables; such a row's tokens are discarded."""
         logits = decode_step(self.weights, state, self.cos, self.sin, use_triton=self.use_triton,
                              kv_len=kv_len, attention=self._attention(rows), config=self.config)
-        state.col.add_(1)
-        state.positions.add_(1)
+        advance = self._advance[:rows]
+        state.col.add_(advance).clamp_(max=state.k_cache.shape[3] - 1)
+        state.positions.add_(advance).clamp_(max=self.max_seq_len - 1)
         return logits
 
     @staticmethod
@@ -306,9 +313,10 @@ class FastPhiEngine:
         state.positions.fill_(0)
         state.positions[:count].copy_(width - starts)
         state.col.fill_(width)
+        self._advance.fill_(1)
 
     def _state(self, rows: int) -> DecodeState:
-        return DecodeState(self._tokens[:rows], self._positions[:rows], self._col, self._starts[:rows],
+        return DecodeState(self._tokens[:rows], self._positions[:rows], self._col[:rows], self._starts[:rows],
                            self._k_cache[:, :rows], self._v_cache[:, :rows])
 
     # ---- cache and graphs ------------------------------------------------------------------------

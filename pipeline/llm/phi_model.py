@@ -5,9 +5,11 @@ Only the model math lives here; the loop, the cache's lifetime, CUDA graphs and 
 Both functions write keys and values into a preallocated cache shaped [layers, batch, heads, max_seq,
 head_dim], and take a `DecodeConfig` (decode_config.py) that says which paths and kernels to use.
 
-Rows are left-padded: every row's next token lands in the same cache column `col`, and row b's valid
-keys are the columns start[b]..col. The decode step reads its inputs from tensors only (no Python
-numbers that change between steps), so one CUDA graph per batch size can replay it for every token.
+Row b's valid keys are the cache columns start[b]..col[b]. In `generate`'s left-padded batch every
+row's next token lands in the same column (col has one element); in the continuous batch
+(fast_batch.py) each row is a slot of its own length (col has one element per row). The decode step
+reads its inputs from tensors only (no Python numbers that change between steps), so one CUDA graph
+per batch size can replay it for every token, whatever mix of lengths its rows have.
 
 With Triton (use_triton), one kernel per layer replaces the rotary, cache-write and attention ops and
 reads only each row's valid cache columns, where scaled_dot_product_attention would read the whole
@@ -39,7 +41,7 @@ class DecodeState:
 
     tokens: torch.Tensor  # [B] long: the token to feed
     positions: torch.Tensor  # [B] long: its rotary position (col - start)
-    col: torch.Tensor  # [1] long: the cache column it is written to
+    col: torch.Tensor  # [1] or [B] long: the cache column it is written to (shared, or each row's)
     starts: torch.Tensor  # [B] long: first valid cache column of each row
     k_cache: torch.Tensor  # [layers, B, heads, S, head_dim]
     v_cache: torch.Tensor
@@ -137,7 +139,7 @@ def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: tor
     cols = torch.arange(width, device=ids.device)
     positions = (cols[None, :] - starts[:, None]).clamp_(min=0)
     if use_triton:
-        first_col = torch.zeros(1, dtype=torch.long, device=ids.device)  # token t of a row -> column t
+        first_col = torch.zeros(1, dtype=torch.long, device=ids.device)  # token t of every row -> column t
     else:
         cos_p, sin_p = cos[positions][:, None], sin[positions][:, None]  # [B, 1, P, rot]
     padded = bool((starts > 0).any())
@@ -276,9 +278,16 @@ def _torch_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.T
     """Rotary, cache write and SDPA under a mask over the first kv_len columns (the CPU's path)."""
     kv_len = s.k_cache.shape[3] if kv_len is None else kv_len
     key_cols = torch.arange(kv_len, device=s.tokens.device)
-    mask = ((key_cols[None, :] >= s.starts[:, None]) & (key_cols[None, :] <= s.col))[:, None, None]
+    mask = ((key_cols[None, :] >= s.starts[:, None]) & (key_cols[None, :] <= s.col[:, None]))[:, None, None]
     cos_p, sin_p = cos[s.positions][:, None, None], sin[s.positions][:, None, None]
     batch = s.tokens.shape[0]
+    rows = torch.arange(batch, device=s.tokens.device)
+
+    def write(cache: torch.Tensor, new: torch.Tensor) -> None:
+        if s.col.numel() == 1:
+            cache.index_copy_(2, s.col, new)
+        else:  # each row at its own column
+            cache[rows, :, s.col] = new[:, :, 0]
 
     def attend(index: int, qkv: torch.Tensor, out: torch.Tensor | None, gelu=None) -> torch.Tensor:
         """Attention of qkv's rows; with gelu=(src, dst), also dst = gelu_new(src)."""
@@ -287,8 +296,8 @@ def _torch_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.T
         k_cache, v_cache = s.k_cache[index], s.v_cache[index]
         q, k, v = qkv.view(batch, 3, w.heads, 1, w.head_dim).unbind(1)
         q = _rotate(q, cos_p, sin_p, w.rotary_dim)
-        k_cache.index_copy_(2, s.col, _rotate(k, cos_p, sin_p, w.rotary_dim))
-        v_cache.index_copy_(2, s.col, v)
+        write(k_cache, _rotate(k, cos_p, sin_p, w.rotary_dim))
+        write(v_cache, v)
         attn = _sdpa(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], mask, False, fp32)
         attn = attn.reshape(batch, -1)
         return attn if out is None else out.copy_(attn)

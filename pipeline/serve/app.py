@@ -48,7 +48,8 @@ async def ask(request: Request) -> Response:
     admission = state.admit()
     if not streaming:
         try:
-            return JSONResponse(await service.ask(ask_request))
+            result = await service.ask(ask_request, gone=request.is_disconnected)
+            return JSONResponse(result) if result is not None else Response(status_code=499)  # nobody reads it
         finally:
             admission.release()
     try:

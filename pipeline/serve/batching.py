@@ -1,9 +1,11 @@
 """Many callers, one model: each model stage runs on its own thread, batching what callers left waiting.
 
 `AnswerScheduler` owns one answer engine. Where the engine can decode step by step
-(llm/continuous.py), a question that arrives while others are decoding joins the running batch at the
-next step and a finished or abandoned row leaves it at once (continuous batching). Otherwise every
+(llm/continuous.py), the questions that arrive while others are decoding join the running batch at
+the next step, prefilled together, and a finished or abandoned row leaves it at once (continuous
+batching); a question the batch has no room for waits for a row, never fails for it. Otherwise every
 question that arrived while the last batch ran goes into the next `generate` call (micro-batching).
+The engine thread hands tokens to the callers' loop and never waits for a caller.
 
 `TranslationBatcher` owns one translator: the sentences of every waiting caller are translated
 together in one length-sorted call.
@@ -18,6 +20,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
@@ -69,7 +72,9 @@ class AnswerScheduler:
         self.on_tokens = on_tokens or (lambda n: None)
         self.waiting: queue.Queue = queue.Queue()
         self.running_rows = 0
-        self.decode_batch = _gated(open_decode_batch, engine, max_rows, batching)  # may allocate its cache
+        self.decode_batch = _gated(open_decode_batch, engine, max_rows, batching)
+        if self.decode_batch is not None:
+            _gated(self.decode_batch.warm)  # the cache and every bucket's graph, before the first caller
         self.mode = "continuous" if self.decode_batch is not None else "micro-batch"
         target = self._run_continuous if self.decode_batch is not None else self._run_micro_batches
         self.thread = threading.Thread(target=self._guard(target), name=f"answer-{engine.name}", daemon=True)
@@ -93,27 +98,16 @@ class AnswerScheduler:
     # ---- continuous batching -------------------------------------------------------------------
 
     def _run_continuous(self) -> None:
+        """Between two decode steps: take what arrived, admit what has room (prefilled together),
+        free the rows whose callers left, then step. A request with no room waits, in order."""
         batch = self.decode_batch
         live: dict[int, AnswerJob] = {}
+        held: deque[AnswerJob] = deque()  # arrived, waiting for a free row
         while True:
-            while len(live) < batch.max_rows:
-                try:
-                    job = self.waiting.get(block=not live)
-                except queue.Empty:
-                    break
-                if job is _STOP:
-                    self._finish_all(live, batch)
-                    return
-                if job.cancelled:
-                    continue
-                try:
-                    key, first = _gated(batch.add, job.prompt, job.settings)
-                except Exception as error:  # noqa: BLE001 - this caller's failure, not the others'
-                    log.exception("prefill failed")
-                    job.fail(error)
-                    continue
-                live[key] = job
-                self._deliver(key, job, first, live, batch)
+            if self._take_arrivals(held, block=not live and not held):
+                self._finish_all(live, batch)
+                return
+            self._admit(held, live, batch)
             for key in [key for key, job in live.items() if job.cancelled]:
                 _gated(batch.drop, key)
                 del live[key]
@@ -133,6 +127,46 @@ class AnswerScheduler:
             for key, token in tokens.items():
                 self._deliver(key, live[key], token, live, batch)
             self.running_rows = len(live)
+
+    def _take_arrivals(self, held: deque, block: bool) -> bool:
+        """Move every queued job to `held` (waiting for the first when `block`); True to stop."""
+        while True:
+            try:
+                job = self.waiting.get(block=block)
+            except queue.Empty:
+                return False
+            block = False
+            if job is _STOP:
+                for waiting in held:
+                    waiting.fail(RuntimeError("the server is shutting down"))
+                return True
+            held.append(job)
+
+    def _admit(self, held: deque, live: dict, batch) -> None:
+        """The held jobs that fit now, oldest first, into the batch in one add (one prefill group)."""
+        joining = []
+        while held and len(joining) < batch.room():
+            job = held.popleft()
+            if job.cancelled:
+                continue
+            try:
+                batch.check(job.prompt, job.settings)
+            except Exception as error:  # noqa: BLE001 - can never fit: this caller's error alone
+                job.fail(error)
+                continue
+            joining.append(job)
+        if not joining:
+            return
+        try:
+            added = _gated(batch.add, [(job.prompt, job.settings) for job in joining])
+        except Exception as error:  # noqa: BLE001 - these callers' failure, not the others'
+            log.exception("prefill failed")
+            for job in joining:
+                job.fail(error)
+            return
+        for job, (key, first) in zip(joining, added):
+            live[key] = job
+            self._deliver(key, job, first, live, batch)
 
     def _deliver(self, key: int, job: AnswerJob, token: int, live: dict, batch) -> None:
         if token == self.eos:

@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from pipeline.serve.http import (HTTPError, State, check_key, first_event, flag, generation_settings, model_field,
                                  model_request, number, sse, stream_with)
-from pipeline.serve.service import LANGUAGE_NAMES, AskRequest, confidence
+from pipeline.serve.service import LANGUAGE_NAMES, AskRequest, confidence, result_of, until_gone
 from pipeline.text.detect import detect_language
 
 FORMATS = ("text", "html")
@@ -105,10 +105,9 @@ async def chat_completions(request: Request) -> Response:
         first = await first_event(events)
         model, lang, prompt_tokens = first[1]["model"], first[1]["source_lang"], first[1]["prompt_tokens"]
         if not streaming:
-            result = None
-            async for kind, data in events:
-                if kind == "result":
-                    result = data
+            result = await until_gone(result_of(events), request.is_disconnected)
+            if result is None:  # the caller left: its row was freed
+                return Response(status_code=499)
             content = result["answer_ja"] if lang == "ja" else result["answer_en"]
             return JSONResponse({
                 "id": ident, "object": "chat.completion", "created": created, "model": model,

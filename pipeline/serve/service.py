@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from pipeline.errors import BilingualQAError
 from pipeline.llm.answerer import AnswerPieces
@@ -23,6 +23,7 @@ from pipeline.text.detect import detect_language, require_supported
 from pipeline.text.sentences import sentences_of
 
 LANGUAGE_NAMES = {"en": "English", "ja": "Japanese"}
+GONE_POLL_SECONDS = 0.1  # how often a non-streaming request looks whether its caller is still there
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,11 @@ class Service:
         self.models = models
         self.observe = observe  # stage latency hook (metrics)
 
-    async def ask(self, request: AskRequest) -> dict:
-        """The whole result object; a problem with the question raises a BilingualQAError."""
-        result = None
-        async for kind, data in self.ask_events(request):
-            if kind == "result":
-                result = data
-        return result
+    async def ask(self, request: AskRequest, gone: Callable[[], Awaitable[bool]] | None = None) -> dict | None:
+        """The whole result object; a problem with the question raises a BilingualQAError. None when
+        `gone()` (the HTTP layer's disconnect check) says the caller left first: its answer's row is
+        freed at the next decode step instead of running to its end for nobody."""
+        return await until_gone(result_of(self.ask_events(request)), gone)
 
     async def ask_events(self, request: AskRequest) -> AsyncIterator[tuple[str, dict]]:
         """("question", ...), ("english", {"text"})..., ("japanese", {"text", "index"})..., ("result", ...).
@@ -132,6 +131,32 @@ class Service:
             for index, text in zip(todo, await batcher.translate([texts[i] for i in todo], beams)):
                 out[index] = text
         return out, detected
+
+
+async def result_of(events: AsyncIterator[tuple[str, dict]]) -> dict | None:
+    """The "result" event's data, the other events read and dropped."""
+    result = None
+    async for kind, data in events:
+        if kind == "result":
+            result = data
+    return result
+
+
+async def until_gone(work: Awaitable, gone: Callable[[], Awaitable[bool]] | None):
+    """`work`'s result, or None once `gone()` is true: then `work` is cancelled (a pipeline's
+    `finally` cancels its answer job, which frees the row at the next step)."""
+    task = asyncio.ensure_future(work)
+    if gone is None:
+        return await task
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=GONE_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await gone():
+                return None
+    finally:
+        task.cancel()
 
 
 def confidence(text: str, lang: str) -> float:

@@ -16,7 +16,7 @@ def test_rows_joining_mid_batch_and_leaving_early_get_their_alone_answers(qa):
     got, rows = {}, {}
 
     def add(index):
-        key, first = batch.add(prompts[index], SETTINGS)
+        (key, first), = batch.add([(prompts[index], SETTINGS)])
         rows[key], got[index] = index, [first]
 
     add(0)

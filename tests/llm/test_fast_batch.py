@@ -1,18 +1,25 @@
-"""Continuous batching on FastPhiEngine (llm/fast_batch.py): rows join and leave a running batch and
-each decodes what it decodes alone (CPU, fp32, the engine's decode path without graphs)."""
+"""Continuous batching on FastPhiEngine (llm/fast_batch.py): rows of any length join and leave a
+running batch, each in a cache slot of its own length, and each decodes what it decodes alone (CPU,
+fp32, the engine's decode path without graphs; tests/llm/test_fast_batch_gpu.py runs the same on the
+GPU with graphs at phi-2's published shape)."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
 
+from pipeline.errors import InputTooLongError
 from pipeline.llm.engine import GenerationSettings
 from pipeline.llm.fast_batch import FastDecodeBatch
 from pipeline.llm.fast_engine import FastPhiEngine
 
-TOKENS = 20
-GREEDY = GenerationSettings(max_new_tokens=TOKENS)
 SHORT, MEDIUM, LONG = [5, 17, 99, 3], [300, 12, 12, 450, 8, 1, 77], list(range(100, 130))
+
+
+def greedy(tokens: int) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=tokens)
 
 
 @pytest.fixture(scope="module")
@@ -23,85 +30,124 @@ def engine(tiny_phi2_dir):
     return FastPhiEngine(model, model.config.eos_token_id, use_graphs=False, max_seq_len=256)
 
 
-def alone(engine, prompt):
-    return engine.generate([prompt], GREEDY)[0].token_ids
+def alone(engine, prompt, tokens):
+    """What generate gives this prompt alone, written out to `tokens` as the batch's rows are
+    (generate stops at end-of-text; the batch leaves that to its caller)."""
+    ids = engine.generate([prompt], greedy(tokens))[0].token_ids
+    return ids + [engine.eos_token_id] if len(ids) < tokens else ids
 
 
-def run(batch, schedule: dict[int, list[list[int]]], steps: int, eos: int) -> list[list[int]]:
-    """Add schedule[step]'s prompts before that step; a row leaves at end-of-text or TOKENS tokens."""
-    outputs, live = [], {}
-    for step in range(steps):
-        for prompt in schedule.get(step, []):
-            key, first = batch.add(prompt, GREEDY)
-            outputs.append([first])
-            live[key] = len(outputs) - 1
-        for key, index in list(live.items()):  # rows done before this step leave now
-            if outputs[index][-1] == eos or len(outputs[index]) >= TOKENS:
+def until_end(ids: list[int], eos: int) -> list[int]:
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+def drive(batch, schedule: dict[int, list[tuple[list[int], int]]], max_steps: int = 2000) -> list[list[int]]:
+    """Run the batch as the server does: schedule[step]'s (prompt, tokens) join together before that
+    step; a row leaves once it has its tokens. Returns each row's tokens, in schedule order."""
+    outputs: list[list[int]] = []
+    wanted: list[int] = []
+    live: dict[int, int] = {}
+    for step in range(max_steps):
+        joining = schedule.get(step, [])
+        if joining:
+            for (key, first), (_, tokens) in zip(batch.add([(p, greedy(t)) for p, t in joining]), joining):
+                outputs.append([first])
+                wanted.append(tokens)
+                live[key] = len(outputs) - 1
+        for key, index in list(live.items()):
+            if len(outputs[index]) >= wanted[index]:
                 batch.drop(key)
                 del live[key]
+        if not live and step > max(schedule):
+            break
         for key, token in batch.step().items():
             outputs[live[key]].append(token)
-    return [[t for t in out[:TOKENS]][:out.index(eos) if eos in out else TOKENS] for out in outputs]
+    return outputs
 
 
-def test_rows_joining_a_running_batch_decode_what_they_decode_alone(engine):
-    prompts = [SHORT, MEDIUM, LONG, SHORT]
-    want = [alone(engine, p) for p in prompts]
-    eos = engine.eos_token_id
-    batch = FastDecodeBatch(engine, max_rows=4)
-    moves, move = [], batch._move
-    batch._move = lambda first, end, by: (moves.append((first, end, by)), move(first, end, by))
-    got = run(batch, {0: [SHORT], 3: [MEDIUM], 5: [LONG], 9: [SHORT]}, steps=60, eos=eos)
-    assert got == want
-    # LONG (30 tokens) joined when 9 columns were in use: the live columns moved right for it
-    assert (0, 9, 21) in moves
-    assert len(batch) == 0 and not engine._busy
-
-
-def test_the_columns_move_left_when_the_shared_column_reaches_the_cache_end(engine):
-    prompts = [MEDIUM, SHORT, MEDIUM, SHORT, MEDIUM]
-    want = [alone(engine, p) for p in prompts]
-    batch = FastDecodeBatch(engine, max_rows=2, columns=48)  # rows keep coming: col passes 48
-    moves, move = [], batch._move
-    batch._move = lambda first, end, by: (moves.append(by), move(first, end, by))
-    got = run(batch, {0: [MEDIUM], 8: [SHORT], 26: [MEDIUM], 40: [SHORT], 55: [MEDIUM]}, steps=90,
-              eos=engine.eos_token_id)
-    assert got == want
-    assert any(by < 0 for by in moves)  # the live columns did move left
-
-
-def test_a_free_row_is_reused_and_the_engine_is_free_again_when_the_batch_empties(engine):
-    batch = FastDecodeBatch(engine, max_rows=2)
-    first, _ = batch.add(SHORT, GREEDY)
-    with pytest.raises(RuntimeError, match="one generate"):
-        engine.generate([SHORT], GREEDY)
-    second, _ = batch.add(MEDIUM, GREEDY)
-    with pytest.raises(RuntimeError, match="full"):
-        batch.add(SHORT, GREEDY)
-    batch.drop(first)
-    third, _ = batch.add(LONG, GREEDY)
-    assert batch.rows[third].row == 0  # the lowest free row
-    for key in (second, third):
-        batch.drop(key)
-    assert engine.generate([SHORT], GREEDY)[0].token_ids == alone(engine, SHORT)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_on_the_gpu_the_captured_graphs_decode_what_each_row_decodes_alone(tiny_phi2_dir):
-    from transformers import PhiForCausalLM
-
-    model = PhiForCausalLM.from_pretrained(tiny_phi2_dir, dtype=torch.float32).eval().to("cuda")
-    engine = FastPhiEngine(model, model.config.eos_token_id, max_seq_len=256)
-    prompts = [SHORT, MEDIUM, LONG, SHORT]
-    want = [alone(engine, p) for p in prompts]
+def test_rows_of_any_length_joining_and_leaving_decode_what_they_decode_alone(engine):
+    # a long row (200 tokens) beside a stream of short ones, the sum of their lengths past the cache
+    # width the batch started with: under one shared column this pinned the cache's left edge
+    schedule = {0: [(SHORT, 200)], 2: [(MEDIUM, 12), (LONG, 30)], 9: [(SHORT, 5)], 30: [(LONG, 40)],
+                60: [(MEDIUM, 90), (SHORT, 3)], 75: [(LONG, 7)], 150: [(MEDIUM, 20)]}
     batch = FastDecodeBatch(engine, max_rows=4, columns=64)
-    got = run(batch, {0: [SHORT], 3: [MEDIUM], 5: [LONG], 30: [SHORT]}, steps=80, eos=engine.eos_token_id)
-    assert got == want
+    got = drive(batch, schedule)
+    want = [alone(engine, prompt, tokens) for step in sorted(schedule) for prompt, tokens in schedule[step]]
+    assert [until_end(ids, engine.eos_token_id) for ids in got] == want
+    assert batch.slots.columns == 256  # grew for the long row: 64 -> 128 -> 256
+    assert len(batch) == 0 and not engine._busy and batch.room() == 4
 
 
-def test_the_server_batches_the_fast_engine_continuously_only_when_asked(engine):
+def test_a_request_that_does_not_fit_now_waits_and_one_that_never_fits_is_refused(engine):
+    batch = FastDecodeBatch(engine, max_rows=2)
+    keys = [key for key, _ in batch.add([(SHORT, greedy(5)), (MEDIUM, greedy(5))])]
+    assert batch.room() == 0
+    with pytest.raises(RuntimeError, match="room"):
+        batch.add([(LONG, greedy(5))])
+    with pytest.raises(InputTooLongError, match="at most 256 tokens"):
+        batch.check(LONG, greedy(256 - len(LONG) + 1))
+    batch.check(LONG, greedy(256 - len(LONG)))  # exactly the context: fits
+    batch.drop(keys[0])
+    assert batch.room() == 1
+    (third, _), = batch.add([(LONG, greedy(5))])
+    assert batch.rows[third].row == 0  # the lowest free slot
+    with pytest.raises(RuntimeError, match="one generate"):
+        engine.generate([SHORT], greedy(3))
+    for key in (keys[1], third):
+        batch.drop(key)
+    assert engine.generate([SHORT], greedy(5))[0].token_ids == alone(engine, SHORT, 5)
+
+
+def test_a_burst_of_mixed_lengths_against_a_small_batch_all_complete_each_as_alone(engine):
+    rng = random.Random(7)
+    requests = [([rng.randrange(1, 450) for _ in range(rng.randrange(1, 40))], rng.choice([2, 9, 30, 120]))
+                for _ in range(24)]
+    batch = FastDecodeBatch(engine, max_rows=4, columns=64)
+    outputs, waiting, live = {}, list(range(len(requests))), {}
+    for _ in range(5000):
+        room = batch.room()
+        joining, waiting = waiting[:room], waiting[room:]
+        if joining:
+            for index, (key, first) in zip(joining, batch.add([(requests[i][0], greedy(requests[i][1]))
+                                                               for i in joining])):
+                outputs[index], live[key] = [first], index
+        for key, index in list(live.items()):
+            if len(outputs[index]) >= requests[index][1]:
+                batch.drop(key)
+                del live[key]
+        if not live and not waiting:
+            break
+        for key, token in batch.step().items():
+            outputs[live[key]].append(token)
+    assert sorted(outputs) == list(range(len(requests)))
+    for index, (prompt, tokens) in enumerate(requests):
+        assert until_end(outputs[index], engine.eos_token_id) == alone(engine, prompt, tokens), index
+
+
+def test_sampling_rows_decode_beside_greedy_ones_and_are_reproducible(engine):
+    sampled = GenerationSettings(max_new_tokens=15, temperature=0.8, top_p=0.9, seed=3)
+
+    def run(with_greedy: bool) -> list[int]:
+        batch = FastDecodeBatch(engine, max_rows=2)
+        requests = [(MEDIUM, sampled)] + ([(LONG, greedy(15))] if with_greedy else [])
+        added = batch.add(requests)
+        out = {key: [first] for key, first in added}
+        while any(len(tokens) < 15 for tokens in out.values()):
+            for key, token in batch.step().items():
+                out[key].append(token)
+        got = {key: tokens[:15] for key, tokens in out.items()}
+        for key in out:
+            batch.drop(key)
+        if with_greedy:
+            assert until_end(got[added[1][0]], engine.eos_token_id) == alone(engine, LONG, 15)
+        return got[added[0][0]]
+
+    assert run(True) == run(False)
+
+
+def test_the_server_batches_the_fast_engine_continuously_by_default(engine):
     from pipeline.llm.continuous import open_decode_batch
 
-    assert open_decode_batch(engine, 4) is None  # auto: micro-batching, measured on the GPU
-    assert open_decode_batch(engine, 4, "micro") is None
+    assert isinstance(open_decode_batch(engine, 4), FastDecodeBatch)  # auto
     assert isinstance(open_decode_batch(engine, 4, "continuous"), FastDecodeBatch)
+    assert open_decode_batch(engine, 4, "micro") is None

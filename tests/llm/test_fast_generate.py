@@ -259,9 +259,12 @@ def _triton_checkable() -> bool:
 @pytest.mark.skipif(not _triton_checkable(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("head_dim", [80, 16])
 @pytest.mark.parametrize("rope_in_attention", [True, False])
-def test_every_triton_attention_variant_matches_attention_over_the_valid_columns(head_dim, rope_in_attention):
+@pytest.mark.parametrize("own_columns", [False, True])
+def test_every_triton_attention_variant_matches_attention_over_the_valid_columns(head_dim, rope_in_attention,
+                                                                                 own_columns):
     """Each kernel/tile variant the benchmark may pick: rope + cache write + attention over start..col,
-    as one kernel or as a rotary kernel and an attention kernel."""
+    as one kernel or as a rotary kernel and an attention kernel; with one column for every row
+    (generate's) or each row's own (the continuous batch's slots), past which nothing is read."""
     from types import SimpleNamespace
 
     from pipeline.kernels.phi_attention import ATTENTION_TILES, AttentionConfig, triton_attention
@@ -271,10 +274,11 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
     gen = torch.Generator().manual_seed(head_dim)
     batch, heads, columns, col, rot = 4, 2, 48, 37, head_dim // 4 * 2
     starts = torch.tensor([0, 5, 30, col])  # the last row's only column is this step's
+    cols = torch.tensor([col, 20, 44, col]) if own_columns else torch.full((batch,), col)
     k_cache = torch.randn(batch, heads, columns, head_dim, generator=gen).to(device)
     v_cache = torch.randn(batch, heads, columns, head_dim, generator=gen).to(device)
     qkv = torch.randn(batch, 3 * heads * head_dim, generator=gen).to(device)
-    positions = col - starts
+    positions = cols - starts
     angles = torch.rand(64, rot // 2, generator=gen) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1).to(device), torch.cat([angles.sin()] * 2, -1).to(device)
     w = SimpleNamespace(heads=heads, head_dim=head_dim, rotary_dim=rot)
@@ -289,10 +293,11 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
         return torch.cat((r * c + torch.cat((-r[..., half:], r[..., :half]), -1) * s, x[..., rot:]), -1)
 
     keys, values = k_cache.double().cpu().clone(), v_cache.double().cpu().clone()
-    keys[:, :, col], values[:, :, col] = rotate(k), v
+    rows = torch.arange(batch)
+    keys[rows, :, cols], values[rows, :, cols] = rotate(k), v
     scores = torch.einsum("bhd,bhnd->bhn", rotate(q), keys) / head_dim ** 0.5
-    cols = torch.arange(columns)
-    scores = scores.masked_fill(~((cols >= starts[:, None]) & (cols <= col))[:, None], float("-inf"))
+    n = torch.arange(columns)
+    scores = scores.masked_fill(~((n >= starts[:, None]) & (n <= cols[:, None]))[:, None], float("-inf"))
     want = torch.einsum("bhn,bhnd->bhd", scores.softmax(-1), values).reshape(batch, -1)
 
     configs = {AttentionConfig(kernel, 16, 2, stages, splits, split_dims)
@@ -300,7 +305,7 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
     for config in sorted(configs | {c for _, c in ATTENTION_TILES}, key=str):  # and the ones in use
         kc, vc = k_cache.clone(), v_cache.clone()
         state = DecodeState(torch.zeros(batch, dtype=torch.long, device=device), positions.to(device),
-                            torch.tensor([col], device=device), starts.to(device), kc, vc)
+                            (cols if own_columns else torch.tensor([col])).to(device), starts.to(device), kc, vc)
         wide = torch.full((batch, heads * head_dim + 24), float("nan"), device=device)  # strided rows
         got = triton_attention(qkv, state, kc, vc, cos, sin, w, config, out=wide[:, 8:-16],
                                rope_inside=rope_in_attention)
@@ -309,7 +314,7 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
         got = got.double().cpu()
         error = (got - want).norm() / want.norm()
         assert error < 1e-5, (config, error.item())
-        assert torch.allclose(kc[:, :, col].double().cpu(), keys[:, :, col], atol=1e-5)
+        assert torch.allclose(kc[rows.to(device), :, cols.to(device)].double().cpu(), keys[rows, :, cols], atol=1e-5)
 
     # the rotary kernel also applies the MLP's gelu_new where asked (strided rows, 38 columns per head
     # for 75 columns: the last head's share is partial)

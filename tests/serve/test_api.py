@@ -162,7 +162,7 @@ def test_full_queue_is_503_with_retry_after(registry):
 def test_internal_error_is_500_without_traceback(client, monkeypatch, caplog):
     from pipeline.serve.service import Service
 
-    async def broken(self, request):
+    async def broken(self, request, gone=None):
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(Service, "ask", broken)

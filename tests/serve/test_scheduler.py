@@ -1,0 +1,89 @@
+"""The server's AnswerScheduler over FastPhiEngine's continuous batch (CPU, graphs off): a burst far
+larger than the batch waits for rows instead of failing, every request completes with the answer it
+gets alone, and a caller that leaves frees its row at the next step."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+import torch
+
+from pipeline.llm.engine import GenerationSettings
+from pipeline.llm.fast_engine import FastPhiEngine
+from pipeline.serve.batching import AnswerJob, AnswerScheduler
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_phi2_dir):
+    from transformers import PhiForCausalLM
+
+    model = PhiForCausalLM.from_pretrained(tiny_phi2_dir, dtype=torch.float32).eval()
+    return FastPhiEngine(model, model.config.eos_token_id, use_graphs=False, max_seq_len=512)
+
+
+async def answer(job: AnswerJob) -> list[int]:
+    tokens = []
+    while True:
+        kind, value = await job.events.get()
+        if kind == "token":
+            tokens.append(value)
+        elif kind == "end":
+            return tokens
+        else:
+            raise value
+
+
+def burst(count: int, seed: int) -> list[tuple[list[int], GenerationSettings]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(1, 450) for _ in range(rng.randrange(1, 60))],
+             GenerationSettings(max_new_tokens=rng.choice([1, 3, 12, 40, 100]))) for _ in range(count)]
+
+
+def test_a_burst_far_past_the_batch_all_complete_each_with_its_answer_alone(engine):
+    requests = burst(200, seed=11)
+    scheduler = AnswerScheduler(engine, max_rows=8)
+    assert scheduler.mode == "continuous" and scheduler.decode_batch.max_rows == 8
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [AnswerJob(prompt, settings, loop) for prompt, settings in requests]
+        for job in jobs:  # all at once: 200 against 8 rows
+            scheduler.submit(job)
+        return await asyncio.wait_for(asyncio.gather(*(answer(job) for job in jobs)), 600)
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        scheduler.close()
+    assert len(got) == len(requests)
+    for (prompt, settings), tokens in zip(requests, got):
+        assert tokens == engine.generate([prompt], settings)[0].token_ids
+
+
+def test_a_caller_that_leaves_frees_its_row_at_the_next_step(engine):
+    scheduler = AnswerScheduler(engine, max_rows=2)
+    produced = []
+    scheduler.on_tokens = produced.append
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        job = AnswerJob([5, 17, 99, 3], GenerationSettings(max_new_tokens=400), loop)
+        scheduler.submit(job)
+        while job.count < 3:
+            await asyncio.sleep(0.01)
+        job.cancel()
+        deadline = time.monotonic() + 30
+        while scheduler.running_rows and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return job.count
+
+    try:
+        count = asyncio.run(run())
+        assert scheduler.running_rows == 0
+        assert len(scheduler.decode_batch) == 0 and scheduler.decode_batch.room() == 2
+    finally:
+        scheduler.close()
+    assert sum(produced) < 400 and count < 400
