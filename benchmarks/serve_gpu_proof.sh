@@ -2,6 +2,7 @@
 # Issue 19's GPU proof in one command, from the repository root (an H100/H200; ~6 minutes):
 #   bash benchmarks/serve_gpu_proof.sh            # GPU tests, then serve_load (default server) incl. the mixed run
 #   ROUNDS=4 bash benchmarks/serve_gpu_proof.sh   # more questions per client
+#   SKIP_TESTS=1 bash benchmarks/serve_gpu_proof.sh   # the benchmark alone
 # 1. the continuous batch's GPU tests at phi-2's published shape (random weights, CUDA graphs): rows of
 #    20 to 1,800 tokens joining and leaving a 64-row batch, each as alone; a burst of 200 mixed requests
 #    through the server's scheduler; the fast engine's tokens against transformers' (per-row columns);
@@ -12,7 +13,7 @@ set -u
 export HF_HUB_OFFLINE=1 PYTHONPATH="${PYTHONPATH:-$PWD}"
 OUT="${OUT:-$(mktemp -d)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-timeout "${TEST_SECONDS:-240}" python -m pytest -q -rs tests/llm/test_fast_batch_gpu.py tests/llm/test_fast_batch.py \
+[ -n "${SKIP_TESTS:-}" ] || timeout "${TEST_SECONDS:-240}" python -m pytest -q -rs tests/llm/test_fast_batch_gpu.py tests/llm/test_fast_batch.py \
   "tests/llm/test_fast_generate.py::test_engine_on_the_triton_kernels_gives_the_tokens_of_transformers" \
   ${EXTRA_TESTS:-} 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
 timeout "${LOAD_SECONDS:-330}" python benchmarks/serve_load.py --rounds "${ROUNDS:-2}" --models /tmp/serve-load-published \

@@ -73,53 +73,54 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(share * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def engine_batch_throughput(paths: dict[str, Path], tokens: int, batches: list[int], engine: str) -> tuple[dict, str]:
-    """Answer tokens/s of the server's answer engine decoding each batch of prompts together, alone
-    in-process: {rows: tokens/s}, and the engine's name."""
-    import torch
-
-    from pipeline.llm.answerer import Answerer
-    from pipeline.llm.engine import GenerationSettings
-
-    answerer = Answerer.from_pretrained(str(paths["llm"]), engine=engine)
-    prompt = answerer.encode("How do rising interest rates affect households and companies?", tokens)
-    settings = GenerationSettings(max_new_tokens=tokens)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    speeds = {}
-    for rows in batches:
-        prompts = [prompt] * rows
-        answerer.engine.generate(prompts, settings)  # warm-up: cache, graphs
-        sync()
-        began = time.perf_counter()
-        rows_out = answerer.engine.generate(prompts, settings)
-        sync()
-        speeds[rows] = sum(len(row.token_ids) for row in rows_out) / (time.perf_counter() - began)
-    name = answerer.engine.name
-    del answerer
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return speeds, name
+ENGLISH_QUESTIONS = [
+    "How do rising interest rates affect households and companies?",
+    "What is inflation, and how does it affect a family's budget?",
+    "Explain the difference between stocks and bonds in simple terms.",
+    "What is compound interest? Give an example.",
+]
 
 
-def in_process_question(paths: dict[str, Path], tokens: int, engine: str, mt_backend: str) -> float:
-    """Seconds for one question through BilingualQA.ask, warm (the bar one client's request is held to)."""
+def in_process(paths: dict[str, Path], tokens: int, batches: list[int], engine: str, mt_backend: str) -> dict:
+    """The bars, measured in-process on the server's models: the answer engine's own throughput at each
+    batch size (generate on the prompts the server's rows hold: each Japanese question's English
+    translation, cycled; and on a short English prompt, the figure llm_decode.py measures), and one
+    question through BilingualQA.ask (warm), the bar one client's request is held to."""
     import torch
 
     from pipeline import BilingualQA, GenerationSettings
 
     qa = BilingualQA.from_pretrained(str(paths["llm"]), str(paths["ja_en"]), str(paths["en_ja"]), engine=engine,
                                      mt_backend=mt_backend)
+    answerer = qa.answerer
     settings = GenerationSettings(max_new_tokens=tokens, raw=True)  # as the clients ask
+    served = [answerer.encode(english, tokens) for english in qa.ja_en.translate(QUESTIONS)]
+    short = answerer.encode(ENGLISH_QUESTIONS[0], tokens)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def throughput(prompts: list[list[int]]) -> float:
+        answerer.engine.generate(prompts, settings)  # warm-up: cache, graphs
+        sync()
+        began = time.perf_counter()
+        rows_out = answerer.engine.generate(prompts, settings)
+        sync()
+        return sum(len(row.token_ids) for row in rows_out) / (time.perf_counter() - began)
+
+    bars = {"engine": {rows: throughput([served[i % len(served)] for i in range(rows)]) for rows in batches},
+            "engine_short": {rows: throughput([short] * rows) for rows in batches},
+            "prompt_tokens": sorted(len(p) for p in served), "short_tokens": len(short),
+            "name": answerer.engine.name}
     qa.ask(QUESTIONS[0], settings=settings)
     times = []
     for _ in range(3):
         began = time.perf_counter()
         qa.ask(QUESTIONS[0], settings=settings)
         times.append(time.perf_counter() - began)
-    del qa
+    bars["alone"] = statistics.median(times)
+    del qa, answerer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return statistics.median(times)
+    return bars
 
 
 def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch: int,
@@ -178,18 +179,20 @@ async def one_request(client, url: str, question: str, tokens: int) -> dict:
             "tokens": result["generated_tokens"], "stages": {k: result["timings"].get(k, 0.0) for k in STAGES}}
 
 
-async def closed_loop(url: str, clients: int, rounds: int, lengths, warm_tokens: int, label: str) -> dict:
+async def closed_loop(url: str, clients: int, rounds: int, lengths, warm_tokens: int, label: str,
+                      questions: list[str] = QUESTIONS) -> dict:
     """Every client asks `rounds` questions in turn; lengths(client, round) is each answer's length."""
     import httpx
 
     samples: list[dict] = []
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=900, limits=limits) as client:
-        await one_request(client, url, QUESTIONS[0], warm_tokens)  # warm-up: translation memory, cache width
+        for question in questions:  # warm-up: translation memory, the cache's width
+            await one_request(client, url, question, warm_tokens)
 
         async def client_loop(index: int):
             for round_ in range(rounds):
-                samples.append(await one_request(client, url, QUESTIONS[(index + round_) % len(QUESTIONS)],
+                samples.append(await one_request(client, url, questions[(index + round_) % len(questions)],
                                                  lengths(index, round_)))
 
         began = time.perf_counter()
@@ -202,6 +205,15 @@ async def closed_loop(url: str, clients: int, rounds: int, lengths, warm_tokens:
             "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
             "total_p50": percentile(total, 0.5), "total_p99": percentile(total, 0.99),
             "stages": {k: percentile([s["stages"][k] for s in samples], 0.5) for k in STAGES}}
+
+
+def row_line(row: dict, engine: dict[int, float]) -> str:
+    batch = min((b for b in engine if b >= row["clients"]), default=max(engine))
+    share = f"{row['tokens_per_s'] / engine[batch]:.0%} of {batch}" if row["label"] == "fixed" and row["clients"] > 1 else "-"
+    stages = " / ".join(f"{row['stages'][k]:.3f}" for k in STAGES)
+    return (f"| {row['label']} | {row['clients']} | {row['requests']} | {row['tokens_per_s']:,.0f} |"
+            f" {share} | {row['ttft_p50'] * 1e3:.0f} | {row['ttft_p99'] * 1e3:.0f} |"
+            f" {row['total_p50']:.3f} | {row['total_p99']:.3f} | {stages} |")
 
 
 def mixed_lengths(low: int, high: int, seed: int = 0):
@@ -258,49 +270,56 @@ def main() -> None:
 
     root = args.models or Path(tempfile.gettempdir()) / ("serve-load-tiny" if args.tiny else "serve-load-published")
     paths = build(root, args.tiny)
-    engine_tps, engine_name = engine_batch_throughput(paths, args.answer_tokens, [8, 64], args.engine)
-    alone = in_process_question(paths, args.answer_tokens, args.engine, args.mt_backend)
+    bars = in_process(paths, args.answer_tokens, [8, 64], args.engine, args.mt_backend)
+    engine_tps = bars["engine"]
+    print(f"in-process bars: {bars}", file=sys.stderr, flush=True)
     server, url = start_server(paths, args.engine, args.mt_backend, max(64, *args.clients, args.mixed_clients),
                                args.batching)
     fixed = lambda client, round_: args.answer_tokens  # noqa: E731
+    rows: list[dict] = []
+    failure = None
     try:
-        rows = [asyncio.run(closed_loop(url, clients, args.rounds, fixed, args.answer_tokens, "fixed"))
-                for clients in args.clients]
+        for clients in args.clients:
+            rows.append(asyncio.run(closed_loop(url, clients, args.rounds, fixed, args.answer_tokens, "fixed")))
+            print(row_line(rows[-1], engine_tps), file=sys.stderr, flush=True)
         if args.mixed_clients:
+            # English questions: a Japanese one's random-weight translation is ~800 tokens, which would
+            # leave too little of the 2,048-token context for the longest answers
             rows.append(asyncio.run(closed_loop(url, args.mixed_clients, args.mixed_rounds,
                                                 mixed_lengths(args.mixed_min, args.mixed_max), args.mixed_max,
-                                                f"mixed {args.mixed_min}-{args.mixed_max}")))
-    except RuntimeError:
+                                                f"mixed {args.mixed_min}-{args.mixed_max} (English)",
+                                                ENGLISH_QUESTIONS)))
+    except RuntimeError as error:
         print((root / "server.log").read_text()[-4000:], file=sys.stderr)
-        raise
+        failure = error
     finally:
         server.terminate()
         server.wait(timeout=120)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    speeds = lambda tps: ", ".join(f"batch {b} {v:,.0f}" for b, v in tps.items())  # noqa: E731
     lines = [f"serve_load on {device}, torch {torch.__version__}, {datetime.date.today()};"
-             f" engine {engine_name}, batching {args.batching}, raw streamed requests, {args.rounds} questions"
+             f" engine {bars['name']}, batching {args.batching}, raw streamed requests, {args.rounds} questions"
              f" per client ({args.mixed_rounds} in the mixed run)", "",
-             f"engine alone: batch 8 {engine_tps[8]:,.0f}, batch 64 {engine_tps[64]:,.0f} answer tokens/s"
-             f" ({args.answer_tokens}-token answers); one question in-process (BilingualQA.ask, raw, warm):"
-             f" {alone:.3f} s", "",
+             f"engine alone, {args.answer_tokens}-token answers, on the server's prompts (the Japanese questions'"
+             f" English, {bars['prompt_tokens']} tokens): {speeds(engine_tps)} answer tokens/s; on a"
+             f" {bars['short_tokens']}-token English prompt: {speeds(bars['engine_short'])};"
+             f" one question in-process (BilingualQA.ask, raw, warm): {bars['alone']:.3f} s", "",
              "| answers | clients | requests | answer tokens/s | share of engine batch | TTFT p50 ms | TTFT p99 ms |"
              " request p50 s | request p99 s | p50 s: translate question / answer / translate answer |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        batch = min((b for b in engine_tps if b >= row["clients"]), default=64)
-        share = f"{row['tokens_per_s'] / engine_tps[batch]:.0%} of {batch}" if row["clients"] > 1 else "-"
-        stages = " / ".join(f"{row['stages'][k]:.3f}" for k in STAGES)
-        lines.append(f"| {row['label']} | {row['clients']} | {row['requests']} | {row['tokens_per_s']:,.0f} |"
-                     f" {share} | {row['ttft_p50'] * 1e3:.0f} | {row['ttft_p99'] * 1e3:.0f} |"
-                     f" {row['total_p50']:.3f} | {row['total_p99']:.3f} | {stages} |")
-    lines += ["", *targets(rows, engine_tps, alone)]
+    lines += [row_line(row, engine_tps) for row in rows]
+    lines += ["", *targets(rows, engine_tps, bars["alone"])]
+    if failure is not None:
+        lines += ["", f"FAILED: {failure}"]
     table = "\n".join(lines)
     print(table)
     out = args.out or (Path(os.environ["OUT"]) / "serve_load.md" if os.environ.get("OUT") else None)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
+    if failure is not None:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
