@@ -44,9 +44,13 @@ class AnswerJob:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.count = 0
+        self.outbox: list | None = None  # set by a scheduler that hands a step's events over at once
 
     def _put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        if self.outbox is not None:
+            self.outbox.append((self, item))
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
     def push(self, token: int) -> None:
         self.count += 1
@@ -61,6 +65,21 @@ class AnswerJob:
     def cancel(self) -> None:
         """The caller is gone or has what it needs: the row is freed at the next step."""
         self.cancelled = True
+
+
+def _hand_over(outbox: list) -> None:
+    """Give each job its events: one wake-up of each callers' loop per decode step, not one per token."""
+    by_loop: dict = {}
+    for job, item in outbox:
+        by_loop.setdefault(job.loop, []).append((job.events, item))
+    outbox.clear()
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list) -> None:
+    for events, item in items:
+        events.put_nowait(item)
 
 
 class AnswerScheduler:
@@ -103,11 +122,14 @@ class AnswerScheduler:
         batch = self.decode_batch
         live: dict[int, AnswerJob] = {}
         held: deque[AnswerJob] = deque()  # arrived, waiting for a free row
+        outbox: list = []  # this step's events for the callers, handed over together
         while True:
-            if self._take_arrivals(held, block=not live and not held):
+            if self._take_arrivals(held, block=not live and not held, outbox=outbox):
                 self._finish_all(live, batch)
+                _hand_over(outbox)
                 return
             self._admit(held, live, batch)
+            _hand_over(outbox)  # the first tokens, before the next step
             for key in [key for key, job in live.items() if job.cancelled]:
                 _gated(batch.drop, key)
                 del live[key]
@@ -122,13 +144,15 @@ class AnswerScheduler:
                     job.fail(error)
                     _gated(batch.drop, key)
                 live.clear()
+                _hand_over(outbox)
                 continue
             self.on_tokens(len(tokens))
             for key, token in tokens.items():
                 self._deliver(key, live[key], token, live, batch)
+            _hand_over(outbox)
             self.running_rows = len(live)
 
-    def _take_arrivals(self, held: deque, block: bool) -> bool:
+    def _take_arrivals(self, held: deque, block: bool, outbox: list) -> bool:
         """Move every queued job to `held` (waiting for the first when `block`); True to stop."""
         while True:
             try:
@@ -140,6 +164,7 @@ class AnswerScheduler:
                 for waiting in held:
                     waiting.fail(RuntimeError("the server is shutting down"))
                 return True
+            job.outbox = outbox
             held.append(job)
 
     def _admit(self, held: deque, live: dict, batch) -> None:

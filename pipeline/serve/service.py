@@ -72,19 +72,27 @@ class Service:
         job = AnswerJob(prompt, settings, asyncio.get_running_loop(),
                         stop_check=None if raw else answerer.stop_check([question_en]))
         scheduler.submit(job)
-        eos = False
+        eos, ended = False, False
         try:
-            while True:
-                kind, value = await job.events.get()
-                if kind == "error":
-                    raise value
-                if kind == "end":
-                    eos = value
-                    break
-                if piece := pieces.push(value):
-                    yield "english", {"text": piece}
-                if pieces.ended:
-                    break
+            while not ended:
+                # every token already here goes into one event: under load the loop falls behind the
+                # decode steps and the stream carries fewer, longer pieces instead of falling further
+                events = [await job.events.get()]
+                while not job.events.empty():
+                    events.append(job.events.get_nowait())
+                text = ""
+                for kind, value in events:
+                    if kind == "error":
+                        raise value
+                    if kind == "end":
+                        eos, ended = value, True
+                        break
+                    text += pieces.push(value) or ""
+                    if pieces.ended:
+                        ended = True
+                        break
+                if text:
+                    yield "english", {"text": text}
         finally:
             job.cancel()  # frees the row at once when the caller left or the answer has ended
         ids = pieces.ids + ([answerer.engine.eos_token_id] if eos else [])
