@@ -72,6 +72,24 @@ def test_disconnected_stream_frees_its_row(live_server, registry):
     assert scheduler.running_rows == 0
 
 
+def test_a_non_streaming_caller_that_leaves_frees_its_row_at_the_next_step(live_server, registry):
+    scheduler = next(iter(registry.schedulers.values()))
+    produced, count = [], scheduler.on_tokens
+    scheduler.on_tokens = lambda n: (produced.append(n), count(n))
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up: its connection closes
+            httpx.post(f"{live_server}/v1/ask", headers=AUTH, timeout=0.5,
+                       json={"question": "What is a bond?", "max_new_tokens": 2000, "raw": True})
+        assert scheduler.running_rows == 1  # still decoding when the caller left
+        deadline = time.monotonic() + 10
+        while scheduler.running_rows and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scheduler.running_rows == 0
+        assert sum(produced) < 1500  # freed, not run to its end (2,000 tokens take ~2 s here) for nobody
+    finally:
+        scheduler.on_tokens = count
+
+
 def test_official_openai_sdk_talks_to_the_server(live_server, alone, registry):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{live_server}/v1", api_key=KEY)
