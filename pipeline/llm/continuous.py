@@ -36,6 +36,7 @@ from pipeline.llm.engine import GenerationSettings
 
 class DecodeBatch(Protocol):
     max_rows: int
+    prefill_tokens: int  # padded prompt tokens one add() should hold (a caller admits in chunks)
 
     def room(self) -> int: ...
 
@@ -100,6 +101,7 @@ class TransformersDecodeBatch:
     def __init__(self, model, max_rows: int = 64):
         self.model = model
         self.max_rows = max_rows
+        self.prefill_tokens = 8192
         self.device = next(model.parameters()).device
         self.rows: list[_Row] = []
         self.cache = None  # DynamicCache, one batch row per entry of self.rows

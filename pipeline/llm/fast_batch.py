@@ -101,9 +101,12 @@ class FastDecodeBatch:
         self.bucket = bucket
         self.slots = SlotCache(rows, min(columns, limit), limit)
         self.limit = limit
+        self.prefill_tokens = PREFILL_TOKENS
         self.rows: dict[int, _Live] = {}  # by the key add() returned
         self._keys = itertools.count()
         self._pending: _Launched | None = None
+        # two sets of pinned host buffers for the steps' tokens: one being read, one being filled
+        self._host = [self._host_buffers() for _ in range(2)] if engine.device.type == "cuda" else []
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -272,13 +275,18 @@ class FastDecodeBatch:
             rows[key] = live.row
             live.column = min(live.column + 1, self.slots.columns - 1)
         event = None
-        if tokens.device.type == "cuda":
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                    for t in (tokens, values)]
+        if self._host:
+            self._host.reverse()  # the other set: the pending step may still be read from this one
+            host = [buffer[:bucket].copy_(t, non_blocking=True) for buffer, t in zip(self._host[0], (tokens, values))]
             event = torch.cuda.Event()
             event.record()
             tokens, values = host
         return _Launched(rows, tokens, values, event, logits)
+
+    def _host_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.engine.max_batch_size
+        return (torch.empty(size, dtype=torch.long, pin_memory=True),
+                torch.empty(size, dtype=self.engine.weights.dtype, pin_memory=True))
 
     def _take_pending(self) -> _Launched:
         launched, self._pending = self._pending, None

@@ -168,18 +168,26 @@ class AnswerScheduler:
             held.append(job)
 
     def _admit(self, held: deque, live: dict, batch) -> None:
-        """The held jobs that fit now, oldest first, into the batch in one add (one prefill group)."""
-        joining = []
+        """The held jobs that fit now, oldest first, into the batch in one add of at most
+        `batch.prefill_tokens` padded tokens: a burst joins over a few steps, each chunk's callers
+        get their first token as soon as it is prefilled, and the rows decoding stall one chunk at a
+        time."""
+        joining, width = [], 0
         while held and len(joining) < batch.room():
-            job = held.popleft()
+            job = held[0]
             if job.cancelled:
+                held.popleft()
                 continue
+            if joining and max(width, len(job.prompt)) * (len(joining) + 1) > batch.prefill_tokens:
+                break
+            held.popleft()
             try:
                 batch.check(job.prompt, job.settings)
             except Exception as error:  # noqa: BLE001 - can never fit: this caller's error alone
                 job.fail(error)
                 continue
             joining.append(job)
+            width = max(width, len(job.prompt))
         if not joining:
             return
         try:
