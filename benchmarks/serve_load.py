@@ -69,7 +69,8 @@ def build(root: Path, tiny: bool) -> dict[str, Path]:
 
 
 def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
+    """nan values (a request whose answer showed no English before its result) are left out."""
+    ordered = sorted(v for v in values if v == v)
     return ordered[min(len(ordered) - 1, max(0, round(share * (len(ordered) - 1))))] if ordered else float("nan")
 
 
@@ -201,6 +202,7 @@ async def closed_loop(url: str, clients: int, rounds: int, lengths, warm_tokens:
     ttft = [s["ttft"] for s in samples]
     total = [s["total"] for s in samples]
     return {"label": label, "clients": clients, "requests": len(samples),
+            "with_english": sum(s["ttft"] == s["ttft"] for s in samples),
             "tokens_per_s": sum(s["tokens"] for s in samples) / wall,
             "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
             "total_p50": percentile(total, 0.5), "total_p99": percentile(total, 0.99),
@@ -212,7 +214,7 @@ def row_line(row: dict, engine: dict[int, float]) -> str:
     share = f"{row['tokens_per_s'] / engine[batch]:.0%} of {batch}" if row["label"] == "fixed" and row["clients"] > 1 else "-"
     stages = " / ".join(f"{row['stages'][k]:.3f}" for k in STAGES)
     return (f"| {row['label']} | {row['clients']} | {row['requests']} | {row['tokens_per_s']:,.0f} |"
-            f" {share} | {row['ttft_p50'] * 1e3:.0f} | {row['ttft_p99'] * 1e3:.0f} |"
+            f" {share} | {row['ttft_p50'] * 1e3:.0f} | {row['ttft_p99'] * 1e3:.0f} | {row['with_english']} |"
             f" {row['total_p50']:.3f} | {row['total_p99']:.3f} | {stages} |")
 
 
@@ -306,8 +308,8 @@ def main() -> None:
              f" {bars['short_tokens']}-token English prompt: {speeds(bars['engine_short'])};"
              f" one question in-process (BilingualQA.ask, raw, warm): {bars['alone']:.3f} s", "",
              "| answers | clients | requests | answer tokens/s | share of engine batch | TTFT p50 ms | TTFT p99 ms |"
-             " request p50 s | request p99 s | p50 s: translate question / answer / translate answer |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             " with English | request p50 s | request p99 s | p50 s: translate question / answer / translate answer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row_line(row, engine_tps) for row in rows]
     lines += ["", *targets(rows, engine_tps, bars["alone"])]
     if failure is not None:

@@ -12,9 +12,10 @@ graphs stay those `generate` uses, with no block table to read per tile.
 
 `SlotCache` owns the room: which slots are free and how many columns they have. Admission asks it
 (`room()`, `limit`): a request waits while no slot is free and is refused only when prompt + answer
-exceed the model's context. The cache starts with the columns short answers need and doubles, up to
-the context, when a longer request joins (attention reads a cache slower the wider it is, even
-columns it skips); its rows are what fits the memory left after the models at full width.
+exceed the model's context. The cache starts with the columns short answers need and widens, in
+steps of FIRST_COLUMNS up to the context, when a longer request joins (attention reads a cache slower
+the wider it is, even columns it skips: the stride between a row's heads grows); its rows are what
+fits the memory left after the models at full width.
 
 Prompts that arrive together are prefilled together (left-padded, as `generate` does; each row's
 start is its first real column). A step runs the graph of the smallest bucket holding the highest
@@ -65,11 +66,11 @@ class SlotCache:
         self._free = list(range(self.rows))
 
     def width_for(self, need: int) -> int:
-        """Columns the cache needs for a row of `need` columns: now's, or double until it fits."""
-        columns = self.columns
-        while columns < need:
-            columns *= 2
-        return min(columns, self.limit)
+        """Columns the cache needs for a row of `need` columns: now's, or `need` rounded up to a
+        multiple of FIRST_COLUMNS (at most a few growths up to the context, each by whole steps)."""
+        if need <= self.columns:
+            return self.columns
+        return min(-(-need // FIRST_COLUMNS) * FIRST_COLUMNS, self.limit)
 
 
 @dataclass
@@ -376,6 +377,9 @@ class FastDecodeBatch:
         engine._k_cache, engine._v_cache = grown
         del old
         self.slots.columns = columns
+        if engine.use_graphs:  # now, once, rather than whenever a bucket is next met under load
+            for bucket in self._buckets():
+                self._graph(bucket)
 
     @staticmethod
     def _choose(logits: torch.Tensor, settings: GenerationSettings, generator) -> int:

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable
@@ -82,6 +83,36 @@ def _put_all(items: list) -> None:
         events.put_nowait(item)
 
 
+class _Profile:
+    """Where the decode thread's time goes, logged every REPORT_SECONDS while it works (the profile
+    serve_load.py's runs leave in the server's log)."""
+
+    REPORT_SECONDS = 5.0
+
+    def __init__(self):
+        self.began = time.perf_counter()
+        self.steps = self.rows = self.adds = self.prompts = 0
+        self.step_s = self.add_s = self.longest_step = 0.0
+
+    def step(self, rows: int, seconds: float) -> None:
+        self.steps, self.rows, self.step_s = self.steps + 1, self.rows + rows, self.step_s + seconds
+        self.longest_step = max(self.longest_step, seconds)
+
+    def add(self, prompts: int, seconds: float) -> None:
+        self.adds, self.prompts, self.add_s = self.adds + 1, self.prompts + prompts, self.add_s + seconds
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.began >= self.REPORT_SECONDS
+
+    def line(self) -> str:
+        wall = time.perf_counter() - self.began
+        steps = max(self.steps, 1)
+        return (f"answer engine, last {wall:.1f} s: {self.steps} steps, {self.rows / steps:.1f} rows and"
+                f" {self.step_s / steps * 1e3:.2f} ms each (longest {self.longest_step * 1e3:.0f} ms);"
+                f" {self.adds} prefills of {self.prompts} prompts, {self.add_s * 1e3:.0f} ms in all;"
+                f" {max(wall - self.step_s - self.add_s, 0):.2f} s neither")
+
+
 class AnswerScheduler:
     def __init__(self, engine, *, max_rows: int = 64, on_tokens: Callable[[int], None] | None = None,
                  batching: str = "auto"):
@@ -123,7 +154,12 @@ class AnswerScheduler:
         live: dict[int, AnswerJob] = {}
         held: deque[AnswerJob] = deque()  # arrived, waiting for a free row
         outbox: list = []  # this step's events for the callers, handed over together
+        self.profile = _Profile()
         while True:
+            if self.profile.due():
+                if self.profile.steps or self.profile.adds:
+                    log.info(self.profile.line())
+                self.profile = _Profile()
             if self._take_arrivals(held, block=not live and not held, outbox=outbox):
                 self._finish_all(live, batch)
                 _hand_over(outbox)
@@ -137,7 +173,9 @@ class AnswerScheduler:
             if not live:
                 continue
             try:
+                began = time.perf_counter()
                 tokens = _gated(batch.step)
+                self.profile.step(len(live), time.perf_counter() - began)
             except Exception as error:  # noqa: BLE001 - fail the rows of this batch, keep serving
                 log.exception("decode step failed")
                 for key, job in list(live.items()):
@@ -191,7 +229,9 @@ class AnswerScheduler:
         if not joining:
             return
         try:
+            began = time.perf_counter()
             added = _gated(batch.add, [(job.prompt, job.settings) for job in joining])
+            self.profile.add(len(joining), time.perf_counter() - began)
         except Exception as error:  # noqa: BLE001 - these callers' failure, not the others'
             log.exception("prefill failed")
             for job in joining:

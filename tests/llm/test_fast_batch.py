@@ -74,7 +74,7 @@ def test_rows_of_any_length_joining_and_leaving_decode_what_they_decode_alone(en
     got = drive(batch, schedule)
     want = [alone(engine, prompt, tokens) for step in sorted(schedule) for prompt, tokens in schedule[step]]
     assert [until_end(ids, engine.eos_token_id) for ids in got] == want
-    assert batch.slots.columns == 256  # grew for the long row: 64 -> 128 -> 256
+    assert batch.slots.columns == 256  # grew for the long row (4 + 200 columns), to the context
     assert len(batch) == 0 and not engine._busy and batch.room() == 4
 
 
