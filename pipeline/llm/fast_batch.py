@@ -144,9 +144,17 @@ class FastDecodeBatch:
         if not self.rows:
             self._begin()
         out: list[tuple[int, int] | None] = [None] * len(requests)
-        for group in self._groups(requests):
-            for index, key_first in zip(group, self._add_group([requests[i] for i in group])):
-                out[index] = key_first
+        try:
+            for group in self._groups(requests):
+                for index, key_first in zip(group, self._add_group([requests[i] for i in group])):
+                    out[index] = key_first
+        except BaseException:  # none of these rows joins: their slots are free again
+            for key_first in out:
+                if key_first is not None:
+                    self.drop(key_first[0])
+            if not self.rows:
+                self._end()
+            raise
         return out
 
     @torch.inference_mode()
@@ -206,10 +214,24 @@ class FastDecodeBatch:
         if need > self.slots.columns:
             self._grow(self.slots.width_for(need))
         slots = [self.slots.take() for _ in group]
-        logits = self._prefill([prompt for prompt, _ in group], width, slots)
-        firsts = []
-        generators = []
-        for index, (prompt, settings) in enumerate(group):
+        try:
+            firsts, generators = self._first_tokens(group, self._prefill([p for p, _ in group], width, slots))
+        except BaseException:
+            for slot in slots:
+                self.slots.give(slot)
+            raise
+        out = []
+        for slot, (_, settings), generator, first in zip(slots, group, generators, firsts):
+            key = next(self._keys)
+            self.rows[key] = _Live(slot, settings, generator, width)
+            out.append((key, first))
+        self._join(slots, firsts, [width - len(prompt) for prompt, _ in group], width)
+        return out
+
+    def _first_tokens(self, group, logits: torch.Tensor) -> tuple[list[int], list]:
+        """Each prefilled row's first token (greedy, or sampled with its own generator) and generator."""
+        firsts, generators = [], []
+        for index, (_, settings) in enumerate(group):
             generator = None
             if not settings.greedy:
                 generator = torch.Generator(device="cpu").manual_seed(
@@ -218,16 +240,9 @@ class FastDecodeBatch:
             firsts.append(None if settings.greedy else self._choose(logits[index], settings, generator))
         values, greedy = torch.max(logits, -1)
         values, greedy = values.tolist(), greedy.tolist()  # the join's one wait for the GPU
-        out = []
-        for index, (prompt, settings) in enumerate(group):
-            if not math.isfinite(values[index]):
-                raise non_finite_error(engine.weights.dtype)
-            first = greedy[index] if firsts[index] is None else firsts[index]
-            key = next(self._keys)
-            self.rows[key] = _Live(slots[index], settings, generators[index], width)
-            out.append((key, first))
-        self._join(slots, [first for _, first in out], [width - len(prompt) for prompt, _ in group], width)
-        return out
+        if not all(math.isfinite(value) for value in values):
+            raise non_finite_error(self.engine.weights.dtype)
+        return [g if f is None else f for g, f in zip(greedy, firsts)], generators
 
     def _join(self, slots: list[int], firsts: list[int], starts: list[int], width: int) -> None:
         """Each new row's step inputs, one write per tensor for the group (a per-row attribute of the

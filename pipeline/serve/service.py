@@ -72,30 +72,13 @@ class Service:
         job = AnswerJob(prompt, settings, asyncio.get_running_loop(),
                         stop_check=None if raw else answerer.stop_check([question_en]))
         scheduler.submit(job)
-        eos, ended = False, False
+        end = {"eos": False}
         try:
-            while not ended:
-                # every token already here goes into one event: under load the loop falls behind the
-                # decode steps and the stream carries fewer, longer pieces instead of falling further
-                events = [await job.events.get()]
-                while not job.events.empty():
-                    events.append(job.events.get_nowait())
-                text = ""
-                for kind, value in events:
-                    if kind == "error":
-                        raise value
-                    if kind == "end":
-                        eos, ended = value, True
-                        break
-                    text += pieces.push(value) or ""
-                    if pieces.ended:
-                        ended = True
-                        break
-                if text:
-                    yield "english", {"text": text}
+            async for text in _english(job, pieces, end):
+                yield "english", {"text": text}
         finally:
             job.cancel()  # frees the row at once when the caller left or the answer has ended
-        ids = pieces.ids + ([answerer.engine.eos_token_id] if eos else [])
+        ids = pieces.ids + ([answerer.engine.eos_token_id] if end["eos"] else [])
         answer = answerer.answer_text(question_en, prompt,
                                       answerer.finish_ids(ids, settings.max_new_tokens, question_en, raw), raw)
         if tail := pieces.finish():
@@ -139,6 +122,32 @@ class Service:
             for index, text in zip(todo, await batcher.translate([texts[i] for i in todo], beams)):
                 out[index] = text
         return out, detected
+
+
+async def _english(job: AnswerJob, pieces: AnswerPieces, end: dict) -> AsyncIterator[str]:
+    """The answer's new English as its tokens arrive; end["eos"] is set when it ended at end-of-text.
+
+    Every token already there goes into one piece: under load the loop falls behind the decode
+    steps, and the stream then carries fewer, longer pieces instead of falling further behind."""
+    while True:
+        events = [await job.events.get()]
+        while not job.events.empty():
+            events.append(job.events.get_nowait())
+        text, ended = "", False
+        for kind, value in events:
+            if kind == "error":
+                raise value
+            if kind == "end":
+                end["eos"], ended = value, True
+                break
+            text += pieces.push(value)
+            if pieces.ended:
+                ended = True
+                break
+        if text:
+            yield text
+        if ended:
+            return
 
 
 async def result_of(events: AsyncIterator[tuple[str, dict]]) -> dict | None:

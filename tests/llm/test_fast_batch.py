@@ -98,6 +98,30 @@ def test_a_request_that_does_not_fit_now_waits_and_one_that_never_fits_is_refuse
     assert engine.generate([SHORT], greedy(5))[0].token_ids == alone(engine, SHORT, 5)
 
 
+def test_a_failed_prefill_leaves_no_row_behind(engine, monkeypatch):
+    batch = FastDecodeBatch(engine, max_rows=4)
+    (kept, _), = batch.add([(SHORT, greedy(5))])
+    calls = []
+
+    def failing(prompts, width, slots):
+        calls.append(len(prompts))
+        if len(calls) == 2:  # the second group of this add
+            raise RuntimeError("the GPU fell over")
+        return prefill(prompts, width, slots)
+
+    prefill = batch._prefill
+    monkeypatch.setattr(batch, "_prefill", failing)
+    with pytest.raises(RuntimeError, match="fell over"):
+        batch.add([(SHORT, greedy(200)), (list(range(1, 255)), greedy(2))])  # two groups: one fails
+    assert len(batch) == 1 and batch.room() == 3
+    batch.drop(kept)
+    assert not engine._busy
+    with pytest.raises(RuntimeError, match="fell over"):
+        calls.clear()
+        batch.add([(SHORT, greedy(200)), (list(range(1, 255)), greedy(2))])
+    assert len(batch) == 0 and batch.room() == 4 and not engine._busy
+
+
 def test_a_burst_of_mixed_lengths_against_a_small_batch_all_complete_each_as_alone(engine):
     rng = random.Random(7)
     requests = [([rng.randrange(1, 450) for _ in range(rng.randrange(1, 40))], rng.choice([2, 9, 30, 120]))
