@@ -120,8 +120,8 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
     if config.kernel == "dot" and splits == 1 and rope_inside:
         _rope_attn_kernel[(batch * heads,)](
             qkv, k_cache, v_cache, cos, sin, s.positions, s.starts, s.col, out, qkv.stride(0), *cache_strides,
-            1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, COL_STRIDE=col_stride(s.col), HEADS=heads, HEAD_DIM=head_dim,
-            ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
+            1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, COL_STRIDE=col_stride(s.col), HEADS=heads,
+            HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
             STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None,
             BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1), **pdl_options(pdl))
         return out
@@ -133,9 +133,9 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
     kernel[(batch * heads, splits)](
         q, k_cache, v_cache, s.starts, s.col, partial, m, l, out,
         *cache_strides, 1.0 / math.sqrt(head_dim), splits,
-        out.stride(0), COL_STRIDE=col_stride(s.col), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1, BLOCK_N=config.block_n, D0=d0,
-        D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages, num_warps=config.warps, PRECISION=precision,
-        num_stages=max(config.stages, 1),
+        out.stride(0), COL_STRIDE=col_stride(s.col), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1,
+        BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages,
+        num_warps=config.warps, PRECISION=precision, num_stages=max(config.stages, 1),
     )
     if splits == 1:  # the split kernel wrote the output itself
         return out

@@ -48,8 +48,9 @@ def rope_and_cache_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     gelu_args, block_g = gelu_share_args(gelu, qkv, heads)
     _rope_write_kernel[(qkv.shape[0], heads)](
         qkv, q, k_cache, v_cache, cos, sin, positions, col, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), tokens, *gelu_args, COL_STRIDE=0 if col.numel() == 1 else 1, HEADS=heads, HEAD_DIM=head_dim, ROT=w.rotary_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), HAS_GELU=gelu is not None, BLOCK_G=block_g, num_warps=warps,
+        k_cache.stride(2), tokens, *gelu_args, COL_STRIDE=0 if col.numel() == 1 else 1, HEADS=heads,
+        HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_GELU=gelu is not None,
+        BLOCK_G=block_g, num_warps=warps,
     )
     return q
 
