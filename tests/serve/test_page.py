@@ -2,7 +2,8 @@
 uvicorn server over the tiny checkpoints: the compare view, errors in the page's own box, the Stop
 button freeing the server's row, fields that refuse bad numbers, keys that submit, no 404s.
 
-SERVE_PAGE_SCREENSHOTS=docs takes the README's screenshots (desktop and 390 px wide) into docs/.
+SERVE_PAGE_SCREENSHOTS=docs takes the README's screenshots (desktop, 390 px wide, an error) into docs/
+(with Debian's fonts-noto-cjk installed, so that the Japanese shows).
 """
 
 from __future__ import annotations
@@ -179,6 +180,9 @@ def test_a_chinese_question_is_an_error_in_its_own_box_in_the_pages_words(browse
     assert page.locator("#answers .answer").count() == 0  # no empty answer card, no Copy, no ### ---
     assert "### ---" not in page.inner_text("body")
     assert page.evaluate("document.activeElement.id") == "source-lang"
+    shots = os.environ.get("SERVE_PAGE_SCREENSHOTS")
+    if shots:
+        page.screenshot(path=os.path.join(shots, "serve-page-error.png"))
     page.close()
 
 
