@@ -285,3 +285,17 @@ def test_an_error_carries_a_code_and_the_language_seen_for_the_page_to_word(clie
     assert too_long.status_code == 400 and too_long.json()["code"] == "too_long", too_long.json()
     unknown = client.post("/v1/ask", json={"question": "What?", "model": "nope"}, headers=AUTH)
     assert unknown.status_code == 400 and unknown.json()["code"] == "unknown_model"
+
+
+def test_a_stream_cut_before_its_result_is_an_error_not_a_spinner(browser, page_server, fine_tune):
+    """A server that dies mid-answer (here: a stream that ends after its first event)."""
+    page, _ = open_page(browser, page_server, fine_tune)
+    page.uncheck("#compare")
+    first = 'event: question\ndata: {"source_lang": "en", "question_en": "What is a bond?"}\n\n'
+    page.route("**/v1/ask", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=first))
+    page.fill("#question", "What is a bond?")
+    page.click("#ask")
+    page.wait_for_selector("#ask-error:not([hidden])", timeout=30_000)
+    assert "ended before it was complete" in page.inner_text("#ask-error")
+    assert page.locator("#answers .answer").count() == 0 and page.is_enabled("#ask")
+    page.close()
