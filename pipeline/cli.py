@@ -36,6 +36,8 @@ USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 ENV_EPILOG = (
     "\b\nEnvironment:\n"
     "  BILINGUAL_QA_LLM, BILINGUAL_QA_JA_EN, BILINGUAL_QA_EN_JA  default models (hub id or directory)\n"
+    "  BILINGUAL_QA_BASE      base of a LoRA adapter --llm (as --base)\n"
+    "  BILINGUAL_QA_API_KEY   the key serve requires of every API request (as --api-key)\n"
     "  BILINGUAL_QA_QUIET=1   no status lines (as --quiet)\n"
     "  HF_HUB_OFFLINE=1       never reach the hub; HF_HOME: where hub models are cached\n"
     "  XDG_CACHE_HOME         CTranslate2 conversions go to $XDG_CACHE_HOME/bilingual-qa/ct2"

@@ -14,6 +14,7 @@ from pipeline.llm.answerer import ENGINE_CHOICES
 from pipeline.llm.engine import MAX_SEED, GenerationSettings
 from pipeline.loading import resolve_device
 from pipeline.mt.backends import BACKEND_CHOICES
+from pipeline.spec import DEFAULT_EN_JA, DEFAULT_JA_EN
 
 
 
@@ -31,9 +32,9 @@ def model_options(command):
     """Options shared by every command that loads models."""
     options = [
         click.option("--ja-en", envvar="BILINGUAL_QA_JA_EN", default=None, show_envvar=True,
-                     help="Japanese->English MarianMT model: hub id or local directory."),
+                     help=f"Japanese->English MarianMT model: hub id or local directory [default: {DEFAULT_JA_EN}]."),
         click.option("--en-ja", envvar="BILINGUAL_QA_EN_JA", default=None, show_envvar=True,
-                     help="English->Japanese MarianMT model: hub id or local directory."),
+                     help=f"English->Japanese MarianMT model: hub id or local directory [default: {DEFAULT_EN_JA}]."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", default="auto", show_default=True,
                      help="auto (bfloat16 on GPUs of compute capability 8.0+, float16 with fp32 attention scores below, "

@@ -15,7 +15,7 @@ import torch
 from pipeline.llm.hardware import Hardware, Plan, plan, probe
 from pipeline.loading import resolve_device
 
-PACKAGES = ("bilingual-qa", "torch", "transformers", "triton", "ctranslate2", "tokenizers", "accelerate")
+PACKAGES = ("bilingual-qa", "torch", "transformers", "triton", "ctranslate2", "tokenizers", "accelerate", "peft")
 
 
 def _versions() -> dict[str, str | None]:

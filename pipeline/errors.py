@@ -10,7 +10,9 @@ class EmptyInputError(BilingualQAError):
 
 
 class UnsupportedLanguageError(BilingualQAError):
-    pass
+    def __init__(self, message: str, language: str | None = None):
+        super().__init__(message)
+        self.language = language  # the code detected ("zh", "ko"...), for callers that word it their way
 
 
 class InputTooLongError(BilingualQAError):

@@ -274,9 +274,13 @@ def _download(repo_id: str, option: str) -> str:
     return directory
 
 
-def load_pretrained(model_class, directory: str, name: str, device: torch.device, dtype: torch.dtype):
-    """Load weights straight onto `device` (accelerate's device_map), never running remote code."""
-    status(f"loading {name} on {device} ({str(dtype).removeprefix('torch.')})")
+def load_pretrained(model_class, directory: str, name: str, device: torch.device, dtype: torch.dtype,
+                    runs_as: str | None = None):
+    """Load weights straight onto `device` (accelerate's device_map), never running remote code.
+
+    `runs_as` is what the loading line says the model will run as, where that is not the weights'
+    dtype (a translator that CTranslate2 runs in int8)."""
+    status(f"loading {name} on {device} ({runs_as or str(dtype).removeprefix('torch.')})")
     try:
         model = model_class.from_pretrained(
             directory, dtype=dtype, device_map={"": device}, low_cpu_mem_usage=True,

@@ -27,6 +27,34 @@ def test_each_command_help_names_the_environment_variables(command):
         assert "env var: BILINGUAL_QA_LLM" in out
 
 
+def test_help_shows_the_translation_defaults_and_every_environment_variable():
+    out = " ".join(run_cli("ask", "--help").stdout.decode().split()).replace("- ", "-")  # help wraps lines
+    assert "[default: Helsinki-NLP/opus-mt-ja-en]" in out and "[default: staka/fugumt-en-ja]" in out
+    top = run_cli("--help").stdout.decode()
+    assert "BILINGUAL_QA_BASE" in top and "BILINGUAL_QA_API_KEY" in top
+
+
+@pytest.mark.parametrize("backend,said", [("transformers", "(transformers, float32)"), ("auto", "(CTranslate2 int8)")])
+def test_a_translators_loading_line_names_the_backend_it_runs_on(backend, said, tiny_ja_en_dir, tmp_path):
+    if backend == "auto":
+        pytest.importorskip("ctranslate2")  # auto on the CPU is CTranslate2 where installed
+    source = tmp_path / "in.txt"
+    source.write_text("金利が上がります。\n", encoding="utf-8")
+    proc = run_cli("translate", str(source), "-o", str(tmp_path / "out.txt"), "--to", "en", "--ja-en",
+                   str(tiny_ja_en_dir), "--device", "cpu", "--beams", "1", "--mt-backend", backend,
+                   env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr.decode()
+    [line] = [line for line in proc.stderr.decode().splitlines() if line.startswith("bilingual-qa: loading ")]
+    assert line.endswith(f"on cpu {said}")
+
+
+def test_doctor_reports_peft_which_loads_lora_adapters():
+    proc = run_cli("doctor", "--format", "json")
+    assert proc.returncode == 0
+    versions = json.loads(proc.stdout)["versions"]
+    assert versions["peft"] and versions["peft"][0].isdigit()
+
+
 def test_quiet_ask_prints_only_the_answer(model_args):
     proc = run_cli("ask", "金利とは？", *model_args, "--max-new-tokens", "6", "--beams", "1", "--quiet")
     assert proc.returncode == 0

@@ -381,6 +381,8 @@ def run_job(paths: JobPaths, reader, writer, options: dict, make_worker: Callabl
         err = _Appender(paths.errors)
         progress = start_or_resume(paths, job, reader, restart, existed)
         if progress.finished:
+            if not existed[paths.errors]:  # opening it to lock it made it again: a finished job had none
+                paths.errors.unlink(missing_ok=True)
             return JobSummary(paths.output, paths.errors, **progress.counts, already_complete=True)
         out.cut(progress.output_offset)
         err.cut(progress.errors_offset)
@@ -403,6 +405,8 @@ def run_job(paths: JobPaths, reader, writer, options: dict, make_worker: Callabl
             err.close()
     progress.finished = True
     save_progress(paths.progress, progress)
+    if progress.errors_offset == 0:  # no row failed: no errors file (held open, locked, until now)
+        paths.errors.unlink(missing_ok=True)
     run.summary.seconds = time.monotonic() - started
     return run.summary
 

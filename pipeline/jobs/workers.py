@@ -44,8 +44,11 @@ def _takes_progress(function) -> bool:
 
 
 def memory_counts(translators: list) -> tuple[int, int]:
-    """(hits, misses) of the translators' memories so far; a translator not loaded yet counts none."""
-    memories = [translator.memory for translator in translators if translator is not None]
+    """(hits, misses) of the translators' memory files so far; a translator not loaded yet counts
+    none, nor does one without a file (its in-process memory's hits are a job's repeated sentences,
+    which a summary line about "translation memory" would misreport as found in a memory)."""
+    memories = [translator.memory for translator in translators
+                if translator is not None and translator.memory.persistent]
     return sum(m.hits for m in memories), sum(m.misses for m in memories)
 
 

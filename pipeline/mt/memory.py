@@ -178,6 +178,11 @@ class TranslationMemory:
         self.hits = 0
         self.misses = 0
 
+    @property
+    def persistent(self) -> bool:
+        """Whether the store outlives the process (a `--memory` file), not this translator's own."""
+        return not isinstance(self.store, InProcessStore)
+
     def lookup(self, description: dict, sources: list[str]) -> tuple[dict[str, str], list[str]]:
         """(the translations the store holds, the other sources each once in first-seen order)."""
         known = self.store.get_many(context_key(description), sources)

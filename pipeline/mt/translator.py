@@ -17,7 +17,7 @@ import torch
 
 from pipeline.errors import InputTooLongError
 from pipeline.loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype
-from pipeline.mt.backends import select_mt_backend
+from pipeline.mt.backends import planned_backend, select_mt_backend
 from pipeline.mt.contract import MTBackend
 from pipeline.mt.ctranslate2 import cache_key
 from pipeline.mt.memory import MemoryStore, TranslationMemory, open_store
@@ -92,7 +92,9 @@ class Translator:
         store = open_store(memory)   # a bad memory file is refused before minutes of loading
         device = device if isinstance(device, torch.device) else resolve_device(device)
         directory = locate_model(name, option)
-        model = load_pretrained(MarianMTModel, directory, name, device, resolve_dtype(dtype, device))
+        torch_dtype = resolve_dtype(dtype, device)
+        model = load_pretrained(MarianMTModel, directory, name, device, torch_dtype,
+                                runs_as=planned_backend(backend, device, torch_dtype))
         tokenizer = load_tokenizer(directory, name)
         target = target_lang or _guess_target_lang(tokenizer, name)
         spec = LoadSpec.resolve(**{DIRECTION_ROLE[target]: name}, dtype=dtype, mt_backend=backend,

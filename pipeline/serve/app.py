@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pipeline.errors import BilingualQAError
+from pipeline.errors import BilingualQAError, EmptyInputError, InputTooLongError, UnsupportedLanguageError
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.models import ModelRegistry, UnknownModelError
 from pipeline.serve.http import (HTTPError, ServerConfig, State, check_key, first_event, flag, generation_settings,
@@ -25,6 +25,12 @@ from pipeline.serve.service import AskRequest
 
 async def page(request: Request) -> Response:
     return HTMLResponse(resources.files("pipeline.serve").joinpath("page/index.html").read_text("utf-8"))
+
+
+async def favicon(request: Request) -> Response:
+    # Served, so that a browser's request for it on every load is no 404 (and no error counted).
+    icon = resources.files("pipeline.serve").joinpath("page/favicon.svg").read_bytes()
+    return Response(icon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
 
 async def health(request: Request) -> Response:
@@ -78,8 +84,20 @@ async def _starlette_error(request: Request, error: HTTPException) -> Response:
     return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
 
 
+# Beside the message, a code a client can word its own way (the page does); UnsupportedLanguageError
+# also gives the language it saw.
+ERROR_CODES = {UnsupportedLanguageError: "unsupported_language", InputTooLongError: "too_long",
+               EmptyInputError: "empty", UnknownModelError: "unknown_model"}
+
+
 async def _user_error(request: Request, error: Exception) -> Response:
-    return JSONResponse({"error": str(error)}, status_code=400)
+    body = {"error": str(error)}
+    code = next((code for kind, code in ERROR_CODES.items() if isinstance(error, kind)), None)
+    if code:
+        body["code"] = code
+    if getattr(error, "language", None):
+        body["language"] = error.language
+    return JSONResponse(body, status_code=400)
 
 
 async def _server_error(request: Request, error: Exception) -> Response:
@@ -123,6 +141,8 @@ def create_app(load: ModelRegistry | Callable[[], ModelRegistry], config: Server
     state = State(config or ServerConfig(), metrics_)
     routes = [
         Route("/", page, methods=["GET"]),
+        Route("/favicon.svg", favicon, methods=["GET"]),
+        Route("/favicon.ico", favicon, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/v1/ask", ask, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),

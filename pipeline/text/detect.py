@@ -123,5 +123,6 @@ def require_supported(language: str) -> str:
         return language
     raise UnsupportedLanguageError(
         f"the text looks like '{language}', but only Japanese (ja) and English (en) are supported;"
-        " if it is one of those, pass --source-lang ja or --source-lang en"
+        " if it is one of those, pass --source-lang ja or --source-lang en",
+        language,
     )

@@ -71,8 +71,9 @@ def translate(translator, source, output, checkpoint=None, **kwargs):
 
 
 def files_of(output):
+    """The output's bytes and its errors file's (None where there is none: no row failed)."""
     errors = output.with_name(output.name + ".errors.jsonl")
-    return output.read_bytes(), errors.read_bytes()
+    return output.read_bytes(), errors.read_bytes() if errors.exists() else None
 
 
 def test_txt_output_is_aligned_line_by_line_and_blank_lines_stay_blank(ja_en, tmp_path):
@@ -242,6 +243,21 @@ def test_resume_cuts_off_bytes_written_after_the_last_committed_chunk(ja_en, tmp
         f.write(b'{"id": 999, "te')
     translate(ja_en, source, tmp_path / "out.jsonl", chunk_rows=4)
     assert files_of(tmp_path / "out.jsonl") == files_of(tmp_path / "whole.jsonl")
+
+
+def test_a_job_where_no_row_failed_leaves_no_errors_file_even_after_a_crash_and_resume(ja_en, tmp_path):
+    source = write_input(tmp_path, "txt", many_rows(14))
+    errors = tmp_path / "out.txt.errors.jsonl"
+    with pytest.raises(Crash):
+        translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4, checkpoint=crash_at("before_progress", 3))
+    assert errors.exists() and errors.stat().st_size == 0  # open while the job runs: a resume cuts it to 0
+    summary = translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4)
+    assert summary.failed == 0 and not errors.exists()
+    assert str(errors) not in summary.describe()
+    again = translate(ja_en, source, tmp_path / "out.txt", chunk_rows=4)
+    assert again.already_complete and not errors.exists()  # opening it to lock it does not leave it behind
+    whole = translate(ja_en, source, tmp_path / "whole.txt", chunk_rows=4)
+    assert whole.failed == 0 and files_of(tmp_path / "out.txt") == files_of(tmp_path / "whole.txt")
 
 
 def test_crash_in_the_model_mid_chunk_resumes_without_losing_a_row(tiny_ja_en_dir, tmp_path):

@@ -163,6 +163,17 @@ def test_a_second_job_and_process_with_the_same_memory_translates_nothing_new(ti
     assert "".join(row + "\n" for row in report["out"]).encode() == first
 
 
+def test_a_job_without_a_memory_file_says_nothing_of_a_translation_memory(tiny_ja_en_dir, tmp_path):
+    """Its repeated sentences are translated once all the same, but no memory "found" them."""
+    source = tmp_path / "in.txt"
+    source.write_text("".join(row + "\n" for row in ROWS * 3), encoding="utf-8")
+    result = CliRunner().invoke(main, ["translate", str(source), "-o", str(tmp_path / "out.txt"), "--to", "en",
+                                       *cli_args(tiny_ja_en_dir)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "rows:" in summary and "translation memory" not in summary and "sentences" not in summary
+
+
 def test_two_processes_sharing_a_memory_file_at_once_both_finish_with_the_same_output(tiny_ja_en_dir, tmp_path):
     source = tmp_path / "in.txt"
     source.write_text("".join(row + "\n" for row in ROWS * 20), encoding="utf-8")
