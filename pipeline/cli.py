@@ -35,6 +35,8 @@ ENV_EPILOG = (
     "\b\nEnvironment:\n"
     "  BILINGUAL_QA_LLM, BILINGUAL_QA_JA_EN, BILINGUAL_QA_EN_JA  default models (hub id or directory)\n"
     "  BILINGUAL_QA_QUIET=1   no status lines (as --quiet)\n"
+    "  BILINGUAL_QA_SERVER    a running `bilingual-qa serve` to send the work to (as --server URL);\n"
+    "                         BILINGUAL_QA_API_KEY its key\n"
     "  HF_HUB_OFFLINE=1       never reach the hub; HF_HOME: where hub models are cached\n"
     "  XDG_CACHE_HOME         CTranslate2 conversions go to $XDG_CACHE_HOME/bilingual-qa/ct2"
 )

@@ -150,7 +150,7 @@ def _chunk_runner(workers: int | str | None, cluster: str | None):
     `cluster`. `auto` is one worker per GPU, so on a machine without one the job runs here."""
     from pipeline.jobs.cluster import dask_runner, worker_count
 
-    if cluster is None and worker_count(workers) == 1:
+    if cluster is None and (workers is None or worker_count(workers) == 1):  # None: no GPU count asked
         return None
 
     return dask_runner(workers, cluster)
