@@ -4,11 +4,12 @@ and `ask --server` against a running `bilingual-qa serve`, with where the time g
 Builds random-weight checkpoints with the published shapes (ask_end_to_end.build) in a local
 directory, then
 1. times `bilingual-qa --help` (--help-runs processes) and checks that it imports no torch;
-2. runs `bilingual-qa ask --format json` once to fill the caches (Triton's compiled kernels,
-   Python's bytecode), then measures the same command as fresh processes: its wall time, the
-   pipeline's own stage timings (from the JSON), the rest (start-up: imports, loading, warm-up,
-   graph capture), the slowest imports (`python -X importtime`) and whether the heavy modules an
-   answer does not need (torch.distributed.tensor, sympy, sklearn) were imported;
+2. runs `bilingual-qa ask --format json` once under `python -X importtime` to fill the caches
+   (Triton's compiled kernels, Python's bytecode) and see the slowest imports and who imported the
+   heavy modules an answer does not need (torch.distributed.tensor, sympy, sklearn), then measures
+   the same command as a fresh process: its wall time, the pipeline's own stage timings (from the
+   JSON) and the rest (start-up: imports, loading, warm-up, graph capture); with --cprofile, once
+   more under cProfile;
 3. starts `bilingual-qa serve` on the same checkpoints, asks twice to warm it (the second batch of
    a shape captures the translator's graphs), then times `bilingual-qa ask --server` processes for
    a Japanese question with a --server-tokens answer (`--raw`: random weights then run to the limit).
@@ -96,16 +97,29 @@ def measure_help(runs: int) -> dict:
             "imports": [name for name in HEAVY if name in loaded]}
 
 
-def measure_ask(paths: dict[str, Path], tokens: int, top: int) -> dict:
+def measure_ask(paths: dict[str, Path], tokens: int, top: int, profile: Path | None) -> dict:
+    """The first process (with -X importtime: where the imports go) fills the caches; the next is
+    the figure; with `profile`, one more under cProfile (where the rest goes)."""
     command = ["ask", QUESTION, "--format", "json", *model_args(paths), "--max-new-tokens", str(tokens)]
-    _, first, _ = run(cli(*command))
-    stdout, wall, _ = run(cli(*command))
-    stages = json.loads(stdout).get("timings", {})
-    _, traced, stderr = run(cli(*command, python_flags=("-X", "importtime")))
+    _, first, stderr = run(cli(*command, python_flags=("-X", "importtime")))
     rows = imports(stderr)
-    return {"first_s": first, "wall_s": wall, "importtime_wall_s": traced, "stages": stages,
-            "slowest_imports": slowest_imports(rows, top),
-            "heavy": {name: chain(rows, name) for name in HEAVY}}
+    stdout, wall, _ = run(cli(*command))
+    figures = {"first_importtime_s": first, "wall_s": wall, "stages": json.loads(stdout).get("timings", {}),
+               "slowest_imports": slowest_imports(rows, top), "heavy": {name: chain(rows, name) for name in HEAVY}}
+    if profile is not None:
+        _, figures["profiled_s"], _ = run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "pipeline",
+                                           *command])
+    return figures
+
+
+def print_profile(profile: Path, top: int) -> None:
+    import pstats
+
+    stats = pstats.Stats(str(profile))
+    print(f"\nslowest functions of the cold ask (cProfile, cumulative), top {top}:")
+    stats.sort_stats("cumulative").print_stats("pipeline/|safetensors|modeling_utils|from_pretrained|cuda", top)
+    print(f"by own time, top {top}:")
+    stats.sort_stats("tottime").print_stats(top)
 
 
 def free_port() -> int:
@@ -178,6 +192,7 @@ def main() -> None:
     parser.add_argument("--no-server", action="store_true", help="skip the server part")
     parser.add_argument("--root", default=None, help="where the checkpoints go (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--cprofile", default=None, metavar="PATH", help="also profile a cold ask into PATH")
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
     name, torch_version, device = device_name()
@@ -188,11 +203,35 @@ def main() -> None:
     figures = {"help": measure_help(args.help_runs)}
     print(f"\n--help: median {figures['help']['median_s']:.3f} s, min {figures['help']['min_s']:.3f} s over "
           f"{args.help_runs} processes; heavy imports: {figures['help']['imports'] or 'none'}", flush=True)
-    ask = figures["ask"] = measure_ask(paths, args.answer_tokens, args.top)
+    profile = Path(args.cprofile) if args.cprofile else None
+    try:
+        ask = figures["ask"] = measure_ask(paths, args.answer_tokens, args.top, profile)
+    except SystemExit as failure:  # the server part still runs
+        print(f"cold ask failed: {failure}", flush=True)
+        ask = None
+    if ask is not None:
+        report_ask(ask, args, profile)
+    if not args.no_server:
+        try:
+            served = figures["server"] = measure_server(paths, args.server_tokens, args.server_runs,
+                                                        root / "serve.log")
+        except SystemExit as failure:
+            print(f"ask --server failed: {failure}; the server's log: {root / 'serve.log'}", flush=True)
+        else:
+            print(f"\nask --server (Japanese question, --raw --max-new-tokens {args.server_tokens}): median "
+                  f"{served['median_s']:.3f} s wall over {args.server_runs} processes "
+                  f"{['%.3f' % w for w in served['walls_s']]}; generated tokens {served['generated_tokens']}; "
+                  f"the server's stages {served['server_timings']}; server ready after {served['ready_s']:.1f} s; "
+                  f"`ask --help` {served['ask_help_s']:.3f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, ensure_ascii=False))
+
+
+def report_ask(ask: dict, args, profile: Path | None) -> None:
     staged = sum(seconds for stage, seconds in ask["stages"].items() if stage != "total")
-    print(f"\ncold ask (--max-new-tokens {args.answer_tokens}): {ask['wall_s']:.2f} s wall (first process, "
-          f"filling the caches: {ask['first_s']:.1f} s; with -X importtime: {ask['importtime_wall_s']:.1f} s); "
-          f"stages {staged:.2f} s; the rest (imports, loading, warm-up) {ask['wall_s'] - staged:.2f} s")
+    print(f"\ncold ask (--max-new-tokens {args.answer_tokens}): {ask['wall_s']:.2f} s wall (the first process, "
+          f"with -X importtime, filling the caches: {ask['first_importtime_s']:.1f} s); stages {staged:.2f} s; "
+          f"the rest (imports, loading, warm-up) {ask['wall_s'] - staged:.2f} s", flush=True)
     print("| stage | s |\n|---|---|")
     for stage, seconds in ask["stages"].items():
         print(f"| {stage} | {seconds:.3f} |")
@@ -202,15 +241,9 @@ def main() -> None:
     print("heavy modules on the ask path (who imported them):")
     for module, links in ask["heavy"].items():
         print(f"  {module}: {links or 'not imported'}")
-    if not args.no_server:
-        served = figures["server"] = measure_server(paths, args.server_tokens, args.server_runs,
-                                                    root / "serve.log")
-        print(f"\nask --server (Japanese question, --raw --max-new-tokens {args.server_tokens}): median "
-              f"{served['median_s']:.3f} s wall over {args.server_runs} processes {['%.3f' % w for w in served['walls_s']]}; "
-              f"generated tokens {served['generated_tokens']}; the server's stages {served['server_timings']}; "
-              f"server ready after {served['ready_s']:.1f} s", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2, ensure_ascii=False))
+    if profile is not None:
+        print(f"(the same process under cProfile: {ask['profiled_s']:.1f} s)")
+        print_profile(profile, args.top)
 
 
 if __name__ == "__main__":
