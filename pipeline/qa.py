@@ -6,9 +6,7 @@ answers one question (`ask`) or many together (`ask_batch`, each stage batched a
 
 from __future__ import annotations
 
-import functools
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Iterator
 
 import torch
@@ -31,18 +29,6 @@ BATCH_ROWS, FAST_BATCH_ROWS = 32, 128  # questions per LLM batch of a file job (
 def model_names(llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None) -> dict[str, str]:
     """The models to load: those named, else the environment variables, else the published ones."""
     return LoadSpec.resolve(llm, ja_en, en_ja).models
-
-
-def _load_all(loads: list, together: bool) -> list:
-    """Each loader's model. On a GPU the three load at once: reading files and copying weights to the
-    device wait on I/O and the copy engine, not on Python, so the translators load while phi-2 does
-    (a cold `ask` waits for the slowest instead of the sum). The first error is raised, once all end."""
-    if not together:
-        return [load() for load in loads]
-    with ThreadPoolExecutor(len(loads), thread_name_prefix="load") as pool:
-        futures = [pool.submit(load) for load in loads]
-        wait(futures)
-    return [future.result() for future in futures]
 
 
 class _StageClock:
@@ -83,12 +69,17 @@ class BilingualQA:
         source = resolve_llm(llm, base)  # a missing or unfit model fails now, before minutes of loading
         for name, option in ((ja_en, "--ja-en"), (en_ja, "--en-ja")):
             locate_model(name, option)
-        loads = [functools.partial(Translator.from_pretrained, name, device=resolved, dtype=dtype, backend=mt_backend,
-                                   target_lang=target, option=option, num_beams=beams, memory=memory)
-                 for name, target, option in ((ja_en, "en", "--ja-en"), (en_ja, "ja", "--en-ja"))]
-        loads.append(functools.partial(Answerer.from_pretrained, source, device=resolved, dtype=dtype, engine=engine))
-        ja_en_translator, en_ja_translator, answerer = _load_all(loads, together=resolved.type == "cuda")
-        return cls(answerer, ja_en_translator, en_ja_translator, spec=spec)
+        # One after another: transformers' from_pretrained sets process-wide state while it builds a
+        # model (the default device, meta-device init), so two loads in threads break each other
+        # ("Tensor on device cpu is not on the expected device meta!"; docs/design.md, Cold start).
+        translators = [
+            Translator.from_pretrained(name, device=resolved, dtype=dtype, backend=mt_backend,
+                                       target_lang=target, option=option, num_beams=beams,
+                                       memory=memory)
+            for name, target, option in ((ja_en, "en", "--ja-en"), (en_ja, "ja", "--en-ja"))
+        ]
+        answerer = Answerer.from_pretrained(source, device=resolved, dtype=dtype, engine=engine)
+        return cls(answerer, *translators, spec=spec)
 
     @property
     def models(self) -> dict[str, str]:
