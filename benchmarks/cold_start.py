@@ -166,9 +166,12 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
         if server.poll() is not None:
             raise SystemExit(f"the server exited ({server.returncode}) before it was ready")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            response = httpx.get(f"{url}/health", timeout=2)
+            if response.status_code == 200:
                 return
-        except httpx.HTTPError:
+            if response.json().get("status") == "error":  # loading failed: no point in waiting
+                raise SystemExit(f"the server could not load its models: {response.json().get('error')}")
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.2)
     raise SystemExit(f"the server was not ready within {timeout:.0f} s")

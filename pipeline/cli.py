@@ -136,9 +136,11 @@ def ask(question, fmt, llm, base, ja_en, en_ja, device, dtype, mt_backend, beams
                               dict(llm=llm, base=base, ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype,
                                    engine=engine, mt_backend=mt_backend, beams=beams, memory=memory),
                               settings, source_lang, chunk_rows, workers, cluster, server, concurrency)
-    if output or field or column or errors_path or restart or cluster or memory or concurrency or given - {"fmt"}:
-        fail("--output, --field, --column, --errors, --restart, --chunk-rows, --workers, --cluster, "
-             "--memory and --concurrency go with --batch")
+    if output or field or column or errors_path or restart or cluster or memory or given - {"fmt"}:
+        fail("--output, --field, --column, --errors, --restart, --chunk-rows, --workers, --cluster "
+             "and --memory go with --batch")
+    if concurrency:
+        fail("--concurrency goes with --batch and --server: the rows of a file in flight at once")
     if stream and fmt != "text":
         fail("--stream goes with --format text")
     question = read_question(question)  # a bad question is refused before torch is even imported

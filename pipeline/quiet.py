@@ -42,9 +42,11 @@ def quiet_libraries(quiet: bool) -> Iterator[None]:
     Everything is as before once the block ends (a process may run several commands: tests, scripts)."""
     bars_off = quiet or not sys.stderr.isatty()
     saved = {name: os.environ.get(name) for name in QUIET_ENVIRONMENT}
+    # transformers is not imported here (a command that loads no model, `--server`, never needs it);
+    # one imported inside the block reads our environment, and is given its own level back at the end.
+    imported_before = "transformers" in sys.modules
     if quiet:
         os.environ.update(QUIET_ENVIRONMENT)
-        importlib.import_module("transformers.utils.logging")  # now, so its logging is set and set back
     elif bars_off:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     undo = _quiet_imported_libraries(quiet, bars_off)
@@ -55,11 +57,19 @@ def quiet_libraries(quiet: bool) -> Iterator[None]:
             yield
     finally:
         undo()
+        if quiet and not imported_before and "transformers.utils.logging" in sys.modules:
+            _unquiet_late_transformers(saved["TRANSFORMERS_VERBOSITY"])
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _unquiet_late_transformers(verbosity: str | None) -> None:
+    """The level transformers would have read at import without --quiet (its own default: warning)."""
+    logging = importlib.import_module("transformers.utils.logging")
+    logging.set_verbosity(logging.log_levels.get(verbosity or "", logging.WARNING))
 
 
 def _quiet_imported_libraries(quiet: bool, bars_off: bool) -> Callable[[], None]:
