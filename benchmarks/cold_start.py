@@ -1,11 +1,18 @@
-"""Cold start: one `bilingual-qa ask` process at the published shapes, and where its time goes.
+"""Cold start: `bilingual-qa --help`, one cold `bilingual-qa ask` process at the published shapes,
+and `ask --server` against a running `bilingual-qa serve`, with where the time goes.
 
 Builds random-weight checkpoints with the published shapes (ask_end_to_end.build) in a local
-directory, runs `bilingual-qa ask --format json` once to fill the caches (Triton's compiled kernels,
-Python's bytecode, the CTranslate2 conversion), then measures the same command again as a fresh
-process: its wall time, the pipeline's own stage timings (from the JSON), the rest (start-up:
-imports, loading, warm-up, graph capture), the slowest imports (`python -X importtime`) and, with
---cprofile, the functions that took longest.
+directory, then
+1. times `bilingual-qa --help` (--help-runs processes) and checks that it imports no torch;
+2. runs `bilingual-qa ask --format json` once under `python -X importtime` to fill the caches
+   (Triton's compiled kernels, Python's bytecode) and see the slowest imports and who imported the
+   heavy modules an answer does not need (torch.distributed.tensor, sympy, sklearn), then measures
+   the same command as a fresh process: its wall time, the pipeline's own stage timings (from the
+   JSON) and the rest (start-up: imports, loading, warm-up, graph capture); with --cprofile, once
+   more under cProfile;
+3. starts `bilingual-qa serve` on the same checkpoints, asks twice to warm it (the second batch of
+   a shape captures the translator's graphs), then times `bilingual-qa ask --server` processes for
+   a Japanese question with a --server-tokens answer (`--raw`: random weights then run to the limit).
 
     python benchmarks/cold_start.py                   # published shapes, on the GPU (~2 minutes)
     python benchmarks/cold_start.py --tiny            # smoke test on the CPU
@@ -18,7 +25,9 @@ import datetime
 import json
 import os
 import platform
-import pstats
+import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,79 +36,217 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
+from ask_end_to_end import QUESTION, build  # noqa: E402 - beside this file
 
-from ask_end_to_end import QUESTION, build
-
-
-def ask_command(paths: dict[str, Path], answer_tokens: int, python_flags: list[str]) -> list[str]:
-    return [sys.executable, *python_flags, "-m", "pipeline", "ask", QUESTION, "--format", "json",
-            "--llm", str(paths["llm"]), "--ja-en", str(paths["ja_en"]), "--en-ja", str(paths["en_ja"]),
-            "--max-new-tokens", str(answer_tokens)]
+HEAVY = ("torch", "transformers", "torch.distributed.tensor", "sympy", "sklearn", "httpx")
 
 
-def run(command: list[str]) -> tuple[dict, float, str]:
+def cli(*args: str, python_flags: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, *python_flags, "-m", "pipeline", *args]
+
+
+def model_args(paths: dict[str, Path]) -> list[str]:
+    return ["--llm", str(paths["llm"]), "--ja-en", str(paths["ja_en"]), "--en-ja", str(paths["en_ja"])]
+
+
+def run(command: list[str]) -> tuple[str, float, str]:
     began = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - began
     if proc.returncode != 0:
-        raise SystemExit(f"ask failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout), wall, proc.stderr
+        raise SystemExit(f"{' '.join(command[:6])}... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout, wall, proc.stderr
 
 
-def import_summary(stderr: str, top: int) -> list[tuple[float, str]]:
-    """(cumulative seconds, module) of the slowest top-level imports in `python -X importtime` output."""
+def imports(stderr: str) -> list[tuple[int, str, float]]:
+    """(depth, module, cumulative seconds) of every line of `python -X importtime` output."""
     rows = []
     for line in stderr.splitlines():
-        if not line.startswith("import time:") or "|" not in line:
+        if not line.startswith("import time:") or "cumulative" in line:
             continue
-        parts = [p.strip() for p in line.removeprefix("import time:").split("|")]
-        if not parts[1].isdigit():
-            continue
-        name = parts[2]
-        if not name.startswith(" ") and "." not in name.strip():  # a top-level package
-            rows.append((int(parts[1]) / 1e6, name.strip()))
-        elif len(name) - len(name.lstrip()) <= 2:  # imported by a top-level one
-            rows.append((int(parts[1]) / 1e6, name.strip()))
-    return sorted(rows, reverse=True)[:top]
+        _, cumulative, name = line.removeprefix("import time:").split("|")
+        rows.append(((len(name) - len(name.lstrip()) - 1) // 2, name.strip(), int(cumulative) / 1e6))
+    return rows
+
+
+def slowest_imports(rows, top: int) -> list[tuple[float, str]]:
+    """The slowest imports at the top two levels (a top-level package, or what one imported)."""
+    return sorted(((seconds, name) for depth, name, seconds in rows if depth <= 1), reverse=True)[:top]
+
+
+def chain(rows, module: str) -> str | None:
+    """`module <- its importer <- ...` up to the top level, with cumulative seconds; None if not imported."""
+    for index, (depth, name, seconds) in enumerate(rows):
+        if name == module:
+            links, level = [f"{name} {seconds:.2f} s"], depth
+            for up_depth, up_name, up_seconds in rows[index + 1:]:  # importers are printed after
+                if up_depth < level:
+                    links.append(f"{up_name} {up_seconds:.2f} s")
+                    level = up_depth
+                    if level == 0:
+                        break
+            return " <- ".join(links)
+    return None
+
+
+def measure_help(runs: int) -> dict:
+    walls = [run(cli("--help"))[1] for _ in range(runs)]
+    _, _, stderr = run(cli("--help", python_flags=("-X", "importtime")))
+    loaded = {name for _, name, _ in imports(stderr)}
+    return {"median_s": statistics.median(walls), "min_s": min(walls),
+            "imports": [name for name in HEAVY if name in loaded]}
+
+
+def measure_ask(paths: dict[str, Path], tokens: int, top: int, profile: Path | None) -> dict:
+    """The first process (with -X importtime: where the imports go) fills the caches; the next is
+    the figure; with `profile`, one more under cProfile (where the rest goes)."""
+    command = ["ask", QUESTION, "--format", "json", *model_args(paths), "--max-new-tokens", str(tokens)]
+    _, first, stderr = run(cli(*command, python_flags=("-X", "importtime")))
+    rows = imports(stderr)
+    stdout, wall, _ = run(cli(*command))
+    figures = {"first_importtime_s": first, "wall_s": wall, "stages": json.loads(stdout).get("timings", {}),
+               "slowest_imports": slowest_imports(rows, top), "heavy": {name: chain(rows, name) for name in HEAVY}}
+    if profile is not None:
+        _, figures["profiled_s"], _ = run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "pipeline",
+                                           *command])
+    return figures
+
+
+def print_profile(profile: Path, top: int) -> None:
+    import pstats
+
+    stats = pstats.Stats(str(profile))
+    print(f"\nslowest functions of the cold ask (cProfile, cumulative), top {top}:")
+    stats.sort_stats("cumulative").print_stats("pipeline/|safetensors|modeling_utils|from_pretrained|cuda", top)
+    print(f"by own time, top {top}:")
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def measure_server(paths: dict[str, Path], tokens: int, runs: int, log: Path) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    began = time.perf_counter()
+    with open(log, "w") as server_log:
+        server = subprocess.Popen(cli("serve", "--port", str(port), *model_args(paths)), stdout=server_log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_ready(url, server, timeout=300)
+        ready = time.perf_counter() - began
+        command = cli("ask", QUESTION, "--server", url, "--format", "json", "--raw", "--max-new-tokens", str(tokens))
+        for _ in range(2):  # the first batch of a shape runs eagerly, the second captures its graphs
+            run(command)
+        walls, results = [], []
+        for _ in range(runs):
+            stdout, wall, _ = run(command)
+            walls.append(wall)
+            results.append(json.loads(stdout))
+        _, help_wall, _ = run(cli("ask", "--help"))
+        return {"ready_s": ready, "median_s": statistics.median(walls), "walls_s": walls,
+                "generated_tokens": [r["generated_tokens"] for r in results],
+                "server_timings": results[-1]["timings"], "ask_help_s": help_wall}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def _wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited ({server.returncode}) before it was ready")
+        try:
+            response = httpx.get(f"{url}/health", timeout=2)
+            if response.status_code == 200:
+                return
+            if response.json().get("status") == "error":  # loading failed: no point in waiting
+                raise SystemExit(f"the server could not load its models: {response.json().get('error')}")
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server was not ready within {timeout:.0f} s")
+
+
+def device_name() -> tuple[str, str, str]:
+    import torch  # the benchmark's own process; the processes it measures import what they import
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(), torch.__version__, "cuda"
+    return platform.processor() or "CPU", torch.__version__, "cpu"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints (a CPU smoke test)")
-    parser.add_argument("--answer-tokens", type=int, default=64)
+    parser.add_argument("--answer-tokens", type=int, default=64, help="new tokens of the cold ask")
+    parser.add_argument("--server-tokens", type=int, default=200, help="new tokens of each ask --server")
+    parser.add_argument("--server-runs", type=int, default=3)
+    parser.add_argument("--help-runs", type=int, default=10)
+    parser.add_argument("--no-server", action="store_true", help="skip the server part")
     parser.add_argument("--root", default=None, help="where the checkpoints go (default: a temporary directory)")
-    parser.add_argument("--cprofile", action="store_true", help="also profile the measured process (cProfile)")
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--cprofile", default=None, metavar="PATH", help="also profile a cold ask into PATH")
+    parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
+    name, torch_version, device = device_name()
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: {name}; "
-          f"torch {torch.__version__}; python {platform.python_version()}; command: {' '.join(sys.argv)}")
+          f"torch {torch_version}; python {platform.python_version()}; command: {' '.join(sys.argv)}", flush=True)
     root = Path(args.root or tempfile.mkdtemp(prefix="cold-start-"))
     paths = build(root, args.tiny, device)
+    figures = {"help": measure_help(args.help_runs)}
+    print(f"\n--help: median {figures['help']['median_s']:.3f} s, min {figures['help']['min_s']:.3f} s over "
+          f"{args.help_runs} processes; heavy imports: {figures['help']['imports'] or 'none'}", flush=True)
+    profile = Path(args.cprofile) if args.cprofile else None
+    try:
+        ask = figures["ask"] = measure_ask(paths, args.answer_tokens, args.top, profile)
+    except SystemExit as failure:  # the server part still runs
+        print(f"cold ask failed: {failure}", flush=True)
+        ask = None
+    if ask is not None:
+        report_ask(ask, args, profile)
+    if not args.no_server:
+        try:
+            served = figures["server"] = measure_server(paths, args.server_tokens, args.server_runs,
+                                                        root / "serve.log")
+        except SystemExit as failure:
+            print(f"ask --server failed: {failure}; the server's log: {root / 'serve.log'}", flush=True)
+        else:
+            print(f"\nask --server (Japanese question, --raw --max-new-tokens {args.server_tokens}): median "
+                  f"{served['median_s']:.3f} s wall over {args.server_runs} processes "
+                  f"{['%.3f' % w for w in served['walls_s']]}; generated tokens {served['generated_tokens']}; "
+                  f"the server's stages {served['server_timings']}; server ready after {served['ready_s']:.1f} s; "
+                  f"`ask --help` {served['ask_help_s']:.3f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, ensure_ascii=False))
 
-    _, first, _ = run(ask_command(paths, args.answer_tokens, []))
-    print(f"first process (fills the caches): {first:.1f} s wall")
-    result, wall, stderr = run(ask_command(paths, args.answer_tokens, ["-X", "importtime"]))
-    stages = result.get("timings", {})
-    staged = sum(stages.values())
-    print(f"\nmeasured process: {wall:.1f} s wall (with -X importtime); stages {staged:.1f} s; "
-          f"the rest (imports, loading, warm-up) {wall - staged:.1f} s")
+
+def report_ask(ask: dict, args, profile: Path | None) -> None:
+    staged = sum(seconds for stage, seconds in ask["stages"].items() if stage != "total")
+    print(f"\ncold ask (--max-new-tokens {args.answer_tokens}): {ask['wall_s']:.2f} s wall (the first process, "
+          f"with -X importtime, filling the caches: {ask['first_importtime_s']:.1f} s); stages {staged:.2f} s; "
+          f"the rest (imports, loading, warm-up) {ask['wall_s'] - staged:.2f} s", flush=True)
     print("| stage | s |\n|---|---|")
-    for stage, seconds in stages.items():
-        print(f"| {stage} | {seconds:.2f} |")
+    for stage, seconds in ask["stages"].items():
+        print(f"| {stage} | {seconds:.3f} |")
     print(f"\nslowest imports (cumulative, -X importtime), top {args.top}:")
-    for seconds, module in import_summary(stderr, args.top):
+    for seconds, module in ask["slowest_imports"]:
         print(f"  {seconds:6.2f} s  {module}")
-    _, plain, _ = run(ask_command(paths, args.answer_tokens, []))
-    print(f"\nthe same process without -X importtime: {plain:.1f} s wall")
-    if args.cprofile:
-        profile = root / "ask.prof"
-        plain_command = ask_command(paths, args.answer_tokens, [])
-        run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "pipeline", *plain_command[3:]])
-        print(f"\nslowest functions (cumulative, cProfile), top {args.top}:")
-        pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(args.top)
+    print("heavy modules on the ask path (who imported them):")
+    for module, links in ask["heavy"].items():
+        print(f"  {module}: {links or 'not imported'}")
+    if profile is not None:
+        print(f"(the same process under cProfile: {ask['profiled_s']:.1f} s)")
+        print_profile(profile, args.top)
 
 
 if __name__ == "__main__":

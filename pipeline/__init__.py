@@ -6,12 +6,29 @@ qa.py composes them, jobs/ runs them over files, serve/ for many callers, cli.py
 docs/design.md shows the house.
 """
 
-from pipeline.text.detect import detect_language
-from pipeline.errors import BilingualQAError
-from pipeline.llm.engine import GenerationSettings
-from pipeline.qa import BilingualQA, QAResult
-from pipeline.mt.translator import Translator
-from pipeline.text.answer_end import trim_answer
+from __future__ import annotations
+
+import importlib
+
+# Each public name and its module, imported at first use: `bilingual-qa --help` (which imports this
+# package first) and `--server` never pay for torch and transformers.
+_EXPORTS = {
+    "BilingualQA": "pipeline.qa", "QAResult": "pipeline.text.result", "Translator": "pipeline.mt.translator",
+    "BilingualQAError": "pipeline.errors", "GenerationSettings": "pipeline.spec",
+    "detect_language": "pipeline.text.detect", "trim_answer": "pipeline.text.answer_end",
+}
 
 __all__ = ["BilingualQA", "BilingualQAError", "GenerationSettings", "QAResult", "Translator", "detect_language", "trim_answer"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

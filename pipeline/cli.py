@@ -13,21 +13,19 @@ import sys
 
 import click
 
-from pipeline.llm.answerer import ENGINE_CHOICES
-from pipeline.llm.continuous import BATCHING_CHOICES
-from pipeline.text.detect import detect_language, require_supported
-from pipeline.errors import BilingualQAError, EmptyInputError
+# Only what --help and the checks that need no model use is imported here: no torch, no
+# transformers, no httpx. The stages load inside the commands that run them (python -X importtime).
+from pipeline.cli_options import (LOCAL_ONLY, base_option, check_before_loading, check_workers, field_for,
+                                  generation_options, given_on_command_line, job_options, model_options,
+                                  server_options, settings_from)
+from pipeline.errors import BilingualQAError, EmptyInputError, ServerError
 from pipeline.jobs import workers as jobs
-from pipeline.llm.engine import GenerationSettings
-from pipeline.loading import quiet_libraries
-from pipeline.mt.memory import SQLiteStore
-from pipeline.qa import BilingualQA, check_question
-from pipeline.spec import DIRECTION_ROLE, MODEL_OPTION, LoadSpec
-from pipeline.cli_options import (base_option, check_before_loading, check_workers, field_for,
-                                  generation_options, job_options, model_options, settings_from)
-from pipeline.text.controls import strip_controls
-from pipeline.text.render import FORMATS, render_comparison
-from pipeline.mt.translator import DEFAULT_BATCH_TOKENS, Translator
+from pipeline.quiet import quiet_libraries
+from pipeline.spec import (BATCHING_CHOICES, DEFAULT_BATCH_TOKENS, DIRECTION_ROLE, ENGINE_CHOICES, MODEL_OPTION,
+                           GenerationSettings, LoadSpec)
+from pipeline.text.detect import detect_language, require_supported
+from pipeline.text.question import check_question
+from pipeline.text.render import FORMATS
 
 EXIT_USER_ERROR = 2
 # Errors of the machine, not of our code, that a user fixes: a full disk, a read-only directory.
@@ -39,14 +37,16 @@ ENV_EPILOG = (
     "  BILINGUAL_QA_BASE      base of a LoRA adapter --llm (as --base)\n"
     "  BILINGUAL_QA_API_KEY   the key serve requires of every API request (as --api-key)\n"
     "  BILINGUAL_QA_QUIET=1   no status lines (as --quiet)\n"
+    "  BILINGUAL_QA_SERVER    a running `bilingual-qa serve` to send the work to (as --server URL);\n"
+    "                         BILINGUAL_QA_API_KEY its key\n"
     "  HF_HUB_OFFLINE=1       never reach the hub; HF_HOME: where hub models are cached\n"
     "  XDG_CACHE_HOME         CTranslate2 conversions go to $XDG_CACHE_HOME/bilingual-qa/ct2"
 )
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     click.echo(f"bilingual-qa: error: {message}", err=True)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(code)
 
 
 def user_errors(command):
@@ -59,6 +59,8 @@ def user_errors(command):
                 return command(*args, **kwargs)
         except BilingualQAError as error:
             fail(str(error))
+        except ServerError as error:  # --server: unreachable, or a refusal that is no row's fault
+            fail(str(error), error.exit_code)
     return wrapper
 
 
@@ -116,15 +118,18 @@ def main(ctx: click.Context) -> None:
               help="With --batch: the answers, one JSON object per question (.jsonl).")
 @job_options("With --batch: ", "question", jobs.ASK_CHUNK_ROWS)
 @click.option("--stream", is_flag=True, help="Show the English answer as phi-2 writes it (--format text).")
+@server_options(concurrency=True)
 @user_errors
 def ask(question, fmt, llm, base, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
         temperature, top_p, seed, source_lang, raw, batch_path, output, field, column, errors_path, restart,
-        chunk_rows, workers, cluster, quiet, memory, stream):
+        chunk_rows, workers, cluster, quiet, memory, stream, server, concurrency):
     """Answer QUESTION (or stdin) and show it in English and Japanese; with --batch FILE, answer every
     question of FILE into --output (JSON lines), exactly once and resumable."""
     given = {name for name in ("fmt", "chunk_rows", "workers")
              if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
-    check_before_loading(device, engine, mt_backend)
+    settings = settings_from(max_new_tokens, temperature, top_p, seed, raw)
+    if server:
+        refuse_local_options("ask", server)
     if batch_path is not None:
         if stream or "fmt" in given:
             fail("--batch writes one JSON object per question into --output: --format and --stream are "
@@ -132,18 +137,26 @@ def ask(question, fmt, llm, base, ja_en, en_ja, device, dtype, mt_backend, beams
         return ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet,
                               dict(llm=llm, base=base, ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype,
                                    engine=engine, mt_backend=mt_backend, beams=beams, memory=memory),
-                              settings_from(max_new_tokens, temperature, top_p, seed, raw), source_lang,
-                              chunk_rows, workers, cluster)
+                              settings, source_lang, chunk_rows, workers, cluster, server, concurrency)
     if output or field or column or errors_path or restart or cluster or memory or given - {"fmt"}:
         fail("--output, --field, --column, --errors, --restart, --chunk-rows, --workers, --cluster "
              "and --memory go with --batch")
+    if concurrency:
+        fail("--concurrency goes with --batch and --server: the rows of a file in flight at once")
     if stream and fmt != "text":
         fail("--stream goes with --format text")
-    question = read_question(question)
+    question = read_question(question)  # a bad question is refused before torch is even imported
     forced = validate_language(question, source_lang)
+    if server:
+        from pipeline.remote import commands as remote
+
+        return remote.ask(server, question, fmt, stream, forced, settings, explicit_llm(llm), beams)
+    check_before_loading(device, engine, mt_backend)
+    from pipeline.qa import BilingualQA
+    from pipeline.text.controls import strip_controls
+
     qa = BilingualQA.from_pretrained(llm, ja_en, en_ja, device=device, dtype=dtype, engine=engine,
                                      mt_backend=mt_backend, beams=beams, base=base)
-    settings = settings_from(max_new_tokens, temperature, top_p, seed, raw)
     if stream:
         for piece in qa.stream_text(question, source_lang=forced, settings=settings):
             click.echo(strip_controls(piece), nl=False)
@@ -151,6 +164,20 @@ def ask(question, fmt, llm, base, ja_en, en_ja, device, dtype, mt_backend, beams
         return
     result = qa.ask(question, source_lang=forced, settings=settings)
     click.echo(result.render(fmt), nl=False)
+
+
+def refuse_local_options(command: str, server: str) -> None:
+    """With --server the server's operator chose the models and how they run: an option that would
+    choose them here is refused (from the environment, the model variables are simply not used)."""
+    for name in given_on_command_line(LOCAL_ONLY):
+        fail(f"{LOCAL_ONLY[name]} chooses how models run here; with --server {server} the server's own "
+             f"options decide: leave it out (or drop --server to run {command} here)")
+
+
+def explicit_llm(llm: str | None) -> str | None:
+    """--llm given on the command line picks one of the server's models; BILINGUAL_QA_LLM does not
+    (it names what to load here)."""
+    return llm if given_on_command_line({"llm": "--llm"}) else None
 
 
 @main.command(epilog=ENV_EPILOG)
@@ -162,22 +189,32 @@ def ask(question, fmt, llm, base, ja_en, en_ja, device, dtype, mt_backend, beams
 @model_options
 @generation_options
 @click.option("--quiet", "-q", is_flag=True, help="Errors only on stderr: no loading lines, progress bars or warnings.")
+@server_options(concurrency=False)
 @user_errors
 def compare(question, llms, fmt, base, ja_en, en_ja, device, dtype, mt_backend, beams, engine, max_new_tokens,
-            temperature, top_p, seed, source_lang, raw, quiet):
+            temperature, top_p, seed, source_lang, raw, quiet, server):
     """The same QUESTION through several models (e.g. phi-2 and a fine-tune), answers paired; a base
     and its LoRA adapters share one copy of the base weights."""
-    from pipeline.llm.models import resolve_llm
-
-    check_before_loading(device, engine, mt_backend)
+    settings = settings_from(max_new_tokens, temperature, top_p, seed, raw)
+    if server:
+        refuse_local_options("compare", server)
     question = read_question(question)
     forced = validate_language(question, source_lang)
+    if server:
+        from pipeline.remote import commands as remote
+
+        return remote.compare(server, question, list(llms), fmt, forced, settings, beams)
+    check_before_loading(device, engine, mt_backend)
+    from pipeline.llm.models import resolve_llm
+    from pipeline.qa import BilingualQA
+    from pipeline.text.render import render_comparison
+
     for name in llms:  # every model checked before the first loads: none fails after an answer
         resolve_llm(name, base)
     qa = BilingualQA.from_pretrained(llms[0], ja_en, en_ja, device=device, dtype=dtype, engine=engine,
                                      mt_backend=mt_backend, beams=beams, base=base)
     results = qa.compare(question, list(llms), source_lang=forced, dtype=dtype, engine=engine, base=base,
-                         settings=settings_from(max_new_tokens, temperature, top_p, seed, raw))
+                         settings=settings)
     click.echo(render_comparison(results, fmt), nl=False)
 
 
@@ -192,12 +229,28 @@ def compare(question, llms, fmt, base, ja_en, en_ja, device, dtype, mt_backend, 
 @click.option("--batch-tokens", type=click.IntRange(16), default=DEFAULT_BATCH_TOKENS, show_default=True,
               help="Token budget of one translation batch (padded).")
 @job_options("", "text", jobs.TRANSLATE_CHUNK_ROWS)
+@server_options(concurrency=True)
 @user_errors
 def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, mt_backend, beams, batch_tokens,
-              chunk_rows, workers, cluster, field, column, errors_path, restart, quiet, memory):
+              chunk_rows, workers, cluster, field, column, errors_path, restart, quiet, memory, server, concurrency):
     """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash."""
+    if server:
+        refuse_local_options("translate", server)
+    elif concurrency:
+        fail("--concurrency goes with --server")
+    field = field_for(input_path, field, column)
+    jobs.check_translation_job(input_path, output, target, source, errors_path)  # before torch is imported
+    if server:
+        from pipeline.remote import commands as remote
+
+        return remote.translate(server, input_path, output, target=target, source=source, beams=beams,
+                                concurrency=concurrency, field=field, errors_path=errors_path, restart=restart,
+                                quiet=quiet, chunk_rows=chunk_rows, report=summary_line)
     check_workers(workers, cluster, device)
     check_before_loading(device, None, mt_backend)
+    from pipeline.mt.memory import SQLiteStore
+    from pipeline.mt.translator import Translator
+
     spec = LoadSpec.resolve(ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, mt_backend=mt_backend,
                             beams=beams, batch_tokens=batch_tokens)
     role = DIRECTION_ROLE[target]
@@ -209,11 +262,14 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
                              target_lang=target, num_beams=beams, batch_tokens=batch_tokens, option=option,
                              memory=store)
     summary = jobs.translate_file(input_path, output, to=target, load_translator=load,
-                                  options=spec.fingerprint("translate", target),
-                                  source_lang=source, field=field_for(input_path, field, column),
+                                  options=spec.fingerprint("translate", target), source_lang=source, field=field,
                                   errors=errors_path, restart=restart, quiet=quiet, chunk_rows=chunk_rows,
                                   workers=workers, cluster=cluster)
-    click.echo(f"bilingual-qa: {summary.describe()}", err=True)
+    summary_line(summary.describe())
+
+
+def summary_line(text: str) -> None:
+    click.echo(f"bilingual-qa: {text}", err=True)
 
 
 @main.command()
@@ -258,24 +314,38 @@ def serve(host, port, llms, ja_en, en_ja, device, dtype, mt_backend, beams, engi
 
 def ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet, load: dict,
                    settings: GenerationSettings, source_lang: str, chunk_rows: int, workers: str,
-                   cluster: str | None) -> None:
+                   cluster: str | None, server: str | None, concurrency: int | None) -> None:
     """`ask --batch`: every question of a file, answered in batches, exactly once and resumable."""
     if question is not None:
         fail("give QUESTION or --batch FILE, not both")
     if output is None:
         fail("--batch needs --output ANSWERS.jsonl")
+    if concurrency and not server:
+        fail("--concurrency goes with --server")
+    field = field_for(batch_path, field, column)
+    forced = None if source_lang == "auto" else source_lang
+    if server:
+        from pipeline.remote import commands as remote
+
+        return remote.ask_batch(server, batch_path, output, model=explicit_llm(load["llm"]), beams=load["beams"],
+                                concurrency=concurrency, settings=settings, source_lang=forced, field=field,
+                                errors_path=errors_path, restart=restart, quiet=quiet, chunk_rows=chunk_rows,
+                                report=summary_line)
     check_workers(workers, cluster, load["device"])
+    check_before_loading(load["device"], load["engine"], load["mt_backend"])
+    from pipeline.mt.memory import SQLiteStore
+    from pipeline.qa import BilingualQA
+
     spec = LoadSpec.resolve(**{key: value for key, value in load.items() if key != "memory"})
     store = SQLiteStore(load["memory"]) if load["memory"] else None   # refused before any work if bad
     load_qa = functools.partial(BilingualQA.from_pretrained, spec.llm, spec.ja_en, spec.en_ja,
                                 device=spec.device, dtype=spec.dtype, engine=spec.engine,
                                 mt_backend=spec.mt_backend, beams=spec.beams, memory=store, base=spec.base)
     summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=spec.fingerprint("ask"),
-                            source_lang=None if source_lang == "auto" else source_lang, settings=settings,
-                            field=field_for(batch_path, field, column), errors=errors_path,
+                            source_lang=forced, settings=settings, field=field, errors=errors_path,
                             restart=restart, quiet=quiet, chunk_rows=chunk_rows, workers=workers,
                             cluster=cluster)
-    click.echo(f"bilingual-qa: {summary.describe()}", err=True)
+    summary_line(summary.describe())
 
 
 @main.command()

@@ -10,12 +10,13 @@ import click
 
 from pipeline.errors import DeviceError, JobError, ModelLoadError
 from pipeline.jobs.files import input_format
-from pipeline.llm.answerer import ENGINE_CHOICES
-from pipeline.llm.engine import MAX_SEED, GenerationSettings
-from pipeline.loading import resolve_device
-from pipeline.mt.backends import BACKEND_CHOICES
-from pipeline.spec import DEFAULT_EN_JA, DEFAULT_JA_EN
+from pipeline.spec import (BACKEND_CHOICES, DEFAULT_EN_JA, DEFAULT_JA_EN, ENGINE_CHOICES, MAX_SEED,
+                           GenerationSettings)
 
+# Options that choose how models run here; with --server the server's operator chose them.
+LOCAL_ONLY = {"ja_en": "--ja-en", "en_ja": "--en-ja", "device": "--device", "dtype": "--dtype",
+              "mt_backend": "--mt-backend", "engine": "--engine", "base": "--base", "workers": "--workers",
+              "cluster": "--cluster", "memory": "--memory", "batch_tokens": "--batch-tokens"}
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -107,6 +108,25 @@ def with_options(options: list):
     return apply
 
 
+def server_options(concurrency: bool):
+    """--server (ask, compare, translate) and, for the commands that run jobs, --concurrency."""
+    options = [click.option(
+        "--server", envvar="BILINGUAL_QA_SERVER", metavar="URL", default=None, show_envvar=True,
+        help="Send the work to this running `bilingual-qa serve` (http://HOST:PORT) instead of loading models "
+             "here; the key comes from BILINGUAL_QA_API_KEY.")]
+    if concurrency:
+        options.append(click.option(
+            "--concurrency", type=click.IntRange(1, 1024), default=None,
+            help="With --server and a file: rows in flight at once [default: the server's --max-batch]."))
+    return with_options(options)
+
+
+def given_on_command_line(names: dict[str, str]) -> list[str]:
+    """Which of these parameters of the running command the user typed (not defaults, not the environment)."""
+    ctx = click.get_current_context()
+    return [name for name in names if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+
+
 def field_for(input: str | Path, field: str | None, column: str | None) -> str:
     """The JSONL field or CSV column that holds the text, refusing the option of the other format."""
     fmt = input_format(Path(input))
@@ -129,7 +149,10 @@ def check_workers(workers: str, cluster: str | None, device: str) -> None:
 
 def check_before_loading(device: str, engine: str | None = None, mt_backend: str = "auto") -> None:
     """The checks that need no model, run before any model loads: the device, and engines or
-    backends that cannot serve it (each would otherwise fail only after minutes of loading)."""
+    backends that cannot serve it (each would otherwise fail only after minutes of loading). The
+    device needs torch to be asked about, so every check that does not comes before this one."""
+    from pipeline.loading import resolve_device
+
     resolved = resolve_device(device)
     if engine == "fast" and resolved.type != "cuda":
         raise DeviceError(f"--engine fast needs a CUDA device, not {resolved.type}; use --engine transformers")

@@ -37,3 +37,14 @@ class MemoryFileError(BilingualQAError):
 
 class SettingsError(BilingualQAError, ValueError):
     """A generation setting out of range (a nan temperature, a negative seed...)."""
+
+
+class ServerError(Exception):
+    """A `--server` that cannot be reached, or that refused or failed a request as a whole (a wrong
+    key, still loading, a full queue): one line, like a BilingualQAError, but no row's fault, so a
+    batch job stops (and resumes later) instead of blaming a row. Exit code 2, or 1 for the
+    server's own failures (a 500)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -7,19 +7,15 @@ is not cached is downloaded once, with progress on stderr.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import os
 import pickle
-import sys
-import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import DeviceError, ModelLoadError
+from pipeline.quiet import QUIET_ENV, QUIET_ENVIRONMENT, quiet_libraries, status  # noqa: F401 - their old home
 
 # What a model directory needs; weights come as safetensors where published, else as a legacy .bin
 # that transformers reads with torch's weights_only loader.
@@ -38,81 +34,7 @@ DTYPES = {
 }
 
 
-QUIET_ENV = "BILINGUAL_QA_QUIET"
-_shown_once: set[str] = set()
-
-
-def status(message: str, *, once: bool = False) -> None:
-    """A status line on stderr, kept off stdout so JSON output stays clean; `once`: at most once
-    per process (a note that both translation models would print)."""
-    if once:
-        if message in _shown_once:
-            return
-        _shown_once.add(message)
-    if os.environ.get(QUIET_ENV) != "1":
-        print(f"bilingual-qa: {message}", file=sys.stderr, flush=True)
-
-
-# What --quiet sets in the environment: read by this module's status lines, by transformers and the
-# hub when they are imported, and by a local cluster's workers, which inherit it.
-QUIET_ENVIRONMENT = {QUIET_ENV: "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-
-
-@contextlib.contextmanager
-def quiet_libraries(quiet: bool) -> Iterator[None]:
-    """Quiet: no status line, no progress bar, no library warning; errors still show. Otherwise the
-    libraries' bars (transformers' per-tensor "Loading weights", hub downloads) show on a terminal
-    only: in a log they are noise, and our own lines ("loading NAME", "downloading NAME") say it.
-    Everything is as before once the block ends (a process may run several commands: tests, scripts)."""
-    bars_off = quiet or not sys.stderr.isatty()
-    saved = {name: os.environ.get(name) for name in QUIET_ENVIRONMENT}
-    if quiet:
-        os.environ.update(QUIET_ENVIRONMENT)
-        importlib.import_module("transformers.utils.logging")  # now, so its logging is set and set back
-    elif bars_off:
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    undo = _quiet_imported_libraries(quiet, bars_off)
-    try:
-        with warnings.catch_warnings():
-            if quiet:
-                warnings.simplefilter("ignore")
-            yield
-    finally:
-        undo()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _quiet_imported_libraries(quiet: bool, bars_off: bool) -> Callable[[], None]:
-    """Set the logging and bars of the libraries already imported (the environment is read at import
-    only); returns what sets them back."""
-    steps: list[Callable[[], None]] = []
-    if "huggingface_hub" in sys.modules and bars_off:
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-        if not are_progress_bars_disabled():
-            disable_progress_bars()
-            steps.append(enable_progress_bars)
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as transformers_logging
-
-        verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
-        if bars_off:
-            transformers_logging.disable_progress_bar()
-        if quiet:
-            transformers_logging.set_verbosity_error()
-        steps.append(lambda: transformers_logging.set_verbosity(verbosity))
-        if bars:
-            steps.append(transformers_logging.enable_progress_bar)
-
-    def undo() -> None:
-        for step in steps:
-            step()
-    return undo
+# Status lines and --quiet live in quiet.py (no torch: the CLI enters them before it knows it needs a model).
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -7,60 +7,28 @@ answers one question (`ask`) or many together (`ask_batch`, each stage batched a
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
 
 from pipeline.llm.answerer import Answerer, AnswerText
-from pipeline.text.controls import refuse_controls
 from pipeline.text.detect import detect_language, require_supported
-from pipeline.errors import BilingualQAError, EmptyInputError, InputTooLongError
+from pipeline.errors import BilingualQAError, InputTooLongError
 from pipeline.llm.engine import GenerationSettings
 from pipeline.llm.models import resolve_llm
 from pipeline.loading import locate_model, resolve_device
-from pipeline.text.render import DIVIDER, render
+from pipeline.text.question import MAX_QUESTION_CHARS, check_question  # noqa: F401 - part of qa's API
+from pipeline.text.render import DIVIDER
+from pipeline.text.result import QAResult
 from pipeline.mt.translator import Translator
 from pipeline.spec import LoadSpec
 
 BATCH_ROWS, FAST_BATCH_ROWS = 32, 128  # questions per LLM batch of a file job (preferred_batch_rows)
-MAX_QUESTION_CHARS = 4000  # far past what phi-2's 2048 positions hold; refused before any model runs
 
 
 def model_names(llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None) -> dict[str, str]:
     """The models to load: those named, else the environment variables, else the published ones."""
     return LoadSpec.resolve(llm, ja_en, en_ja).models
-
-
-@dataclass
-class QAResult:
-    source_lang: str
-    question_en: str
-    question_ja: str
-    answer_en: str
-    answer_ja: str
-    finish_reason: str
-    models: dict[str, str]
-    timings: dict[str, float] = field(default_factory=dict)
-    engine: str = ""
-    mt_backend: str = ""
-    generated_tokens: int = 0
-    raw: bool = False  # answer_en/answer_ja are phi-2's whole output (and its translation), untrimmed
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def render(self, fmt: str = "text") -> str:
-        return render(self, fmt)
-
-
-def check_question(text: str) -> str:
-    text = refuse_controls(text)
-    if not text or not text.strip():
-        raise EmptyInputError("the question is empty: type a question in Japanese or English")
-    if len(text) > MAX_QUESTION_CHARS:
-        raise InputTooLongError(f"the question is {len(text)} characters long; the limit is {MAX_QUESTION_CHARS}")
-    return text.strip()
 
 
 class _StageClock:
@@ -101,6 +69,9 @@ class BilingualQA:
         source = resolve_llm(llm, base)  # a missing or unfit model fails now, before minutes of loading
         for name, option in ((ja_en, "--ja-en"), (en_ja, "--en-ja")):
             locate_model(name, option)
+        # One after another: transformers' from_pretrained sets process-wide state while it builds a
+        # model (the default device, meta-device init), so two loads in threads break each other
+        # ("Tensor on device cpu is not on the expected device meta!"; docs/design.md, Cold start).
         translators = [
             Translator.from_pretrained(name, device=resolved, dtype=dtype, backend=mt_backend,
                                        target_lang=target, option=option, num_beams=beams,

@@ -8,8 +8,11 @@ from Python (or the other way round) is recognised as the same job.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+
+from pipeline.errors import SettingsError
 
 DEFAULT_LLM = "microsoft/phi-2"
 DEFAULT_JA_EN = "Helsinki-NLP/opus-mt-ja-en"
@@ -21,6 +24,11 @@ MODEL_ENV = {"llm": "BILINGUAL_QA_LLM", "ja_en": "BILINGUAL_QA_JA_EN", "en_ja": 
 # The CLI option of each role, for error messages that tell the user what to change.
 MODEL_OPTION = {"llm": "--llm", "ja_en": "--ja-en", "en_ja": "--en-ja"}
 DIRECTION_ROLE = {"en": "ja_en", "ja": "en_ja"}  # target language -> the translation model's role
+# The choices of --engine, --batching and --mt-backend, here so that the CLI can offer them without
+# importing the rooms (and torch) that implement them.
+ENGINE_CHOICES = ("auto", "fast", "transformers")
+BATCHING_CHOICES = ("auto", "continuous", "micro")
+BACKEND_CHOICES = ("auto", "transformers", "ctranslate2", "fast")
 
 
 @dataclass(frozen=True)
@@ -68,3 +76,34 @@ class LoadSpec:
         options = {"models": self.models, "dtype": self.dtype, "engine": self.engine,
                    "mt_backend": self.mt_backend, "beams": self.beams}
         return {**options, "base": self.base} if self.base else options
+
+
+# What one answer is generated with (llm/engine.py's engines read it; the CLI and the server build it).
+MAX_SEED = 2**32 - 1  # what every engine's generator takes
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    # phi-2's whole output: no stop check, nothing trimmed (read by the answer stage; engines ignore it)
+    raw: bool = False
+
+    def __post_init__(self):
+        # The CLI's option types check the same; this is for Python callers, whose nan or negative
+        # values would otherwise fail deep in sampling (or not at all: nan passes every comparison).
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SettingsError(f"max_new_tokens must be a whole number of at least 1, not {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SettingsError(f"temperature must be a finite number of 0 or more, not {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise SettingsError(f"top_p must be above 0 and at most 1, not {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise SettingsError(f"seed must be a whole number from 0 to {MAX_SEED}, not {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0

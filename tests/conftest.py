@@ -91,8 +91,8 @@ def tiny_lora_saved_head_dir(tiny_models_dir, tiny_phi2_dir) -> Path:
 
 @pytest.fixture(autouse=True)
 def fresh_once_notices():
-    """Notes printed once per process (loading.status(once=True)) print again in each test."""
-    from pipeline import loading
+    """Notes printed once per process (quiet.status(once=True)) print again in each test."""
+    from pipeline import quiet
 
-    loading._shown_once.clear()
+    quiet._shown_once.clear()
     yield

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline import loading
+from pipeline import loading, quiet
 from pipeline.qa import QAResult
 from cli_run import run_cli  # tests/cli_run.py
 
@@ -83,8 +83,8 @@ def test_transformers_fallback_note_prints_once_for_both_translators(tiny_ja_en_
     from pipeline.mt.translator import Translator
 
     monkeypatch.setattr(ct2, "ctranslate2_available", lambda: False)
-    monkeypatch.setattr(loading, "_shown_once", set())
-    monkeypatch.delenv(loading.QUIET_ENV, raising=False)
+    monkeypatch.setattr(quiet, "_shown_once", set())
+    monkeypatch.delenv(quiet.QUIET_ENV, raising=False)
     for directory, target in ((tiny_ja_en_dir, "en"), (tiny_en_ja_dir, "ja")):
         Translator.from_pretrained(str(directory), device="cpu", backend="auto", target_lang=target)
     notes = [line for line in capsys.readouterr().err.splitlines() if "note: translating with transformers" in line]
@@ -95,7 +95,7 @@ def test_first_ctranslate2_conversion_says_where_it_writes(tiny_ja_en_dir, tmp_p
     pytest.importorskip("ctranslate2")
     from pipeline.mt.ctranslate2 import converted_model_dir
 
-    monkeypatch.delenv(loading.QUIET_ENV, raising=False)
+    monkeypatch.delenv(quiet.QUIET_ENV, raising=False)
     with loading.quiet_libraries(False):  # as every command runs: stderr is no terminal, so no bars
         target = converted_model_dir(tiny_ja_en_dir, cache_root=tmp_path)
     first = capsys.readouterr().err

@@ -14,22 +14,36 @@ import functools
 import inspect
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from pipeline.errors import BilingualQAError, JobError
 from pipeline.jobs.files import CsvWriter, JsonlWriter, Outcome, TxtWriter, input_format, open_reader
 from pipeline.jobs.runner import Checkpoint, JobPaths, JobSummary, Report, no_checkpoint, run_job
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language
-
-if TYPE_CHECKING:
-    from pipeline.mt.translator import Translator
-    from pipeline.qa import BilingualQA
 
 TRANSLATE_CHUNK_ROWS = 512
 # One chunk holds one best batch of the fast engine (128 rows); a crash costs at most that much work.
 ASK_CHUNK_ROWS = 128
 ASK_BATCH_ROWS = 32  # questions per LLM batch where the answer stage names no better size
+
+
+class Translator(Protocol):
+    """What a translation job needs of mt/translator.py's Translator (jobs import no stage: the
+    stages hand themselves to jobs, see docs/design.md)."""
+
+    memory: object
+
+    def translate(self, texts: list[str]) -> list[str]: ...
+
+
+class BilingualQA(Protocol):
+    """What an answer job needs of qa.py's BilingualQA."""
+
+    ja_en: Translator
+    en_ja: Translator
+
+    def ask_batch(self, texts: list[str], *, source_lang: str | None, settings: GenerationSettings) -> list: ...
 
 
 def other_language(language: str) -> str:
@@ -139,10 +153,24 @@ def _chunk_runner(workers: int | str | None, cluster: str | None):
     `cluster`. `auto` is one worker per GPU, so on a machine without one the job runs here."""
     from pipeline.jobs.cluster import dask_runner, worker_count
 
-    if cluster is None and worker_count(workers) == 1:
+    if cluster is None and (workers is None or worker_count(workers) == 1):  # None: no GPU count asked
         return None
 
     return dask_runner(workers, cluster)
+
+
+def check_translation_job(input: str | Path, output: str | Path, to: str, source_lang: str = "auto",
+                          errors: str | Path | None = None) -> JobPaths:
+    """The job's files and languages, refused before anything loads (the CLI calls it first)."""
+    if to not in SUPPORTED_LANGUAGES or source_lang not in SUPPORTED_LANGUAGES + ("auto",):
+        raise JobError("translate between ja and en: --to ja|en, --from ja|en|auto")
+    if source_lang == to:
+        raise JobError(f"--from {source_lang} and --to {to} are the same language")
+    paths = JobPaths.of(input, output, errors)
+    input_format(paths.input)
+    if paths.output.suffix.lower() != paths.input.suffix.lower():
+        raise JobError(f"the output must be a {paths.input.suffix} file like the input")
+    return paths
 
 
 def translate_file(input: str | Path, output: str | Path, *, to: str, load_translator: Callable[[], "Translator"],
@@ -155,14 +183,8 @@ def translate_file(input: str | Path, output: str | Path, *, to: str, load_trans
     `load_translator` is called only if there is work to do; `options` (everything that affects the
     output: model, beams...) goes into the job's fingerprint.
     """
-    if to not in SUPPORTED_LANGUAGES or source_lang not in SUPPORTED_LANGUAGES + ("auto",):
-        raise JobError("translate between ja and en: --to ja|en, --from ja|en|auto")
-    if source_lang == to:
-        raise JobError(f"--from {source_lang} and --to {to} are the same language")
-    paths = JobPaths.of(input, output, errors)
+    paths = check_translation_job(input, output, to, source_lang, errors)
     fmt = input_format(paths.input)
-    if paths.output.suffix.lower() != paths.input.suffix.lower():
-        raise JobError(f"the output must be a {paths.input.suffix} file like the input")
     reader = open_reader(paths.input, fmt, field)
     added = ["translation"] + (["source_lang"] if source_lang == "auto" else [])
     writer = {"txt": TxtWriter(), "jsonl": JsonlWriter()}.get(fmt) or CsvWriter(reader, added)

@@ -26,7 +26,7 @@ from pipeline.spec import DEFAULT_LLM
 from pipeline.text.answer_end import EndWatch, locate_answer, settled_span
 
 PROMPT = "Instruct: {question}\nOutput:"
-ENGINE_CHOICES = ("auto", "fast", "transformers")
+from pipeline.spec import ENGINE_CHOICES  # noqa: E402,F401 - the CLI reads it there
 
 
 @dataclass

@@ -8,7 +8,6 @@ looks inside it.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from contextlib import nullcontext
@@ -17,7 +16,9 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from pipeline.errors import BilingualQAError, SettingsError
+from pipeline.errors import BilingualQAError
+# The settings live with the other options (no torch there); imported from here as ever.
+from pipeline.spec import MAX_SEED, GenerationSettings  # noqa: F401
 
 # Given a row's index in the call's prompts and its generated ids so far, True once its answer has
 # ended (each row has its own question, so the check needs to know which row it sees).
@@ -26,36 +27,6 @@ StopCheck = Callable[[int, Sequence[int]], bool]
 FINISH_EOS = "eos"  # the model wrote end-of-text
 FINISH_STOP = "stop"  # the answer ended and phi-2 went on (an invented follow-up question or turn)
 FINISH_LENGTH = "length"  # max_new_tokens reached
-
-
-MAX_SEED = 2**32 - 1  # what every engine's generator takes
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    # phi-2's whole output: no stop check, nothing trimmed (read by the answer stage; engines ignore it)
-    raw: bool = False
-
-    def __post_init__(self):
-        # The CLI's option types check the same; this is for Python callers, whose nan or negative
-        # values would otherwise fail deep in sampling (or not at all: nan passes every comparison).
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise SettingsError(f"max_new_tokens must be a whole number of at least 1, not {self.max_new_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise SettingsError(f"temperature must be a finite number of 0 or more, not {self.temperature!r}")
-        if not (isinstance(self.top_p, (int, float)) and math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise SettingsError(f"top_p must be above 0 and at most 1, not {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed <= MAX_SEED):
-            raise SettingsError(f"seed must be a whole number from 0 to {MAX_SEED}, not {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
 
 
 @dataclass

@@ -39,7 +39,7 @@ class TransformersMTBackend:
                 for row in out.tolist()]
 
 
-BACKEND_CHOICES = ("auto", "transformers", "ctranslate2", "fast")
+from pipeline.spec import BACKEND_CHOICES  # noqa: E402,F401 - the CLI reads it there
 
 
 def notice(message: str) -> None:

@@ -85,6 +85,7 @@ class _Session:
     beam: BeamState | None = None    # beam search's hypotheses (beams > 1)
     graphs: list = field(default_factory=list)  # [prefill, steps 0..3, steps 4..7, ...]
     host_flags: torch.Tensor | None = None
+    uses: int = 0  # batches run on it: the first runs eagerly, the graphs are captured at the second
 
 
 class FastMarianBackend:
@@ -188,9 +189,16 @@ class FastMarianBackend:
         if src_len > self.max_positions or tgt_len > self.max_positions:
             raise ValueError(f"sequence longer than the model's {self.max_positions} positions")
         s = self._session(_batch_bucket(len(rows)), src_len, tgt_len, beams)
+        # A shape seen once runs eagerly: capturing its 1 + tgt_len/4 graphs costs far more than one
+        # eager batch (a cold `ask` translates one question and one answer, each once). A shape that
+        # comes back (a job, a server) is captured and replayed from then on.
+        replay = self.use_graphs and (bool(s.graphs) or s.uses > 0)
+        if replay and not s.graphs:
+            self._capture(s)
+        s.uses += 1
         self._load(s, rows, limit, limit - 1 if beams > 1 and self.forced_eos else -1)
         chunks = -(-limit // self.steps_per_graph)
-        if self.use_graphs:
+        if replay:
             self._replay(s, chunks)
         else:
             self._prefill(s)
@@ -232,9 +240,7 @@ class FastMarianBackend:
             return self.sessions[key]
         while len(self.sessions) >= MAX_SESSIONS:
             self.sessions.popitem(last=False)
-        s = self._allocate(batch, src_len, tgt_len, beams)
-        if self.use_graphs:
-            self._capture(s)
+        s = self._allocate(batch, src_len, tgt_len, beams)  # captured at its second batch (_run)
         self.sessions[key] = s
         return s
 

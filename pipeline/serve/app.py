@@ -38,7 +38,8 @@ async def health(request: Request) -> Response:
     if state.service is None:
         body = {"status": "error", "error": state.load_error} if state.load_error else {"status": "loading"}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
-    return JSONResponse({"status": "ok"})
+    # max_batch: the questions the server decodes together, the default --concurrency of a client's batch job
+    return JSONResponse({"status": "ok", "max_batch": state.models.max_rows})
 
 
 async def ask(request: Request) -> Response:

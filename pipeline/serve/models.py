@@ -39,6 +39,7 @@ class ModelRegistry:
         if not qas:
             raise ValueError("at least one answer model is needed")
         self.qas = qas
+        self.max_rows = max_rows
         self.default = next(iter(qas))
         first = qas[self.default]
         self.ja_en = TranslationBatcher(first.ja_en)

@@ -8,25 +8,36 @@ a model produced are removed there; JSON escapes them.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pipeline.text.controls import strip_controls
-
-if TYPE_CHECKING:
-    from pipeline.qa import QAResult
 
 FORMATS = ("text", "markdown", "json")
 DIVIDER = "### ---"
 
 
-def render_text(result: "QAResult") -> str:
+class Rendered(Protocol):
+    """What rendering reads of a result (text/result.py's QAResult, which calls in here)."""
+
+    question_en: str
+    question_ja: str
+    answer_en: str
+    answer_ja: str
+    finish_reason: str
+    models: dict[str, str]
+    raw: bool
+
+    def to_dict(self) -> dict: ...
+
+
+def render_text(result: Rendered) -> str:
     return strip_controls("\n".join([
         f"Q: {result.question_en}", "", result.answer_en, "", DIVIDER, "",
         f"Q: {result.question_ja}", "", result.answer_ja, "",
     ]))
 
 
-def render_markdown(result: "QAResult") -> str:
+def render_markdown(result: Rendered) -> str:
     return strip_controls("\n".join([
         "## English", "", f"**Q:** {result.question_en}", "", result.answer_en, "",
         "## 日本語", "", f"**質問:** {result.question_ja}", "", result.answer_ja, "",
@@ -35,25 +46,23 @@ def render_markdown(result: "QAResult") -> str:
     ]))
 
 
-def render_json(result: "QAResult") -> str:
+def render_json(result: Rendered) -> str:
     return json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n"
 
 
-def render(result: "QAResult", fmt: str = "text") -> str:
+def render(result: Rendered, fmt: str = "text") -> str:
     renderers = {"text": render_text, "markdown": render_markdown, "json": render_json}
     if fmt not in renderers:
         raise ValueError(f"unknown format '{fmt}': use one of {', '.join(FORMATS)}")
     return renderers[fmt](result)
 
 
-def render_comparison(results: list["QAResult"], fmt: str) -> str:
+def render_comparison(results: list[Rendered], fmt: str) -> str:
     """`compare`'s output: each model's result under a heading that names it."""
     if fmt == "json":
-        import json
-
         return json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2) + "\n"
     heading = "## {}\n\n" if fmt == "markdown" else "=== {} ===\n\n"
 
     def label(models: dict) -> str:  # an adapter is named with its base
         return f"{models['llm']} (LoRA adapter on {models['llm_base']})" if "llm_base" in models else models["llm"]
-    return "\n".join(heading.format(label(r.models)) + r.render(fmt) for r in results)
+    return "\n".join(heading.format(label(r.models)) + render(r, fmt) for r in results)

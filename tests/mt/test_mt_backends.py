@@ -187,6 +187,17 @@ def test_chunked_top_k_and_add_layer_norm_kernels_match_torch():
                           torch.nn.functional.layer_norm(x + y, (48,), weight, bias, 1e-5), atol=1e-5)
 
 
+@needs_cuda
+def test_a_shapes_eager_first_batch_equals_its_captured_and_replayed_batches(published, sources):
+    fast = FastMarianBackend(load(published, "cuda"))
+    for beams in (1, 4):
+        first = fast.generate(sources, 24, beams)  # eager: a shape seen once is not captured
+        session = next(reversed(fast.sessions.values()))
+        assert session.graphs == [] and session.uses == 1
+        assert fast.generate(sources, 24, beams) == first  # captured now, then replayed
+        assert session.graphs and fast.generate(sources, 24, beams) == first
+
+
 @needs_triton
 def test_fast_backend_with_triton_kernels_matches_generate(published, sources):
     model = load(published, KERNEL_DEVICE)

@@ -30,7 +30,7 @@ def sse_events(text: str) -> list[tuple[str | None, str]]:
 
 def test_health_is_open_and_ok_once_loaded(client):
     response = client.get("/health")
-    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.status_code == 200 and response.json() == {"status": "ok", "max_batch": 16}  # conftest: max_rows=16
 
 
 def test_health_is_503_with_retry_after_while_models_load(registry):
