@@ -25,6 +25,7 @@ from pipeline.qa import BilingualQA, check_question
 from pipeline.spec import DIRECTION_ROLE, MODEL_OPTION, LoadSpec
 from pipeline.cli_options import (base_option, check_before_loading, check_workers, field_for,
                                   generation_options, job_options, model_options, settings_from)
+from pipeline.documents import FORMAT_CHOICES as DOCUMENT_FORMATS, format_of as document_format
 from pipeline.text.controls import strip_controls
 from pipeline.text.render import FORMATS, render_comparison
 from pipeline.mt.translator import DEFAULT_BATCH_TOKENS, Translator
@@ -190,10 +191,17 @@ def compare(question, llms, fmt, base, ja_en, en_ja, device, dtype, mt_backend, 
 @click.option("--batch-tokens", type=click.IntRange(16), default=DEFAULT_BATCH_TOKENS, show_default=True,
               help="Token budget of one translation batch (padded).")
 @job_options("", "text", jobs.TRANSLATE_CHUNK_ROWS)
+@click.option("--format", "doc_format", type=click.Choice(DOCUMENT_FORMATS), default=None,
+              help="Read INPUT as this document format, whatever its extension [default: by extension].")
 @user_errors
 def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, mt_backend, beams, batch_tokens,
-              chunk_rows, workers, cluster, field, column, errors_path, restart, quiet, memory):
-    """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash."""
+              chunk_rows, workers, cluster, field, column, errors_path, restart, quiet, memory, doc_format):
+    """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash.
+    A document (.md, .html, .srt, .vtt, .docx) is translated into the same format, keeping
+    everything but the words."""
+    doc_format = document_format(input_path, doc_format)
+    if doc_format is not None and (field or column):
+        fail("--field and --column are for .jsonl and .csv/.tsv input, not for documents")
     check_workers(workers, cluster, device)
     check_before_loading(device, None, mt_backend)
     spec = LoadSpec.resolve(ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, mt_backend=mt_backend,
@@ -206,6 +214,14 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
     load = functools.partial(Translator.from_pretrained, model, device=device, dtype=dtype, backend=mt_backend,
                              target_lang=target, num_beams=beams, batch_tokens=batch_tokens, option=option,
                              memory=store)
+    if doc_format is not None:
+        from pipeline.jobs.documents import translate_document_file
+
+        summary = translate_document_file(input_path, output, to=target, load_translator=load,
+                                          options=spec.fingerprint("translate", target), source_lang=source,
+                                          fmt=doc_format, errors=errors_path, restart=restart, quiet=quiet,
+                                          chunk_rows=chunk_rows, workers=workers, cluster=cluster)
+        return click.echo(f"bilingual-qa: {summary.describe()}", err=True)
     summary = jobs.translate_file(input_path, output, to=target, load_translator=load,
                                   options=spec.fingerprint("translate", target),
                                   source_lang=source, field=field_for(input_path, field, column),

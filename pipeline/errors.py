@@ -35,3 +35,7 @@ class MemoryFileError(BilingualQAError):
 
 class SettingsError(BilingualQAError, ValueError):
     """A generation setting out of range (a nan temperature, a negative seed...)."""
+
+
+class DocumentError(JobError):
+    """A document (.md, .html, .srt, .vtt, .docx) that cannot be parsed: nothing is written."""
