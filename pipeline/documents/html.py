@@ -71,8 +71,13 @@ class _Tokens(HTMLParser):
         super().__init__(convert_charrefs=False)
         self.line_starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
         self.tokens: list[tuple[str, int, object]] = []
-        self.feed(text)
+        # A file that ends inside a tag: the parser would hand the unfinished tag over as text.
+        tail = text.rfind("<")
+        unfinished = tail >= 0 and text.find(">", tail) < 0 and _unfinished_markup(text[tail:])
+        self.feed(text[:tail] if unfinished else text)
         self.close()
+        if unfinished:
+            self.tokens.append(("other", tail, None))
 
     def _at(self) -> int:
         line, column = self.getpos()
@@ -124,6 +129,10 @@ def sniff_encoding(data: bytes) -> str:
         return "utf-8"
     except UnicodeDecodeError:
         return "windows-1252"
+
+
+def _unfinished_markup(raw: str) -> bool:
+    return raw.startswith("<") and (raw[1:2].isalpha() or raw[1:2] in ("/", "!", "?"))
 
 
 def _charset_of(content: str) -> str | None:
@@ -217,7 +226,7 @@ class HtmlDocument:
 
     def _write(self, text: str, quote: str | None) -> str:
         if quote is None:
-            text = html.escape(" ".join(text.splitlines()), quote=False)
+            text = html.escape(text, quote=False)
         else:
             text = text.replace("&", "&amp;").replace(quote or '"', "&quot;" if quote != "'" else "&#x27;")
         for character, reference in self.entities.items():

@@ -32,6 +32,7 @@ HOLES = {"code_inline", "html_inline", "math_inline", "math_inline_double", "ima
 BREAKS = {"softbreak", "hardbreak"}
 ESCAPED = set("\\`*_[]<>&|~$#")
 LINE_START_ESCAPED = set("#+-=>")
+CONTROL_REFERENCES = {"\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}
 
 
 class _TrackingState(StateInline):
@@ -190,6 +191,7 @@ class MarkdownDocument:
         self.text = text[len(self.bom):]
         self.line_starts = _line_starts(self.text)
         self.cursors: dict[int, int] = {}
+        self.references: dict[str, str] = {}  # a character the source wrote as an entity or escape -> how
         self.segments: list[Segment] = []
         self.spans: list[list[bool]] = []  # per piece of each segment: whether it starts a line
         self.parser = make_parser()
@@ -243,6 +245,8 @@ class MarkdownDocument:
                 continue
             if content[start:end] != raw:
                 raise _Unplaced
+            if raw != text and not text.isspace() and len(text) == 1:
+                self.references.setdefault(text, raw)
             if runs and runs[-1][1] == start:
                 runs[-1][1], runs[-1][2] = end, runs[-1][2] + text
             else:
@@ -299,16 +303,38 @@ class MarkdownDocument:
         for segment, spans, translation in zip(self.segments, self.spans, translations):
             for piece, starts_line, part in zip(segment.pieces, spans, distribute(segment, translation)):
                 if part != piece.text:
-                    replacements.append((piece.start, piece.end, escape(part, starts_line)))
+                    literal = _literal(self.text[piece.start:piece.end])
+                    replacements.append((piece.start, piece.end,
+                                         escape(part, starts_line, literal, self.references)))
         return (self.bom + replace_pieces(self.text, replacements)).encode("utf-8")
 
 
-def escape(text: str, starts_line: bool) -> str:
-    """`text` written so that Markdown reads it as text, on one line."""
+def _literal(raw: str) -> set[str]:
+    """The punctuation a piece's source has as plain text: not after a backslash, and not one that
+    starts an escape, an entity, HTML or code."""
+    literal, i = set(), 0
+    while i < len(raw):
+        if raw[i] == "\\":
+            i += 2
+            continue
+        literal.add(raw[i])
+        i += 1
+    return literal - set("\\&<")
+
+
+def escape(text: str, starts_line: bool, literal: set[str] | str = "", references: dict | None = None) -> str:
+    """`text` written so that Markdown reads it as text. A character the source piece already had
+    as plain text (`literal`) stays as it was: it was text there (a balanced `[...]` in a link's
+    label, a lone `*`), and escaping it could change how the brackets around it pair up."""
     out = []
-    text = " ".join(text.split("\n"))
     for i, ch in enumerate(text):
-        if ch in ESCAPED or (starts_line and i == 0 and ch in LINE_START_ESCAPED):
+        if ch in CONTROL_REFERENCES:
+            out.append(CONTROL_REFERENCES[ch])  # a line break would end the line (and the paragraph)
+        elif references and ch in references:
+            out.append(references[ch])  # written as the source wrote it (an entity, an escape)
+        elif starts_line and i == 0 and ch in LINE_START_ESCAPED:
+            out.append("\\" + ch)
+        elif ch in ESCAPED and ch not in literal:
             out.append("\\" + ch)
         elif starts_line and ch in ".)" and text[:i].isdigit():
             out.append("\\" + ch)

@@ -57,15 +57,13 @@ def from_runs(runs: list[tuple[int, int, str]], source: str) -> Segment | None:
     return segment if segment is not None and worth_translating(segment.text) else None
 
 
-def _snap(text: str, position: int) -> int:
-    """The space nearest to `position` (a cut between words), or `position` where there is none."""
-    if not any(ch.isspace() for ch in text):
-        return position
-    for distance in range(len(text) + 1):
-        for candidate in (position - distance, position + distance):
-            if 0 < candidate < len(text) and text[candidate].isspace():
-                return candidate
-    return position
+def _cut(text: str, target: int, previous: int, spaces: list[int]) -> int:
+    """Where the next part ends: the space nearest to `target` that leaves the part some words,
+    else `target` itself (text without spaces, as Japanese is written)."""
+    usable = [at for at in spaces if at > previous and text[previous:at].strip()]
+    if usable:
+        return min(usable, key=lambda at: abs(at - target))
+    return max(previous, min(len(text), target))
 
 
 def distribute(segment: Segment, translation: str, strip: bool = True) -> list[str]:
@@ -83,11 +81,10 @@ def distribute(segment: Segment, translation: str, strip: bool = True) -> list[s
     if len(translation) == len(source):
         return [translation[start:end] for start, end in bounds]
     scale = len(translation) / max(len(source), 1)
-    cuts, previous = [0], 0
+    spaces = [at for at, ch in enumerate(translation) if ch.isspace()]
+    cuts = [0]
     for start, _ in bounds[1:]:
-        cut = max(previous, min(len(translation), _snap(translation, round(start * scale))))
-        cuts.append(cut)
-        previous = cut
+        cuts.append(_cut(translation, round(start * scale), cuts[-1], spaces))
     cuts.append(len(translation))
     parts = [translation[a:b] for a, b in zip(cuts, cuts[1:])]
     parts = [part.strip() for part in parts] if strip else parts

@@ -83,12 +83,28 @@ def _cue_runs(text: str, start: int, end: int, srt: bool) -> list[tuple[int, int
     return [(a, b, decode(text[a:b])) for a, b in runs]
 
 
+def references_in(raw: str) -> dict[str, str]:
+    """Each character a cue writes as a character reference (`&nbsp;`, `&#8212;`) -> how it is written."""
+    found, at = {}, raw.find("&")
+    while at >= 0:
+        end = raw.find(";", at, at + 40)
+        if end < 0:
+            break
+        reference = raw[at:end + 1]
+        character = html.unescape(reference)
+        if character != reference and len(character) == 1:
+            found.setdefault(character, reference)
+        at = raw.find("&", at + 1)
+    return found
+
+
 class SubtitleDocument:
     def __init__(self, text: str, fmt: str):
         self.fmt = fmt
         self.bom = "\ufeff" if text.startswith("\ufeff") else ""
         self.text = text[len(self.bom):]
         self.segments: list[Segment] = []
+        self.references = {} if fmt == "srt" else references_in(self.text)
         blocks = _blocks(self.text, lines_of(self.text))
         if fmt == "vtt":
             self._check_header(blocks)
@@ -122,12 +138,18 @@ class SubtitleDocument:
             raise DocumentError(f"not an SRT file: {where} has no timing line (00:00:01,000 --> 00:00:02,000)")
         return block[2:]
 
+    def _escape(self, text: str) -> str:
+        text = html.escape(text, quote=False)
+        for character, reference in self.references.items():
+            if character not in "&<>":
+                text = text.replace(character, reference)
+        return text
+
     def rebuild(self, translations: list[str], target_lang: str | None = None) -> bytes:
         replacements = []
         for segment, translation in zip(self.segments, translations):
             for piece, part in zip(segment.pieces, distribute(segment, translation)):
                 if part != piece.text:
-                    part = " ".join(part.splitlines())
-                    replacements.append((piece.start, piece.end, part if self.fmt == "srt"
-                                         else html.escape(part, quote=False)))
+                    part = " ".join(part.splitlines())  # a line break would end the cue
+                    replacements.append((piece.start, piece.end, part if self.fmt == "srt" else self._escape(part)))
         return (self.bom + replace_pieces(self.text, replacements)).encode("utf-8")
