@@ -162,8 +162,9 @@ class _AnyTranslator:
     def translate(self, texts: list[str]) -> list[str]:
         translations = list(self.translator.translate(texts))
         if len(translations) != len(texts) or not all(isinstance(text, str) for text in translations):
-            raise JobError(f"the translator returned {len(translations)} results for {len(texts)} texts; "
-                           "it must return one string per text")
+            # The caller's bug, not a segment's: it stops the job (a JobError would fail row by row).
+            raise TypeError(f"the translator returned {len(translations)} results for {len(texts)} texts; "
+                            "it must return one string per text")
         return translations
 
 
