@@ -33,6 +33,7 @@ BREAKS = {"softbreak", "hardbreak"}
 ESCAPED = set("\\`*_[]<>&|~$#")
 LINE_START_ESCAPED = set("#+-=>")
 CONTROL_REFERENCES = {"\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}
+SPECIAL = ESCAPED | LINE_START_ESCAPED | set(CONTROL_REFERENCES)
 
 
 class _TrackingState(StateInline):
@@ -76,7 +77,13 @@ def make_parser() -> MarkdownIt:
 
 def _line_starts(text: str) -> list[int]:
     """Where each line begins (after \\n, \\r\\n or \\r: the line endings markdown-it counts)."""
-    starts, i = [0], 0
+    starts, at = [0], text.find("\n")
+    if "\r" not in text:
+        while at >= 0:
+            starts.append(at + 1)
+            at = text.find("\n", at + 1)
+        return starts
+    i = 0
     while i < len(text):
         ch = text[i]
         if ch == "\r" and i + 1 < len(text) and text[i + 1] == "\n":
@@ -326,6 +333,10 @@ def escape(text: str, starts_line: bool, literal: set[str] | str = "", reference
     """`text` written so that Markdown reads it as text. A character the source piece already had
     as plain text (`literal`) stays as it was: it was text there (a balanced `[...]` in a link's
     label, a lone `*`), and escaping it could change how the brackets around it pair up."""
+    present = set(text)
+    if not (SPECIAL & present) and not (references and present & references.keys()) \
+            and not (starts_line and text[:1].isdigit()):
+        return text  # the usual case: nothing Markdown would read as markup
     out = []
     for i, ch in enumerate(text):
         if ch in CONTROL_REFERENCES:
