@@ -195,3 +195,21 @@ def test_a_document_job_killed_by_sigkill_resumes_to_the_same_bytes(tmp_path, ar
                   *args).exit_code == 0
     assert output.read_bytes() == (tmp_path / "whole.md").read_bytes()
     assert "already complete" in invoke(*argv).stderr
+
+
+def test_the_readme_document_example_runs_as_written(tiny_ja_en_dir, tmp_path):
+    from pathlib import Path
+    import re
+    import shutil
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "translate_document(" in b]
+    code = block.replace('"Helsinki-NLP/opus-mt-ja-en"', repr(str(tiny_ja_en_dir)))
+    shutil.copytree(root / "examples", tmp_path / "examples")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr.decode()
+    output = (tmp_path / "notes_en.md").read_text(encoding="utf-8")
+    assert "rate = 0.5  # コードはそのまま" in output and "(https://www.boj.or.jp/)" in output
+    assert "借り入れの費用" not in output
