@@ -124,6 +124,7 @@ class _Block:
             source = None if start is None else doc.line_starts[number] + start
             self.lines.append(_Line(at, source, padding))
             at += len(part) + 1
+        self.starts = [line.content_start for line in self.lines]
 
     @staticmethod
     def _locate(line: str, part: str, tail: bool, cursor: int) -> tuple[int | None, int]:
@@ -140,7 +141,7 @@ class _Block:
         return None, 0
 
     def source(self, position: int) -> int | None:
-        k = bisect_right([line.content_start for line in self.lines], position) - 1
+        k = bisect_right(self.starts, position) - 1
         line = self.lines[k]
         column = position - line.content_start
         if line.source_start is None or column < line.padding:
@@ -148,7 +149,7 @@ class _Block:
         return line.source_start + column
 
     def line_of(self, position: int) -> int:
-        return bisect_right([line.content_start for line in self.lines], position) - 1
+        return bisect_right(self.starts, position) - 1
 
 
 class _Unplaced(Exception):
@@ -310,15 +311,16 @@ class MarkdownDocument:
         for segment, spans, translation in zip(self.segments, self.spans, translations):
             for piece, starts_line, part in zip(segment.pieces, spans, distribute(segment, translation)):
                 if part != piece.text:
-                    literal = _literal(self.text[piece.start:piece.end])
                     replacements.append((piece.start, piece.end,
-                                         escape(part, starts_line, literal, self.references)))
+                                         escape(part, starts_line, self.text[piece.start:piece.end], self.references)))
         return (self.bom + replace_pieces(self.text, replacements)).encode("utf-8")
 
 
 def _literal(raw: str) -> set[str]:
     """The punctuation a piece's source has as plain text: not after a backslash, and not one that
     starts an escape, an entity, HTML or code."""
+    if "\\" not in raw:
+        return set(raw) - set("&<")
     literal, i = set(), 0
     while i < len(raw):
         if raw[i] == "\\":
@@ -329,14 +331,15 @@ def _literal(raw: str) -> set[str]:
     return literal - set("\\&<")
 
 
-def escape(text: str, starts_line: bool, literal: set[str] | str = "", references: dict | None = None) -> str:
-    """`text` written so that Markdown reads it as text. A character the source piece already had
-    as plain text (`literal`) stays as it was: it was text there (a balanced `[...]` in a link's
+def escape(text: str, starts_line: bool, source: str = "", references: dict | None = None) -> str:
+    """`text` written so that Markdown reads it as text. A character the source piece (`source`)
+    already had as plain text stays as it was: it was text there (a balanced `[...]` in a link's
     label, a lone `*`), and escaping it could change how the brackets around it pair up."""
     present = set(text)
     if not (SPECIAL & present) and not (references and present & references.keys()) \
             and not (starts_line and text[:1].isdigit()):
         return text  # the usual case: nothing Markdown would read as markup
+    literal = _literal(source)
     out = []
     for i, ch in enumerate(text):
         if ch in CONTROL_REFERENCES:

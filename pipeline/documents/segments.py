@@ -12,6 +12,7 @@ the pieces' lengths, at the nearest space, so the markup lands at the matching s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Segment:
     pieces: list[Piece]
     joins: list[str] = field(default_factory=list)  # what stands between piece i and i+1 in `text`
 
-    @property
+    @cached_property
     def text(self) -> str:
         parts = [self.pieces[0].text]
         for join, piece in zip(self.joins, self.pieces[1:]):
@@ -36,7 +37,7 @@ class Segment:
 
 def worth_translating(text: str) -> bool:
     """Text with a letter in it: numbers, punctuation and bare symbols are kept as they are."""
-    return any(ch.isalpha() for ch in text)
+    return any(map(str.isalpha, text))
 
 
 def from_runs(runs: list[tuple[int, int, str]], source: str) -> Segment | None:

@@ -125,7 +125,7 @@ def run_document_job(source: str | Path, output: str | Path, *, fmt: str | None,
         if len(translations) != len(document.segments):
             raise JobError(f"{paths.output} holds {len(translations)} of {len(document.segments)} segments; "
                            "pass --restart to start over")
-        _write_atomically(output, document.rebuild(translations, target_lang))
+        _write_atomically(output, documents.rebuild(document, translations, target_lang))
     paths.output.unlink(missing_ok=True)
     return summary
 
