@@ -34,6 +34,8 @@ ESCAPED = set("\\`*_[]<>&|~$#")
 LINE_START_ESCAPED = set("#+-=>")
 CONTROL_REFERENCES = {"\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}
 SPECIAL = ESCAPED | LINE_START_ESCAPED | set(CONTROL_REFERENCES)
+CONTROL_CHARACTERS = set(CONTROL_REFERENCES)
+ALWAYS_ESCAPED = set("\\&<")  # never left as the source had them: they start escapes, entities, HTML
 
 
 class _TrackingState(StateInline):
@@ -331,27 +333,32 @@ def _literal(raw: str) -> set[str]:
     return literal - set("\\&<")
 
 
+def _written_as(references: dict) -> dict[int, str]:
+    """The characters written as the source wrote them, and the control characters as references."""
+    return {ord(ch): written for ch, written in [*references.items(), *CONTROL_REFERENCES.items()]}
+
+
 def escape(text: str, starts_line: bool, source: str = "", references: dict | None = None) -> str:
     """`text` written so that Markdown reads it as text. A character the source piece (`source`)
     already had as plain text stays as it was: it was text there (a balanced `[...]` in a link's
     label, a lone `*`), and escaping it could change how the brackets around it pair up."""
     present = set(text)
-    if not (SPECIAL & present) and not (references and present & references.keys()) \
-            and not (starts_line and text[:1].isdigit()):
+    rewritten = references is not None and not present.isdisjoint(references)
+    if SPECIAL.isdisjoint(present) and not rewritten and not (starts_line and text[:1].isdigit()):
         return text  # the usual case: nothing Markdown would read as markup
-    literal = _literal(source)
-    out = []
-    for i, ch in enumerate(text):
-        if ch in CONTROL_REFERENCES:
-            out.append(CONTROL_REFERENCES[ch])  # a line break would end the line (and the paragraph)
-        elif references and ch in references:
-            out.append(references[ch])  # written as the source wrote it (an entity, an escape)
-        elif starts_line and i == 0 and ch in LINE_START_ESCAPED:
-            out.append("\\" + ch)
-        elif ch in ESCAPED and ch not in literal:
-            out.append("\\" + ch)
-        elif starts_line and ch in ".)" and text[:i].isdigit():
-            out.append("\\" + ch)
-        else:
-            out.append(ch)
-    return "".join(out)
+    needed = present & ESCAPED
+    if needed - ALWAYS_ESCAPED:
+        needed -= _literal(source) - ALWAYS_ESCAPED
+    head = ""
+    if starts_line:  # what would open a block at the start of a line: a heading, a list, a quote
+        digits = len(text) - len(text.lstrip("0123456789"))
+        if digits and text[digits:digits + 1] in (".", ")"):
+            head, text = text[:digits] + "\\" + text[digits], text[digits + 1:]
+        elif text[:1] in LINE_START_ESCAPED and text[:1] not in needed and text[:1] not in (references or {}):
+            head, text = "\\" + text[0], text[1:]
+    if rewritten or not CONTROL_CHARACTERS.isdisjoint(present):
+        table = {ord(ch): "\\" + ch for ch in needed}
+        return head + text.translate({**table, **_written_as(references or {})})
+    for ch in sorted(needed, key=lambda ch: ch != "\\"):  # backslashes first: none is escaped twice
+        text = text.replace(ch, "\\" + ch)
+    return head + text
