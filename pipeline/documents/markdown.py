@@ -30,7 +30,8 @@ from pipeline.documents.segments import Piece, Segment, distribute, replace_piec
 # Inline tokens whose source is kept whole: no piece is taken from inside them.
 HOLES = {"code_inline", "html_inline", "math_inline", "math_inline_double", "image"}
 BREAKS = {"softbreak", "hardbreak"}
-ESCAPED = set("\\`*_[]<>&|~$#")
+# `>` only means something at the start of a line (a block quote), where LINE_START_ESCAPED has it.
+ESCAPED = set("\\`*_[]<&|~$#")
 LINE_START_ESCAPED = set("#+-=>")
 CONTROL_REFERENCES = {"\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}
 SPECIAL = ESCAPED | LINE_START_ESCAPED | set(CONTROL_REFERENCES)

@@ -120,7 +120,7 @@ def test_a_wrapped_paragraph_is_one_text_and_keeps_its_line_breaks():
 def test_translated_text_that_looks_like_markup_is_escaped():
     document = MarkdownDocument("Plain words here.\n")
     output = document.rebuild(["# *not* a `heading` <b>"]).decode()
-    assert output == "\\# \\*not\\* a \\`heading\\` \\<b\\>\n"
+    assert output == "\\# \\*not\\* a \\`heading\\` \\<b>\n"
     tokens = make_parser().parse(output)
     assert [t.type for t in tokens] == ["paragraph_open", "inline", "paragraph_close"]
 
