@@ -199,7 +199,7 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
     """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash.
     A document (.md, .html, .srt, .vtt, .docx) is translated into the same format, keeping
     everything but the words."""
-    doc_format = document_format(input_path, doc_format)
+    forced, doc_format = doc_format, document_format(input_path, doc_format)
     if doc_format is not None and (field or column):
         fail("--field and --column are for .jsonl and .csv/.tsv input, not for documents")
     check_workers(workers, cluster, device)
@@ -219,7 +219,7 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
 
         summary = translate_document_file(input_path, output, to=target, load_translator=load,
                                           options=spec.fingerprint("translate", target), source_lang=source,
-                                          fmt=doc_format, errors=errors_path, restart=restart, quiet=quiet,
+                                          fmt=forced, errors=errors_path, restart=restart, quiet=quiet,
                                           chunk_rows=chunk_rows, workers=workers, cluster=cluster)
         return click.echo(f"bilingual-qa: {summary.describe()}", err=True)
     summary = jobs.translate_file(input_path, output, to=target, load_translator=load,

@@ -177,6 +177,10 @@ def test_the_cli_refuses_a_broken_document_in_one_line_and_writes_nothing(tmp_pa
     assert invoke("translate", str(forced), "-o", str(tmp_path / "notes.out"), "--format", "md",
                   *args).exit_code == 0
     assert (tmp_path / "notes.out").read_text(encoding="utf-8").startswith("# ")
+    html = tmp_path / "page.html"
+    html.write_text(HTML, encoding="utf-8")
+    refused = run_cli("translate", str(html), "-o", str(tmp_path / "page.md"), *args)
+    assert_one_line_error(refused, "the output must be a .html file like the input")
 
 
 def test_a_document_job_killed_by_sigkill_resumes_to_the_same_bytes(tmp_path, args):
@@ -213,3 +217,14 @@ def test_the_readme_document_example_runs_as_written(tiny_ja_en_dir, tmp_path):
     output = (tmp_path / "notes_en.md").read_text(encoding="utf-8")
     assert "rate = 0.5  # コードはそのまま" in output and "(https://www.boj.or.jp/)" in output
     assert "借り入れの費用" not in output
+
+
+def test_a_document_job_on_two_local_workers_writes_what_one_process_writes(tmp_path, args):
+    pytest.importorskip("distributed")
+    source = tmp_path / "in.vtt"
+    source.write_text(VTT, encoding="utf-8")
+    common = ["--chunk-rows", "2", *args]
+    spread = invoke("translate", str(source), "-o", str(tmp_path / "spread.vtt"), "--workers", "2", *common)
+    assert spread.exit_code == 0, spread.output
+    assert invoke("translate", str(source), "-o", str(tmp_path / "here.vtt"), *common).exit_code == 0
+    assert (tmp_path / "spread.vtt").read_bytes() == (tmp_path / "here.vtt").read_bytes()
