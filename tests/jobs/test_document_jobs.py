@@ -228,3 +228,16 @@ def test_a_document_job_on_two_local_workers_writes_what_one_process_writes(tmp_
     assert spread.exit_code == 0, spread.output
     assert invoke("translate", str(source), "-o", str(tmp_path / "here.vtt"), *common).exit_code == 0
     assert (tmp_path / "spread.vtt").read_bytes() == (tmp_path / "here.vtt").read_bytes()
+
+
+def test_a_document_job_uses_the_translation_memory(tmp_path, args):
+    source = tmp_path / "in.srt"
+    source.write_text(SRT, encoding="utf-8")
+    memory = ["--memory", str(tmp_path / "memory.db")]
+    first = invoke("translate", str(source), "-o", str(tmp_path / "first.srt"), *memory, *args)
+    assert first.exit_code == 0, first.output
+    again = invoke("translate", str(source), "-o", str(tmp_path / "again.srt"), *memory, *args)
+    found = again.stderr.split("translation memory: ")[1].split(" sentences")[0]
+    hits, total = found.split(" of ")
+    assert hits == total and int(total) > 0
+    assert (tmp_path / "first.srt").read_bytes() == (tmp_path / "again.srt").read_bytes()
