@@ -15,6 +15,16 @@ that constant here); the systems then do the same work, and their outputs can be
 token. This understates what sorting by length gains with a real model, whose output lengths follow
 the input's.
 
+With --document, the document case instead: the same --paragraphs sentences as a .txt job and as
+a Markdown file of as many paragraphs (one sentence each; every 7th with a bold clause, every 50th
+after a heading-free code block, so the parser and the rebuild do real work), both through the job
+runner with the same translator (memory off), --repeats times each, alternating; the table gives
+the median sentences/s of each and their ratio. The document job's output is checked to be the
+document rebuilt from the .txt job's lines, byte for byte (the same translations).
+
+    PYTHONPATH=. python benchmarks/batch_translate.py --document --device cuda [--paragraphs 2000]
+    PYTHONPATH=. python benchmarks/batch_translate.py --document --tiny   # a CPU check of the script
+
 Systems:
 - job runner: `Translator.translate_file` (the `bilingual-qa translate` job: read, chunk, sort by length,
   token-budget batches, write, fsync and commit per chunk), with each --backends backend. Its
@@ -77,12 +87,14 @@ def sync(device: torch.device) -> None:
 
 
 class NoMemory:
-    """Every sentence decoded, repeats included: the job does the loops' work."""
+    """A memory store that never holds anything: nothing is remembered from one call to the next
+    (the Translator still decodes a sentence repeated within one call once)."""
 
-    hits = misses = 0
+    def get_many(self, context, sources):
+        return {}
 
-    def recall(self, context, sources, translate):
-        return translate(sources)
+    def put_many(self, context, description, pairs):
+        pass
 
 
 def job_runner(checkpoint: Path, source: Path, work: Path, device, backend: str, beams: int, rows: list[str],
@@ -92,7 +104,7 @@ def job_runner(checkpoint: Path, source: Path, work: Path, device, backend: str,
     if memory:
         translator.use_memory(None)   # empty again: the warm-up's sentences are not free hits
     else:
-        translator.memory = NoMemory()
+        translator.use_memory(NoMemory())
     output = work / f"job-{backend}-{beams}.txt"
     sync(device)
     started = time.perf_counter()
@@ -101,6 +113,87 @@ def job_runner(checkpoint: Path, source: Path, work: Path, device, backend: str,
     seconds = time.perf_counter() - started
     assert summary.done == len(rows), summary
     return seconds, output.read_text(encoding="utf-8").splitlines(), translator.backend.name, translator.memory
+
+
+def markdown_of(rows: list[str]) -> str:
+    """One paragraph per sentence; some with a bold clause, and a code block now and then."""
+    parts = []
+    for i, row in enumerate(rows):
+        if i % 50 == 49:
+            parts.append("```python\nprint('kept as it is')\n```")
+        first, comma, rest = row.partition("、")
+        parts.append(f"**{first}**{comma}{rest}" if i % 7 == 3 and rest else row)
+    return "\n\n".join(parts) + "\n"
+
+
+def document_case(checkpoint: Path, work: Path, device, backend: str, rows: list[str], repeats: int):
+    """Median seconds of the .txt job and of the Markdown job over the same sentences."""
+    from pipeline import translate_document
+    from pipeline.documents.markdown import MarkdownDocument
+
+    text_file, markdown_file = work / "sentences.txt", work / "sentences.md"
+    text_file.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+    markdown_file.write_text(markdown_of(rows), encoding="utf-8")
+    assert [s.text for s in MarkdownDocument(markdown_file.read_text(encoding="utf-8")).segments] == rows
+    translator = Translator.from_pretrained(str(checkpoint), device=device, backend=backend, num_beams=1)
+    translator.translate(rows[:256])  # warm-up: CUDA context, graphs, kernels
+    translator.use_memory(NoMemory())
+    times = {"txt": [], "md": []}
+    for _ in range(repeats):
+        for kind in ("txt", "md"):
+            sync(device)
+            started = time.perf_counter()
+            if kind == "txt":
+                summary = translator.translate_file(text_file, work / "out.txt", source_lang="ja", quiet=True,
+                                                    restart=True)
+            else:
+                summary = translate_document(markdown_file, work / "out.md", translator, restart=True)
+            sync(device)
+            times[kind].append(time.perf_counter() - started)
+            assert summary.done == len(rows), summary
+    # The document rebuilt from the .txt job's lines must be the document job's output, byte for byte.
+    lines = (work / "out.txt").read_text(encoding="utf-8").splitlines()
+    expected = MarkdownDocument(markdown_file.read_text(encoding="utf-8")).rebuild(lines, "en")
+    same = expected == (work / "out.md").read_bytes()
+    median = {kind: sorted(values)[len(values) // 2] for kind, values in times.items()}
+    median.update(parse_and_rebuild(markdown_file.read_bytes(), lines, repeats))
+    return median, same, translator.backend.name
+
+
+def parse_and_rebuild(data: bytes, translations: list[str], repeats: int) -> dict:
+    """Median seconds of the document job's own work: parsing the file, rebuilding it."""
+    from pipeline import documents
+
+    parse, rebuild = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        document = documents.parse(data, "md")
+        parse.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        documents.rebuild(document, translations, "en")
+        rebuild.append(time.perf_counter() - started)
+    return {"parse": sorted(parse)[len(parse) // 2], "rebuild": sorted(rebuild)[len(rebuild) // 2]}
+
+
+def run_document_case(args, device, work: Path) -> None:
+    checkpoint = (build_tiny_marian(work / "tiny", "ja", "en") if args.tiny else build_checkpoint(work))
+    rows = japanese_rows(args.paragraphs)
+    median, same, backend = document_case(checkpoint, work, device, args.backends.split(",")[0], rows, args.repeats)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    shape = "tiny test checkpoint" if args.tiny else "opus-mt-ja-en shape (random weights)"
+    print(f"\n## batch_translate --document: {len(rows):,} sentences as .txt and as Markdown paragraphs, {shape}, "
+          f"{args.new_tokens} tokens decoded per sentence, --mt-backend {args.backends.split(',')[0]} ({backend})")
+    print(f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device {name}; "
+          f"torch {torch.__version__}; median of {args.repeats} runs each")
+    print(f"command: PYTHONPATH=. python benchmarks/batch_translate.py {' '.join(sys.argv[1:])}\n")
+    print("| job | sentences | seconds | sentences/s |")
+    print("|---|---|---|---|")
+    for kind, label in (("txt", ".txt job"), ("md", "Markdown document job")):
+        print(f"| {label} | {len(rows):,} | {median[kind]:.2f} | {len(rows) / median[kind]:,.1f} |")
+    print(f"\nOf the document job's time: parsing {median['parse']:.3f} s, rebuilding {median['rebuild']:.3f} s.")
+    ratio = median["txt"] / median["md"]
+    print(f"\nMarkdown / .txt sentences/s: {ratio:.3f} (target: at least 0.85); "
+          f"the document job's output equals the document rebuilt from the .txt job's lines: {same}")
 
 
 def baseline_model(checkpoint: Path, device):
@@ -146,11 +239,17 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="scratch directory [a temporary one]")
     parser.add_argument("--memory", action="store_true",
                         help="also time the job with its in-process translation memory (repeats translated once)")
+    parser.add_argument("--document", action="store_true", help="the document case (see the module docstring)")
+    parser.add_argument("--paragraphs", type=int, default=2000, help="sentences of the document case")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each job in the document case")
+    parser.add_argument("--tiny", action="store_true", help="document case on the tiny checkpoint (a CPU check)")
     args = parser.parse_args()
     device = torch.device(args.device)
     work = Path(args.work or tempfile.mkdtemp(prefix="batch_translate-"))
     work.mkdir(parents=True, exist_ok=True)
     translate_module.output_bound = lambda source_tokens: args.new_tokens  # see the module docstring
+    if args.document:
+        return run_document_case(args, device, work)
 
     checkpoint = build_checkpoint(work)
     rows = japanese_rows(args.rows)

@@ -18,7 +18,19 @@ _EXPORTS = {
     "detect_language": "pipeline.text.detect", "trim_answer": "pipeline.text.answer_end",
 }
 
-__all__ = ["BilingualQA", "BilingualQAError", "GenerationSettings", "QAResult", "Translator", "detect_language", "trim_answer"]
+
+
+def translate_document(source, output, translator, *, format=None, **options):
+    """Translate a .md/.markdown, .html/.htm, .srt, .vtt or .docx file into `output`, of the same
+    format, keeping everything but the words; `translator` is anything with
+    `translate(texts: list[str]) -> list[str]`. See pipeline/jobs/documents.py for the options."""
+    from pipeline.jobs.documents import translate_document as run  # parsers load only when used
+
+    return run(source, output, translator, format=format, **options)
+
+
+__all__ = ["BilingualQA", "BilingualQAError", "GenerationSettings", "QAResult", "Translator", "detect_language",
+           "translate_document", "trim_answer"]
 __version__ = "0.1.0"
 
 

@@ -26,6 +26,7 @@ from pipeline.spec import (BATCHING_CHOICES, DEFAULT_BATCH_TOKENS, DIRECTION_ROL
 from pipeline.text.detect import detect_language, require_supported
 from pipeline.text.question import check_question
 from pipeline.text.render import FORMATS
+from pipeline.documents import FORMAT_CHOICES as DOCUMENT_FORMATS, format_of as document_format
 
 EXIT_USER_ERROR = 2
 # Errors of the machine, not of our code, that a user fixes: a full disk, a read-only directory.
@@ -229,17 +230,28 @@ def compare(question, llms, fmt, base, ja_en, en_ja, device, dtype, mt_backend, 
 @click.option("--batch-tokens", type=click.IntRange(16), default=DEFAULT_BATCH_TOKENS, show_default=True,
               help="Token budget of one translation batch (padded).")
 @job_options("", "text", jobs.TRANSLATE_CHUNK_ROWS)
+@click.option("--format", "doc_format", type=click.Choice(DOCUMENT_FORMATS), default=None,
+              help="Read INPUT as this document format, whatever its extension [default: by extension].")
 @server_options(concurrency=True)
 @user_errors
 def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, mt_backend, beams, batch_tokens,
-              chunk_rows, workers, cluster, field, column, errors_path, restart, quiet, memory, server, concurrency):
-    """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash."""
+              chunk_rows, workers, cluster, field, column, errors_path, restart, quiet, memory, doc_format, server,
+              concurrency):
+    """Translate every row of INPUT (.txt, .jsonl, .csv, .tsv) exactly once; resumable after a crash.
+    A document (.md, .html, .srt, .vtt, .docx) is translated into the same format, keeping
+    everything but the words."""
     if server:
         refuse_local_options("translate", server)
     elif concurrency:
         fail("--concurrency goes with --server")
-    field = field_for(input_path, field, column)
-    jobs.check_translation_job(input_path, output, target, source, errors_path)  # before torch is imported
+    forced, doc_format = doc_format, document_format(input_path, doc_format)
+    if doc_format is not None and (field or column):
+        fail("--field and --column are for .jsonl and .csv/.tsv input, not for documents")
+    if doc_format is not None and server:
+        fail("documents are translated with local models; --server takes .txt, .jsonl, .csv and .tsv rows")
+    if doc_format is None:
+        field = field_for(input_path, field, column)
+        jobs.check_translation_job(input_path, output, target, source, errors_path)  # before torch is imported
     if server:
         from pipeline.remote import commands as remote
 
@@ -261,6 +273,14 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
     load = functools.partial(Translator.from_pretrained, model, device=device, dtype=dtype, backend=mt_backend,
                              target_lang=target, num_beams=beams, batch_tokens=batch_tokens, option=option,
                              memory=store)
+    if doc_format is not None:
+        from pipeline.jobs.documents import translate_document_file
+
+        summary = translate_document_file(input_path, output, to=target, load_translator=load,
+                                          options=spec.fingerprint("translate", target), source_lang=source,
+                                          fmt=forced, errors=errors_path, restart=restart, quiet=quiet,
+                                          chunk_rows=chunk_rows, workers=workers, cluster=cluster)
+        return summary_line(summary.describe())
     summary = jobs.translate_file(input_path, output, to=target, load_translator=load,
                                   options=spec.fingerprint("translate", target), source_lang=source, field=field,
                                   errors=errors_path, restart=restart, quiet=quiet, chunk_rows=chunk_rows,

@@ -48,3 +48,7 @@ class ServerError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class DocumentError(JobError):
+    """A document (.md, .html, .srt, .vtt, .docx) that cannot be parsed: nothing is written."""

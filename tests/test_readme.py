@@ -75,7 +75,8 @@ def test_readme_command_runs(command, tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_
         assert b"pass a local directory" in proc.stderr or b"does not exist" in proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr.decode()
-        written = [p for p in tmp_path.iterdir() if p.suffix in (".txt", ".jsonl") and p.stat().st_size]
+        outputs = (".txt", ".jsonl", ".md", ".html", ".srt", ".vtt", ".docx")  # rows, or a document
+        written = [p for p in tmp_path.iterdir() if p.suffix in outputs and p.stat().st_size]
         assert proc.stdout.strip() or written  # an answer on stdout, or a job's output file
 
 

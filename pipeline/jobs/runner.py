@@ -55,6 +55,7 @@ class JobSummary:
     seconds: float = 0.0
     memory_hits: int = 0  # sentences the translation memory had (this run)
     memory_misses: int = 0  # sentences translated and added to it
+    unit: str = "rows"  # what a row is to the user: a document job's rows are its segments
 
     def counts(self) -> dict[str, int]:
         return {"rows": self.rows, "done": self.done, "copied": self.copied, "failed": self.failed,
@@ -62,13 +63,13 @@ class JobSummary:
 
     def describe(self) -> str:
         if self.already_complete:
-            return (f"{self.output} is already complete ({self.rows:,} rows); nothing to do"
+            return (f"{self.output} is already complete ({self.rows:,} {self.unit}); nothing to do"
                     " (pass --restart to run the job again)")
         failed = f"{self.failed:,} failed" + (f" (see {self.errors})" if self.failed else "")
         sentences = self.memory_hits + self.memory_misses
         memory = (f"; translation memory: {self.memory_hits:,} of {sentences:,} sentences found"
                   if sentences else "")
-        return (f"{self.rows:,} rows: {self.done:,} done, {self.copied:,} copied, {failed}, "
+        return (f"{self.rows:,} {self.unit}: {self.done:,} done, {self.copied:,} copied, {failed}, "
                 f"{self.blank:,} blank; wrote {self.output} in {self.seconds:.1f} s{memory}")
 
 

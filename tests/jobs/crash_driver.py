@@ -13,7 +13,7 @@ import signal
 import sys
 
 from pipeline import cli
-from pipeline.jobs import workers
+from pipeline.jobs import documents, workers
 
 from crashes import crash_at  # beside this file
 
@@ -26,5 +26,6 @@ if __name__ == "__main__":
     point, occurrence, *args = sys.argv[1:]
     run_job, checkpoint = workers.run_job, crash_at(point, int(occurrence), die)
     workers.run_job = lambda *a, **kw: run_job(*a, **{**kw, "checkpoint": checkpoint})
+    documents.run_job = workers.run_job  # document jobs run through the same runner
     sys.argv = ["bilingual-qa", *args]
     cli.run()
