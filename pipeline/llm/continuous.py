@@ -5,7 +5,8 @@ others are being answered waits for the whole batch. A `DecodeBatch` instead let
 row (prefilled alone, then decoded with the others) and drop a finished or abandoned row at once.
 
 The contract is three calls, all from one thread:
-- `add(prompt, settings) -> (row, first_token)`: prefill one prompt, return its row key and first token;
+- `add(prompt, settings, adapter=0) -> (row, first_token)`: prefill one prompt (applying the engine's
+  LoRA adapter number `adapter`, 0: none), return its row key and first token;
 - `step() -> {row: token}`: one decode step for every live row, feeding each the token it last returned;
 - `drop(row)`: forget a row (its cache columns are freed).
 
@@ -31,7 +32,7 @@ from pipeline.llm.engine import GenerationSettings
 class DecodeBatch(Protocol):
     max_rows: int
 
-    def add(self, prompt: list[int], settings: GenerationSettings) -> tuple[int, int]: ...
+    def add(self, prompt: list[int], settings: GenerationSettings, adapter: int = 0) -> tuple[int, int]: ...
 
     def step(self) -> dict[int, int]: ...
 
@@ -55,7 +56,7 @@ def open_decode_batch(engine, max_rows: int = 64, batching: str = "auto") -> Dec
     if opener is not None:  # an engine with its own step-wise implementation
         return opener(max_rows) if batching == "continuous" else None
     if getattr(engine, "name", "") == "transformers":
-        return TransformersDecodeBatch(engine.model, max_rows)
+        return TransformersDecodeBatch(engine.model, max_rows, engine.adapter_names)
     return None
 
 
@@ -66,6 +67,7 @@ class _Row:
     position: int  # the next token's position id
     settings: GenerationSettings
     generator: torch.Generator | None
+    adapter: int = 0
 
 
 def select_token(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> int:
@@ -85,8 +87,9 @@ def select_token(logits: torch.Tensor, settings: GenerationSettings, generator: 
 class TransformersDecodeBatch:
     """A DecodeBatch over a transformers causal LM and a DynamicCache (see the module docstring)."""
 
-    def __init__(self, model, max_rows: int = 64):
+    def __init__(self, model, max_rows: int = 64, adapter_names=lambda adapters, rows: {}):
         self.model = model
+        self.adapter_names = adapter_names  # the engine's: peft's per-row adapters, once any is loaded
         self.max_rows = max_rows
         self.device = next(model.parameters()).device
         self.rows: list[_Row] = []
@@ -94,13 +97,14 @@ class TransformersDecodeBatch:
         self.mask: torch.Tensor | None = None  # (rows, columns): 1 where a row has a real token
         self._keys = itertools.count()
         # transformers renamed past_key_values to cache (5.x deprecation); take whichever forward has.
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward  # peft's
+        self._cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @torch.inference_mode()
-    def add(self, prompt: list[int], settings: GenerationSettings) -> tuple[int, int]:
+    def add(self, prompt: list[int], settings: GenerationSettings, adapter: int = 0) -> tuple[int, int]:
         from transformers import DynamicCache
 
         if len(self.rows) >= self.max_rows:
@@ -108,13 +112,14 @@ class TransformersDecodeBatch:
         ids = torch.tensor([prompt], device=self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache},
-                         position_ids=torch.arange(len(prompt), device=self.device)[None])
+                         position_ids=torch.arange(len(prompt), device=self.device)[None],
+                         **self.adapter_names([adapter], 1))
         generator = None
         if not settings.greedy:
             generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None
                                                       else int(torch.randint(0, 2**31, ())))
         first = select_token(out.logits[0, -1], settings, generator)
-        row = _Row(next(self._keys), first, len(prompt), settings, generator)
+        row = _Row(next(self._keys), first, len(prompt), settings, generator, adapter)
         self._merge(cache, len(prompt))
         self.rows.append(row)
         return row.key, first
@@ -130,7 +135,8 @@ class TransformersDecodeBatch:
                                                      device=self.device)], dim=1)
         out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
                          use_cache=True, **{self._cache_arg: self.cache},
-                         cache_position=torch.tensor([columns], device=self.device))
+                         cache_position=torch.tensor([columns], device=self.device),
+                         **self.adapter_names([row.adapter for row in self.rows], len(self.rows)))
         last = out.logits[:, -1]
         greedy = last.argmax(-1).tolist()  # one device->host copy for every greedy row
         chosen = {}

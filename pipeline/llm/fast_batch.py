@@ -48,7 +48,7 @@ class FastDecodeBatch:
         return len(self.rows)
 
     @torch.inference_mode()
-    def add(self, prompt: list[int], settings: GenerationSettings) -> tuple[int, int]:
+    def add(self, prompt: list[int], settings: GenerationSettings, adapter: int = 0) -> tuple[int, int]:
         engine, length = self.engine, len(prompt)
         if len(self.rows) >= self.max_rows:
             raise RuntimeError(f"the decode batch is full ({self.max_rows} rows)")
@@ -61,6 +61,7 @@ class FastDecodeBatch:
             self._compact()
         if length > self.col:
             self._shift(length - self.col)
+        engine._adapter_rows[row] = adapter  # the LoRA adapter this row applies (0: the base; multi_lora.py)
         logits = self._prefill_row(prompt, row)
         generator = None
         if not settings.greedy:
@@ -151,7 +152,8 @@ class FastDecodeBatch:
         values = torch.zeros_like(keys)
         ids = torch.tensor([prompt], dtype=torch.long, device=engine.device)
         starts = torch.zeros(1, dtype=torch.long, device=engine.device)
-        logits = prefill(w, ids, starts, keys, values, engine.cos, engine.sin, engine.use_triton, engine.config)
+        logits = prefill(w, ids, starts, keys, values, engine.cos, engine.sin, engine.use_triton, engine.config,
+                         engine._adapter_rows[row:row + 1])
         engine._k_cache[:, row, :, self.col - length:self.col] = keys[:, 0]
         engine._v_cache[:, row, :, self.col - length:self.col] = values[:, 0]
         return logits
