@@ -23,6 +23,9 @@ class DecodeConfig:
     rope_in_attention: bool = True
     # Batches on the fused layer path run the MLP on a second stream beside attention.
     mlp_beside_attention: bool = True
+    # ... also while LoRA adapters are loaded (multi_lora.py): False takes the fused layer, whose LoRA
+    # work is two masked product pairs per layer instead of four (timings: benchmarks/multi_lora.py).
+    lora_mlp_beside: bool = False
     # The fused layer's GELU runs inside the rotary(+attention) kernel (False: a torch kernel).
     gelu_in_rope: bool = True
     # Warps per row of the layer-norm kernel and per (token, head) of the rotary kernel.

@@ -144,8 +144,12 @@ class Selection:
     def __init__(self, lora: MultiLora, adapters: torch.Tensor, per_row: int):
         self.lora = lora
         rows = adapters if per_row == 1 else adapters.repeat_interleave(per_row)
-        mask = (lora.owner[None, :] == rows[:, None]).to(lora.dtype)  # [tokens, R]
-        self.masks = {1: mask, 2: mask.repeat(1, 2), 3: mask.repeat(1, 3), 4: mask.repeat(1, 4)}
+        self.masks = {1: (lora.owner[None, :] == rows[:, None]).to(lora.dtype)}  # [tokens, R]; tiled on use
+
+    def mask(self, tiles: int) -> torch.Tensor:
+        if tiles not in self.masks:
+            self.masks[tiles] = self.masks[1].repeat(1, tiles)
+        return self.masks[tiles]
 
     def layer(self, index: int) -> "LayerLora":
         return LayerLora(self, self.lora.layers[index])
@@ -155,7 +159,7 @@ class LayerLora:
     """One layer's LoRA updates for the selected rows, by the product they belong to."""
 
     def __init__(self, selection: Selection, factors: _LayerFactors):
-        self.masks = selection.masks
+        self.selection = selection
         self.factors = factors
         self.rank, self.hidden = selection.lora.rank, selection.lora.hidden
 
@@ -178,4 +182,4 @@ class LayerLora:
     def add(self, group: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out += each row's update of the product `group` of x (in place; returns out)."""
         a, b, tiles = self._group(group)
-        return out.addmm_((x @ a.t()).mul_(self.masks[tiles]), b)  # x, out: [tokens, features]
+        return out.addmm_((x @ a.t()).mul_(self.selection.mask(tiles)), b)  # x, out: [tokens, features]

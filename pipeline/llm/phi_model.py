@@ -205,9 +205,10 @@ def decode_step(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Ten
     else:
         attend = _torch_attend(w, s, cos, sin, kv_len, config.fp32_attention_scores)
     fused = batch >= config.fused_min_rows
-    beside = _side_stream(h) if fused and use_triton and config.mlp_beside_attention else None
-    pending = None
     rows_lora = selection(w.lora, s.adapters)  # each row's adapter (multi_lora.py), or None: no LoRA work
+    beside_ok = config.mlp_beside_attention and (rows_lora is None or config.lora_mlp_beside)
+    beside = _side_stream(h) if fused and use_triton and beside_ok else None
+    pending = None
     for index, layer in enumerate(w.layers):
         lora = rows_lora.layer(index) if rows_lora is not None else None
         x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps, use_triton, config)

@@ -118,3 +118,38 @@ def test_an_adapter_that_replaces_whole_tensors_cannot_share_and_says_why(tiny_p
     base.engine = FastPhiEngine(base.model, base.engine.eos_token_id, use_graphs=False, use_triton=False)
     with pytest.raises(AdapterError, match="replaces whole tensors"):
         base.attach(resolve_llm(str(tiny_lora_saved_head_dir)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the Triton kernels need a GPU")
+@pytest.mark.parametrize("fused_min_rows,beside", [(DEFAULT_DECODE.fused_min_rows, True), (1, True), (1, False)])
+def test_on_the_gpu_with_graphs_each_row_answers_as_its_model_alone(
+        tiny_phi2_dir, tiny_lora_dir, tiny_lora_second_dir, fused_min_rows, beside):
+    """The captured decode step (skinny products below 17 rows; the fused layer, with the MLP on a
+    second stream or not) and the Triton prefill, in float32, against each model merged on the GPU."""
+    from pipeline.llm.continuous import open_decode_batch
+
+    directories = (tiny_phi2_dir, tiny_lora_dir, tiny_lora_second_dir)
+    want = {}
+    for index, directory in enumerate(directories):
+        merged = Answerer.from_pretrained(str(directory), device="cuda", dtype="float32", engine="transformers")
+        want[index] = [merged.engine.generate([merged.encode(q, SETTINGS.max_new_tokens)], SETTINGS)[0].token_ids
+                       for q in QUESTIONS]
+    base = Answerer.from_pretrained(str(tiny_phi2_dir), device="cuda", dtype="float32", engine="fast")
+    base.engine.config = dataclasses.replace(base.engine.config, fused_min_rows=fused_min_rows,
+                                             mlp_beside_attention=beside, lora_mlp_beside=beside)
+    models = [base] + [base.attach(resolve_llm(str(d))) for d in directories[1:]]
+    assert base.engine.use_graphs and base.engine.name == "fast"
+    rows = mixed_rows()
+    prompts = [models[m].encode(QUESTIONS[q], SETTINGS.max_new_tokens) for m, q in rows]
+    out = base.engine.generate(prompts, SETTINGS, adapters=[models[m].adapter for m, _ in rows])
+    assert [r.token_ids for r in out] == [want[m][q] for m, q in rows]
+    batch = open_decode_batch(base.engine, 16, "continuous")  # every row joins one running batch
+    keys = {batch.add(prompt, SETTINGS, models[m].adapter)[0]: (m, q) for prompt, (m, q) in zip(prompts, rows)}
+    tokens = {key: [] for key in keys}
+    for _ in range(SETTINGS.max_new_tokens - 1):
+        for key, token in batch.step().items():
+            tokens[key].append(token)
+    eos = base.engine.eos_token_id
+    for key, (m, q) in keys.items():
+        row = [token for token in tokens[key]]
+        assert (row[:row.index(eos)] if eos in row else row) == want[m][q][1:], (m, q)
