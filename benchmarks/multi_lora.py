@@ -9,8 +9,9 @@ graphs at each batch size:
 - half/half: the first half of the rows the base, the second half the adapter (the issue's target:
   at batch 64, at least 75% of the base-only tokens/s);
 - all adapter rows;
-- variants of the half/half batch: the MLP beside attention on a second stream (at batch 64; by default
-  a batch applying LoRA takes the fused layer instead), the fused layer below 17 rows (batch 8).
+- variants of the half/half batch: the MLP beside attention on a second stream (by default a batch
+  applying LoRA takes the fused layer instead, its LoRA products beside the base ones), and below 17
+  rows the skinny products (by default LoRA batches take the fused layer there too).
 It also reports how the rows agree: half/half rows against the same prompts in an all-base and an
 all-adapter batch, and adapter rows against the adapter merged into the weights (what `ask --llm
 ADAPTER` runs), position by position (random weights make near-ties, so low precision can flip a few),
@@ -162,8 +163,8 @@ def main() -> int:
                 configured(lora_mlp_beside=True)
                 measure("half/half, MLP beside attention", batch, [0] * half + [1] * (batch - half))
             elif batch < default.fused_min_rows:
-                configured(fused_min_rows=1)
-                measure("half/half, fused layer", batch, [0] * half + [1] * (batch - half))
+                configured(lora_fused_layer=False)
+                measure("half/half, skinny products", batch, [0] * half + [1] * (batch - half))
             configured(**{f.name: getattr(default, f.name) for f in dataclasses.fields(default)})
         lora_bytes = engine.weights.lora.nbytes
         # the adapter merged into the weights, as `ask --llm ADAPTER` runs it (same engine, no LoRA rows)

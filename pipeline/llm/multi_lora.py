@@ -183,3 +183,34 @@ class LayerLora:
         """out += each row's update of the product `group` of x (in place; returns out)."""
         a, b, tiles = self._group(group)
         return out.addmm_((x @ a.t()).mul_(self.selection.mask(tiles)), b)  # x, out: [tokens, features]
+
+    def begin(self, group: str, x: torch.Tensor):
+        """Start the update of `group` before its base product: on CUDA the masked low-rank product of x
+        runs on a stream of its own beside the base product (it is a few small kernels, which the wide
+        product hides); `finish` adds it. The tensors the side stream reads (x, the masks) are made
+        before its wait, and what it makes is read after the join: any reuse of memory is ordered."""
+        a, b, tiles = self._group(group)
+        if not x.is_cuda:
+            return (x @ a.t()).mul_(self.selection.mask(tiles)), b, None
+        mask = self.selection.mask(tiles)
+        side = _lora_stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            low = (x @ a.t()).mul_(mask)
+        return low, b, side
+
+    @staticmethod
+    def finish(started, out: torch.Tensor) -> torch.Tensor:
+        low, b, side = started
+        if side is not None:
+            torch.cuda.current_stream(out.device).wait_stream(side)
+        return out.addmm_(low, b)
+
+
+_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _lora_stream(device: torch.device) -> "torch.cuda.Stream":
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]

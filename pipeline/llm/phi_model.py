@@ -204,8 +204,8 @@ def decode_step(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Ten
         attend = _triton_attend(w, s, cos, sin, attention or config.attention(batch), config)
     else:
         attend = _torch_attend(w, s, cos, sin, kv_len, config.fp32_attention_scores)
-    fused = batch >= config.fused_min_rows
     rows_lora = selection(w.lora, s.adapters)  # each row's adapter (multi_lora.py), or None: no LoRA work
+    fused = batch >= config.fused_min_rows or (rows_lora is not None and config.lora_fused_layer)
     beside_ok = config.mlp_beside_attention and (rows_lora is None or config.lora_mlp_beside)
     beside = _side_stream(h) if fused and use_triton and beside_ok else None
     pending = None
@@ -235,13 +235,17 @@ def _fused_layer(layer: PhiLayer, x: torch.Tensor, attend, lora: LayerLora | Non
     fused-bias path, measured faster here than accumulating into h in place.
     """
     hidden = layer.hidden
+    # each row's update of q, k, v and fc1 (before the GELU), then of dense and fc2: one masked pair
+    # of products each, its first half beside the base product (multi_lora.py)
+    started = lora.begin("in", x) if lora is not None else None
     y = torch.addmm(layer.in_b, x, layer.in_w.t())
-    if lora is not None:  # each row's update of q, k, v and fc1 (before the GELU) in one pair of products
-        lora.add("in", x, y)
+    if started is not None:
+        lora.finish(started, y)
     mixed = torch.empty((x.shape[0], layer.out_w.shape[1]), dtype=x.dtype, device=x.device)
     attend(y[:, :3 * hidden], mixed[:, :hidden], (y[:, 3 * hidden:], mixed[:, hidden:]))
+    started = lora.begin("out", mixed) if lora is not None else None
     out = torch.addmm(layer.out_b, mixed, layer.out_w.t())
-    return out if lora is None else lora.add("out", mixed, out)
+    return out if started is None else lora.finish(started, out)
 
 
 def _fc1_gelu(layer: PhiLayer, x: torch.Tensor, lora: LayerLora | None = None) -> torch.Tensor:

@@ -43,13 +43,12 @@ def mixed_rows():
     return [(model, question) for question in range(len(QUESTIONS)) for model in (0, 1, 2)]
 
 
-@pytest.mark.parametrize("engine,fused_min_rows", [("fast", DEFAULT_DECODE.fused_min_rows), ("fast", 1),
-                                                   ("transformers", None)])
+@pytest.mark.parametrize("engine,fused_layer", [("fast", True), ("fast", False), ("transformers", None)])
 def test_a_batch_of_base_and_two_adapters_answers_each_row_as_its_model_alone(
-        tiny_phi2_dir, tiny_lora_dir, tiny_lora_second_dir, expected, engine, fused_min_rows):
+        tiny_phi2_dir, tiny_lora_dir, tiny_lora_second_dir, expected, engine, fused_layer):
     models = family(tiny_phi2_dir, (tiny_lora_dir, tiny_lora_second_dir), engine)
-    if fused_min_rows is not None:  # 1: the fused two-product layer path, which batches of 17+ rows take
-        models[0].engine.config = dataclasses.replace(models[0].engine.config, fused_min_rows=fused_min_rows)
+    if fused_layer is not None:  # the fused two-product layer (LoRA batches' default), or the four products
+        models[0].engine.config = dataclasses.replace(models[0].engine.config, lora_fused_layer=fused_layer)
     assert all(m.engine is models[0].engine and m.model is models[0].model for m in models)
     rows = mixed_rows()
     prompts = [models[m].encode(QUESTIONS[q], SETTINGS.max_new_tokens) for m, q in rows]
@@ -121,11 +120,12 @@ def test_an_adapter_that_replaces_whole_tensors_cannot_share_and_says_why(tiny_p
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the Triton kernels need a GPU")
-@pytest.mark.parametrize("fused_min_rows,beside", [(DEFAULT_DECODE.fused_min_rows, True), (1, True), (1, False)])
+@pytest.mark.parametrize("fused_layer,beside", [(True, False), (False, False), (True, True)])
 def test_on_the_gpu_with_graphs_each_row_answers_as_its_model_alone(
-        tiny_phi2_dir, tiny_lora_dir, tiny_lora_second_dir, fused_min_rows, beside):
-    """The captured decode step (skinny products below 17 rows; the fused layer, with the MLP on a
-    second stream or not) and the Triton prefill, in float32, against each model merged on the GPU."""
+        tiny_phi2_dir, tiny_lora_dir, tiny_lora_second_dir, fused_layer, beside):
+    """The captured decode step (the fused layer with the LoRA products on their own stream, the
+    skinny products below 17 rows, the MLP beside attention) and the Triton prefill, in float32,
+    against each model merged on the GPU."""
     from pipeline.llm.continuous import open_decode_batch
 
     directories = (tiny_phi2_dir, tiny_lora_dir, tiny_lora_second_dir)
@@ -135,8 +135,9 @@ def test_on_the_gpu_with_graphs_each_row_answers_as_its_model_alone(
         want[index] = [merged.engine.generate([merged.encode(q, SETTINGS.max_new_tokens)], SETTINGS)[0].token_ids
                        for q in QUESTIONS]
     base = Answerer.from_pretrained(str(tiny_phi2_dir), device="cuda", dtype="float32", engine="fast")
-    base.engine.config = dataclasses.replace(base.engine.config, fused_min_rows=fused_min_rows,
-                                             mlp_beside_attention=beside, lora_mlp_beside=beside)
+    base.engine.config = dataclasses.replace(base.engine.config, lora_fused_layer=fused_layer,
+                                             fused_min_rows=1 if beside else DEFAULT_DECODE.fused_min_rows,
+                                             lora_mlp_beside=beside)
     models = [base] + [base.attach(resolve_llm(str(d))) for d in directories[1:]]
     assert base.engine.use_graphs and base.engine.name == "fast"
     rows = mixed_rows()
