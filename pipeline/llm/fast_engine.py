@@ -132,10 +132,6 @@ class FastPhiEngine:
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         return len(self._adapters)
 
-    @property
-    def adapters(self) -> list[str]:
-        return [adapter.name for adapter in self._adapters]
-
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
                  stop_check: StopCheck | None = None, adapters: list[int] | None = None) -> list[Generated]:
