@@ -133,3 +133,42 @@ def test_models_and_chat_list_and_take_the_adapters_by_name(family, family_dirs)
     assert chat.status_code == 200 and asked.status_code == 200
     assert chat.json()["bilingual_qa"]["models"]["llm"] == family_dirs[2]
     assert chat.json()["choices"][0]["message"]["content"] == asked.json()["answer_en"]
+
+
+def test_micro_batching_puts_the_three_models_rows_into_one_generate_call(
+        family_dirs, tiny_ja_en_dir, tiny_en_ja_dir, asked_alone):
+    from pipeline.serve.models import LoadOptions, ModelRegistry
+    from pipeline.serve.service import AskRequest, Service
+
+    registry = ModelRegistry.load(LoadOptions(llms=family_dirs, ja_en=str(tiny_ja_en_dir), en_ja=str(tiny_en_ja_dir),
+                                              device="cpu", engine="transformers", batching="micro"))
+    scheduler = registry.schedulers[family_dirs[0]]
+    assert scheduler.mode == "micro-batch"
+    requests = [(name, q) for q in QUESTIONS[1:3] for name in family_dirs]  # English: no translation wait
+    calls, arrived, submitted = [], threading.Event(), []
+    generate, submit = scheduler.engine.generate, scheduler.submit
+
+    def counting_submit(job):
+        submitted.append(job)
+        submit(job)
+        if len(submitted) >= len(requests):
+            arrived.set()
+
+    def recording_generate(prompts, settings, stop_check=None, adapters=None):
+        arrived.wait(30)  # the first call holds the rest back: they all wait for the next one
+        calls.append(adapters or [0] * len(prompts))
+        return generate(prompts, settings, stop_check, adapters)
+
+    scheduler.submit, scheduler.engine.generate = counting_submit, recording_generate
+    service = Service(registry)
+
+    async def ask_all():
+        return await asyncio.gather(*(service.ask(AskRequest(q, model=name, settings=SETTINGS))
+                                      for name, q in requests))
+    try:
+        results = asyncio.run(ask_all())
+    finally:
+        registry.close()
+    for (name, q), result in zip(requests, results):
+        assert without_japanese(result) == without_japanese(asked_alone[(name, q)]), (name, q)
+    assert max(len(set(adapters)) for adapters in calls) == 3
