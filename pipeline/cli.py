@@ -297,7 +297,9 @@ def summary_line(text: str) -> None:
               help="Address to listen on; anything but loopback needs --api-key.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--llm", "llms", multiple=True, envvar="BILINGUAL_QA_LLM",
-              help="A phi-2-family model (hub id or directory); repeat to serve several, the first is the default.")
+              help="A phi-2-family model or LoRA adapter (hub id or directory); repeat to serve several, the first "
+                   "is the default. A base and its adapters share one copy of the base weights and one batch.")
+@base_option
 @model_options
 @click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True,
               help="phi-2 generation engine (auto: fast on CUDA, else transformers).")
@@ -313,8 +315,8 @@ def summary_line(text: str) -> None:
               help="continuous: questions join the decoding batch at the next step; micro: each generate call "
                    "takes the questions waiting (auto: continuous on both engines).")
 @user_errors
-def serve(host, port, llms, ja_en, en_ja, device, dtype, mt_backend, beams, engine, api_key, max_queue, max_batch,
-          max_body, batching):
+def serve(host, port, llms, base, ja_en, en_ja, device, dtype, mt_backend, beams, engine, api_key, max_queue,
+          max_batch, max_body, batching):
     """Serve the models over HTTP: a web page, /v1/ask, LibreTranslate- and OpenAI-compatible APIs."""
     from pipeline import serve as serve_room  # the serve extra is imported only by this command
 
@@ -327,7 +329,7 @@ def serve(host, port, llms, ja_en, en_ja, device, dtype, mt_backend, beams, engi
     from pipeline.serve.server import run_server
 
     options = LoadOptions(llms=list(llms), ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, engine=engine,
-                          mt_backend=mt_backend, beams=beams, max_rows=max_batch, batching=batching)
+                          mt_backend=mt_backend, beams=beams, max_rows=max_batch, batching=batching, base=base)
     run_server(options, host=host, port=port,
                config=ServerConfig(api_key=api_key or None, max_body=max_body, max_queue=max_queue))
 

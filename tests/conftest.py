@@ -88,6 +88,14 @@ def tiny_lora_saved_head_dir(tiny_models_dir, tiny_phi2_dir) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_lora_second_dir(tiny_models_dir, tiny_phi2_dir) -> Path:
+    """A second LoRA adapter of the same base, of another rank and other targets (r=4: q, v, fc2)."""
+    from pipeline.checkpoints import build_lora_adapter
+
+    return build_lora_adapter(tiny_models_dir / "phi2-lora-second", tiny_phi2_dir, r=4, seed=3, scale=0.1,
+                              targets=("q_proj", "v_proj", "fc2"))
+
 
 @pytest.fixture(autouse=True)
 def fresh_once_notices():

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
-from pipeline.llm.adapters import AppliedAdapter, apply_adapter
+from pipeline.llm.adapters import AdapterError, AppliedAdapter, apply_adapter
 from pipeline.llm.engine import (FINISH_STOP, Engine, Generated, GenerationSettings, StopCheck, TransformersEngine,
                                  finish_row)
 from pipeline.llm.hardware import Plan, plan, probe
@@ -61,7 +61,7 @@ def _eos(tokenizer, model) -> int:
 
 class Answerer:
     def __init__(self, model, tokenizer, engine: Engine, name: str, *, source: LLMSource | None = None,
-                 applied: AppliedAdapter | None = None, engine_choice: str = "auto"):
+                 applied: AppliedAdapter | None = None, engine_choice: str = "auto", adapter: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.engine = engine
@@ -69,6 +69,7 @@ class Answerer:
         self.source = source
         self.applied = applied  # the adapter merged into `model`'s weights, removable in place
         self.engine_choice = engine_choice
+        self.adapter = adapter  # the engine's LoRA adapter this answerer's rows apply unmerged (0: none)
         self.max_positions = getattr(model.config, "max_position_embeddings", 2048)
 
     @classmethod
@@ -120,6 +121,23 @@ class Answerer:
             self.engine = choose_engine(self.engine_choice, self.model, eos, self.model.device)
         self.tokenizer, self.source, self.name = tokenizer, source, source.name
 
+    def attach(self, source: LLMSource) -> "Answerer":
+        """An answerer for the LoRA adapter `source` of this (bare) base model on the same weights and
+        engine: its rows apply the adapter unmerged, so base and adapters decode in one batch."""
+        if self.applied is not None or self.adapter or source.adapter is None or not self.shares_weights_with(source):
+            raise ValueError(f"{source.name} is not a LoRA adapter of the bare base {self.name}")
+        tokenizer = tokenizer_for(source)
+        if _eos(tokenizer, self.model) != self.engine.eos_token_id:
+            raise AdapterError(f"adapter '{source.name}' ships a tokenizer with another end-of-text id than its"
+                               f" base '{source.base_name}': it cannot share the base's batch")
+        status(f"loading adapter {source.name} beside {source.base_name} (applied unmerged, per row)")
+        index = self.engine.add_adapter(source.adapter, self.model)
+        return Answerer(self.model, tokenizer, self.engine, source.name, source=source,
+                        engine_choice=self.engine_choice, adapter=index)
+
+    def _adapters(self, rows: int) -> dict:
+        return {"adapters": [self.adapter] * rows} if self.adapter else {}
+
     def stop_check(self, questions: Sequence[str]) -> StopCheck:
         """The engines' check: row i's answer (to questions[i]) has ended, so its generation may stop."""
         watches = [EndWatch(question) for question in questions]
@@ -153,7 +171,8 @@ class Answerer:
     def answer(self, questions: list[str], settings: GenerationSettings) -> list[AnswerText]:
         """Answer English questions together, in one batch."""
         prompts = [self.encode(q, settings.max_new_tokens) for q in questions]
-        generated = self.engine.generate(prompts, settings, None if settings.raw else self.stop_check(questions))
+        generated = self.engine.generate(prompts, settings, None if settings.raw else self.stop_check(questions),
+                                         **self._adapters(len(prompts)))
         return [self.answer_text(question, prompt, row, settings.raw)
                 for question, prompt, row in zip(questions, prompts, generated)]
 
@@ -175,7 +194,7 @@ class Answerer:
         prompt = self.encode(question, settings.max_new_tokens)
         check = None if settings.raw else self.stop_check([question])
         pieces = AnswerPieces(self.tokenizer, question, settings.raw)
-        for token in self.engine.stream(prompt, settings, check):
+        for token in self.engine.stream(prompt, settings, check, **({"adapter": self.adapter} if self.adapter else {})):
             if piece := pieces.push(token):
                 yield piece
         if tail := pieces.finish():

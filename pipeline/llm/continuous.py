@@ -7,8 +7,9 @@ row (prefilled alone, then decoded with the others) and drop a finished or aband
 The contract, all from one thread:
 - `room() -> int`: how many rows may join now (a request waits while there is none);
 - `check(prompt, settings)`: raise for a request that can never fit (InputTooLongError names the limit);
-- `add([(prompt, settings), ...]) -> [(row, first_token), ...]`: prefill prompts (together where the
-  engine can), return each one's row key and first token;
+- `add([(prompt, settings[, adapter]), ...]) -> [(row, first_token), ...]`: prefill prompts (together
+  where the engine can), each applying the engine's LoRA adapter number `adapter` (0 or left out: the
+  base), return each one's row key and first token;
 - `step() -> {row: token}`: one decode step for every live row, feeding each the token it last
   returned; an engine may hand a step's tokens back from the next call (the GPU runs on meanwhile);
 - `drop(row)`: forget a row (its cache columns are freed);
@@ -42,7 +43,7 @@ class DecodeBatch(Protocol):
 
     def check(self, prompt: list[int], settings: GenerationSettings) -> None: ...
 
-    def add(self, requests: list[tuple[list[int], GenerationSettings]]) -> list[tuple[int, int]]: ...
+    def add(self, requests: list[tuple]) -> list[tuple[int, int]]: ...
 
     def step(self) -> dict[int, int]: ...
 
@@ -68,7 +69,7 @@ def open_decode_batch(engine, max_rows: int = 64, batching: str = "auto") -> Dec
     if opener is not None:  # an engine with its own step-wise implementation
         return opener(max_rows)
     if getattr(engine, "name", "") == "transformers":
-        return TransformersDecodeBatch(engine.model, max_rows)
+        return TransformersDecodeBatch(engine.model, max_rows, engine.adapter_names)
     return None
 
 
@@ -79,6 +80,7 @@ class _Row:
     position: int  # the next token's position id
     settings: GenerationSettings
     generator: torch.Generator | None
+    adapter: int = 0
 
 
 def select_token(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> int:
@@ -98,8 +100,9 @@ def select_token(logits: torch.Tensor, settings: GenerationSettings, generator: 
 class TransformersDecodeBatch:
     """A DecodeBatch over a transformers causal LM and a DynamicCache (see the module docstring)."""
 
-    def __init__(self, model, max_rows: int = 64):
+    def __init__(self, model, max_rows: int = 64, adapter_names=lambda adapters, rows: {}):
         self.model = model
+        self.adapter_names = adapter_names  # the engine's: peft's per-row adapters, once any is loaded
         self.max_rows = max_rows
         self.prefill_tokens = 8192
         self.device = next(model.parameters()).device
@@ -108,7 +111,8 @@ class TransformersDecodeBatch:
         self.mask: torch.Tensor | None = None  # (rows, columns): 1 where a row has a real token
         self._keys = itertools.count()
         # transformers renamed past_key_values to cache (5.x deprecation); take whichever forward has.
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward  # peft's
+        self._cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -128,28 +132,30 @@ class TransformersDecodeBatch:
     def warm(self) -> None:
         pass
 
-    def add(self, requests: list[tuple[list[int], GenerationSettings]]) -> list[tuple[int, int]]:
-        """One prefill per prompt, each merged into the shared DynamicCache in turn."""
-        for prompt, settings in requests:
+    def add(self, requests: list[tuple]) -> list[tuple[int, int]]:
+        """One prefill per prompt (its row's adapter through peft), each merged into the shared
+        DynamicCache in turn."""
+        for prompt, settings, *_ in requests:
             self.check(prompt, settings)
         if len(requests) > self.room():
             raise RuntimeError(f"the decode batch has room for {self.room()} more rows, not {len(requests)}")
-        return [self._add(prompt, settings) for prompt, settings in requests]
+        return [self._add(*request) for request in requests]
 
     @torch.inference_mode()
-    def _add(self, prompt: list[int], settings: GenerationSettings) -> tuple[int, int]:
+    def _add(self, prompt: list[int], settings: GenerationSettings, adapter: int = 0) -> tuple[int, int]:
         from transformers import DynamicCache
 
         ids = torch.tensor([prompt], device=self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache},
-                         position_ids=torch.arange(len(prompt), device=self.device)[None])
+                         position_ids=torch.arange(len(prompt), device=self.device)[None],
+                         **self.adapter_names([adapter], 1))
         generator = None
         if not settings.greedy:
             generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None
                                                       else int(torch.randint(0, 2**31, ())))
         first = select_token(out.logits[0, -1], settings, generator)
-        row = _Row(next(self._keys), first, len(prompt), settings, generator)
+        row = _Row(next(self._keys), first, len(prompt), settings, generator, adapter)
         self._merge(cache, len(prompt))
         self.rows.append(row)
         return row.key, first
@@ -165,7 +171,8 @@ class TransformersDecodeBatch:
                                                      device=self.device)], dim=1)
         out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
                          use_cache=True, **{self._cache_arg: self.cache},
-                         cache_position=torch.tensor([columns], device=self.device))
+                         cache_position=torch.tensor([columns], device=self.device),
+                         **self.adapter_names([row.adapter for row in self.rows], len(self.rows)))
         last = out.logits[:, -1]
         greedy = last.argmax(-1).tolist()  # one device->host copy for every greedy row
         chosen = {}

@@ -23,6 +23,12 @@ class DecodeConfig:
     rope_in_attention: bool = True
     # Batches on the fused layer path run the MLP on a second stream beside attention.
     mlp_beside_attention: bool = True
+    # ... also while LoRA adapters are loaded (multi_lora.py): False takes the fused layer, whose LoRA
+    # work is two masked product pairs per layer instead of four (timings: benchmarks/multi_lora.py).
+    lora_mlp_beside: bool = False
+    # Batches applying LoRA take the fused layer at every size, not the skinny products below
+    # fused_min_rows (measured faster there with the LoRA work: benchmarks/multi_lora.py).
+    lora_fused_layer: bool = True
     # The fused layer's GELU runs inside the rotary(+attention) kernel (False: a torch kernel).
     gelu_in_rope: bool = True
     # Warps per row of the layer-norm kernel and per (token, head) of the rotary kernel.

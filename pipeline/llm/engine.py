@@ -167,6 +167,29 @@ class TransformersEngine:
         self.fp32_scores = model.dtype == torch.float16 if fp32_attention_scores is None else fp32_attention_scores
         if self.fp32_scores and getattr(model.config, "_attn_implementation", "sdpa") == "eager":
             model.set_attn_implementation("sdpa")
+        self.adapters: list[str] = []  # LoRA adapters rows may apply unmerged (add_adapter), index + 1
+
+    def add_adapter(self, adapter, model=None) -> int:
+        """Load the LoRA adapter `adapter` (an AdapterSource of this engine's model) through peft, to be
+        applied unmerged by the rows that ask for it (peft's mixed-adapter batches); returns its index
+        for `generate(adapters=...)`. From the first one on, the model is peft's wrapper of the base."""
+        from peft import PeftModel
+
+        name = f"adapter_{len(self.adapters) + 1}"  # peft keys modules by it: no dots, no user text
+        if not self.adapters:
+            self.model = PeftModel.from_pretrained(self.model, adapter.directory, adapter_name=name,
+                                                   is_trainable=False)
+        else:
+            self.model.load_adapter(adapter.directory, adapter_name=name, is_trainable=False)
+        self.adapters.append(adapter.name)
+        return len(self.adapters)
+
+    def adapter_names(self, adapters: Sequence[int] | None, rows: int) -> dict:
+        """peft's `adapter_names` for rows applying `adapters` (None: the base), once any is loaded."""
+        if not self.adapters:
+            return {}
+        chosen = adapters if adapters is not None else [0] * rows
+        return {"adapter_names": ["__base__" if i == 0 else f"adapter_{i}" for i in chosen]}
 
     def _scores_context(self):
         from pipeline.llm.phi_model import fp32_scores
@@ -203,31 +226,35 @@ class TransformersEngine:
         return ids.to(self.model.device), mask.to(self.model.device)
 
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
-                 stop_check: StopCheck | None = None) -> list[Generated]:
+                 stop_check: StopCheck | None = None, adapters: list[int] | None = None) -> list[Generated]:
+        """`adapters[i]`: the LoRA adapter prompt i applies (add_adapter's index; 0 or None: the base)."""
         release = torch.cuda.empty_cache if self.model.device.type == "cuda" else (lambda: None)
         return generate_shrinking(
-            prompts, lambda group, first: self._generate(group, settings, shifted(stop_check, first)),
+            prompts, lambda group, first: self._generate(
+                group, settings, shifted(stop_check, first),
+                None if adapters is None else adapters[first:first + len(group)]),
             len(prompts), release)
 
     @torch.inference_mode()
     def _generate(self, prompts: list[list[int]], settings: GenerationSettings,
-                  stop_check: StopCheck | None) -> list[Generated]:
+                  stop_check: StopCheck | None, adapters: list[int] | None = None) -> list[Generated]:
         ids, mask = self._batch(prompts)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         with self._scores_context():
             out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                      **self._generate_kwargs(settings, ids.shape[1], stop_check))
+                                      **self._generate_kwargs(settings, ids.shape[1], stop_check),
+                                      **self.adapter_names(adapters, len(prompts)))
         new = out[:, ids.shape[1]:].tolist()
         return [finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check, index)
                 for index, row in enumerate(new)]
 
     def stream(self, prompt: list[int], settings: GenerationSettings,
-               stop_check: StopCheck | None = None) -> Iterator[int]:
+               stop_check: StopCheck | None = None, adapter: int = 0) -> Iterator[int]:
         """Yield generated ids as they come; ends at end-of-text, a stop sequence or the length."""
         ids, mask = self._batch([prompt])
         streamer = _QueueStreamer()
-        kwargs = self._generate_kwargs(settings, ids.shape[1], stop_check)
+        kwargs = {**self._generate_kwargs(settings, ids.shape[1], stop_check), **self.adapter_names([adapter], 1)}
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
 

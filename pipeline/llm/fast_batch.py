@@ -18,9 +18,11 @@ the wider it is, even columns it skips: the stride between a row's heads grows);
 fits the memory left after the models at full width.
 
 Prompts that arrive together are prefilled together (left-padded, as `generate` does; each row's
-start is its first real column). A step runs the graph of the smallest bucket holding the highest
-live slot, feeds greedy rows their argmax on the device, and hands the host its tokens one step
-late: the GPU computes the next step while the server delivers this one's tokens.
+start is its first real column), each row applying its own LoRA adapter (multi_lora.py; 0: the
+base), whose index `_join` writes beside the row's other step inputs. A step runs the graph of the
+smallest bucket holding the highest live slot, feeds greedy rows their argmax on the device, and
+hands the host its tokens one step late: the GPU computes the next step while the server delivers
+this one's tokens.
 """
 
 from __future__ import annotations
@@ -135,9 +137,11 @@ class FastDecodeBatch:
         self._end()
 
     @torch.inference_mode()
-    def add(self, requests: list[tuple[list[int], GenerationSettings]]) -> list[tuple[int, int]]:
-        """Prefill these prompts (together where they fit one group) into free slots; (key, first token) each."""
-        for prompt, settings in requests:
+    def add(self, requests: list[tuple]) -> list[tuple[int, int]]:
+        """Prefill these (prompt, settings[, adapter]) requests (together where they fit one group) into
+        free slots, each applying its LoRA adapter (0 or left out: the base); (key, first token) each."""
+        requests = [(*request, 0)[:3] for request in requests]
+        for prompt, settings, _ in requests:
             self.check(prompt, settings)
         if len(requests) > self.room():
             raise RuntimeError(f"the decode batch has room for {self.room()} more rows, not {len(requests)}")
@@ -185,6 +189,7 @@ class FastDecodeBatch:
         engine._col[row] = 0
         engine._starts[row] = 0
         engine._positions[row] = 0
+        engine._adapter_rows[row] = 0
         self.slots.give(row)
         if not self.rows:
             self._end()
@@ -208,30 +213,31 @@ class FastDecodeBatch:
         return groups
 
     def _add_group(self, group) -> list[tuple[int, int]]:
-        engine = self.engine
-        width = max(len(prompt) for prompt, _ in group)
-        need = max(width + settings.max_new_tokens for _, settings in group)
+        prompts, adapters = [prompt for prompt, _, _ in group], [adapter for _, _, adapter in group]
+        width = max(len(prompt) for prompt in prompts)
+        need = max(width + settings.max_new_tokens for _, settings, _ in group)
         if need > self.slots.columns:
             self._grow(self.slots.width_for(need))
         slots = [self.slots.take() for _ in group]
         try:
-            firsts, generators = self._first_tokens(group, self._prefill([p for p, _ in group], width, slots))
+            logits = self._prefill(prompts, width, slots, adapters)
+            firsts, generators = self._first_tokens(group, logits)
         except BaseException:
             for slot in slots:
                 self.slots.give(slot)
             raise
         out = []
-        for slot, (_, settings), generator, first in zip(slots, group, generators, firsts):
+        for slot, (_, settings, _), generator, first in zip(slots, group, generators, firsts):
             key = next(self._keys)
             self.rows[key] = _Live(slot, settings, generator, width)
             out.append((key, first))
-        self._join(slots, firsts, [width - len(prompt) for prompt, _ in group], width)
+        self._join(slots, firsts, [width - len(prompt) for prompt in prompts], width, adapters)
         return out
 
     def _first_tokens(self, group, logits: torch.Tensor) -> tuple[list[int], list]:
         """Each prefilled row's first token (greedy, or sampled with its own generator) and generator."""
         firsts, generators = [], []
-        for index, (_, settings) in enumerate(group):
+        for index, (_, settings, _) in enumerate(group):
             generator = None
             if not settings.greedy:
                 generator = torch.Generator(device="cpu").manual_seed(
@@ -244,9 +250,10 @@ class FastDecodeBatch:
             raise non_finite_error(self.engine.weights.dtype)
         return [g if f is None else f for g, f in zip(greedy, firsts)], generators
 
-    def _join(self, slots: list[int], firsts: list[int], starts: list[int], width: int) -> None:
-        """Each new row's step inputs, one write per tensor for the group (a per-row attribute of the
-        step, such as an adapter index, is written here too)."""
+    def _join(self, slots: list[int], firsts: list[int], starts: list[int], width: int,
+              adapters: list[int]) -> None:
+        """Each new row's step inputs, one write per tensor for the group (the LoRA adapter each row
+        applies among them: multi_lora.py)."""
         engine = self.engine
         index = torch.tensor(slots, dtype=torch.long, device=engine.device)
         start = torch.tensor(starts, dtype=torch.long, device=engine.device)
@@ -255,9 +262,11 @@ class FastDecodeBatch:
         engine._col[index] = width
         engine._positions[index] = width - start
         engine._advance[index] = 1
+        engine._adapter_rows[index] = torch.tensor(adapters, dtype=torch.long, device=engine.device)
 
-    def _prefill(self, prompts: list[list[int]], width: int, slots: list[int]) -> torch.Tensor:
-        """The prompts' keys and values into their slots' columns 0..width-1 (left-padded); last logits."""
+    def _prefill(self, prompts: list[list[int]], width: int, slots: list[int], adapters: list[int]) -> torch.Tensor:
+        """The prompts' keys and values into their slots' columns 0..width-1 (left-padded), prompt i
+        applying LoRA adapter adapters[i]; last logits."""
         engine, w = self.engine, self.engine.weights
         shape = (len(w.layers), len(prompts), w.heads, width, w.head_dim)
         keys = torch.zeros(shape, dtype=w.dtype, device=engine.device)
@@ -267,7 +276,9 @@ class FastDecodeBatch:
             ids[row, width - len(prompt):] = torch.tensor(prompt)
         ids = ids.to(engine.device)
         starts = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=engine.device)
-        logits = prefill(w, ids, starts, keys, values, engine.cos, engine.sin, engine.use_triton, engine.config)
+        rows_adapters = torch.tensor(adapters, dtype=torch.long, device=engine.device)
+        logits = prefill(w, ids, starts, keys, values, engine.cos, engine.sin, engine.use_triton, engine.config,
+                         rows_adapters)
         index = torch.tensor(slots, dtype=torch.long, device=engine.device)
         engine._k_cache[:, :, :, :width].index_copy_(1, index, keys)
         engine._v_cache[:, :, :, :width].index_copy_(1, index, values)
@@ -364,7 +375,7 @@ class FastDecodeBatch:
         engine._ensure_cache(rows, self.slots.columns)  # generate may have reshaped it meanwhile
         self.slots.columns = min(engine._k_cache.shape[3], self.limit)
         self.slots.reset()
-        for tensor in (engine._col, engine._starts, engine._positions, engine._advance):
+        for tensor in (engine._col, engine._starts, engine._positions, engine._advance, engine._adapter_rows):
             tensor.zero_()
         engine._tokens.fill_(engine.eos_token_id)
         self._pending = None

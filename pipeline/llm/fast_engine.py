@@ -101,6 +101,9 @@ class FastPhiEngine:
         # Per row, the sum of the chosen tokens' logits: NaN or inf once any of them was (checked on the
         # host with each chunk of tokens, no extra sync).
         self._check = torch.zeros(max_batch_size, dtype=torch.float32, device=self.device)
+        # Per row, the LoRA adapter it applies (0: the base); read only once an adapter is loaded.
+        self._adapter_rows = torch.zeros(max_batch_size, **long)
+        self._adapters: list = []  # multi_lora.AdapterFactors, index + 1 in _adapter_rows
         self._busy = False
 
     # ---- public API ------------------------------------------------------------------------------
@@ -118,13 +121,29 @@ class FastPhiEngine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - began
 
+    def add_adapter(self, adapter, model) -> int:
+        """Load the LoRA adapter `adapter` (an AdapterSource of `model`, this engine's model) to be
+        applied unmerged by the rows that ask for it; returns its index for `generate(adapters=...)`.
+        Its factors join the stacked ones (multi_lora.py), so the graphs are captured again."""
+        from pipeline.llm.multi_lora import MultiLora, read_factors
+
+        self._adapters.append(read_factors(model, adapter))
+        w = self.weights
+        self.weights.lora = MultiLora(self._adapters, len(w.layers), w.layers[0].hidden,
+                                      w.layers[0].fc1_w.shape[0], w.dtype, self.device)
+        self._graphs.clear()
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        return len(self._adapters)
+
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
-                 stop_check: StopCheck | None = None) -> list[Generated]:
+                 stop_check: StopCheck | None = None, adapters: list[int] | None = None) -> list[Generated]:
+        """`adapters[i]`: the LoRA adapter prompt i applies (add_adapter's index; 0 or None: the base)."""
         def run(group: list[list[int]], first: int) -> list[Generated]:
             rows: list[list[int]] = [[] for _ in group]
             check = shifted(stop_check, first)  # rows are numbered in the whole call, as the check knows them
-            for new in self._run(group, settings, check, self.check_every):
+            chosen = None if adapters is None else adapters[first:first + len(group)]
+            for new in self._run(group, settings, check, self.check_every, chosen):
                 for row, tokens in zip(rows, new):
                     row.extend(tokens)
             return [finish_row(row, self.eos_token_id, settings.max_new_tokens, check, index)
@@ -136,14 +155,14 @@ class FastPhiEngine:
         return generate_shrinking(prompts, run, self._rows_for(len(prompts), columns), self._release)
 
     def stream(self, prompt: list[int], settings: GenerationSettings,
-               stop_check: StopCheck | None = None) -> Iterator[int]:
+               stop_check: StopCheck | None = None, adapter: int = 0) -> Iterator[int]:
         """Yield generated ids as they come; ends at end-of-text, a stop sequence or the length.
 
         Tokens reach the host one step late (the GPU runs the next step meanwhile). The stop check
         runs on each token here: they are on the host anyway, so it costs no extra sync.
         """
         with torch.inference_mode():
-            for new in self._run([prompt], settings, stop_check, 1):
+            for new in self._run([prompt], settings, stop_check, 1, [adapter]):
                 for token in new[0]:
                     if token == self.eos_token_id:
                         return
@@ -158,7 +177,7 @@ class FastPhiEngine:
     # ---- the generation loop -------------------------------------------------------------------
 
     def _run(self, prompts: list[list[int]], settings: GenerationSettings, stop_check: StopCheck | None,
-             every: int) -> Iterator[list[list[int]]]:
+             every: int, adapters: list[int] | None = None) -> Iterator[list[list[int]]]:
         """Generate for up to max_batch_size prompts; yield each row's new ids in chunks of `every`.
 
         A row's ids stop growing once it wrote end-of-text or stop_check found a stop sequence; the
@@ -168,11 +187,11 @@ class FastPhiEngine:
             raise RuntimeError("FastPhiEngine serves one generate/stream call at a time")
         self._busy = True
         try:
-            yield from self._loop(prompts, settings, stop_check, every)
+            yield from self._loop(prompts, settings, stop_check, every, adapters)
         finally:
             self._busy = False
 
-    def _loop(self, prompts, settings, stop_check, every):
+    def _loop(self, prompts, settings, stop_check, every, adapters=None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         count, width = len(prompts), max(len(p) for p in prompts)
@@ -186,6 +205,9 @@ class FastPhiEngine:
         self._ensure_cache(rows, width + steps)
         graph = self._graph_for(rows) if self.use_graphs else None
         state = self._state(rows)
+        self._adapter_rows.zero_()
+        if adapters is not None:
+            self._adapter_rows[:count] = torch.tensor(adapters, dtype=torch.long)
         generator = None
         if not settings.greedy and settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
@@ -300,7 +322,8 @@ class FastPhiEngine:
         for first in range(0, len(prompts), group):
             rows = slice(first, min(first + group, len(prompts)))
             logits.append(prefill(self.weights, ids[rows], starts[rows], state.k_cache[:, rows],
-                                  state.v_cache[:, rows], self.cos, self.sin, self.use_triton, self.config))
+                                  state.v_cache[:, rows], self.cos, self.sin, self.use_triton, self.config,
+                                  self._adapter_rows[rows]))
         return starts, torch.cat(logits)
 
     def _load_state(self, state: DecodeState, first: torch.Tensor, starts: torch.Tensor, width: int,
@@ -317,7 +340,7 @@ class FastPhiEngine:
 
     def _state(self, rows: int) -> DecodeState:
         return DecodeState(self._tokens[:rows], self._positions[:rows], self._col[:rows], self._starts[:rows],
-                           self._k_cache[:, :rows], self._v_cache[:, :rows])
+                           self._k_cache[:, :rows], self._v_cache[:, :rows], self._adapter_rows[:rows])
 
     # ---- cache and graphs ------------------------------------------------------------------------
 

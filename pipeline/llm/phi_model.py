@@ -32,6 +32,7 @@ from pipeline.kernels.norm import add_layer_norm
 from pipeline.kernels.phi_attention import AttentionConfig, triton_attention
 from pipeline.kernels.phi_rope import rope_and_cache_write
 from pipeline.llm.decode_config import DEFAULT_DECODE, DecodeConfig
+from pipeline.llm.multi_lora import LayerLora, selection
 from pipeline.llm.phi_weights import PhiLayer, PhiWeights
 
 
@@ -45,6 +46,7 @@ class DecodeState:
     starts: torch.Tensor  # [B] long: first valid cache column of each row
     k_cache: torch.Tensor  # [layers, B, heads, S, head_dim]
     v_cache: torch.Tensor
+    adapters: torch.Tensor | None = None  # [B] long: each row's LoRA adapter (0: the base; multi_lora.py)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
@@ -87,7 +89,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, gelu: 
 
 
 def _mlp_and_residual(layer: PhiLayer, x: torch.Tensor, attn: torch.Tensor, h: torch.Tensor,
-                      use_triton: bool = False) -> torch.Tensor:
+                      use_triton: bool = False, lora: LayerLora | None = None) -> torch.Tensor:
     """h += dense(attn) + fc2(gelu_new(fc1(x))), in place, without the two biases.
 
     phi's block is parallel: both branches land on the residual stream, so the GEMMs accumulate into
@@ -95,10 +97,17 @@ def _mlp_and_residual(layer: PhiLayer, x: torch.Tensor, attn: torch.Tensor, h: t
     the next layer norm (`_add_layer_norm`), which saves a kernel per layer.
     """
     width = h.shape[-1]
-    h2, x2 = h.view(-1, width), x.view(-1, width)
-    h2.addmm_(attn.reshape(-1, attn.shape[-1]), layer.dense_w.t())
-    up = _linear(x2, layer.fc1_w, layer.fc1_b, gelu=True, use_triton=use_triton)
+    h2, x2, attn2 = h.view(-1, width), x.view(-1, width), attn.reshape(-1, attn.shape[-1])
+    h2.addmm_(attn2, layer.dense_w.t())
+    if lora is None:
+        up = _linear(x2, layer.fc1_w, layer.fc1_b, gelu=True, use_triton=use_triton)
+    else:  # the row's fc1 update goes in before the GELU
+        lora.add("dense", attn2, h2)
+        up = F.gelu(lora.add("fc1", x2, _linear(x2, layer.fc1_w, layer.fc1_b, use_triton=use_triton)),
+                    approximate="tanh")
     h2.addmm_(up, layer.fc2_w.t())
+    if lora is not None:
+        lora.add("fc2", up, h2)
     return h
 
 
@@ -127,13 +136,14 @@ def _logits(w: PhiWeights, h: torch.Tensor, pending, use_triton: bool, config: D
 
 def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             cos: torch.Tensor, sin: torch.Tensor, use_triton: bool = False,
-            config: DecodeConfig = DEFAULT_DECODE) -> torch.Tensor:
+            config: DecodeConfig = DEFAULT_DECODE, adapters: torch.Tensor | None = None) -> torch.Tensor:
     """Run left-padded prompts ids [B, P], fill cache columns 0..P-1, return the last column's logits.
 
     starts[b] is the first real column of row b. k_cache/v_cache are [layers, B, heads, S, head_dim].
     With use_triton, one kernel per layer does the rotary and the cache write (rope_and_cache_write),
     where torch takes a dozen elementwise kernels and copies. The two branches' outputs reach the
-    residual stream through the next layer norm, as in the decode step.
+    residual stream through the next layer norm, as in the decode step. adapters[b]: row b's LoRA
+    adapter (multi_lora.py; None or no adapter loaded: none).
     """
     batch, width = ids.shape
     cols = torch.arange(width, device=ids.device)
@@ -153,9 +163,13 @@ def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: tor
     h = F.embedding(ids, w.embed).view(tokens, -1)
     hidden = h.shape[-1]
     pending = None  # the previous layer's outputs, not yet on the residual stream
+    rows_lora = selection(w.lora, adapters, width)
     for index, layer in enumerate(w.layers):
+        lora = rows_lora.layer(index) if rows_lora is not None else None
         x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps, use_triton, config)
         qkv = torch.addmm(layer.qkv_b, x, layer.qkv_w.t())
+        if lora is not None:
+            lora.add("qkv", x, qkv)
         if use_triton:
             q = rope_and_cache_write(qkv, k_cache[index], v_cache[index], cos, sin, positions.view(-1), first_col,
                                      width, w, warps=config.rope_warps)
@@ -168,8 +182,11 @@ def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: tor
             v_cache[index, :, :, :width] = v
         attn = _sdpa(q, k, v, mask, not padded, config.fp32_attention_scores)
         attn = attn.transpose(1, 2).reshape(tokens, hidden)
-        pending = (torch.addmm(layer.dense_b, attn, layer.dense_w.t()),
-                   torch.addmm(layer.fc2_b, _fc1_gelu(layer, x), layer.fc2_w.t()))
+        up = _fc1_gelu(layer, x, lora)
+        pending = (torch.addmm(layer.dense_b, attn, layer.dense_w.t()), torch.addmm(layer.fc2_b, up, layer.fc2_w.t()))
+        if lora is not None:
+            lora.add("dense", attn, pending[0])
+            lora.add("fc2", up, pending[1])
     last = slice(width - 1, None, width)  # each row's last column
     return _logits(w, h[last].contiguous(), tuple(p[last] for p in pending), use_triton, config)
 
@@ -189,23 +206,28 @@ def decode_step(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Ten
         attend = _triton_attend(w, s, cos, sin, attention or config.attention(batch), config)
     else:
         attend = _torch_attend(w, s, cos, sin, kv_len, config.fp32_attention_scores)
-    fused = batch >= config.fused_min_rows
-    beside = _side_stream(h) if fused and use_triton and config.mlp_beside_attention else None
+    rows_lora = selection(w.lora, s.adapters)  # each row's adapter (multi_lora.py), or None: no LoRA work
+    fused = batch >= config.fused_min_rows or (rows_lora is not None and config.lora_fused_layer)
+    beside_ok = config.mlp_beside_attention and (rows_lora is None or config.lora_mlp_beside)
+    beside = _side_stream(h) if fused and use_triton and beside_ok else None
     pending = None
     for index, layer in enumerate(w.layers):
+        lora = rows_lora.layer(index) if rows_lora is not None else None
         x = _add_layer_norm(h, pending, layer.ln_w, layer.ln_b, w.eps, use_triton, config)
         if beside is not None:
-            pending = _layer_mlp_beside(layer, x, lambda *args: attend(index, *args), beside)  # noqa: B023
+            pending = _layer_mlp_beside(layer, x, lambda *args: attend(index, *args), beside, lora)  # noqa: B023
         elif fused:
-            pending = _fused_layer(layer, x, lambda *args: attend(index, *args))  # noqa: B023 - called now
+            pending = _fused_layer(layer, x, lambda *args: attend(index, *args), lora)  # noqa: B023 - called now
         else:
             qkv = _linear(x, layer.qkv_w, layer.qkv_b, use_triton=use_triton)
-            h = _mlp_and_residual(layer, x, attend(index, qkv, None), h, use_triton)
+            if lora is not None:
+                lora.add("qkv", x, qkv)
+            h = _mlp_and_residual(layer, x, attend(index, qkv, None), h, use_triton, lora)
             pending = layer.out_b
     return _logits(w, h, pending, use_triton, config)
 
 
-def _fused_layer(layer: PhiLayer, x: torch.Tensor, attend) -> torch.Tensor:
+def _fused_layer(layer: PhiLayer, x: torch.Tensor, attend, lora: LayerLora | None = None) -> torch.Tensor:
     """[attention | gelu(fc1(x))] @ [dense | fc2].T + biases: two matrix products per layer, not four.
 
     q, k, v and fc1 all read x, so one product makes them; attention and the GELU write their outputs
@@ -215,16 +237,25 @@ def _fused_layer(layer: PhiLayer, x: torch.Tensor, attend) -> torch.Tensor:
     fused-bias path, measured faster here than accumulating into h in place.
     """
     hidden = layer.hidden
+    # each row's update of q, k, v and fc1 (before the GELU), then of dense and fc2: one masked pair
+    # of products each, its first half beside the base product (multi_lora.py)
+    started = lora.begin("in", x) if lora is not None else None
     y = torch.addmm(layer.in_b, x, layer.in_w.t())
+    if started is not None:
+        lora.finish(started, y)
     mixed = torch.empty((x.shape[0], layer.out_w.shape[1]), dtype=x.dtype, device=x.device)
     attend(y[:, :3 * hidden], mixed[:, :hidden], (y[:, 3 * hidden:], mixed[:, hidden:]))
-    return torch.addmm(layer.out_b, mixed, layer.out_w.t())
+    started = lora.begin("out", mixed) if lora is not None else None
+    out = torch.addmm(layer.out_b, mixed, layer.out_w.t())
+    return out if started is None else lora.finish(started, out)
 
 
-def _fc1_gelu(layer: PhiLayer, x: torch.Tensor) -> torch.Tensor:
-    """gelu_new(fc1(x)). On CUDA cuBLASLt applies the GELU (tanh form) to the product's fp32 sums as
-    it writes them; torch's CPU version of that op applies the erf GELU instead, so the CPU takes
-    two ops."""
+def _fc1_gelu(layer: PhiLayer, x: torch.Tensor, lora: LayerLora | None = None) -> torch.Tensor:
+    """gelu_new(fc1(x)) (with `lora`, each row's fc1 update added before the GELU). On CUDA cuBLASLt
+    applies the GELU (tanh form) to the product's fp32 sums as it writes them; torch's CPU version of
+    that op applies the erf GELU instead, so the CPU takes two ops."""
+    if lora is not None:
+        return F.gelu(lora.add("fc1", x, torch.addmm(layer.fc1_b, x, layer.fc1_w.t())), approximate="tanh")
     if x.is_cuda:
         return torch._addmm_activation(layer.fc1_b, x, layer.fc1_w.t(), use_gelu=True)
     return F.gelu(torch.addmm(layer.fc1_b, x, layer.fc1_w.t()), approximate="tanh")
@@ -239,8 +270,8 @@ def _side_stream(like: torch.Tensor) -> torch.cuda.Stream:
     return _SIDE_STREAMS[like.device]
 
 
-def _layer_mlp_beside(layer: PhiLayer, x: torch.Tensor, attend,
-                      side: torch.cuda.Stream) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_mlp_beside(layer: PhiLayer, x: torch.Tensor, attend, side: torch.cuda.Stream,
+                      lora: LayerLora | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's output with the MLP on a second stream while attention reads the cache.
 
     phi-2's MLP reads the layer norm's output, not attention's, so fc1 (its GELU done by cuBLASLt
@@ -253,11 +284,16 @@ def _layer_mlp_beside(layer: PhiLayer, x: torch.Tensor, attend,
     """
     main = torch.cuda.current_stream()
     side.wait_stream(main)
-    attn = attend(torch.addmm(layer.qkv_b, x, layer.qkv_w.t()), None)
+    qkv = torch.addmm(layer.qkv_b, x, layer.qkv_w.t())
+    attn = attend(qkv if lora is None else lora.add("qkv", x, qkv), None)
     with torch.cuda.stream(side):
-        mlp = torch.addmm(layer.fc2_b, _fc1_gelu(layer, x), layer.fc2_w.t())
+        up = _fc1_gelu(layer, x, lora)
+        mlp = torch.addmm(layer.fc2_b, up, layer.fc2_w.t())
+        if lora is not None:
+            lora.add("fc2", up, mlp)
     main.wait_stream(side)
-    return torch.addmm(layer.dense_b, attn, layer.dense_w.t()), mlp
+    dense = torch.addmm(layer.dense_b, attn, layer.dense_w.t())
+    return (dense if lora is None else lora.add("dense", attn, dense)), mlp
 
 
 def _triton_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Tensor,

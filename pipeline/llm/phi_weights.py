@@ -63,6 +63,7 @@ class PhiWeights:
     rotary_dim: int
     rope_theta: float
     eps: float
+    lora: object | None = None  # multi_lora.MultiLora: the LoRA adapters rows may apply (FastPhiEngine.add_adapter)
 
     @property
     def device(self) -> torch.device:

@@ -37,8 +37,9 @@ class AnswerJob:
     """One question's generation: its tokens arrive on `events` as ("token", id), then ("end", eos)."""
 
     def __init__(self, prompt: list[int], settings: GenerationSettings, loop: asyncio.AbstractEventLoop,
-                 stop_check: Callable | None = None):
+                 stop_check: Callable | None = None, adapter: int = 0):
         self.prompt = prompt
+        self.adapter = adapter  # the engine's LoRA adapter the row applies (0: the base; llm/multi_lora.py)
         self.settings = settings
         self.stop_check = stop_check  # used where the engine generates whole rows (micro-batching)
         self.loop = loop
@@ -230,7 +231,7 @@ class AnswerScheduler:
             return
         try:
             began = time.perf_counter()
-            added = _gated(batch.add, [(job.prompt, job.settings) for job in joining])
+            added = _gated(batch.add, [(job.prompt, job.settings, *_adapter_arg(job.adapter)) for job in joining])
             self.profile.add(len(joining), time.perf_counter() - began)
         except Exception as error:  # noqa: BLE001 - these callers' failure, not the others'
             log.exception("prefill failed")
@@ -281,7 +282,8 @@ class AnswerScheduler:
     def _generate_group(self, settings: GenerationSettings, group: list[AnswerJob]) -> None:
         self.running_rows = len(group)
         try:
-            rows = _gated(self.engine.generate, [job.prompt for job in group], settings, _rows_check(group))
+            rows = _gated(self.engine.generate, [job.prompt for job in group], settings, _rows_check(group),
+                          *_adapter_arg([job.adapter for job in group], any(job.adapter for job in group)))
         except Exception as error:  # noqa: BLE001
             log.exception("generate failed")
             for job in group:
@@ -300,6 +302,11 @@ def _gated(call, *args):
     """`call(*args)` as GPU work: never beside another stage's CUDA graph capture (gpu_gate.py)."""
     with GATE.work():
         return call(*args)
+
+
+def _adapter_arg(adapter, given: bool | None = None) -> tuple:
+    """The adapter argument, only where a row applies one (engines without adapters take none)."""
+    return (adapter,) if (adapter if given is None else given) else ()
 
 
 def _rows_check(group: list[AnswerJob]):

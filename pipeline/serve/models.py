@@ -2,7 +2,11 @@
 
 Each model is loaded the way the CLI loads it: the first through `BilingualQA.from_pretrained`, every
 further `--llm` through `Answerer.from_pretrained` (as `compare` does) beside the same translators.
-Each answer model gets one `AnswerScheduler`; each translation direction one `TranslationBatcher`.
+A base and its LoRA adapters (`--llm` of each, or only adapters: their base is loaded unnamed) are one
+family: the base weights load once, each adapter is attached to its engine unmerged (`Answerer.attach`,
+llm/multi_lora.py), and the family's rows decode in one batch. An adapter alone, or one that cannot
+be applied unmerged (saved whole modules), is merged into its own copy as `ask` does.
+Each answer engine gets one `AnswerScheduler`; each translation direction one `TranslationBatcher`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.llm.answerer import Answerer
+from pipeline.llm.models import LLMSource, resolve_llm
+from pipeline.llm.multi_lora import unshareable_reason
+from pipeline.loading import status
 from pipeline.qa import BilingualQA, model_names
 from pipeline.serve.batching import AnswerScheduler, TranslationBatcher
 
@@ -31,6 +38,7 @@ class LoadOptions:
     beams: int | None = None
     max_rows: int = 64
     batching: str = "auto"  # continuous, micro, or auto (llm/continuous.py's open_decode_batch)
+    base: str | None = None  # the base of LoRA adapters given as llms (None: the one each names)
 
 
 class ModelRegistry:
@@ -44,22 +52,43 @@ class ModelRegistry:
         first = qas[self.default]
         self.ja_en = TranslationBatcher(first.ja_en)
         self.en_ja = TranslationBatcher(first.en_ja)
-        self.schedulers = {name: AnswerScheduler(qa.answerer.engine, max_rows=max_rows, on_tokens=on_tokens,
-                                                 batching=batching)
-                           for name, qa in qas.items()}
+        # One scheduler per engine: a base and its attached adapters share one (one batch).
+        by_engine: dict[int, AnswerScheduler] = {}
+        self.schedulers = {}
+        for name, qa in qas.items():
+            engine = qa.answerer.engine
+            if id(engine) not in by_engine:
+                by_engine[id(engine)] = AnswerScheduler(engine, max_rows=max_rows, on_tokens=on_tokens,
+                                                        batching=batching)
+            self.schedulers[name] = by_engine[id(engine)]
 
     @classmethod
     def load(cls, options: LoadOptions, on_tokens: Callable[[int], None] | None = None) -> "ModelRegistry":
-        llms = list(options.llms) or [model_names()["llm"]]
-        first = BilingualQA.from_pretrained(llms[0], options.ja_en, options.en_ja, device=options.device,
-                                            dtype=options.dtype, engine=options.engine,
-                                            mt_backend=options.mt_backend, beams=options.beams)
-        qas = {llms[0]: first}
-        for name in llms[1:]:
-            if name not in qas:
-                answerer = Answerer.from_pretrained(name, device=first.answerer.model.device, dtype=options.dtype,
-                                                    engine=options.engine)
-                qas[name] = BilingualQA(answerer, first.ja_en, first.en_ja)
+        llms = list(dict.fromkeys(options.llms)) or [model_names()["llm"]]
+        sources = {name: resolve_llm(name, options.base) for name in llms}
+        loaded: list[BilingualQA] = []
+
+        def load(name: str) -> Answerer:
+            """`name` loaded as `ask --llm name` loads it; the first with the translators."""
+            if not loaded:
+                loaded.append(BilingualQA.from_pretrained(
+                    name, options.ja_en, options.en_ja, device=options.device, dtype=options.dtype,
+                    engine=options.engine, mt_backend=options.mt_backend, beams=options.beams, base=options.base))
+                return loaded[0].answerer
+            return Answerer.from_pretrained(sources.get(name, name), device=loaded[0].answerer.model.device,
+                                            dtype=options.dtype, engine=options.engine)
+
+        answerers: dict[str, Answerer] = {}
+        for names in families(sources):
+            if len(names) == 1:
+                answerers[names[0]] = load(names[0])
+                continue
+            full = [name for name in names if sources[name].adapter is None]
+            base = load(full[0] if full else sources[names[0]].base_name)
+            for name in names:
+                answerers[name] = base if sources[name].adapter is None else base.attach(sources[name])
+        first = loaded[0]
+        qas = {name: BilingualQA(answerers[name], first.ja_en, first.en_ja) for name in llms}
         return cls(qas, max_rows=options.max_rows, on_tokens=on_tokens, batching=options.batching)
 
     @property
@@ -78,7 +107,20 @@ class ModelRegistry:
         return self.qas[name], self.schedulers[name]
 
     def close(self) -> None:
-        for scheduler in self.schedulers.values():
+        for scheduler in {id(s): s for s in self.schedulers.values()}.values():
             scheduler.close()
         self.ja_en.close()
         self.en_ja.close()
+
+
+def families(sources: dict[str, LLMSource]) -> list[list[str]]:
+    """The names that share one copy of base weights (a checkpoint and LoRA adapters of it), in order;
+    an adapter that cannot be applied unmerged is a family of its own (merged into its own copy)."""
+    groups: dict[str, list[str]] = {}
+    for name, source in sources.items():
+        key = source.weights_key
+        if source.adapter is not None and (reason := unshareable_reason(source.adapter)) is not None:
+            status(f"adapter {name} is merged into a copy of its own base: {reason}")
+            key = f"{key}\0{name}"
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())

@@ -8,6 +8,7 @@ import signal
 
 import uvicorn
 
+from pipeline.llm.models import resolve_llm
 from pipeline.loading import locate_model
 from pipeline.qa import model_names
 from pipeline.serve.app import ServerConfig, create_app
@@ -18,7 +19,7 @@ def check_models(options: LoadOptions) -> None:
     """A missing model fails now, in one line, before the server starts."""
     names = model_names(None, options.ja_en, options.en_ja)
     for name in options.llms or [model_names()["llm"]]:
-        locate_model(name, "--llm")
+        resolve_llm(name, options.base)  # a checkpoint, or a LoRA adapter and its base, as `ask` takes
     locate_model(names["ja_en"], "--ja-en")
     locate_model(names["en_ja"], "--en-ja")
 

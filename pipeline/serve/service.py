@@ -70,7 +70,7 @@ class Service:
         pieces = AnswerPieces(answerer.tokenizer, question_en, raw)
         settings = dataclasses.replace(request.settings, raw=raw)
         job = AnswerJob(prompt, settings, asyncio.get_running_loop(),
-                        stop_check=None if raw else answerer.stop_check([question_en]))
+                        stop_check=None if raw else answerer.stop_check([question_en]), adapter=answerer.adapter)
         scheduler.submit(job)
         end = {"eos": False}
         try:

@@ -103,11 +103,11 @@ def test_a_failed_prefill_leaves_no_row_behind(engine, monkeypatch):
     (kept, _), = batch.add([(SHORT, greedy(5))])
     calls = []
 
-    def failing(prompts, width, slots):
+    def failing(prompts, *rest):
         calls.append(len(prompts))
         if len(calls) == 2:  # the second group of this add
             raise RuntimeError("the GPU fell over")
-        return prefill(prompts, width, slots)
+        return prefill(prompts, *rest)
 
     prefill = batch._prefill
     monkeypatch.setattr(batch, "_prefill", failing)
