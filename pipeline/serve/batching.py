@@ -203,64 +203,127 @@ def _rows_check(group: list[AnswerJob]):
     return lambda row, ids: checks[row] is not None and checks[row](0, ids)
 
 
-class TranslationBatcher:
-    """One translator's thread: every waiting caller's pieces go into one `translate_ids` call."""
+class StageStopped(RuntimeError):
+    """A stage's thread has stopped: the server cannot answer until it is restarted."""
 
-    def __init__(self, translator, *, on_batch: Callable[[int], None] | None = None):
+
+class _Translation:
+    """One caller's pieces and where their translations stand."""
+
+    def __init__(self, ids: list[list[int]], beams: int | None, future: Future):
+        self.ids, self.beams, self.future = ids, beams, future
+        self.out: list[str] = []
+
+    @property
+    def left(self) -> int:
+        return len(self.ids) - len(self.out)
+
+
+class TranslationBatcher:
+    """One translator's thread: the waiting callers' pieces go into `translate_ids` calls of at most
+    `round_pieces` pieces, every caller getting a piece of each call and the callers with the fewest
+    pieces left filling the rest, so that a question never waits behind someone else's document for
+    longer than one such call."""
+
+    def __init__(self, translator, *, on_batch: Callable[[int], None] | None = None, round_pieces: int = 16):
         self.translator = translator
         self.on_batch = on_batch or (lambda n: None)
+        self.round_pieces = round_pieces
         self.waiting: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name=f"translate-{translator.target_lang}", daemon=True)
+        self.stopped: str | None = None  # why the thread stopped, if it ever does but by close()
+        self.thread = threading.Thread(target=self._guarded, name=f"translate-{translator.target_lang}", daemon=True)
         self.thread.start()
 
     def submit(self, ids: list[list[int]], num_beams: int | None = None) -> Future:
         future: Future = Future()
         if not ids:
             future.set_result([])
+        elif not self.thread.is_alive():
+            future.set_exception(StageStopped(f"the {self.thread.name} stage has stopped"))
         else:
-            self.waiting.put((ids, num_beams, future))
+            self.waiting.put(_Translation(ids, num_beams, future))
         return future
 
     async def translate(self, texts: list[str], num_beams: int | None = None) -> list[str]:
-        plan = self.translator.plan(texts, num_beams)
-        return self.translator.assemble(plan, await asyncio.wrap_future(self.submit(plan.ids, num_beams)))
+        # Splitting and tokenising a long document takes a while: off the event loop.
+        plan = await asyncio.to_thread(self.translator.plan, texts, num_beams)
+        pieces = await asyncio.wrap_future(self.submit(plan.ids, num_beams))
+        return await asyncio.to_thread(self.translator.assemble, plan, pieces)
 
     def close(self) -> None:
         self.waiting.put(_STOP)
         self.thread.join(timeout=30)
 
-    def _run(self) -> None:
-        while True:
-            jobs = [self.waiting.get()]
+    def _guarded(self) -> None:
+        active: list[_Translation] = []
+        try:
+            self._run(active)
+        except BaseException as error:  # noqa: BLE001 - a dead stage must be loud and must not hang its callers
+            self.stopped = f"{type(error).__name__}: {error}"
+            log.exception("the %s thread stopped", self.thread.name)
+            failure = StageStopped(f"the {self.thread.name} stage has stopped")
             while True:
                 try:
-                    jobs.append(self.waiting.get_nowait())
+                    active.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            stopping = any(job is _STOP for job in jobs)
-            by_beams: dict = {}
-            for job in jobs:
-                if job is not _STOP:
-                    by_beams.setdefault(job[1], []).append(job)
-            for beams, group in by_beams.items():
-                self._translate_group(group, beams)
-            if stopping:
-                return
+            for job in active:
+                if job is not _STOP and not job.future.done():
+                    job.future.set_exception(failure)
 
-    def _translate_group(self, group: list, beams: int | None) -> None:
+    def _run(self, active: list[_Translation]) -> None:
+        stopping = False
+        while not stopping or active:
+            while not stopping:
+                try:
+                    job = self.waiting.get(block=not active)
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    stopping = True
+                elif job.future.set_running_or_notify_cancel():  # False: the caller left before it began
+                    active.append(job)
+            active[:] = [job for job in active if not job.future.done()]
+            if active:
+                self._translate_round(active)
+
+    def _translate_round(self, active: list[_Translation]) -> None:
+        beams = active[0].beams
+        taken = _share_round([job for job in active if job.beams == beams], self.round_pieces)
+        flat = [ids for job, count in taken for ids in job.ids[len(job.out):len(job.out) + count]]
+        self.on_batch(len(flat))
         try:
-            flat = [ids for job in group for ids in job[0]]
-            self.on_batch(len(flat))
             out = _gated(self.translator.translate_ids, flat, beams)
         except Exception as error:  # noqa: BLE001 - one caller's bad piece must not fail the others
-            if len(group) == 1:
-                group[0][2].set_exception(error)
+            if len(taken) == 1:
+                taken[0][0].future.set_exception(error)
+                active.remove(taken[0][0])
                 return
-            for job in group:
-                self._translate_group([job], beams)
-            return
-        position = 0
-        for ids, _, future in group:
-            future.set_result(out[position:position + len(ids)])
-            position += len(ids)
+            for job, count in taken:  # again, one caller at a time, to find whose piece it is
+                try:
+                    job.out.extend(_gated(self.translator.translate_ids,
+                                          job.ids[len(job.out):len(job.out) + count], beams))
+                except Exception as own:  # noqa: BLE001
+                    job.future.set_exception(own)
+            out = None
+        if out is not None:
+            position = 0
+            for job, count in taken:
+                job.out.extend(out[position:position + count])
+                position += count
+        for job, _ in taken:
+            if not job.future.done() and job.left == 0:
+                job.future.set_result(job.out)  # running futures cannot be cancelled: no InvalidStateError
+        active.append(active.pop(0))  # the next round starts with another caller
 
+
+def _share_round(jobs: list[_Translation], budget: int) -> list[tuple[_Translation, int]]:
+    """How many pieces each job gives this round: one each (so nobody starves), then the jobs with the
+    fewest pieces left take the rest of the budget in turn."""
+    counts = {id(job): 1 for job in jobs[:budget]}
+    room = budget - len(counts)
+    for job in sorted(jobs[:budget], key=lambda job: job.left):
+        extra = min(room, job.left - 1)
+        counts[id(job)] += extra
+        room -= extra
+    return [(job, counts[id(job)]) for job in jobs[:budget]]
