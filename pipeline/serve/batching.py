@@ -6,7 +6,7 @@ next step and a finished or abandoned row leaves it at once (continuous batching
 question that arrived while the last batch ran goes into the next `generate` call (micro-batching).
 
 `TranslationBatcher` owns one translator: the sentences of every waiting caller are translated
-together in one length-sorted call.
+together, in rounds of a bounded size that every caller shares (a long document never holds the rest).
 
 Callers live on the asyncio loop; results come back through `loop.call_soon_threadsafe` and
 concurrent futures, so no stage ever runs on the loop.
@@ -220,10 +220,10 @@ class _Translation:
 
 
 class TranslationBatcher:
-    """One translator's thread: the waiting callers' pieces go into `translate_ids` calls of at most
-    `round_pieces` pieces, every caller getting a piece of each call and the callers with the fewest
-    pieces left filling the rest, so that a question never waits behind someone else's document for
-    longer than one such call."""
+    """One translator's thread: the waiting callers' pieces go into `translate_ids` calls (rounds) of at
+    most `round_pieces` pieces, every caller getting a piece of each round and the callers that can
+    finish filling the rest (`_share_round`), so that a question waits behind someone else's document
+    for one round at most, never for the whole document."""
 
     def __init__(self, translator, *, on_batch: Callable[[int], None] | None = None, round_pieces: int = 16):
         self.translator = translator
@@ -318,12 +318,15 @@ class TranslationBatcher:
 
 
 def _share_round(jobs: list[_Translation], budget: int) -> list[tuple[_Translation, int]]:
-    """How many pieces each job gives this round: one each (so nobody starves), then the jobs with the
-    fewest pieces left take the rest of the budget in turn."""
-    counts = {id(job): 1 for job in jobs[:budget]}
-    room = budget - len(counts)
-    for job in sorted(jobs[:budget], key=lambda job: job.left):
+    """How many pieces each job gives this round: one each, so nobody starves; then the jobs that can
+    finish in this round take what they need, fewest pieces first; only when none can does the rest of
+    the budget go to the others, so a long document fills the rounds nobody else needs."""
+    jobs = jobs[:budget]
+    counts = {id(job): 1 for job in jobs}
+    room = budget - len(jobs)
+    finishing = sorted((job for job in jobs if job.left <= budget), key=lambda job: job.left)
+    for job in finishing or jobs:
         extra = min(room, job.left - 1)
         counts[id(job)] += extra
         room -= extra
-    return [(job, counts[id(job)]) for job in jobs[:budget]]
+    return [(job, counts[id(job)]) for job in jobs]

@@ -109,7 +109,8 @@ async def chat_completions(request: Request) -> Response:
         raise HTTPError(400, "n must be 1")
     tokens_field = "max_completion_tokens" if fields.get("max_completion_tokens") is not None else "max_tokens"
     ask_request = AskRequest(question=question, model=model_field(fields),
-                             settings=generation_settings(fields, tokens_field), tokens_field=tokens_field)
+                             settings=generation_settings(fields, tokens_field), tokens_field=tokens_field,
+                             source_field=None)
     service = state.require_service()
     admission = state.admit()
     created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"

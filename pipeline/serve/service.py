@@ -34,6 +34,7 @@ class AskRequest:
     beams: int | None = None
     raw: bool = False
     tokens_field: str = "max_new_tokens"  # what the caller's API calls the answer's token limit
+    source_field: str | None = "source_lang"  # the field that forces the question's language, if any
 
 
 class Service:
@@ -57,7 +58,7 @@ class Service:
         timings: dict[str, float] = {}
         start = t = time.perf_counter()
         question = check_question(request.question)
-        lang = _supported(request.source_lang or detect_language(question), "source_lang")
+        lang = _supported(request.source_lang or detect_language(question), request.source_field)
         t = self._lap(timings, "detect", t)
         if lang == "ja":
             question_en = (await self.models.ja_en.translate([question], request.beams))[0]
@@ -140,12 +141,13 @@ def _detect_each(texts: list[str], source: str) -> list[dict]:
     return detected
 
 
-def _supported(language: str, field: str) -> str:
+def _supported(language: str, field: str | None) -> str:
     """`language` if the pipeline takes it, else an error in the API's words (`field` forces one)."""
     if language in SUPPORTED_LANGUAGES:
         return language
+    hint = f"; if it is one of those, send \"{field}\": \"ja\" or \"en\"" if field else ""
     raise UnsupportedLanguageError(f"the text looks like '{language}', but only Japanese (ja) and English (en)"
-                                   f" are supported; if it is one of those, send \"{field}\": \"ja\" or \"en\"")
+                                   f" are supported{hint}")
 
 
 def _encode(qa, served: str, question_en: str, request: AskRequest) -> list[int]:
