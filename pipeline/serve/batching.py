@@ -213,6 +213,7 @@ class _Translation:
     def __init__(self, ids: list[list[int]], beams: int | None, future: Future):
         self.ids, self.beams, self.future = ids, beams, future
         self.out: list[str] = []
+        self.skipped = False  # left out of the last round (by callers that could finish in it)
 
     @property
     def left(self) -> int:
@@ -231,6 +232,7 @@ class TranslationBatcher:
         self.round_pieces = round_pieces
         self.waiting: queue.Queue = queue.Queue()
         self.stopped: str | None = None  # why the thread stopped, if it ever does but by close()
+        self.active: list[_Translation] = []  # the callers whose pieces are being translated, round by round
         self.thread = threading.Thread(target=self._guarded, name=f"translate-{translator.target_lang}", daemon=True)
         self.thread.start()
 
@@ -250,12 +252,16 @@ class TranslationBatcher:
         pieces = await asyncio.wrap_future(self.submit(plan.ids, num_beams))
         return await asyncio.to_thread(self.translator.assemble, plan, pieces)
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.active)
+
     def close(self) -> None:
         self.waiting.put(_STOP)
         self.thread.join(timeout=30)
 
     def _guarded(self) -> None:
-        active: list[_Translation] = []
+        active = self.active
         try:
             self._run(active)
         except BaseException as error:  # noqa: BLE001 - a dead stage must be loud and must not hang its callers
@@ -318,15 +324,26 @@ class TranslationBatcher:
 
 
 def _share_round(jobs: list[_Translation], budget: int) -> list[tuple[_Translation, int]]:
-    """How many pieces each job gives this round: one each, so nobody starves; then the jobs that can
-    finish in this round take what they need, fewest pieces first; only when none can does the rest of
-    the budget go to the others, so a long document fills the rounds nobody else needs."""
-    jobs = jobs[:budget]
-    counts = {id(job): 1 for job in jobs}
-    room = budget - len(jobs)
+    """How many pieces each job gives this round. The jobs that can finish in it go first, whole,
+    fewest pieces first: a question's few sentences are not slowed by a document's in the same call.
+    A job left out once is in the next round, with at least one piece; with no job finishing, the
+    budget goes to the jobs in turn, so a long document fills the rounds nobody else needs."""
     finishing = sorted((job for job in jobs if job.left <= budget), key=lambda job: job.left)
-    for job in finishing or jobs:
-        extra = min(room, job.left - 1)
-        counts[id(job)] += extra
-        room -= extra
-    return [(job, counts[id(job)]) for job in jobs]
+    counts: dict[int, int] = {}
+    room = budget
+    for job in finishing:
+        if job.left <= room:
+            counts[id(job)] = job.left
+            room -= job.left
+    for job in jobs:
+        if id(job) not in counts and room > 0 and (not counts or job.skipped):
+            counts[id(job)] = 1
+            room -= 1
+    for job in jobs:
+        if id(job) in counts and room > 0 and not finishing:
+            extra = min(room, job.left - counts[id(job)])
+            counts[id(job)] += extra
+            room -= extra
+    for job in jobs:
+        job.skipped = id(job) not in counts
+    return [(job, counts[id(job)]) for job in jobs if id(job) in counts]
