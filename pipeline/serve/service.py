@@ -19,7 +19,7 @@ from pipeline.llm.engine import GenerationSettings
 from pipeline.qa import check_question
 from pipeline.serve.batching import AnswerJob
 from pipeline.serve.models import ModelRegistry
-from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language
+from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language, langdetect_candidates
 from pipeline.text.sentences import sentences_of
 
 LANGUAGE_NAMES = {"en": "English", "ja": "Japanese"}
@@ -164,12 +164,10 @@ def _encode(qa, served: str, question_en: str, request: AskRequest) -> list[int]
 def confidence(text: str, lang: str) -> float:
     """LibreTranslate's 0-100 confidence: langdetect's probability for `lang`, or 100 where the script
     decided alone (kana, hangul, short ASCII), which langdetect is not asked about."""
-    from langdetect import DetectorFactory, detect_langs
     from langdetect.lang_detect_exception import LangDetectException
 
-    DetectorFactory.seed = 0
     try:
-        for candidate in detect_langs(text):
+        for candidate in langdetect_candidates(text):
             if candidate.lang.split("-")[0] == lang:
                 return round(candidate.prob * 100, 1)
     except LangDetectException:
