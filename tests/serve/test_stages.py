@@ -28,7 +28,7 @@ def test_callers_gone_while_their_answers_are_translated_leave_the_stage_running
     def slow_first_round(ids, beams):
         if not entered.is_set():
             entered.set()
-            time.sleep(2)
+            time.sleep(5)
         return real(ids, beams)
 
     monkeypatch.setattr(batcher.translator, "translate_ids", slow_first_round)
@@ -37,16 +37,19 @@ def test_callers_gone_while_their_answers_are_translated_leave_the_stage_running
         return {"question": f"What is bond number {number} of {time.time_ns()}?", "max_new_tokens": TOKENS,
                 "stream": True}
 
+    # Each stream's line iterator is held until its `with` ends: a dropped one closes the connection.
     with httpx.stream("POST", f"{live_server}/v1/ask", json=body(1), headers=AUTH, timeout=60) as running:
-        next(line for line in running.iter_lines() if line == "event: english")
-        assert entered.wait(30)  # its pieces are being translated: leave now
+        lines = running.iter_lines()
+        next(line for line in lines if line == "event: english")
+        assert entered.wait(60)  # its pieces are being translated: leave now
     with httpx.stream("POST", f"{live_server}/v1/ask", json=body(2), headers=AUTH, timeout=60) as waiting:
-        next(line for line in waiting.iter_lines() if line == "event: english")
+        lines = waiting.iter_lines()
+        next(line for line in lines if line == "event: english")
         deadline = time.monotonic() + 30
         while batcher.waiting.qsize() == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert batcher.waiting.qsize() > 0  # its pieces wait behind the slow round: leave now
-    time.sleep(2.5)
+    time.sleep(5.5)
     assert batcher.thread.is_alive()
     after = ask(live_server, QUESTIONS[0], AUTH)
     assert after.status_code == 200 and after.json()["answer_ja"]
