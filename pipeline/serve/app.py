@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from pipeline.errors import BilingualQAError
+from pipeline.serve.batching import StageStopped
 from pipeline.serve.guard import SiteGuard
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.models import ModelRegistry, UnknownModelError
@@ -89,6 +90,10 @@ async def _user_error(request: Request, error: Exception) -> Response:
     return JSONResponse({"error": str(error)}, status_code=400)
 
 
+async def _stage_stopped(request: Request, error: StageStopped) -> Response:
+    return JSONResponse({"error": f"{error}; restart the server"}, status_code=503)
+
+
 async def _server_error(request: Request, error: Exception) -> Response:
     log.error("request %s %s failed", request.method, request.url.path, exc_info=error)
     return JSONResponse({"error": "internal server error"}, status_code=500)
@@ -156,7 +161,7 @@ def create_app(load: ModelRegistry | Callable[[], ModelRegistry], config: Server
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         HTTPError: _http_error, HTTPException: _starlette_error, BilingualQAError: _user_error,
-        UnknownModelError: _user_error, Exception: _server_error,
+        UnknownModelError: _user_error, StageStopped: _stage_stopped, Exception: _server_error,
     })
     app.router.redirect_slashes = False  # its redirect's Location would be built from the Host header
     app.state.serve = state

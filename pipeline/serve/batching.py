@@ -221,68 +221,90 @@ class _Translation:
 
 
 class TranslationBatcher:
-    """One translator's thread: the waiting callers' pieces go into `translate_ids` calls (rounds) of at
-    most `round_pieces` pieces, every caller getting a piece of each round and the callers that can
-    finish filling the rest (`_share_round`), so that a question waits behind someone else's document
-    for one round at most, never for the whole document."""
+    """One translator, two threads. A caller whose pieces fit one round (a question, a short text) goes
+    to the quick lane, so it never waits behind a document; longer ones go to the bulk lane. Each
+    lane puts its callers' pieces into `translate_ids` calls (rounds) of at most `round_pieces`
+    pieces, every caller getting a piece of each round and the callers that can finish filling the
+    rest (`_share_round`): two documents share the bulk lane, many questions the quick one."""
 
     def __init__(self, translator, *, on_batch: Callable[[int], None] | None = None, round_pieces: int = 16):
         self.translator = translator
         self.on_batch = on_batch or (lambda n: None)
         self.round_pieces = round_pieces
-        self.waiting: queue.Queue = queue.Queue()
-        self.stopped: str | None = None  # why the thread stopped, if it ever does but by close()
-        self.active: list[_Translation] = []  # the callers whose pieces are being translated, round by round
-        self.thread = threading.Thread(target=self._guarded, name=f"translate-{translator.target_lang}", daemon=True)
+        self.plan_lock = threading.Lock()  # the tokenizer and the memory: one plan or assembly at a time
+        name = f"translate-{translator.target_lang}"
+        self.waiting: queue.Queue = queue.Queue()  # the bulk lane
+        self.quick: queue.Queue = queue.Queue()
+        self.active: list[_Translation] = []  # the bulk lane's callers, round by round
+        self.quick_active: list[_Translation] = []
+        self.thread = threading.Thread(target=self._guarded, args=(self.waiting, self.active), name=name, daemon=True)
+        self.quick_thread = threading.Thread(target=self._guarded, args=(self.quick, self.quick_active),
+                                             name=f"{name}-quick", daemon=True)
         self.thread.start()
+        self.quick_thread.start()
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return [self.thread, self.quick_thread]
 
     def submit(self, ids: list[list[int]], num_beams: int | None = None) -> Future:
         future: Future = Future()
+        quick = len(ids) <= self.round_pieces
+        lane, thread = (self.quick, self.quick_thread) if quick else (self.waiting, self.thread)
         if not ids:
             future.set_result([])
-        elif not self.thread.is_alive():
-            future.set_exception(StageStopped(f"the {self.thread.name} stage has stopped"))
+        elif not thread.is_alive():
+            future.set_exception(StageStopped(f"the {thread.name} stage has stopped"))
         else:
-            self.waiting.put(_Translation(ids, num_beams, future))
+            lane.put(_Translation(ids, num_beams, future))
         return future
 
+    async def plan(self, texts: list[str], num_beams: int | None = None):
+        """`Translator.plan`, off the event loop (a long document takes a while), one at a time."""
+        return await asyncio.to_thread(self._locked, self.translator.plan, texts, num_beams)
+
+    async def assemble(self, plan, pieces: list[str]) -> list[str]:
+        return await asyncio.to_thread(self._locked, self.translator.assemble, plan, pieces)
+
     async def translate(self, texts: list[str], num_beams: int | None = None) -> list[str]:
-        # Splitting and tokenising a long document takes a while: off the event loop.
-        plan = await asyncio.to_thread(self.translator.plan, texts, num_beams)
-        pieces = await asyncio.wrap_future(self.submit(plan.ids, num_beams))
-        return await asyncio.to_thread(self.translator.assemble, plan, pieces)
+        plan = await self.plan(texts, num_beams)
+        return await self.assemble(plan, await asyncio.wrap_future(self.submit(plan.ids, num_beams)))
+
+    def _locked(self, call, *args):
+        with self.plan_lock:
+            return call(*args)
 
     @property
     def busy(self) -> bool:
         return bool(self.active)
 
     def close(self) -> None:
-        self.waiting.put(_STOP)
-        self.thread.join(timeout=30)
+        for lane in (self.waiting, self.quick):
+            lane.put(_STOP)
+        for thread in self.threads:
+            thread.join(timeout=30)
 
-    def _guarded(self) -> None:
-        active = self.active
+    def _guarded(self, waiting: queue.Queue, active: list[_Translation]) -> None:
         try:
-            self._run(active)
-        except BaseException as error:  # noqa: BLE001 - a dead stage must be loud and must not hang its callers
-            self.stopped = f"{type(error).__name__}: {error}"
-            log.exception("the %s thread stopped", self.thread.name)
-            failure = StageStopped(f"the {self.thread.name} stage has stopped")
+            self._run(waiting, active)
+        except BaseException:  # noqa: BLE001 - a dead stage must be loud and must not hang its callers
+            log.exception("the %s thread stopped", threading.current_thread().name)
+            failure = StageStopped(f"the {threading.current_thread().name} stage has stopped")
             while True:
                 try:
-                    active.append(self.waiting.get_nowait())
+                    active.append(waiting.get_nowait())
                 except queue.Empty:
                     break
             for job in active:
                 if job is not _STOP and not job.future.done():
                     job.future.set_exception(failure)
 
-    def _run(self, active: list[_Translation]) -> None:
+    def _run(self, waiting: queue.Queue, active: list[_Translation]) -> None:
         stopping = False
         while not stopping or active:
             while not stopping:
                 try:
-                    job = self.waiting.get(block=not active)
+                    job = waiting.get(block=not active)
                 except queue.Empty:
                     break
                 if job is _STOP:

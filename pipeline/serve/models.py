@@ -112,7 +112,7 @@ class ModelRegistry:
 
     def stopped_stages(self) -> list[str]:
         """The stage threads that have stopped (none until close(), unless one died)."""
-        threads = [self.ja_en.thread, self.en_ja.thread, *(s.thread for s in self.schedulers.values())]
+        threads = [*self.ja_en.threads, *self.en_ja.threads, *(s.thread for s in self.schedulers.values())]
         return [thread.name for thread in threads if not thread.is_alive()]
 
     def close(self) -> None:

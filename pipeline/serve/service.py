@@ -98,9 +98,9 @@ class Service:
         t = self._lap(timings, "answer", t)
 
         texts = [answer.text] + ([question_en] if lang == "en" else [])
-        plan = qa.en_ja.plan(texts, request.beams)
+        plan = await self.models.en_ja.plan(texts, request.beams)
         translated = await asyncio.wrap_future(self.models.en_ja.submit(plan.ids, request.beams))
-        answer_ja, *question_ja = qa.en_ja.assemble(plan, translated)
+        answer_ja, *question_ja = await self.models.en_ja.assemble(plan, translated)
         for index, sentence in enumerate(_sentences(qa.en_ja, plan, translated)):
             yield "japanese", {"text": sentence, "index": index}
         self._lap(timings, "translate_answer", t)
