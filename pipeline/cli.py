@@ -314,24 +314,53 @@ def summary_line(text: str) -> None:
 @click.option("--batching", type=click.Choice(BATCHING_CHOICES), default="auto", show_default=True,
               help="continuous: questions join the decoding batch at the next step; micro: each generate call "
                    "takes the questions waiting (auto: continuous on both engines).")
+@click.option("--served-model-name", "served_names", multiple=True,
+              help="The name clients use for each --llm, in order (default: a directory's name, or the hub id).")
+@click.option("--char-limit", type=click.IntRange(1), default=200_000, show_default=True,
+              help="Most characters of text in one request (400 above).")
+@click.option("--batch-limit", type=click.IntRange(1), default=128, show_default=True,
+              help="Most texts in one /translate request (400 above).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Another name the Host header may carry without a key (besides loopback and --host); '*': any.")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Another site whose pages may call the API (e.g. https://app.example; '*': any), with CORS headers.")
+@click.option("--keep-alive-timeout", type=click.FloatRange(0.1), default=15.0, show_default=True,
+              help="Seconds an idle keep-alive connection stays open.")
+@click.option("--header-timeout", type=click.FloatRange(0.1), default=20.0, show_default=True,
+              help="Seconds a connection has to send a request's head (after opening or a response).")
+@click.option("--body-timeout", type=click.FloatRange(0.1), default=60.0, show_default=True,
+              help="Seconds a request has to send its whole body after its head.")
+@click.option("--max-connections", type=click.IntRange(1), default=512, show_default=True,
+              help="Open connections beyond which new ones are closed (at the limit, requests get 503).")
+@click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds SIGTERM waits for requests in flight before it exits anyway.")
 @user_errors
 def serve(host, port, llms, base, ja_en, en_ja, device, dtype, mt_backend, beams, engine, api_key, max_queue,
-          max_batch, max_body, batching):
+          max_batch, max_body, batching, served_names, char_limit, batch_limit, allowed_hosts, cors_origins,
+          keep_alive_timeout, header_timeout, body_timeout, max_connections, shutdown_timeout):
     """Serve the models over HTTP: a web page, /v1/ask, LibreTranslate- and OpenAI-compatible APIs."""
     from pipeline import serve as serve_room  # the serve extra is imported only by this command
 
+    api_key = api_key.strip() if api_key else None  # a blank key is no key
     if not serve_room.is_loopback(host) and not api_key:
         fail(f"refusing to listen on {host} without an API key: pass --api-key or set BILINGUAL_QA_API_KEY")
     if missing := serve_room.missing_requirements():
         fail(f"the server needs {', '.join(missing)}: pip install 'bilingual-qa[serve]'")
+    if len(served_names) > max(1, len(set(llms))):
+        fail(f"{len(served_names)} --served-model-name for {max(1, len(set(llms)))} --llm")
     from pipeline.serve.app import ServerConfig
     from pipeline.serve.models import LoadOptions
-    from pipeline.serve.server import run_server
+    from pipeline.serve.server import ConnectionLimits, run_server
 
     options = LoadOptions(llms=list(llms), ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, engine=engine,
-                          mt_backend=mt_backend, beams=beams, max_rows=max_batch, batching=batching, base=base)
-    run_server(options, host=host, port=port,
-               config=ServerConfig(api_key=api_key or None, max_body=max_body, max_queue=max_queue))
+                          mt_backend=mt_backend, beams=beams, max_rows=max_batch, batching=batching,
+                          served_names=list(served_names), base=base)
+    limits = ConnectionLimits(keep_alive_timeout=keep_alive_timeout, header_timeout=header_timeout,
+                              body_timeout=body_timeout, max_connections=max_connections,
+                              shutdown_timeout=shutdown_timeout)
+    run_server(options, host=host, port=port, limits=limits,
+               config=ServerConfig(api_key=api_key, max_body=max_body, max_queue=max_queue, char_limit=char_limit,
+                                   batch_limit=batch_limit, allowed_hosts=allowed_hosts, cors_origins=cors_origins))
 
 
 def ask_batch_file(question, batch_path, output, field, column, errors_path, restart, quiet, load: dict,

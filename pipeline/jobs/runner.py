@@ -18,6 +18,7 @@ pass and the output is locked.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -92,10 +93,25 @@ class JobPaths:
                     target.with_name(target.name + ".progress.json"))
         if not paths.errors.parent.is_dir():
             raise JobError(f"{paths.errors.parent}: no such directory for the errors file")
-        resolved = [p.resolve() for p in (paths.input, paths.output, paths.errors, paths.progress)]
+        resolved = [_resolved(p) for p in (paths.input, paths.output, paths.errors, paths.progress)]
         if len(set(resolved)) < 4 or any(p.exists() and p.samefile(source) for p in resolved[1:]):
             raise JobError("the input, output, errors and progress files must be four different files")
         return paths
+
+
+def _resolved(path: Path) -> Path:
+    """`path` resolved, or a JobError for a symbolic link loop (opening it would fail mid-job)."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise JobError(f"{path}: a symbolic link loop") from None
+    try:
+        return path.resolve()
+    except RuntimeError:  # Python < 3.13's word for a symbolic link loop (3.13 leaves it unresolved)
+        raise JobError(f"{path}: a symbolic link loop") from None
+    except OSError as error:
+        raise JobError(f"{path}: {error.strerror or error}") from None
 
 
 @dataclass

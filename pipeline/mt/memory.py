@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -57,21 +58,24 @@ class InProcessStore:
     def __init__(self, max_entries: int = IN_PROCESS_ENTRIES):
         self.max_entries = max_entries
         self.pairs: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.lock = threading.Lock()  # a server plans on several threads: a lookup must not meet an eviction
 
     def get_many(self, context: str, sources: Sequence[str]) -> dict[str, str]:
         found = {}
-        for source in sources:
-            key = (context, source)
-            if key in self.pairs:
-                self.pairs.move_to_end(key)
-                found[source] = self.pairs[key]
+        with self.lock:
+            for source in sources:
+                key = (context, source)
+                if key in self.pairs:
+                    self.pairs.move_to_end(key)
+                    found[source] = self.pairs[key]
         return found
 
     def put_many(self, context: str, description: dict, pairs: Sequence[tuple[str, str]]) -> None:
-        for source, target in pairs:
-            self.pairs[(context, source)] = target
-        while len(self.pairs) > self.max_entries:
-            self.pairs.popitem(last=False)
+        with self.lock:
+            for source, target in pairs:
+                self.pairs[(context, source)] = target
+            while len(self.pairs) > self.max_entries:
+                self.pairs.popitem(last=False)
 
 
 class SQLiteStore:

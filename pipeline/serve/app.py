@@ -12,15 +12,19 @@ from typing import Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pipeline.errors import BilingualQAError, EmptyInputError, InputTooLongError, UnsupportedLanguageError
+from pipeline.serve.translation import StageStopped
+from pipeline.serve.guard import SiteGuard
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.models import ModelRegistry, UnknownModelError
-from pipeline.serve.http import (HTTPError, ServerConfig, State, check_key, first_event, flag, generation_settings,
-                                 log, model_field, model_request, number, source_language, sse, stream_with)
+from pipeline.serve.http import (HTTPError, ServerConfig, State, check_chars, check_key, first_event, flag,
+                                 generation_settings, log, model_field, model_request, number, source_language, sse,
+                                 stream_with)
 from pipeline.serve.service import AskRequest
 
 async def page(request: Request) -> Response:
@@ -38,6 +42,8 @@ async def health(request: Request) -> Response:
     if state.service is None:
         body = {"status": "error", "error": state.load_error} if state.load_error else {"status": "loading"}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    if reason := state.stopped():
+        return JSONResponse({"status": "error", "error": reason}, status_code=503)
     # max_batch: the questions the server decodes together, the default --concurrency of a client's batch job
     return JSONResponse({"status": "ok", "max_batch": state.models.max_rows})
 
@@ -47,6 +53,7 @@ async def ask(request: Request) -> Response:
     question = fields.get("question")
     if not isinstance(question, str):
         raise HTTPError(400, "question is missing: send {\"question\": \"...\"}")
+    check_chars(state, [question])
     ask_request = AskRequest(question=question, source_lang=source_language(fields.get("source_lang")),
                              model=model_field(fields), settings=generation_settings(fields),
                              beams=number(fields, "beams", int, None, 1, 16), raw=flag(fields, "raw"))
@@ -78,6 +85,8 @@ async def metrics(request: Request) -> Response:
 # ---- the application -----------------------------------------------------------------------------
 
 async def _http_error(request: Request, error: HTTPError) -> Response:
+    if error.status == 499:  # the client hung up: nobody reads this, and it is nobody's fault here
+        return Response(status_code=499)
     return JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
 
 
@@ -99,6 +108,10 @@ async def _user_error(request: Request, error: Exception) -> Response:
     if getattr(error, "language", None):
         body["language"] = error.language
     return JSONResponse(body, status_code=400)
+
+
+async def _stage_stopped(request: Request, error: StageStopped) -> Response:
+    return JSONResponse({"error": f"{error}; restart the server"}, status_code=503)
 
 
 async def _server_error(request: Request, error: Exception) -> Response:
@@ -153,8 +166,8 @@ def create_app(load: ModelRegistry | Callable[[], ModelRegistry], config: Server
     def run_loader():
         try:
             state.ready(load() if callable(load) else load)
-        except BilingualQAError as error:
-            state.load_error = str(error)
+        except BilingualQAError as error:  # the message names paths: the log has it, /health does not
+            state.load_error = "loading the models failed (see the server log)"
             log.error("loading the models failed: %s", error)
         except Exception as error:  # noqa: BLE001
             state.load_error = "loading the models failed (see the server log)"
@@ -170,8 +183,13 @@ def create_app(load: ModelRegistry | Callable[[], ModelRegistry], config: Server
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         HTTPError: _http_error, HTTPException: _starlette_error, BilingualQAError: _user_error,
-        UnknownModelError: _user_error, Exception: _server_error,
+        UnknownModelError: _user_error, StageStopped: _stage_stopped, Exception: _server_error,
     })
+    app.router.redirect_slashes = False  # its redirect's Location would be built from the Host header
     app.state.serve = state
+    if state.config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.config.cors_origins), max_age=600,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["authorization", "content-type"])
+    app.add_middleware(SiteGuard, config=state.config)
     app.add_middleware(_CountRequests, metrics=metrics_, paths={route.path for route in routes})
     return app

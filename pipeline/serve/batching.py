@@ -7,8 +7,7 @@ batching); a question the batch has no room for waits for a row, never fails for
 question that arrived while the last batch ran goes into the next `generate` call (micro-batching).
 The engine thread hands tokens to the callers' loop and never waits for a caller.
 
-`TranslationBatcher` owns one translator: the sentences of every waiting caller are translated
-together in one length-sorted call.
+The translators' stage, `TranslationBatcher`, is in translation.py.
 
 Callers live on the asyncio loop; results come back through `loop.call_soon_threadsafe` and
 concurrent futures, so no stage ever runs on the loop.
@@ -22,7 +21,6 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from typing import Callable
 
 from pipeline.gpu_gate import GATE
@@ -315,66 +313,3 @@ def _rows_check(group: list[AnswerJob]):
     if all(check is None for check in checks):
         return None
     return lambda row, ids: checks[row] is not None and checks[row](0, ids)
-
-
-class TranslationBatcher:
-    """One translator's thread: every waiting caller's pieces go into one `translate_ids` call."""
-
-    def __init__(self, translator, *, on_batch: Callable[[int], None] | None = None):
-        self.translator = translator
-        self.on_batch = on_batch or (lambda n: None)
-        self.waiting: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name=f"translate-{translator.target_lang}", daemon=True)
-        self.thread.start()
-
-    def submit(self, ids: list[list[int]], num_beams: int | None = None) -> Future:
-        future: Future = Future()
-        if not ids:
-            future.set_result([])
-        else:
-            self.waiting.put((ids, num_beams, future))
-        return future
-
-    async def translate(self, texts: list[str], num_beams: int | None = None) -> list[str]:
-        plan = self.translator.plan(texts, num_beams)
-        return self.translator.assemble(plan, await asyncio.wrap_future(self.submit(plan.ids, num_beams)))
-
-    def close(self) -> None:
-        self.waiting.put(_STOP)
-        self.thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            jobs = [self.waiting.get()]
-            while True:
-                try:
-                    jobs.append(self.waiting.get_nowait())
-                except queue.Empty:
-                    break
-            stopping = any(job is _STOP for job in jobs)
-            by_beams: dict = {}
-            for job in jobs:
-                if job is not _STOP:
-                    by_beams.setdefault(job[1], []).append(job)
-            for beams, group in by_beams.items():
-                self._translate_group(group, beams)
-            if stopping:
-                return
-
-    def _translate_group(self, group: list, beams: int | None) -> None:
-        try:
-            flat = [ids for job in group for ids in job[0]]
-            self.on_batch(len(flat))
-            out = _gated(self.translator.translate_ids, flat, beams)
-        except Exception as error:  # noqa: BLE001 - one caller's bad piece must not fail the others
-            if len(group) == 1:
-                group[0][2].set_exception(error)
-                return
-            for job in group:
-                self._translate_group([job], beams)
-            return
-        position = 0
-        for ids, _, future in group:
-            future.set_result(out[position:position + len(ids)])
-            position += len(ids)
-

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -10,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pipeline.serve.http import (HTTPError, State, check_key, first_event, flag, generation_settings, model_field,
-                                 model_request, number, sse, stream_with)
+from pipeline.serve.http import (HTTPError, State, check_chars, check_key, first_event, flag, generation_settings,
+                                 model_field, model_request, number, shown, sse, stream_with, text_field)
 from pipeline.serve.service import LANGUAGE_NAMES, AskRequest, confidence, result_of, until_gone
 from pipeline.text.detect import detect_language
 
@@ -20,25 +21,30 @@ FORMATS = ("text", "html")
 
 # ---- LibreTranslate ------------------------------------------------------------------------------
 
-def _texts(fields: dict) -> tuple[list[str], bool]:
+def _texts(state: State, fields: dict) -> tuple[list[str], bool]:
     q = fields.get("q")
     if isinstance(q, str):
-        return [q], False
-    if isinstance(q, list) and q and all(isinstance(item, str) for item in q):
-        return q, True
-    raise HTTPError(400, "q is missing: send the text to translate as q (a string or a list of strings)")
+        texts, many = [q], False
+    elif isinstance(q, list) and q and all(isinstance(item, str) for item in q):
+        texts, many = q, True
+    else:
+        raise HTTPError(400, "q is missing: send the text to translate as q (a string or a list of strings)")
+    if len(texts) > state.config.batch_limit:
+        raise HTTPError(400, f"q has {len(texts)} texts; this server's batch_limit is {state.config.batch_limit}")
+    check_chars(state, texts)
+    return texts, many
 
 
 async def translate(request: Request) -> Response:
-    state, fields = await model_request(request)
-    texts, many = _texts(fields)
-    source = fields.get("source", "auto") or "auto"
-    target = fields.get("target")
+    state, fields = await model_request(request, forms=True)
+    texts, many = _texts(state, fields)
+    source = text_field(fields, "source", "auto") or "auto"
+    target = text_field(fields, "target")
     if source not in ("auto", *LANGUAGE_NAMES):
-        raise HTTPError(400, f"source must be 'auto', 'ja' or 'en', not {source!r}")
+        raise HTTPError(400, f"source must be 'auto', 'ja' or 'en', not {shown(source)}")
     if target not in LANGUAGE_NAMES:
-        raise HTTPError(400, f"target must be 'ja' or 'en', not {target!r}")
-    if fields.get("format", "text") not in FORMATS:
+        raise HTTPError(400, f"target must be 'ja' or 'en', not {shown(target)}")
+    if text_field(fields, "format", "text") not in FORMATS:
         raise HTTPError(400, "format must be 'text' or 'html'")
     service = state.require_service()
     admission = state.admit()
@@ -53,12 +59,17 @@ async def translate(request: Request) -> Response:
 
 
 async def detect(request: Request) -> Response:
-    state, fields = await model_request(request)
+    state, fields = await model_request(request, forms=True)
     q = fields.get("q")
     if not isinstance(q, str) or not q.strip():
         raise HTTPError(400, "q is missing: send the text whose language to detect")
+    check_chars(state, [q])
+    return JSONResponse(await asyncio.to_thread(_detected, q))  # a long text: off the event loop
+
+
+def _detected(q: str) -> list[dict]:
     lang = detect_language(q)
-    return JSONResponse([{"language": lang, "confidence": confidence(q, lang)}])
+    return [{"language": lang, "confidence": confidence(q, lang)}]
 
 
 async def languages(request: Request) -> Response:
@@ -76,8 +87,10 @@ def _question(fields: dict) -> str:
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, list):  # content parts: the text ones, in order
-                content = "".join(part.get("text", "") for part in content
-                                  if isinstance(part, dict) and part.get("type") == "text")
+                texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+                if not all(isinstance(text, str) for text in texts):
+                    raise HTTPError(400, "messages: a content part of type text needs a string text")
+                content = "".join(texts)
             if isinstance(content, str):
                 return content
             raise HTTPError(400, "the last user message has no text content")
@@ -91,11 +104,13 @@ def _finish(reason: str) -> str:
 async def chat_completions(request: Request) -> Response:
     state, fields = await model_request(request)
     question = _question(fields)
+    check_chars(state, [question])
     if number(fields, "n", int, 1, 1, 1) != 1:
         raise HTTPError(400, "n must be 1")
     tokens_field = "max_completion_tokens" if fields.get("max_completion_tokens") is not None else "max_tokens"
     ask_request = AskRequest(question=question, model=model_field(fields),
-                             settings=generation_settings(fields, tokens_field))
+                             settings=generation_settings(fields, tokens_field), tokens_field=tokens_field,
+                             source_field=None)
     service = state.require_service()
     admission = state.admit()
     created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
@@ -148,9 +163,11 @@ def _usage(prompt_tokens: int, result: dict) -> dict:
 async def models(request: Request) -> Response:
     state: State = request.app.state.serve
     check_key(request, state, None)
-    names = state.require_service().models.names
+    models = state.require_service().models
+    # An adapter's entry names its base ("base"; vLLM spells it "parent"): the page opens on the two.
     return JSONResponse({"object": "list", "data": [
-        {"id": name, "object": "model", "created": 0, "owned_by": "bilingual-qa"} for name in names]})
+        {"id": name, "object": "model", "created": 0, "owned_by": "bilingual-qa",
+         **({"base": base} if (base := models.base_of(name)) else {})} for name in models.names]})
 
 
 def routes() -> list[Route]:

@@ -7,23 +7,35 @@ family: the base weights load once, each adapter is attached to its engine unmer
 llm/multi_lora.py), and the family's rows decode in one batch. An adapter alone, or one that cannot
 be applied unmerged (saved whole modules), is merged into its own copy as `ask` does.
 Each answer engine gets one `AnswerScheduler`; each translation direction one `TranslationBatcher`.
+
+Models are named, never located: a client sees each model's served name (`--served-model-name`, else
+the directory's name for a local directory, else the hub id as given), never a path of this machine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
+from pipeline.errors import SettingsError
 from pipeline.llm.answerer import Answerer
 from pipeline.llm.models import LLMSource, resolve_llm
 from pipeline.llm.multi_lora import unshareable_reason
 from pipeline.loading import status
 from pipeline.qa import BilingualQA, model_names
-from pipeline.serve.batching import AnswerScheduler, TranslationBatcher
+from pipeline.serve.batching import AnswerScheduler
+from pipeline.serve.translation import TranslationBatcher
 
 
 class UnknownModelError(ValueError):
     pass
+
+
+def served_name(locator: str) -> str:
+    """What clients call the model `locator` loads: a local directory by its name, a hub id as given."""
+    path = Path(locator).expanduser()
+    return path.resolve().name if path.is_dir() else locator
 
 
 @dataclass
@@ -39,23 +51,39 @@ class LoadOptions:
     max_rows: int = 64
     batching: str = "auto"  # continuous, micro, or auto (llm/continuous.py's open_decode_batch)
     base: str | None = None  # the base of LoRA adapters given as llms (None: the one each names)
+    served_names: list[str] = field(default_factory=list)  # per --llm, in order; the rest by served_name
+
+
+def served_names(locators: list[str], given: list[str] = ()) -> list[str]:
+    """Each model's served name (`given` first, in order), refusing two models under one name."""
+    if len(given) > len(locators):
+        raise SettingsError(f"{len(given)} served model names for {len(locators)} models")
+    names = list(given) + [served_name(locator) for locator in locators[len(given):]]
+    for name in names:
+        if names.count(name) > 1:
+            raise SettingsError(f"two models would be served as '{name}': name them with --served-model-name")
+    return names
 
 
 class ModelRegistry:
+    """`qas` maps each model's served name to its pipeline (keys that are paths are named by
+    `served_name`)."""
+
     def __init__(self, qas: dict[str, BilingualQA], *, max_rows: int = 64,
                  on_tokens: Callable[[int], None] | None = None, batching: str = "auto"):
         if not qas:
             raise ValueError("at least one answer model is needed")
-        self.qas = qas
+        self.qas = dict(zip(served_names(list(qas)), qas.values()))
         self.max_rows = max_rows
-        self.default = next(iter(qas))
-        first = qas[self.default]
+        self.default = next(iter(self.qas))
+        first = self.qas[self.default]
+        self.translator_names = {"ja_en": served_name(first.ja_en.name), "en_ja": served_name(first.en_ja.name)}
         self.ja_en = TranslationBatcher(first.ja_en)
         self.en_ja = TranslationBatcher(first.en_ja)
         # One scheduler per engine: a base and its attached adapters share one (one batch).
         by_engine: dict[int, AnswerScheduler] = {}
         self.schedulers = {}
-        for name, qa in qas.items():
+        for name, qa in self.qas.items():
             engine = qa.answerer.engine
             if id(engine) not in by_engine:
                 by_engine[id(engine)] = AnswerScheduler(engine, max_rows=max_rows, on_tokens=on_tokens,
@@ -88,23 +116,47 @@ class ModelRegistry:
             for name in names:
                 answerers[name] = base if sources[name].adapter is None else base.attach(sources[name])
         first = loaded[0]
-        qas = {name: BilingualQA(answerers[name], first.ja_en, first.en_ja) for name in llms}
+        qas = {served: BilingualQA(answerers[name], first.ja_en, first.en_ja)
+               for name, served in zip(llms, served_names(llms, options.served_names))}
         return cls(qas, max_rows=options.max_rows, on_tokens=on_tokens, batching=options.batching)
 
     @property
     def names(self) -> list[str]:
         return list(self.qas)
 
-    def get(self, name: str | None) -> tuple[BilingualQA, AnswerScheduler]:
-        """The model `name` names (its full id, or a directory's last part), or the default."""
+    def get(self, name: str | None) -> tuple[str, BilingualQA, AnswerScheduler]:
+        """The served name, pipeline and scheduler of the model `name` names (its served name, or a hub
+        id's last part), or of the default."""
         if name is None or name == "":
             name = self.default
         if name not in self.qas:
-            matches = [n for n in self.qas if n.rstrip("/").rsplit("/", 1)[-1] == name]
+            matches = [n for n in self.qas if n.rsplit("/", 1)[-1] == name]
             if len(matches) != 1:
-                raise UnknownModelError(f"unknown model '{name}'; loaded: {', '.join(self.qas)}")
+                shown = name if len(name) <= 80 else name[:80] + "..."
+                raise UnknownModelError(f"unknown model '{shown}'; served: {', '.join(self.qas)}")
             name = matches[0]
-        return self.qas[name], self.schedulers[name]
+        return name, self.qas[name], self.schedulers[name]
+
+    def models_of(self, name: str) -> dict[str, str]:
+        """A result's "models" field in served names (`BilingualQA.models` has the locators)."""
+        base = self.base_of(name)
+        return {"llm": name, **({"llm_base": base} if base else {}), **self.translator_names}
+
+    def base_of(self, name: str) -> str | None:
+        """The served name of the base that `name` is a LoRA adapter of (None for a whole model): the
+        name the base is served under when it is served too, else its own served name."""
+        answerer = self.qas[name].answerer
+        if not answerer.base_name:
+            return None
+        for other, qa in self.qas.items():
+            if qa.answerer.engine is answerer.engine and not qa.answerer.base_name:
+                return other
+        return served_name(answerer.base_name)
+
+    def stopped_stages(self) -> list[str]:
+        """The stage threads that have stopped (none until close(), unless one died)."""
+        threads = [*self.ja_en.threads, *self.en_ja.threads, *(s.thread for s in self.schedulers.values())]
+        return [thread.name for thread in threads if not thread.is_alive()]
 
     def close(self) -> None:
         for scheduler in {id(s): s for s in self.schedulers.values()}.values():

@@ -1,39 +1,138 @@
 """Run the app under uvicorn: models load on a thread while /health says 503; SIGTERM or Ctrl-C
-stops taking connections, lets the requests in flight finish (streams included), then exits."""
+stops taking connections, lets the requests in flight finish (streams included) for at most
+`shutdown_timeout` seconds, then exits.
+
+Connections are bounded in count and time with uvicorn's own settings (`limit_concurrency`,
+`timeout_keep_alive`, `timeout_graceful_shutdown`, h11's header size limit) and, where uvicorn has
+none, with `GuardedH11Protocol`: a request's head must arrive within `header_timeout` of the
+connection opening (or of the previous response), its body within `body_timeout` of its head.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import signal
+from dataclasses import dataclass
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline.llm.models import resolve_llm
 from pipeline.loading import locate_model
 from pipeline.qa import model_names
 from pipeline.serve.app import ServerConfig, create_app
-from pipeline.serve.models import LoadOptions, ModelRegistry
+from pipeline.serve.models import LoadOptions, ModelRegistry, served_names
+
+_KEY_IN_QUERY = re.compile(r"((?:^|[?&])api_key=)[^&\s]*", re.IGNORECASE)
+
+
+@dataclass
+class ConnectionLimits:
+    """Defaults far from what a browser or an SDK does (they send a request's head at once, bodies
+    of a few KB, and reuse idle connections within seconds), near enough to free a stalled slot."""
+    keep_alive_timeout: float = 15.0
+    header_timeout: float = 20.0
+    body_timeout: float = 60.0
+    max_connections: int = 512
+    shutdown_timeout: float = 30.0
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with two deadlines uvicorn lacks: a connection that has not sent a whole
+    request head `header_timeout` seconds after it opened or got its last response, or whose body is
+    still arriving `body_timeout` seconds after its head, is closed; and one opened beyond
+    `max_connections` is closed at once."""
+
+    limits = ConnectionLimits()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._deadline = None
+        if len(self.connections) > self.limits.max_connections:
+            transport.close()
+            return
+        self._arm(self.limits.header_timeout)
+
+    def handle_events(self) -> None:
+        idle = self.conn.their_state is h11.IDLE
+        super().handle_events()
+        if idle and self.conn.their_state is h11.SEND_BODY:  # a head arrived, its body has not
+            self._arm(self.limits.body_timeout)
+        elif self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
+            self._disarm()  # the whole request is in: the app's time is not the client's
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm(self.limits.header_timeout)
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        if getattr(self, "_deadline", None) is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()  # the app, if it was reading the body, sees the client gone
+
+
+class RedactKeys(logging.Filter):
+    """Access lines print the query string: an `api_key=` in it is replaced before it is written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_KEY_IN_QUERY.sub(r"\1REDACTED", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        return True
 
 
 def check_models(options: LoadOptions) -> None:
-    """A missing model fails now, in one line, before the server starts."""
+    """A missing model, or two served under one name, fails now, in one line, before the server starts."""
     names = model_names(None, options.ja_en, options.en_ja)
-    for name in options.llms or [model_names()["llm"]]:
+    llms = list(dict.fromkeys(options.llms)) or [model_names()["llm"]]
+    for name in llms:
         resolve_llm(name, options.base)  # a checkpoint, or a LoRA adapter and its base, as `ask` takes
     locate_model(names["ja_en"], "--ja-en")
     locate_model(names["en_ja"], "--en-ja")
+    served_names(llms, options.served_names)
+
+
+def uvicorn_config(app, host: str, port: int, limits: ConnectionLimits, log_level: str) -> uvicorn.Config:
+    protocol = type("ServeProtocol", (GuardedH11Protocol,), {"limits": limits})
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+                            timeout_keep_alive=limits.keep_alive_timeout, limit_concurrency=limits.max_connections,
+                            timeout_graceful_shutdown=limits.shutdown_timeout)
+    logging.getLogger("uvicorn.access").addFilter(RedactKeys())  # uvicorn.Config has set up its loggers
+    return config
 
 
 def run_server(options: LoadOptions, *, host: str = "127.0.0.1", port: int = 8000,
-               config: ServerConfig | None = None, log_level: str = "info") -> None:
+               config: ServerConfig | None = None, limits: ConnectionLimits | None = None,
+               log_level: str = "info") -> None:
     check_models(options)
     logging.basicConfig(level=log_level.upper(), format="bilingual-qa: %(message)s")
+    config = config or ServerConfig()
+    config.bound_host = host
     app = create_app(lambda: ModelRegistry.load(options), config)
+    server = uvicorn.Server(uvicorn_config(app, host, port, limits or ConnectionLimits(), log_level))
     # uvicorn drains, then raises the signal again for the handler it found: with this one a SIGTERM
     # ends in a clean exit (code 0) after the models are closed, not in the default handler's kill.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+        server.run()
+        if not server.started:  # as uvicorn.run: the address was taken, say (uvicorn logged why)
+            raise SystemExit(3)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if app.state.serve.models is not None:

@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
-from pipeline.errors import BilingualQAError
+from pipeline.errors import BilingualQAError, InputTooLongError, UnsupportedLanguageError
 from pipeline.llm.answerer import AnswerPieces
 from pipeline.llm.engine import GenerationSettings
 from pipeline.qa import check_question
 from pipeline.serve.batching import AnswerJob
 from pipeline.serve.models import ModelRegistry
-from pipeline.text.detect import detect_language, require_supported
+from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language, langdetect_candidates
 from pipeline.text.sentences import sentences_of
 
 LANGUAGE_NAMES = {"en": "English", "ja": "Japanese"}
@@ -34,6 +34,8 @@ class AskRequest:
     settings: GenerationSettings = GenerationSettings()
     beams: int | None = None
     raw: bool = False
+    tokens_field: str = "max_new_tokens"  # what the caller's API calls the answer's token limit
+    source_field: str | None = "source_lang"  # the field that forces the question's language, if any
 
 
 class Service:
@@ -51,19 +53,19 @@ class Service:
         """("question", ...), ("english", {"text"})..., ("japanese", {"text", "index"})..., ("result", ...).
 
         Everything the caller can get wrong is raised before the first event."""
-        qa, scheduler = self.models.get(request.model)
+        served, qa, scheduler = self.models.get(request.model)
         timings: dict[str, float] = {}
         start = t = time.perf_counter()
         question = check_question(request.question)
-        lang = require_supported(request.source_lang or detect_language(question))
+        lang = _supported(request.source_lang or detect_language(question), request.source_field)
         t = self._lap(timings, "detect", t)
         if lang == "ja":
             question_en = (await self.models.ja_en.translate([question], request.beams))[0]
         else:
             question_en = question
         t = self._lap(timings, "translate_question", t)
-        prompt = qa.answerer.encode(question_en, request.settings.max_new_tokens)
-        yield "question", {"source_lang": lang, "question_en": question_en, "model": qa.answerer.name,
+        prompt = _encode(qa, served, question_en, request)
+        yield "question", {"source_lang": lang, "question_en": question_en, "model": served,
                            "prompt_tokens": len(prompt)}
 
         answerer, raw = qa.answerer, request.raw
@@ -86,16 +88,17 @@ class Service:
         t = self._lap(timings, "answer", t)
 
         texts = [answer.text] + ([question_en] if lang == "en" else [])
-        plan = qa.en_ja.plan(texts, request.beams)
+        plan = await self.models.en_ja.plan(texts, request.beams)
         translated = await asyncio.wrap_future(self.models.en_ja.submit(plan.ids, request.beams))
-        answer_ja, *question_ja = qa.en_ja.assemble(plan, translated)
+        answer_ja, *question_ja = await self.models.en_ja.assemble(plan, translated)
         for index, sentence in enumerate(_sentences(qa.en_ja, plan, translated)):
             yield "japanese", {"text": sentence, "index": index}
         self._lap(timings, "translate_answer", t)
         timings["total"] = round(time.perf_counter() - start, 4)
         result = qa.result(lang, question_en, question_ja[0] if question_ja else question, answer, answer_ja,
-                           timings, raw)
-        yield "result", result.to_dict()
+                           timings, raw).to_dict()
+        result["models"] = self.models.models_of(served)  # names, not this machine's paths
+        yield "result", result
 
     def _lap(self, timings: dict, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -108,14 +111,8 @@ class Service:
         """Each text in `target` (copied where it already is) and each text's detected language."""
         if target not in LANGUAGE_NAMES:
             raise BilingualQAError(f"target must be 'ja' or 'en', not '{target}'")
-        detected, todo = [], []
-        for index, text in enumerate(texts):
-            if not text.strip():
-                raise BilingualQAError("q is empty: give the text to translate")
-            lang = require_supported(detect_language(text) if source == "auto" else source)
-            detected.append({"language": lang, "confidence": confidence(text, lang) if source == "auto" else 100.0})
-            if lang != target:
-                todo.append(index)
+        detected = await asyncio.to_thread(_detect_each, texts, source)  # long texts: off the event loop
+        todo = [index for index, found in enumerate(detected) if found["language"] != target]
         batcher = self.models.ja_en if target == "en" else self.models.en_ja
         out = list(texts)
         if todo:
@@ -176,15 +173,43 @@ async def until_gone(work: Awaitable, gone: Callable[[], Awaitable[bool]] | None
         task.cancel()
 
 
+def _detect_each(texts: list[str], source: str) -> list[dict]:
+    detected = []
+    for text in texts:
+        if not text.strip():
+            raise BilingualQAError("q is empty: give the text to translate")
+        lang = _supported(detect_language(text) if source == "auto" else source, "source")
+        detected.append({"language": lang, "confidence": confidence(text, lang) if source == "auto" else 100.0})
+    return detected
+
+
+def _supported(language: str, field: str | None) -> str:
+    """`language` if the pipeline takes it, else an error in the API's words (`field` forces one)."""
+    if language in SUPPORTED_LANGUAGES:
+        return language
+    hint = f"; if it is one of those, send \"{field}\": \"ja\" or \"en\"" if field else ""
+    raise UnsupportedLanguageError(f"the text looks like '{language}', but only Japanese (ja) and English (en)"
+                                   f" are supported{hint}", language=language)
+
+
+def _encode(qa, served: str, question_en: str, request: AskRequest) -> list[int]:
+    """The prompt's ids, or the answerer's too-long error in the API's words (and the served name)."""
+    try:
+        return qa.answerer.encode(question_en, request.settings.max_new_tokens)
+    except InputTooLongError:
+        raise InputTooLongError(
+            f"the question is too long for {served}: it reads at most {qa.answerer.max_positions} tokens, the"
+            f" question in English and {request.settings.max_new_tokens} for the answer ({request.tokens_field})"
+        ) from None
+
+
 def confidence(text: str, lang: str) -> float:
     """LibreTranslate's 0-100 confidence: langdetect's probability for `lang`, or 100 where the script
     decided alone (kana, hangul, short ASCII), which langdetect is not asked about."""
-    from langdetect import DetectorFactory, detect_langs
     from langdetect.lang_detect_exception import LangDetectException
 
-    DetectorFactory.seed = 0
     try:
-        for candidate in detect_langs(text):
+        for candidate in langdetect_candidates(text):
             if candidate.lang.split("-")[0] == lang:
                 return round(candidate.prob * 100, 1)
     except LangDetectException:

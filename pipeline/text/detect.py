@@ -12,6 +12,7 @@ text always gets the same answer; its answer counts only if the text holds that 
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 
 from pipeline.errors import EmptyInputError, UnsupportedLanguageError
@@ -73,19 +74,28 @@ def _scripts(text: str) -> set[str]:
     return {unicodedata.name(ch, "").split(" ")[0] for ch in LETTER.findall(text)}
 
 
-def _seeded_langdetect():
+_LANGDETECT = threading.Lock()
+
+
+def langdetect_candidates(text: str) -> list:
+    """langdetect's languages for `text`, most probable first, seeded: the same text, the same answer.
+
+    One caller at a time: langdetect loads its profiles into one shared factory on first use, and a
+    second thread that comes in meanwhile (a server's) gets a factory with some languages only: "pl"
+    or "unknown" for plain English. Raises LangDetectException where it has no feature to go on."""
     # Imported here so the package imports without it on machines that only run a model stage.
     from langdetect import DetectorFactory, detect_langs
 
-    DetectorFactory.seed = 0
-    return detect_langs
+    with _LANGDETECT:
+        DetectorFactory.seed = 0
+        return detect_langs(text)
 
 
 def _statistical_language(text: str) -> str:
     from langdetect.lang_detect_exception import LangDetectException
 
     try:
-        candidates = _seeded_langdetect()(text)
+        candidates = langdetect_candidates(text)
     except LangDetectException:
         return "unknown"
     scripts = _scripts(text)

@@ -24,15 +24,24 @@ def free_port() -> int:
 
 
 def comparable(result: dict) -> dict:
-    """A result without its timings (the only field that differs between two runs)."""
-    return {key: value for key, value in result.items() if key != "timings"}
+    """A result without its timings (the only field that differs between two runs) and its models
+    (a server names them, `BilingualQA` gives their locators)."""
+    return {key: value for key, value in result.items() if key not in ("timings", "models")}
 
 
-def start_server(app):
+def start_server(app, limits=None):
+    """`app` under uvicorn on a free loopback port, on a thread; with `limits` (server.ConnectionLimits),
+    configured as `bilingual-qa serve` configures it."""
     import uvicorn
 
+    from pipeline.serve.server import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    if limits is None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    else:
+        config = uvicorn_config(app, "127.0.0.1", port, limits, "warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

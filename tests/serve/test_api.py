@@ -44,7 +44,7 @@ def test_health_is_503_with_retry_after_while_models_load(registry):
         release.wait(30)
         return registry
 
-    with TestClient(create_app(slow_load, ServerConfig())) as client:
+    with TestClient(create_app(slow_load, ServerConfig()), base_url="http://localhost") as client:
         loading = client.get("/health")
         refused = client.post("/v1/ask", json={"question": "What is a bond?"})
         release.set()
@@ -106,7 +106,7 @@ def test_bad_ask_is_400_with_one_error_line(client, body, says):
 
 
 def test_invalid_json_and_non_object_bodies_are_400(client):
-    assert client.post("/v1/ask", content=b"{not json", headers=AUTH).status_code == 400
+    assert client.post("/v1/ask", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}).status_code == 400
     assert client.post("/v1/ask", json=["a list"], headers=AUTH).status_code == 400
 
 
@@ -149,7 +149,7 @@ def test_full_queue_is_503_with_retry_after(registry):
     from pipeline.serve.app import ServerConfig, create_app
 
     app = create_app(registry, ServerConfig(max_queue=1))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         app.state.serve.in_flight = 1  # one request admitted and not finished
         response = client.post("/v1/ask", json={"question": "What is a bond?"})
         app.state.serve.in_flight = 0

@@ -35,7 +35,8 @@ def test_concurrent_callers_each_get_their_own_answer_equal_to_asking_alone(live
 
 def test_load_with_bad_requests_mixed_in_has_no_5xx_and_no_lost_or_crossed_answers(live_server, alone):
     bad = [
-        lambda: httpx.post(f"{live_server}/v1/ask", content=b"{oops", headers=AUTH, timeout=60),
+        lambda: httpx.post(f"{live_server}/v1/ask", content=b"{oops", timeout=60,
+                           headers={**AUTH, "Content-Type": "application/json"}),
         lambda: httpx.post(f"{live_server}/v1/ask", json={"question": ""}, headers=AUTH, timeout=60),
         lambda: httpx.post(f"{live_server}/v1/ask", json={"question": "What?"}, timeout=60),
         lambda: httpx.post(f"{live_server}/translate", json={"q": "hi", "target": "xx"}, headers=AUTH, timeout=60),

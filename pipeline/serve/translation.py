@@ -1,0 +1,185 @@
+"""`TranslationBatcher` owns one translator: the sentences of every waiting caller are translated
+together, in rounds of a bounded size that every caller shares (a long document never holds the rest).
+
+Like the answer stage (batching.py), it runs on threads of its own; callers on the asyncio loop get
+their results through concurrent futures, so no stage ever runs on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+from pipeline.serve.batching import _STOP, _gated, log
+
+
+class StageStopped(RuntimeError):
+    """A stage's thread has stopped: the server cannot answer until it is restarted."""
+
+
+class _Translation:
+    """One caller's pieces and where their translations stand."""
+
+    def __init__(self, ids: list[list[int]], beams: int | None, future: Future):
+        self.ids, self.beams, self.future = ids, beams, future
+        self.out: list[str] = []
+        self.skipped = False  # left out of the last round (by callers that could finish in it)
+
+    @property
+    def left(self) -> int:
+        return len(self.ids) - len(self.out)
+
+
+class TranslationBatcher:
+    """One translator, two threads. A caller whose pieces fit one round (a question, a short text) goes
+    to the quick lane, so it never waits behind a document; longer ones go to the bulk lane. Each
+    lane puts its callers' pieces into `translate_ids` calls (rounds) of at most `round_pieces`
+    pieces, every caller getting a piece of each round and the callers that can finish filling the
+    rest (`_share_round`): two documents share the bulk lane, many questions the quick one."""
+
+    def __init__(self, translator, *, on_batch: Callable[[int], None] | None = None, round_pieces: int = 16):
+        self.translator = translator
+        self.on_batch = on_batch or (lambda n: None)
+        self.round_pieces = round_pieces
+        self.plan_lock = threading.Lock()  # the tokenizer and the memory: one plan or assembly at a time
+        name = f"translate-{translator.target_lang}"
+        self.waiting: queue.Queue = queue.Queue()  # the bulk lane
+        self.quick: queue.Queue = queue.Queue()
+        self.active: list[_Translation] = []  # the bulk lane's callers, round by round
+        self.quick_active: list[_Translation] = []
+        self.thread = threading.Thread(target=self._guarded, args=(self.waiting, self.active), name=name, daemon=True)
+        self.quick_thread = threading.Thread(target=self._guarded, args=(self.quick, self.quick_active),
+                                             name=f"{name}-quick", daemon=True)
+        self.thread.start()
+        self.quick_thread.start()
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return [self.thread, self.quick_thread]
+
+    def submit(self, ids: list[list[int]], num_beams: int | None = None) -> Future:
+        future: Future = Future()
+        quick = len(ids) <= self.round_pieces
+        lane, thread = (self.quick, self.quick_thread) if quick else (self.waiting, self.thread)
+        if not ids:
+            future.set_result([])
+        elif not thread.is_alive():
+            future.set_exception(StageStopped(f"the {thread.name} stage has stopped"))
+        else:
+            lane.put(_Translation(ids, num_beams, future))
+        return future
+
+    async def plan(self, texts: list[str], num_beams: int | None = None):
+        """`Translator.plan`, off the event loop (a long document takes a while), one at a time."""
+        return await asyncio.to_thread(self._locked, self.translator.plan, texts, num_beams)
+
+    async def assemble(self, plan, pieces: list[str]) -> list[str]:
+        return await asyncio.to_thread(self._locked, self.translator.assemble, plan, pieces)
+
+    async def translate(self, texts: list[str], num_beams: int | None = None) -> list[str]:
+        plan = await self.plan(texts, num_beams)
+        return await self.assemble(plan, await asyncio.wrap_future(self.submit(plan.ids, num_beams)))
+
+    def _locked(self, call, *args):
+        with self.plan_lock:
+            return call(*args)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active)
+
+    def close(self) -> None:
+        for lane in (self.waiting, self.quick):
+            lane.put(_STOP)
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+    def _guarded(self, waiting: queue.Queue, active: list[_Translation]) -> None:
+        try:
+            self._run(waiting, active)
+        except BaseException:  # noqa: BLE001 - a dead stage must be loud and must not hang its callers
+            log.exception("the %s thread stopped", threading.current_thread().name)
+            failure = StageStopped(f"the {threading.current_thread().name} stage has stopped")
+            while True:
+                try:
+                    active.append(waiting.get_nowait())
+                except queue.Empty:
+                    break
+            for job in active:
+                if job is not _STOP and not job.future.done():
+                    job.future.set_exception(failure)
+
+    def _run(self, waiting: queue.Queue, active: list[_Translation]) -> None:
+        stopping = False
+        while not stopping or active:
+            while not stopping:
+                try:
+                    job = waiting.get(block=not active)
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    stopping = True
+                elif job.future.set_running_or_notify_cancel():  # False: the caller left before it began
+                    active.append(job)
+            active[:] = [job for job in active if not job.future.done()]
+            if active:
+                self._translate_round(active)
+
+    def _translate_round(self, active: list[_Translation]) -> None:
+        beams = active[0].beams
+        taken = _share_round([job for job in active if job.beams == beams], self.round_pieces)
+        flat = [ids for job, count in taken for ids in job.ids[len(job.out):len(job.out) + count]]
+        self.on_batch(len(flat))
+        try:
+            out = _gated(self.translator.translate_ids, flat, beams)
+        except Exception as error:  # noqa: BLE001 - one caller's bad piece must not fail the others
+            if len(taken) == 1:
+                taken[0][0].future.set_exception(error)
+                active.remove(taken[0][0])
+                return
+            for job, count in taken:  # again, one caller at a time, to find whose piece it is
+                try:
+                    job.out.extend(_gated(self.translator.translate_ids,
+                                          job.ids[len(job.out):len(job.out) + count], beams))
+                except Exception as own:  # noqa: BLE001
+                    job.future.set_exception(own)
+            out = None
+        if out is not None:
+            position = 0
+            for job, count in taken:
+                job.out.extend(out[position:position + count])
+                position += count
+        for job, _ in taken:
+            if not job.future.done() and job.left == 0:
+                job.future.set_result(job.out)  # running futures cannot be cancelled: no InvalidStateError
+        active.append(active.pop(0))  # the next round starts with another caller
+
+
+def _share_round(jobs: list[_Translation], budget: int) -> list[tuple[_Translation, int]]:
+    """How many pieces each job gives this round. The jobs that can finish in it go first, whole,
+    fewest pieces first: a question's few sentences are not slowed by a document's in the same call.
+    A job left out once is in the next round, with at least one piece; with no job finishing, the
+    budget goes to the jobs in turn, so a long document fills the rounds nobody else needs."""
+    finishing = sorted((job for job in jobs if job.left <= budget), key=lambda job: job.left)
+    counts: dict[int, int] = {}
+    room = budget
+    for job in finishing:
+        if job.left <= room:
+            counts[id(job)] = job.left
+            room -= job.left
+    for job in jobs:
+        if id(job) not in counts and room > 0 and (not counts or job.skipped):
+            counts[id(job)] = 1
+            room -= 1
+    for job in jobs:
+        if id(job) in counts and room > 0 and not finishing:
+            extra = min(room, job.left - counts[id(job)])
+            counts[id(job)] += extra
+            room -= extra
+    for job in jobs:
+        job.skipped = id(job) not in counts
+    return [(job, counts[id(job)]) for job in jobs if id(job) in counts]
