@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from pipeline.errors import BilingualQAError, ServerError
+from pipeline.text.detect import require_supported
 
 SERVER_ENV = "BILINGUAL_QA_SERVER"
 KEY_ENV = "BILINGUAL_QA_API_KEY"
@@ -108,12 +109,15 @@ class ServerClient:
 
     def _raise_for(self, response: httpx.Response):
         try:
-            message = response.json().get("error") or response.reason_phrase
+            body = response.json()
+            message = body.get("error") or response.reason_phrase
         except (ValueError, AttributeError):
-            message = response.text.strip()[:200] or response.reason_phrase
+            body, message = {}, response.text.strip()[:200] or response.reason_phrase
         message = " ".join(str(message).split())
         status = response.status_code
         if status == 400:
+            if body.get("code") == "unsupported_language" and isinstance(body.get("language"), str):
+                require_supported(body["language"])  # the in-process command's own words (its options)
             raise BilingualQAError(message)
         if status == 404:
             raise ServerError(f"{self.url} has no {response.request.url.path}: is it bilingual-qa serve?")

@@ -130,7 +130,11 @@ class ModelRegistry:
         if name is None or name == "":
             name = self.default
         if name not in self.qas:
-            matches = [n for n in self.qas if n.rsplit("/", 1)[-1] == name]
+            # a served name's last part ("phi-2" for "microsoft/phi-2"), or a caller's path to a model
+            # directory served by its name (what `--server` sends for `--llm ./phi-2`): a choice among the
+            # models loaded, never a location to load from
+            last = name.rstrip("/").rsplit("/", 1)[-1]
+            matches = [n for n in self.qas if n.rsplit("/", 1)[-1] in (name, last)]
             if len(matches) != 1:
                 shown = name if len(name) <= 80 else name[:80] + "..."
                 raise UnknownModelError(f"unknown model '{shown}'; served: {', '.join(self.qas)}")

@@ -18,6 +18,11 @@ def family_dirs(tiny_phi2_dir, tiny_lora_dir, tiny_lora_second_dir):
     return [str(tiny_phi2_dir), str(tiny_lora_dir), str(tiny_lora_second_dir)]
 
 
+def served(directory: str) -> str:
+    """The name the server gives a model directory (its name: no path reaches a client)."""
+    return directory.rstrip("/").rsplit("/", 1)[-1]
+
+
 @pytest.fixture(scope="module")
 def family(family_dirs, tiny_ja_en_dir, tiny_en_ja_dir):
     from pipeline.serve.models import LoadOptions, ModelRegistry
@@ -79,16 +84,16 @@ def test_base_and_two_adapters_answer_as_each_alone_from_one_batch(family, famil
     from pipeline.serve.service import AskRequest, Service
 
     schedulers = {id(s) for s in family.schedulers.values()}
-    assert len(schedulers) == 1 and family.schedulers[family_dirs[0]].mode == "continuous"
+    assert len(schedulers) == 1 and family.schedulers[served(family_dirs[0])].mode == "continuous"
     requests = [(name, q) for q in QUESTIONS for name in family_dirs]
     service = Service(family)
     for name, q in requests:  # one at a time: the whole object of `ask --format json`
         fresh_memory(family.ja_en.translator, family.en_ja.translator)
-        assert comparable(asyncio.run(service.ask(AskRequest(q, model=name, settings=SETTINGS)))) == asked_alone[(name, q)]
-    seen = hold_first_step(family.schedulers[family_dirs[0]], len(requests))
+        assert comparable(asyncio.run(service.ask(AskRequest(q, model=served(name), settings=SETTINGS)))) == asked_alone[(name, q)]
+    seen = hold_first_step(family.schedulers[served(family_dirs[0])], len(requests))
 
     async def ask_all():
-        return await asyncio.gather(*(service.ask(AskRequest(q, model=name, settings=SETTINGS))
+        return await asyncio.gather(*(service.ask(AskRequest(q, model=served(name), settings=SETTINGS))
                                       for name, q in requests))
 
     results = asyncio.run(ask_all())
@@ -100,7 +105,8 @@ def test_base_and_two_adapters_answer_as_each_alone_from_one_batch(family, famil
     assert max(len(adapters) for adapters in seen) == 3  # rows of the base and both adapters in one step
     answers = {name: [asked_alone[(name, q)]["answer_en"] for q in QUESTIONS] for name in family_dirs}
     assert len({tuple(a) for a in answers.values()}) == 3  # three models that answer differently
-    assert asked_alone[(family_dirs[1], QUESTIONS[0])]["models"]["llm_base"] == family_dirs[0]
+    # the adapter's result names its base as the server serves it
+    assert results[requests.index((family_dirs[1], QUESTIONS[0]))]["models"]["llm_base"] == served(family_dirs[0])
 
 
 def test_the_base_weights_are_held_once(family, family_dirs, tiny_phi2_dir):
@@ -122,16 +128,20 @@ def test_models_and_chat_list_and_take_the_adapters_by_name(family, family_dirs)
 
     from pipeline.serve.app import ServerConfig, create_app
 
-    with TestClient(create_app(family, ServerConfig())) as client:
-        listed = [m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]]
-        assert listed == family.names and len(listed) == 3
-        short = family_dirs[2].rstrip("/").rsplit("/", 1)[-1]
+    with TestClient(create_app(family, ServerConfig()), base_url="http://127.0.0.1") as client:  # keyless: loopback
+        entries = client.get("/v1/models", headers=AUTH).json()["data"]
+        listed = [m["id"] for m in entries]
+        assert listed == family.names == [served(d) for d in family_dirs]
+        # each adapter's entry names its base (what the page opens its comparison on); the base names none
+        assert [m.get("base") for m in entries] == [None, served(family_dirs[0]), served(family_dirs[0])]
+        short = served(family_dirs[2])
         chat = client.post("/v1/chat/completions", json={"model": short, "max_tokens": SETTINGS.max_new_tokens,
                                                          "messages": [{"role": "user", "content": QUESTIONS[1]}]})
         asked = client.post("/v1/ask", json={"model": short, "question": QUESTIONS[1],
                                              "max_new_tokens": SETTINGS.max_new_tokens})
     assert chat.status_code == 200 and asked.status_code == 200
-    assert chat.json()["bilingual_qa"]["models"]["llm"] == family_dirs[2]
+    assert chat.json()["bilingual_qa"]["models"] == {"llm": short, "llm_base": served(family_dirs[0]),
+                                                     "ja_en": "opus-mt-ja-en", "en_ja": "fugumt-en-ja"}
     assert chat.json()["choices"][0]["message"]["content"] == asked.json()["answer_en"]
 
 
@@ -142,7 +152,7 @@ def test_micro_batching_puts_the_three_models_rows_into_one_generate_call(
 
     registry = ModelRegistry.load(LoadOptions(llms=family_dirs, ja_en=str(tiny_ja_en_dir), en_ja=str(tiny_en_ja_dir),
                                               device="cpu", engine="transformers", batching="micro"))
-    scheduler = registry.schedulers[family_dirs[0]]
+    scheduler = registry.schedulers[served(family_dirs[0])]
     assert scheduler.mode == "micro-batch"
     requests = [(name, q) for q in QUESTIONS[1:3] for name in family_dirs]  # English: no translation wait
     calls, arrived, submitted = [], threading.Event(), []
@@ -163,7 +173,7 @@ def test_micro_batching_puts_the_three_models_rows_into_one_generate_call(
     service = Service(registry)
 
     async def ask_all():
-        return await asyncio.gather(*(service.ask(AskRequest(q, model=name, settings=SETTINGS))
+        return await asyncio.gather(*(service.ask(AskRequest(q, model=served(name), settings=SETTINGS))
                                       for name, q in requests))
     try:
         results = asyncio.run(ask_all())

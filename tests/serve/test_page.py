@@ -138,7 +138,8 @@ def test_the_favicon_is_served():
 
     from pipeline.serve.app import create_app
 
-    with TestClient(create_app(lambda: None)) as client:  # served while (even if) the models load
+    # served while (even if) the models load; on loopback, as a keyless server answers only there
+    with TestClient(create_app(lambda: None), base_url="http://127.0.0.1") as client:
         for path in ("/favicon.svg", "/favicon.ico"):
             response = client.get(path)
             assert response.status_code == 200 and response.headers["content-type"].startswith("image/svg+xml")
