@@ -38,13 +38,17 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page_server(registry):
-    """The server as on one's own machine: no key. Its registry has schedulers of its own over the
-    same loaded models, so that its /metrics count only its own rows and tokens."""
+def page_server(tiny_phi2_dir, tiny_lora_dir, tiny_ja_en_dir, tiny_en_ja_dir):
+    """The server as on one's own machine: no key; the tiny phi-2 and a LoRA adapter of it, loaded as
+    `serve --llm PHI2 --llm ADAPTER` loads them (one copy of the base, one batch), with the options of
+    conftest's `qa`, so that the base's answers are those `alone` holds. Its /metrics count only its
+    own rows and tokens."""
     from pipeline.serve.app import create_app
-    from pipeline.serve.models import ModelRegistry
+    from pipeline.serve.models import LoadOptions, ModelRegistry
 
-    own = ModelRegistry(registry.qas, max_rows=16)
+    own = ModelRegistry.load(LoadOptions(llms=[str(tiny_phi2_dir), str(tiny_lora_dir)], ja_en=str(tiny_ja_en_dir),
+                                         en_ja=str(tiny_en_ja_dir), device="cpu", engine="transformers",
+                                         mt_backend="transformers", beams=1, max_rows=16))
     server, thread, url = start_server(create_app(own))
     yield url
     server.should_exit = True
@@ -54,37 +58,24 @@ def page_server(registry):
 
 @pytest.fixture(scope="module")
 def fine_tune(page_server):
-    """(base, fine-tune) as /v1/models names them. Where the registry serves a LoRA adapter beside its
-    base, its /v1/models entry names the base (`base`, or `parent` as vLLM spells it) and that pair is
-    taken as it is. Until `serve` loads adapters (the other half of issue 21), the registry's second
-    tiny phi-2 stands for the fine-tune, and open_page gives its entry the `base` field an adapter's
-    entry carries (the only thing the page reads to open on the comparison)."""
+    """(base, fine-tune) as /v1/models names them: the adapter's entry names its base (`base`, or
+    `parent` as vLLM spells it), the one field the page reads to open on the comparison."""
     listed = httpx.get(f"{page_server}/v1/models", timeout=10).json()["data"]
     names = [entry["id"] for entry in listed]
     adapters = [(entry.get("base") or entry.get("parent"), entry["id"]) for entry in listed
                 if (entry.get("base") or entry.get("parent")) in names]
-    return adapters[0] if adapters else (names[0], names[1])
+    assert len(adapters) == 1, listed
+    return adapters[0]
 
 
 # The answers are complete: each card's Copy button shows once its result has come.
 ANSWERED = "[...document.querySelectorAll('#answers .answer button')].filter(b => !b.hidden).length == {}"
 
 
-def open_page(browser, url, fine_tune=None, width=1100, height=900, listed=True):
+def open_page(browser, url, width=1100, height=900, listed=True):
     page = browser.new_page(viewport={"width": width, "height": height})
     failed = []  # every response of 400 or more the page caused (a favicon 404 among them)
     page.on("response", lambda response: failed.append(response.url) if response.status >= 400 else None)
-    if fine_tune is not None:
-        base, tuned = fine_tune
-
-        def with_base(route):
-            listing = route.fetch().json()
-            for entry in listing["data"]:
-                if entry["id"] == tuned and not (entry.get("base") or entry.get("parent")):
-                    entry["base"] = base  # the field an adapter's entry carries (see fine_tune)
-            route.fulfill(json=listing)
-
-        page.route("**/v1/models", with_base)
     page.goto(url)
     if listed:
         page.wait_for_function("document.getElementById('model').options.length > 0")
@@ -100,7 +91,7 @@ def ask_requests(page) -> list:
 def test_compare_view_defaults_to_base_and_fine_tune_and_shows_both_answers(browser, page_server, fine_tune,
                                                                             registry, alone):
     base, tuned = fine_tune
-    page, failed = open_page(browser, page_server, fine_tune)
+    page, failed = open_page(browser, page_server)
     assert page.is_checked("#compare")
     assert page.input_value("#model") == base and page.input_value("#model-b") == tuned
     names = [model["id"] for model in httpx.get(f"{page_server}/v1/models").json()["data"]]
@@ -147,7 +138,7 @@ def test_the_favicon_is_served():
 
 
 def test_labels_stay_beside_their_inputs_on_a_phone(browser, page_server, fine_tune):
-    page, failed = open_page(browser, page_server, fine_tune, width=390, height=844)
+    page, failed = open_page(browser, page_server, width=390, height=844)
     for label_text, field in (("Max tokens", "#max-tokens"), ("Language", "#source-lang"), ("Model", "#model"),
                               ("Compare with", "#model-b"), ("From", "#source"), ("To", "#target")):
         label = page.locator(".field > span", has_text=re.compile(f"^{label_text}$")).first.bounding_box()
@@ -171,7 +162,7 @@ def test_labels_stay_beside_their_inputs_on_a_phone(browser, page_server, fine_t
 
 
 def test_a_chinese_question_is_an_error_in_its_own_box_in_the_pages_words(browser, page_server, fine_tune):
-    page, _ = open_page(browser, page_server, fine_tune)
+    page, _ = open_page(browser, page_server)
     page.fill("#question", "利率上升会怎样影响经济？")
     page.click("#ask")
     page.wait_for_selector("#ask-error:not([hidden])", timeout=60_000)
@@ -200,7 +191,7 @@ def test_a_missing_key_points_at_the_key_box(browser, live_server, registry):
 
 
 def test_an_invalid_number_is_refused_at_the_field_and_nothing_is_sent(browser, page_server, fine_tune):
-    page, _ = open_page(browser, page_server, fine_tune)
+    page, _ = open_page(browser, page_server)
     asked = ask_requests(page)
     page.fill("#question", QUESTIONS[1])
     for bad in ("abc", "0", "2001", "12.5", ""):
@@ -215,7 +206,7 @@ def test_an_invalid_number_is_refused_at_the_field_and_nothing_is_sent(browser, 
 
 
 def test_enter_in_max_tokens_and_ctrl_enter_in_the_question_submit(browser, page_server, fine_tune):
-    page, _ = open_page(browser, page_server, fine_tune)
+    page, _ = open_page(browser, page_server)
     page.uncheck("#compare")
     asked = ask_requests(page)
     page.fill("#question", QUESTIONS[1])
@@ -247,7 +238,7 @@ def metric(url: str, name: str) -> float:
 
 
 def test_stop_aborts_the_question_and_the_server_frees_its_row(browser, page_server, fine_tune):
-    page, _ = open_page(browser, page_server, fine_tune)
+    page, _ = open_page(browser, page_server)
     page.uncheck("#compare")
     page.fill("#max-tokens", "1500")
     page.fill("#question", "What is a bond?")
@@ -290,7 +281,7 @@ def test_an_error_carries_a_code_and_the_language_seen_for_the_page_to_word(clie
 
 def test_a_stream_cut_before_its_result_is_an_error_not_a_spinner(browser, page_server, fine_tune):
     """A server that dies mid-answer (here: a stream that ends after its first event)."""
-    page, _ = open_page(browser, page_server, fine_tune)
+    page, _ = open_page(browser, page_server)
     page.uncheck("#compare")
     first = 'event: question\ndata: {"source_lang": "en", "question_en": "What is a bond?"}\n\n'
     page.route("**/v1/ask", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=first))
