@@ -226,6 +226,6 @@ def test_readme_curl_line_runs_against_a_live_server(command, readme_server):
     elif path == "/v1/models":
         assert [model["id"] for model in reply["data"]] == ["microsoft/phi-2"]  # the hub id, as the chat line uses
     elif path == "/health":
-        assert reply == {"status": "ok"}
+        assert reply == {"status": "ok", "max_batch": 64}  # max_batch: what `--server` clients send at once
     else:
         raise AssertionError(f"a curl line this test does not know what to expect of: {command}")

@@ -61,8 +61,8 @@ def memory_counts(translators: list) -> tuple[int, int]:
     """(hits, misses) of the translators' memory files so far; a translator not loaded yet counts
     none, nor does one without a file (its in-process memory's hits are a job's repeated sentences,
     which a summary line about "translation memory" would misreport as found in a memory)."""
-    memories = [translator.memory for translator in translators
-                if translator is not None and translator.memory.persistent]
+    memories = [memory for memory in (getattr(translator, "memory", None) for translator in translators)
+                if getattr(memory, "persistent", False)]  # a job's translator may be any translate(texts)
     return sum(m.hits for m in memories), sum(m.misses for m in memories)
 
 

@@ -39,7 +39,6 @@ class NoMemory:
     """The server keeps the translation memory: this side counts no hits or misses."""
 
     hits = misses = 0
-    persistent = False  # no memory file of this side's: the job's summary reports none
 
 
 class RemoteTranslator:
