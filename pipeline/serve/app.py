@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from pipeline.errors import BilingualQAError, EmptyInputError, InputTooLongError, UnsupportedLanguageError
-from pipeline.serve.translation import StageStopped
+from pipeline.serve.batching import StageStopped
 from pipeline.serve.guard import SiteGuard
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.models import ModelRegistry, UnknownModelError

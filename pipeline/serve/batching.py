@@ -31,6 +31,10 @@ log = logging.getLogger("bilingual_qa.serve")
 _STOP = object()  # queued to end a stage's thread
 
 
+class StageStopped(RuntimeError):
+    """A stage's thread has stopped: the server cannot answer until it is restarted."""
+
+
 class AnswerJob:
     """One question's generation: its tokens arrive on `events` as ("token", id), then ("end", eos)."""
 
@@ -121,6 +125,7 @@ class AnswerScheduler:
         self.on_tokens = on_tokens or (lambda n: None)
         self.waiting: queue.Queue = queue.Queue()
         self.running_rows = 0
+        self._in_hand: list = []  # the containers of jobs the thread holds (failed if it dies)
         self.decode_batch = _gated(open_decode_batch, engine, max_rows, batching)
         if self.decode_batch is not None:
             _gated(self.decode_batch.warm)  # the cache and every bucket's graph, before the first caller
@@ -131,6 +136,8 @@ class AnswerScheduler:
 
     def submit(self, job: AnswerJob) -> None:
         self.waiting.put(job)
+        if not self.thread.is_alive():  # stopped (or died) before it could take this job
+            self._fail_all(StageStopped(f"the {self.thread.name} stage has stopped"))
 
     def close(self) -> None:
         self.waiting.put(_STOP)
@@ -140,9 +147,23 @@ class AnswerScheduler:
         def run():
             try:
                 target()
-            except Exception:  # noqa: BLE001 - a dead engine thread must be loud in the log
-                log.exception("the answer engine thread stopped")
+            except BaseException:  # noqa: BLE001 - a dead engine thread must be loud and hang nobody
+                log.exception("the %s thread stopped", self.thread.name)
+                self._fail_all(StageStopped(f"the {self.thread.name} stage has stopped"))
         return run
+
+    def _fail_all(self, failure: BaseException) -> None:
+        """Every job the dead thread held or that waits for it gets `failure` (its caller a 503)."""
+        jobs = [job for held in self._in_hand for job in (held.values() if isinstance(held, dict) else held)]
+        while True:
+            try:
+                jobs.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        for job in jobs:
+            if job is not _STOP:
+                job.outbox = None  # straight to its caller: no step will hand it over
+                job.fail(failure)
 
     # ---- continuous batching -------------------------------------------------------------------
 
@@ -153,6 +174,7 @@ class AnswerScheduler:
         live: dict[int, AnswerJob] = {}
         held: deque[AnswerJob] = deque()  # arrived, waiting for a free row
         outbox: list = []  # this step's events for the callers, handed over together
+        self._in_hand = [live, held]
         self.profile = _Profile()
         while True:
             if self.profile.due():
@@ -269,6 +291,7 @@ class AnswerScheduler:
                     break
             stopping = any(job is _STOP for job in jobs)
             jobs = [job for job in jobs if job is not _STOP and not job.cancelled]
+            self._in_hand = [jobs]
             groups: dict[GenerationSettings, list[AnswerJob]] = {}
             for job in jobs:
                 groups.setdefault(job.settings, []).append(job)

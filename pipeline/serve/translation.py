@@ -14,11 +14,7 @@ import time
 from concurrent.futures import Future
 from typing import Callable
 
-from pipeline.serve.batching import _STOP, _gated, log
-
-
-class StageStopped(RuntimeError):
-    """A stage's thread has stopped: the server cannot answer until it is restarted."""
+from pipeline.serve.batching import _STOP, StageStopped, _gated, log
 
 
 class _Translation:

@@ -85,6 +85,40 @@ def test_a_stage_thread_that_dies_makes_health_503_and_the_log_says_why(qa, capl
         registry.close()
 
 
+def test_an_answer_thread_that_dies_fails_its_callers_and_refuses_new_ones(qa, caplog):
+    from pipeline.serve.app import create_app
+    from pipeline.serve.models import ModelRegistry
+
+    registry = ModelRegistry({"phi-2": qa}, max_rows=4)
+    scheduler = registry.schedulers["phi-2"]
+    server, thread, url = start_server(create_app(registry))
+    try:
+        outcome = {}
+        asking = threading.Thread(target=lambda: outcome.update(response=ask(url, QUESTIONS[1], max_new_tokens=1500)))
+        asking.start()
+        deadline = time.monotonic() + 60
+        while scheduler.running_rows == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.running_rows == 1  # its row is decoding
+        with caplog.at_level(logging.ERROR, logger="bilingual_qa.serve"):
+            scheduler.waiting.put(object())  # not a job: the thread fails on it, on purpose
+            scheduler.thread.join(timeout=30)
+        asking.join(timeout=30)
+        assert not asking.is_alive()  # the caller whose row was decoding is answered, not left hanging
+        failed = outcome["response"]
+        assert failed.status_code == 503 and scheduler.thread.name in failed.json()["error"]
+        assert f"the {scheduler.thread.name} thread stopped" in caplog.text
+        health = httpx.get(f"{url}/health", timeout=10)
+        assert health.status_code == 503 and scheduler.thread.name in health.json()["error"]
+        began = time.monotonic()
+        refused = ask(url, QUESTIONS[0])
+        assert refused.status_code == 503 and time.monotonic() - began < 10
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        registry.close()
+
+
 def document(size: int) -> str:
     """English text of `size` characters, every sentence different (the translation memory would
     otherwise translate each once)."""
