@@ -148,16 +148,12 @@ def translate_document_file(input: str | Path, output: str | Path, *, to: str, l
                             checkpoint=checkpoint)
 
 
-class _NoMemory:
-    hits = misses = 0
-
-
 class _AnyTranslator:
     """A caller's translator as the job's worker takes it: one translation per text, or an error."""
 
     def __init__(self, translator):
         self.translator = translator
-        self.memory = getattr(translator, "memory", None) or _NoMemory()
+        self.memory = getattr(translator, "memory", None)  # counted only where it keeps a file
 
     def translate(self, texts: list[str]) -> list[str]:
         translations = list(self.translator.translate(texts))

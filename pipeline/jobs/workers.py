@@ -32,7 +32,7 @@ class Translator(Protocol):
     """What a translation job needs of mt/translator.py's Translator (jobs import no stage: the
     stages hand themselves to jobs, see docs/design.md)."""
 
-    memory: object
+    memory: object  # its translation memory, or None; only one that keeps a file is counted
 
     def translate(self, texts: list[str]) -> list[str]: ...
 
@@ -40,8 +40,8 @@ class Translator(Protocol):
 class BilingualQA(Protocol):
     """What an answer job needs of qa.py's BilingualQA."""
 
-    ja_en: Translator
-    en_ja: Translator
+    ja_en: Translator | None  # None where the stages run elsewhere (a server)
+    en_ja: Translator | None
 
     def ask_batch(self, texts: list[str], *, source_lang: str | None, settings: GenerationSettings) -> list: ...
 

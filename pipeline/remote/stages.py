@@ -35,12 +35,6 @@ def _connect(url: str, key: str | None, concurrency: int | None) -> tuple[Server
     return ServerClient(url, key, connections=rows), rows
 
 
-class NoMemory:
-    """The server keeps the translation memory: this side counts no hits or misses."""
-
-    hits = misses = 0
-
-
 class RemoteTranslator:
     """`translate(texts)` into `target_lang` on the server; a 400 (a text the model refuses) raises
     the BilingualQAError the worker then pins on its row, as with a local translator."""
@@ -50,7 +44,7 @@ class RemoteTranslator:
         self.client, concurrency = _connect(url, key, concurrency)
         self.target_lang, self.beams, self.concurrency = target_lang, beams, concurrency
         self.source_lang = "ja" if target_lang == "en" else "en"
-        self.memory = NoMemory()
+        self.memory = None  # the server keeps the translation memory: this side counts none
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="translate-remote")
 
     def translate(self, texts: list[str]) -> list[str]:
@@ -68,7 +62,7 @@ class RemoteQA:
                  concurrency: int | None = None, key: str | None = None):
         self.client, concurrency = _connect(url, key, concurrency)
         self.model, self.beams = model, beams
-        self.ja_en = self.en_ja = NoMemoryStage()
+        self.ja_en = self.en_ja = None  # the server's stages: no memory of this side's to count
         self.preferred_batch_rows = concurrency * 4  # a group keeps every connection busy
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="ask-remote")
 
@@ -81,10 +75,6 @@ class RemoteQA:
             return QAResult.from_dict(self.client.ask(ask_fields(text, source_lang, settings, self.model, self.beams)))
         except BilingualQAError as error:
             return error
-
-
-class NoMemoryStage:
-    memory = NoMemory()
 
 
 def ask_fields(question: str, source_lang: str | None, settings: GenerationSettings, model: str | None,
