@@ -17,7 +17,13 @@ the published formats, then in one run:
 
     python benchmarks/serve_load.py                          # published shapes, on the GPU
     python benchmarks/serve_load.py --batching micro         # the micro-batching scheduler instead
+    python benchmarks/serve_load.py --adapter                # base + an r=8 LoRA adapter, half the clients each
     python benchmarks/serve_load.py --tiny --clients 1 4 --mixed-clients 4 --mixed-max 40   # CPU smoke test
+
+With --adapter the server holds phi-2 and a LoRA adapter of it (r=8 on q/k/v/dense/fc1/fc2, made by
+peft, B random) in one batch (`serve --llm BASE --llm ADAPTER`), and odd-numbered clients ask the
+adapter (`"model"` in /v1/ask): the running batch mixes base and adapter rows. The engine bars stay
+the base alone's.
 
 The table is also written to $OUT/serve_load.md when OUT is set (or to --out).
 """
@@ -48,13 +54,18 @@ QUESTIONS = [
 ]
 
 
-def build(root: Path, tiny: bool) -> dict[str, Path]:
+def build(root: Path, tiny: bool, adapter: bool = False) -> dict[str, Path]:
     import torch
 
-    from pipeline.checkpoints import build_tiny_marian, build_tiny_phi2
+    from pipeline.checkpoints import build_lora_adapter, build_tiny_marian, build_tiny_phi2
 
     paths = {"llm": root / "phi-2", "ja_en": root / "opus-mt-ja-en", "en_ja": root / "fugumt-en-ja"}
+    if adapter:
+        paths["adapter"] = root / "phi-2-finance"
     if (paths["llm"] / "config.json").exists():
+        if adapter and not (paths["adapter"] / "adapter_config.json").exists():
+            build_lora_adapter(paths["adapter"], paths["llm"], device="cpu" if tiny else "cuda",
+                               dtype=None if tiny else torch.float16)
         return paths
     if tiny:
         build_tiny_phi2(paths["llm"])
@@ -65,6 +76,9 @@ def build(root: Path, tiny: bool) -> dict[str, Path]:
         marian = dict(d_model=512, layers=6, ffn=2048, heads=8, vocab_size=60716)
     build_tiny_marian(paths["ja_en"], "ja", "en", **marian)
     build_tiny_marian(paths["en_ja"], "en", "ja", **marian)
+    if adapter:
+        build_lora_adapter(paths["adapter"], paths["llm"], device="cpu" if tiny else "cuda",
+                           dtype=None if tiny else torch.float16)
     return paths
 
 
@@ -132,7 +146,7 @@ def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "pipeline", "serve", "--port", str(port), "--llm", str(paths["llm"]),
-               "--ja-en", str(paths["ja_en"]), "--en-ja", str(paths["en_ja"]), "--engine", engine,
+               *(["--llm", str(paths["adapter"])] if "adapter" in paths else []), "--ja-en", str(paths["ja_en"]), "--en-ja", str(paths["en_ja"]), "--engine", engine,
                "--mt-backend", mt_backend, "--max-queue", "4096"]
     # the server's own defaults unless asked otherwise (--max-batch 64, --batching auto)
     command += ["--max-batch", str(max_batch)] if max_batch != 64 else []
@@ -158,11 +172,20 @@ def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch
 STAGES = ("translate_question", "answer", "translate_answer")
 
 
-async def one_request(client, url: str, question: str, tokens: int) -> dict:
+def served_models(url: str) -> list[str]:
+    """The server's model ids, the default first (GET /v1/models)."""
+    import httpx
+
+    return [entry["id"] for entry in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]]
+
+
+async def one_request(client, url: str, question: str, tokens: int, model: str | None = None) -> dict:
     began = time.perf_counter()
     first = None
     result = None
     body = {"question": question, "max_new_tokens": tokens, "stream": True, "raw": True}
+    if model is not None:
+        body["model"] = model
     async with client.stream("POST", f"{url}/v1/ask", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {await response.aread()}")
@@ -181,20 +204,23 @@ async def one_request(client, url: str, question: str, tokens: int) -> dict:
 
 
 async def closed_loop(url: str, clients: int, rounds: int, lengths, warm_tokens: int, label: str,
-                      questions: list[str] = QUESTIONS) -> dict:
-    """Every client asks `rounds` questions in turn; lengths(client, round) is each answer's length."""
+                      questions: list[str] = QUESTIONS, models: list[str] | None = None) -> dict:
+    """Every client asks `rounds` questions in turn; lengths(client, round) is each answer's length;
+    client i asks models[i % len(models)] (None: the server's default)."""
     import httpx
 
+    models = models or [None]
     samples: list[dict] = []
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=900, limits=limits) as client:
         for question in questions:  # warm-up: translation memory, the cache's width
-            await one_request(client, url, question, warm_tokens)
+            for model in models:
+                await one_request(client, url, question, warm_tokens, model)
 
         async def client_loop(index: int):
             for round_ in range(rounds):
                 samples.append(await one_request(client, url, questions[(index + round_) % len(questions)],
-                                                 lengths(index, round_)))
+                                                 lengths(index, round_), models[index % len(models)]))
 
         began = time.perf_counter()
         await asyncio.gather(*(client_loop(i) for i in range(clients)))
@@ -211,7 +237,8 @@ async def closed_loop(url: str, clients: int, rounds: int, lengths, warm_tokens:
 
 def row_line(row: dict, engine: dict[int, float]) -> str:
     batch = min((b for b in engine if b >= row["clients"]), default=max(engine))
-    share = f"{row['tokens_per_s'] / engine[batch]:.0%} of {batch}" if row["label"] == "fixed" and row["clients"] > 1 else "-"
+    share = (f"{row['tokens_per_s'] / engine[batch]:.0%} of {batch}" if row["label"].startswith("fixed")
+             and row["clients"] > 1 else "-")
     stages = " / ".join(f"{row['stages'][k]:.3f}" for k in STAGES)
     return (f"| {row['label']} | {row['clients']} | {row['requests']} | {row['tokens_per_s']:,.0f} |"
             f" {share} | {row['ttft_p50'] * 1e3:.0f} | {row['ttft_p99'] * 1e3:.0f} | {row['with_english']} |"
@@ -263,6 +290,8 @@ def main() -> None:
     parser.add_argument("--batching", default="auto", choices=["auto", "continuous", "micro"],
                         help="the server's --batching")
     parser.add_argument("--mt-backend", default="auto")
+    parser.add_argument("--adapter", action="store_true",
+                        help="serve a LoRA adapter beside the base; odd-numbered clients ask it")
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints (CPU smoke test)")
     parser.add_argument("--models", type=Path, default=None, help="where to build the checkpoints")
     parser.add_argument("--out", type=Path, default=None)
@@ -271,18 +300,21 @@ def main() -> None:
     import torch
 
     root = args.models or Path(tempfile.gettempdir()) / ("serve-load-tiny" if args.tiny else "serve-load-published")
-    paths = build(root, args.tiny)
+    paths = build(root, args.tiny, args.adapter)
     bars = in_process(paths, args.answer_tokens, [8, 64], args.engine, args.mt_backend)
     engine_tps = bars["engine"]
     print(f"in-process bars: {bars}", file=sys.stderr, flush=True)
     server, url = start_server(paths, args.engine, args.mt_backend, max(64, *args.clients, args.mixed_clients),
                                args.batching)
     fixed = lambda client, round_: args.answer_tokens  # noqa: E731
+    models = served_models(url) if args.adapter else None
+    label = f"fixed, clients alternating {' / '.join(models)}" if models else "fixed"
     rows: list[dict] = []
     failure = None
     try:
         for clients in args.clients:
-            rows.append(asyncio.run(closed_loop(url, clients, args.rounds, fixed, args.answer_tokens, "fixed")))
+            rows.append(asyncio.run(closed_loop(url, clients, args.rounds, fixed, args.answer_tokens, label,
+                                                models=models)))
             print(row_line(rows[-1], engine_tps), file=sys.stderr, flush=True)
         if args.mixed_clients:
             # English questions: a Japanese one's random-weight translation is ~800 tokens, which would
@@ -290,7 +322,7 @@ def main() -> None:
             rows.append(asyncio.run(closed_loop(url, args.mixed_clients, args.mixed_rounds,
                                                 mixed_lengths(args.mixed_min, args.mixed_max), args.mixed_max,
                                                 f"mixed {args.mixed_min}-{args.mixed_max} (English)",
-                                                ENGLISH_QUESTIONS)))
+                                                ENGLISH_QUESTIONS, models)))
     except RuntimeError as error:
         print((root / "server.log").read_text()[-4000:], file=sys.stderr)
         failure = error
@@ -301,7 +333,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     speeds = lambda tps: ", ".join(f"batch {b} {v:,.0f}" for b, v in tps.items())  # noqa: E731
     lines = [f"serve_load on {device}, torch {torch.__version__}, {datetime.date.today()};"
-             f" engine {bars['name']}, batching {args.batching}, raw streamed requests, {args.rounds} questions"
+             f" engine {bars['name']}, batching {args.batching},"
+             f" models {' + '.join(models) if models else 'the base alone'}, raw streamed requests, {args.rounds} questions"
              f" per client ({args.mixed_rounds} in the mixed run)", "",
              f"engine alone, {args.answer_tokens}-token answers, on the server's prompts (the Japanese questions'"
              f" English, {bars['prompt_tokens']} tokens): {speeds(engine_tps)} answer tokens/s; on a"
