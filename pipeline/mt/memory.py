@@ -19,6 +19,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -95,18 +96,7 @@ class SQLiteStore:
             raise MemoryFileError(f"cannot use {self.path} as a translation memory: "
                                   + ("it is a directory" if self.path.is_dir() else "no such directory"))
         try:
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")   # with WAL: a crash loses no committed pair
-            with _transaction(db):   # one write proves the file writable now, not halfway through a job
-                db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-                db.execute("CREATE TABLE IF NOT EXISTS contexts (context TEXT PRIMARY KEY, description TEXT NOT NULL)")
-                db.execute("CREATE TABLE IF NOT EXISTS translations (context TEXT NOT NULL, source TEXT NOT NULL, "
-                           "target TEXT NOT NULL, PRIMARY KEY (context, source)) WITHOUT ROWID")
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))
-                db.execute("UPDATE meta SET value = value WHERE key = 'schema'")
-            schema = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+            db, schema = self._open()
         except sqlite3.Error as error:
             raise MemoryFileError(f"cannot use {self.path} as a translation memory: {error}") from None
         if schema != SCHEMA:
@@ -114,6 +104,33 @@ class SQLiteStore:
             raise MemoryFileError(f"{self.path} is a translation memory of another version (schema {schema})")
         self._db, self._pid = db, os.getpid()
         return db
+
+    def _open(self) -> tuple[sqlite3.Connection, str]:
+        """A connection set up for sharing, and the file's schema. Two processes opening a new file
+        at once can meet "database is locked" at once, whatever the busy timeout (switching to WAL
+        takes a lock SQLite does not wait for): that is retried until BUSY_TIMEOUT_S."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")   # with WAL: a crash loses no committed pair
+                with _transaction(db):   # one write proves the file writable now, not halfway through a job
+                    db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                    db.execute("CREATE TABLE IF NOT EXISTS contexts (context TEXT PRIMARY KEY, description TEXT NOT NULL)")
+                    db.execute("CREATE TABLE IF NOT EXISTS translations (context TEXT NOT NULL, source TEXT NOT NULL, "
+                               "target TEXT NOT NULL, PRIMARY KEY (context, source)) WITHOUT ROWID")
+                    db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))
+                    db.execute("UPDATE meta SET value = value WHERE key = 'schema'")
+                return db, db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+            except sqlite3.OperationalError as error:
+                db.close()
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            except BaseException:
+                db.close()
+                raise
 
     def get_many(self, context: str, sources: Sequence[str]) -> dict[str, str]:
         db, found = self._connection(), {}

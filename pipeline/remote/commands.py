@@ -12,9 +12,8 @@ from typing import Callable
 import click
 
 from pipeline.errors import ServerError
-from pipeline.jobs import workers as jobs
 from pipeline.remote.client import ServerClient
-from pipeline.remote.stages import RemoteQA, RemoteTranslator, ask_fields
+from pipeline.remote.stages import ask_fields
 from pipeline.spec import GenerationSettings
 from pipeline.text.controls import strip_controls
 from pipeline.text.render import DIVIDER, render_comparison
@@ -66,6 +65,9 @@ def ask_batch(url: str, batch_path: str, output: str, *, model: str | None, beam
               concurrency: int | None, settings: GenerationSettings, source_lang: str | None, field: str,
               errors_path, restart: bool, quiet: bool, chunk_rows: int, report: Callable[[str], None]) -> None:
     """`ask --batch` through the server: jobs.ask_file with RemoteQA as the pipeline."""
+    from pipeline.jobs import workers as jobs  # the job room only for jobs: one question need not pay for it
+    from pipeline.remote.stages import RemoteQA
+
     # Made when there is work (a finished job asks nothing of the server); it reads the server's batch size.
     load_qa = functools.partial(RemoteQA, url, model=model, beams=beams, concurrency=concurrency)
     summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=remote_options(url, model, beams),
@@ -78,6 +80,9 @@ def translate(url: str, input_path: str, output: str, *, target: str, source: st
               concurrency: int | None, field: str, errors_path, restart: bool, quiet: bool, chunk_rows: int,
               report: Callable[[str], None]) -> None:
     """`translate` through the server: jobs.translate_file with RemoteTranslator as the translator."""
+    from pipeline.jobs import workers as jobs
+    from pipeline.remote.stages import RemoteTranslator
+
     load = functools.partial(RemoteTranslator, url, target, beams=beams, concurrency=concurrency)
     summary = jobs.translate_file(input_path, output, to=target, load_translator=load,
                                   options=remote_options(url, None, beams), source_lang=source, field=field,
