@@ -17,13 +17,14 @@ import torch
 
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.llm.adapters import AdapterError, AppliedAdapter, apply_adapter
+from pipeline.llm.detokenize import GrowingText
 from pipeline.llm.engine import (FINISH_STOP, Engine, Generated, GenerationSettings, StopCheck, TransformersEngine,
                                  finish_row)
 from pipeline.llm.hardware import Plan, plan, probe
 from pipeline.llm.models import LLMSource, load_llm, tokenizer_for
 from pipeline.loading import DTYPES, resolve_device, status
 from pipeline.spec import DEFAULT_LLM
-from pipeline.text.answer_end import EndWatch, locate_answer, settled_span
+from pipeline.text.answer_end import EndWatch, LineMemo, locate_answer, settled_span
 
 PROMPT = "Instruct: {question}\nOutput:"
 from pipeline.spec import ENGINE_CHOICES  # noqa: E402,F401 - the CLI reads it there
@@ -141,9 +142,10 @@ class Answerer:
     def stop_check(self, questions: Sequence[str]) -> StopCheck:
         """The engines' check: row i's answer (to questions[i]) has ended, so its generation may stop."""
         watches = [EndWatch(question) for question in questions]
+        texts = [GrowingText(self.tokenizer, skip_special_tokens=False) for _ in questions]
 
         def ended(row: int, ids: Sequence[int]) -> bool:
-            return watches[row](self.tokenizer.decode(ids, skip_special_tokens=False))
+            return watches[row](texts[row].text(ids))
         return ended
 
     @staticmethod
@@ -212,9 +214,11 @@ class AnswerPieces:
         self.shown = ""
         self.ended = False
         self._start = None  # where the answer starts, once known: each push need not find it again
+        self._text = GrowingText(tokenizer)  # each push decodes the newest ids, not all of them
+        self._memo = LineMemo()  # and judges the lines written since the last push, not all of them
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._text.text(self.ids)
 
     def push(self, token: int) -> str:
         """Add one generated id; the text that became safe to show."""
@@ -223,7 +227,7 @@ class AnswerPieces:
         if self.raw:  # the whole text; only a partly decoded character and trailing space wait
             ready = text.lstrip().rstrip("\ufffd").rstrip()
         else:
-            ready, span = settled_span(text, self.question, self._start)
+            ready, span = settled_span(text, self.question, self._start, self._memo)
             self._start, self.ended = span.start, span.end is not None
         return self._show(ready)
 

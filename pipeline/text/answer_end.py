@@ -12,7 +12,8 @@ streaming (`settled_answer`: the part of the answer no later text can cut).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from pipeline.text.answer_rules import (OPEN, STOP, BodyState, Undecided, asks_for_questions, echo_end, judge_line,
@@ -29,6 +30,18 @@ class AnswerSpan:
     start: int | None  # after the repeated question and labels; None while the text cannot tell yet
     end: int | None  # where something other than the answer begins; None if nothing has (yet)
     settled: int  # text[:settled] stays as it is whatever phi-2 writes next
+
+
+@dataclass
+class LineMemo:
+    """How far an earlier, shorter prefix of the same growing text was judged: the end of its last
+    whole line (a line up to its newline is judged from itself and the lines before it alone, so a
+    longer prefix judges it the same) and the body state after it. Spares a stream re-reading every
+    line at every token."""
+
+    start: int | None = None  # the answer's start these lines were judged from
+    pos: int = 0
+    state: BodyState = field(default_factory=BodyState)
 
 
 def answer_start(text: str, question: str | None, final: bool) -> int:
@@ -49,11 +62,13 @@ def answer_start(text: str, question: str | None, final: bool) -> int:
 
 
 def locate_answer(text: str, question: str | None = None, *, final: bool = True,
-                  start: int | None = None) -> AnswerSpan:
+                  start: int | None = None, memo: LineMemo | None = None) -> AnswerSpan:
     """The answer's span in `text`; `final=False` for a text phi-2 is still writing.
 
     `start`: the answer's start found on an earlier prefix of this text (it never moves once known),
     which spares the stop check comparing the first sentence with the question at every token.
+    `memo`: where the same growing text was judged before (updated here), so that only the lines
+    since are read.
 
     On a prefix, every index this returns is the one the finished text will give: a line is judged
     only from itself and the lines before it, and a line that may still become a stop holds `settled`
@@ -69,8 +84,9 @@ def locate_answer(text: str, question: str | None = None, *, final: bool = True,
         except Undecided:
             return AnswerSpan(None, None, 0)
     asks = asks_for_questions(question)
-    state = BodyState()
-    pos = start
+    state, pos = BodyState(), start
+    if memo is not None and memo.start == start and start <= memo.pos <= len(text):
+        state, pos = copy.copy(memo.state), memo.pos
     while pos < len(text):
         newline = text.find("\n", pos)
         line_end = newline if newline >= 0 else len(text)
@@ -82,6 +98,8 @@ def locate_answer(text: str, question: str | None = None, *, final: bool = True,
             return AnswerSpan(start, None, min(pos, len(text) - held))
         state.add(line)
         pos = line_end + 1
+        if memo is not None and newline >= 0:
+            memo.start, memo.pos, memo.state = start, pos, copy.copy(state)
     return AnswerSpan(start, eot if eot >= 0 else None, len(text) - held)
 
 
@@ -119,10 +137,10 @@ class EndWatch:
     """`answer_ended` for one growing text, remembering the answer's start once it is known."""
 
     def __init__(self, question: str | None):
-        self.question, self.start = question, None
+        self.question, self.start, self.memo = question, None, LineMemo()
 
     def __call__(self, text: str) -> bool:
-        span = locate_answer(text, self.question, final=False, start=self.start)
+        span = locate_answer(text, self.question, final=False, start=self.start, memo=self.memo)
         self.start = span.start
         return span.end is not None
 
@@ -132,9 +150,11 @@ def settled_answer(text: str, question: str | None = None) -> str:
     return settled_span(text, question)[0]
 
 
-def settled_span(text: str, question: str | None = None, start: int | None = None) -> tuple[str, AnswerSpan]:
-    """`settled_answer` and the span it comes from (`start`: the answer's start if already known)."""
-    span = locate_answer(text, question, final=False, start=start)
+def settled_span(text: str, question: str | None = None, start: int | None = None,
+                 memo: LineMemo | None = None) -> tuple[str, AnswerSpan]:
+    """`settled_answer` and the span it comes from (`start`: the answer's start if already known;
+    `memo`: the lines of this growing text judged before)."""
+    span = locate_answer(text, question, final=False, start=start, memo=memo)
     if span.start is None:
         return "", span
     if span.end is not None:

@@ -4,7 +4,8 @@ finished text, while it is written (the engines' stop check) and while it is str
 import pytest
 
 from pipeline import trim_answer
-from pipeline.text.answer_end import EndWatch, answer_ended, find_stop, settled_answer, stream_answer
+from pipeline.text.answer_end import (EndWatch, LineMemo, answer_ended, find_stop, settled_answer, settled_span,
+                                      stream_answer)
 from pipeline.text.answer_rules import asks_for_questions
 from answer_corpus import SAMPLES  # tests/text/answer_corpus.py, beside this file
 
@@ -251,3 +252,13 @@ def test_streamed_corpus_pieces_never_show_what_is_cut_and_join_to_the_answer(sa
         assert final.startswith(settled_answer(prefix, sample.question)), prefix
     pieces = list(stream_answer(prefixes(sample.output), sample.question))
     assert "".join(pieces) == final
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s.name)
+def test_a_stream_that_remembers_the_lines_it_judged_settles_as_one_that_reads_them_all(sample):
+    """settled_span with a LineMemo (what AnswerPieces keeps) at every prefix, against no memory."""
+    memo, start = LineMemo(), None
+    for prefix in prefixes(sample.output):
+        remembered, span = settled_span(prefix, sample.question, start, memo)
+        start = span.start
+        assert (remembered, span) == settled_span(prefix, sample.question), prefix
