@@ -17,6 +17,7 @@ class TransformersMTBackend:
     """MarianMTModel.generate on right-padded batches."""
 
     name = "transformers"
+    concurrent = True  # generate keeps no state between calls
 
     def __init__(self, model):
         self.model = model

@@ -15,6 +15,7 @@ import torch
 
 class MTBackend(Protocol):
     name: str
+    concurrent: bool  # whether two threads may call generate at once (a backend without it: yes)
 
     def generate(self, batch: list[list[int]], max_new_tokens: int, num_beams: int) -> list[list[int]]:
         """Translate each row of source ids (ending in </s>, unpadded).

@@ -86,6 +86,7 @@ class CTranslate2Backend:
     """Greedy and beam decoding with a CTranslate2 Translator on the CPU."""
 
     name = "ctranslate2"
+    concurrent = True  # CTranslate2 translators take calls from several threads
 
     def __init__(self, model_dir: str | Path, *, quantization: str = "int8", threads: int = 0,
                  cache_root: str | Path | None = None, tokenizer=None):

@@ -98,6 +98,9 @@ class FastMarianBackend:
     """
 
     name = "fast"
+    # One set of static buffers (and graphs) per shape, and an LRU of them: two threads' batches of
+    # one shape would write each other's sources. Callers on threads serialise (serve/translation.py).
+    concurrent = False
 
     def __init__(self, model, use_graphs: bool | None = None, steps_per_graph: int = STEPS_PER_GRAPH,
                  max_rows: int = MAX_ROWS, attention: str = "sdpa", kernels=None):

@@ -8,6 +8,7 @@ their results through concurrent futures, so no stage ever runs on the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -42,6 +43,11 @@ class TranslationBatcher:
         self.on_batch = on_batch or (lambda n: None)
         self.round_pieces = round_pieces
         self.plan_lock = threading.Lock()  # the tokenizer and the memory: one plan or assembly at a time
+        # The lanes translate at once where the backend allows it; the fast backend's graphs hold one
+        # set of buffers per shape, so there a lane waits for the other's round (at most round_pieces).
+        # Taken outside the GPU gate: a capture inside a round waits for the other lanes' GPU work.
+        concurrent = getattr(getattr(translator, "backend", None), "concurrent", True)
+        self.one_at_a_time = contextlib.nullcontext() if concurrent else threading.Lock()
         name = f"translate-{translator.target_lang}"
         self.waiting: queue.Queue = queue.Queue()  # the bulk lane
         self.quick: queue.Queue = queue.Queue()
@@ -131,7 +137,8 @@ class TranslationBatcher:
         flat = [ids for job, count in taken for ids in job.ids[len(job.out):len(job.out) + count]]
         self.on_batch(len(flat))
         try:
-            out = _gated(self.translator.translate_ids, flat, beams)
+            with self.one_at_a_time:
+                out = _gated(self.translator.translate_ids, flat, beams)
         except Exception as error:  # noqa: BLE001 - one caller's bad piece must not fail the others
             if len(taken) == 1:
                 taken[0][0].future.set_exception(error)
@@ -139,8 +146,9 @@ class TranslationBatcher:
                 return
             for job, count in taken:  # again, one caller at a time, to find whose piece it is
                 try:
-                    job.out.extend(_gated(self.translator.translate_ids,
-                                          job.ids[len(job.out):len(job.out) + count], beams))
+                    with self.one_at_a_time:
+                        job.out.extend(_gated(self.translator.translate_ids,
+                                              job.ids[len(job.out):len(job.out) + count], beams))
                 except Exception as own:  # noqa: BLE001
                     job.future.set_exception(own)
             out = None
