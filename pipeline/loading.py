@@ -7,6 +7,7 @@ is not cached is downloaded once, with progress on stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -102,8 +103,22 @@ def locate_model(name: str, option: str = "--llm", *, adapters: bool = False) ->
         if not _is_model_dir(Path(directory), adapters):
             raise ModelLoadError(f"model '{name}' has no {what}: it is not a transformers checkpoint")
     if (Path(directory) / CHECKPOINT_MARKER).is_file():
-        check_model_files(directory, name, option)
+        _check_once(directory, name, option, _listing(directory))
     return directory
+
+
+def _listing(directory: str) -> tuple:
+    """The directory's files with their sizes and times: a file changed since the last check is checked again."""
+    return tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                        for entry in os.scandir(directory) if entry.is_file()))
+
+
+@functools.lru_cache(maxsize=32)
+def _check_once(directory: str, name: str, option: str, listing: tuple) -> None:
+    """check_model_files, once per unchanged directory and role: a command checks every model before
+    loading any (qa.py), then each loader looks its model up again (a sentencepiece model is parsed
+    to check it)."""
+    check_model_files(directory, name, option)
 
 
 # What each option's model must be, by config.json, and the tokenizer files it cannot work without

@@ -71,3 +71,17 @@ EXPLOITED: list = []
 class Exploit:
     def __reduce__(self):
         return (EXPLOITED.append, ("ran",))
+
+
+def test_a_model_file_damaged_after_a_check_is_refused_at_the_next_lookup(tiny_ja_en_dir, tmp_path):
+    """A command checks each model once (qa.py checks all, each loader looks its own up again), but
+    a file that changed since is checked again."""
+    import shutil
+
+    copy = tmp_path / "opus-mt-ja-en"
+    shutil.copytree(tiny_ja_en_dir, copy)
+    assert locate_model(str(copy), "--ja-en") == str(copy)
+    assert locate_model(str(copy), "--ja-en") == str(copy)
+    (copy / "source.spm").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ModelLoadError, match="source.spm is not a sentencepiece model"):
+        locate_model(str(copy), "--ja-en")
