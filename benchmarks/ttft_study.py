@@ -42,13 +42,13 @@ def visible_after(tokenizer, question: str, ids: list[int]) -> int | None:
     return None
 
 
-async def one(scheduler, prompt, settings, tokenizer, question, adapter: int = 0) -> dict:
+async def one(scheduler, prompt, settings, tokenizer, question) -> dict:
     from pipeline.llm.answerer import AnswerPieces
     from pipeline.serve.batching import AnswerJob
 
     pieces = AnswerPieces(tokenizer, question, raw=True)
     began = time.perf_counter()
-    job = AnswerJob(prompt, settings, asyncio.get_running_loop(), adapter=adapter)
+    job = AnswerJob(prompt, settings, asyncio.get_running_loop())
     scheduler.submit(job)
     first = text = None
     tokens = 0

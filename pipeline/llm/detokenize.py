@@ -36,7 +36,7 @@ class GrowingText:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.splittable = _byte_level(tokenizer)
-        self.cleanup = self.splittable and _cleans_up(tokenizer)
+        self._cleanup: bool | None = None  # asked of the tokenizer at the first split (most checks never split)
         self._kept_ids = 0  # ids[:_kept_ids] are decoded once, into _kept_text
         self._kept_text = ""
         self._last_kept = None  # ids[_kept_ids - 1]: a list that did not grow from the kept one is decoded anew
@@ -53,6 +53,13 @@ class GrowingText:
             self._kept_ids, self._last_kept = len(ids), ids[-1]
             return self._kept_text
         return self._kept_text + tail
+
+    @property
+    def cleanup(self) -> bool:
+        """Whether the tokenizer cleans up tokenisation spaces (so a split must keep clear of them)."""
+        if self._cleanup is None:
+            self._cleanup = self.splittable and _cleans_up(self.tokenizer)
+        return self._cleanup
 
     def _safe_end(self, newest: list[int], tail: str) -> bool:
         """Whether the text decoded up to here ends where the next ids cannot change it."""

@@ -390,7 +390,7 @@ class FastDecodeBatch:
 
     def _grow(self, columns: int) -> None:
         """Widen every slot to `columns` (a longer request joins); live rows keep their columns. The
-        graphs hold the old cache's address: they are captured again as buckets are next used."""
+        graphs hold the old cache's address: every bucket's graph is captured again here."""
         engine = self.engine
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)  # no step of the old graphs may still be running
