@@ -47,7 +47,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ask_end_to_end import QUESTION, build  # noqa: E402 - beside this file
 
-HEAVY = ("torch", "transformers", "torch.distributed.tensor", "sympy", "sklearn", "httpx")
+HEAVY = ("torch", "transformers", "transformers.modeling_utils", "torch.distributed.tensor", "torch._dynamo", "sympy",
+         "sklearn", "httpx")
 
 
 def cli(*args: str, python_flags: tuple[str, ...] = ()) -> list[str]:
@@ -118,18 +119,28 @@ def bytecode_cache(mode: str, root: Path) -> str:
 
 def measure_ask(paths: dict[str, Path], tokens: int, top: int, profile: Path | None) -> dict:
     """The first process fills the caches, the second (with -X importtime) says where the imports go;
-    the next is the figure; with `profile`, one more under cProfile (where the rest goes)."""
+    the next is the figure, a fourth gives the timeline of its status lines; with `profile`, one more under cProfile (where the rest goes)."""
     command = ["ask", QUESTION, "--format", "json", *model_args(paths), "--max-new-tokens", str(tokens)]
     _, first, _ = run(cli(*command))
     _, _, stderr = run(cli(*command, python_flags=("-X", "importtime")))
     rows = imports(stderr)
     stdout, wall, _ = run(cli(*command))
-    figures = {"first_s": first, "wall_s": wall, "stages": json.loads(stdout).get("timings", {}),
+    figures = {"first_s": first, "wall_s": wall, "timeline": timeline(cli(*command)), "stages": json.loads(stdout).get("timings", {}),
                "slowest_imports": slowest_imports(rows, top), "heavy": {name: chain(rows, name) for name in HEAVY}}
     if profile is not None:
         _, figures["profiled_s"], _ = run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "pipeline",
                                            *command])
     return figures
+
+
+def timeline(command: list[str]) -> list[tuple[float, str]]:
+    """When each line of the process's stderr (its status lines) and its end came, in seconds from
+    its start: where a cold process's wall time goes, without instrumenting it."""
+    began = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
+    lines = [(round(time.perf_counter() - began, 3), line.rstrip()) for line in proc.stderr]
+    proc.wait()
+    return lines + [(round(time.perf_counter() - began, 3), f"(exit {proc.returncode})")]
 
 
 def print_profile(profile: Path, top: int) -> None:
@@ -171,7 +182,8 @@ def measure_server(paths: dict[str, Path], tokens: int, runs: int, log: Path) ->
                 "generated_tokens": [r["generated_tokens"] for r in results],
                 "server_timings": results[-1]["timings"], "ask_help_s": help_wall}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
@@ -261,6 +273,9 @@ def report_ask(ask: dict, args, profile: Path | None) -> None:
     print("| stage | s |\n|---|---|")
     for stage, seconds in ask["stages"].items():
         print(f"| {stage} | {seconds:.3f} |")
+    print("\ntimeline of a fourth process (seconds from its start when each stderr line came):")
+    for seconds, line in ask["timeline"]:
+        print(f"  {seconds:6.2f} s  {line[:110]}")
     print(f"\nslowest imports (cumulative, -X importtime, the second process), top {args.top}:")
     for seconds, module in ask["slowest_imports"]:
         print(f"  {seconds:6.2f} s  {module}")

@@ -13,16 +13,15 @@ import sys
 
 import click
 
-# Only what --help and the checks that need no model use is imported here: no torch, no
-# transformers, no httpx. The stages load inside the commands that run them (python -X importtime).
+# Only what --help and the checks that need no model use is imported here: no torch, transformers or job
+# room. The stages (and jobs) load inside the commands that run them (python -X importtime).
 from pipeline.cli_options import (LOCAL_ONLY, base_option, check_before_loading, check_workers, field_for,
                                   generation_options, given_on_command_line, job_options, model_options,
                                   server_options, settings_from)
 from pipeline.errors import BilingualQAError, EmptyInputError, ServerError
-from pipeline.jobs import workers as jobs
 from pipeline.quiet import quiet_libraries
-from pipeline.spec import (BATCHING_CHOICES, DEFAULT_BATCH_TOKENS, DIRECTION_ROLE, ENGINE_CHOICES, MODEL_OPTION,
-                           GenerationSettings, LoadSpec)
+from pipeline.spec import (ASK_CHUNK_ROWS, BATCHING_CHOICES, DEFAULT_BATCH_TOKENS, DIRECTION_ROLE, ENGINE_CHOICES,
+                           MODEL_OPTION, TRANSLATE_CHUNK_ROWS, GenerationSettings, LoadSpec)
 from pipeline.text.detect import detect_language, require_supported
 from pipeline.text.question import check_question
 from pipeline.text.render import FORMATS
@@ -117,7 +116,7 @@ def main(ctx: click.Context) -> None:
               help="Answer every question of this .txt/.jsonl/.csv/.tsv file (no QUESTION) into --output.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="With --batch: the answers, one JSON object per question (.jsonl).")
-@job_options("With --batch: ", "question", jobs.ASK_CHUNK_ROWS)
+@job_options("With --batch: ", "question", ASK_CHUNK_ROWS)
 @click.option("--stream", is_flag=True, help="Show the English answer as phi-2 writes it (--format text).")
 @server_options(concurrency=True)
 @user_errors
@@ -157,7 +156,7 @@ def ask(question, fmt, llm, base, ja_en, en_ja, device, dtype, mt_backend, beams
     from pipeline.text.controls import strip_controls
 
     qa = BilingualQA.from_pretrained(llm, ja_en, en_ja, device=device, dtype=dtype, engine=engine,
-                                     mt_backend=mt_backend, beams=beams, base=base)
+                                     mt_backend=mt_backend, beams=beams, base=base, lean=True)
     if stream:
         for piece in qa.stream_text(question, source_lang=forced, settings=settings):
             click.echo(strip_controls(piece), nl=False)
@@ -229,7 +228,7 @@ def compare(question, llms, fmt, base, ja_en, en_ja, device, dtype, mt_backend, 
 @model_options
 @click.option("--batch-tokens", type=click.IntRange(16), default=DEFAULT_BATCH_TOKENS, show_default=True,
               help="Token budget of one translation batch (padded).")
-@job_options("", "text", jobs.TRANSLATE_CHUNK_ROWS)
+@job_options("", "text", TRANSLATE_CHUNK_ROWS)
 @click.option("--format", "doc_format", type=click.Choice(DOCUMENT_FORMATS), default=None,
               help="Read INPUT as this document format, whatever its extension [default: by extension].")
 @server_options(concurrency=True)
@@ -249,6 +248,7 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
         fail("--field and --column are for .jsonl and .csv/.tsv input, not for documents")
     if doc_format is not None and server:
         fail("documents are translated with local models; --server takes .txt, .jsonl, .csv and .tsv rows")
+    from pipeline.jobs import workers as jobs
     if doc_format is None:
         field = field_for(input_path, field, column)
         jobs.check_translation_job(input_path, output, target, source, errors_path)  # before torch is imported
@@ -268,8 +268,7 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
     role = DIRECTION_ROLE[target]
     model, option = getattr(spec, role), MODEL_OPTION[role]
     store = SQLiteStore(memory) if memory else None   # a bad memory file is refused before any work
-    # Only the model this direction needs, and only if there is work; a recipe (not a closure) so
-    # that a cluster's workers can be sent it (the store reopens its file in each process).
+    # This direction's model only, loaded only if there is work: a recipe cluster workers can be sent (not a closure).
     load = functools.partial(Translator.from_pretrained, model, device=device, dtype=dtype, backend=mt_backend,
                              target_lang=target, num_beams=beams, batch_tokens=batch_tokens, option=option,
                              memory=store)
@@ -384,14 +383,15 @@ def ask_batch_file(question, batch_path, output, field, column, errors_path, res
                                 report=summary_line)
     check_workers(workers, cluster, load["device"])
     check_before_loading(load["device"], load["engine"], load["mt_backend"])
+    from pipeline.jobs import workers as jobs
     from pipeline.mt.memory import SQLiteStore
     from pipeline.qa import BilingualQA
 
     spec = LoadSpec.resolve(**{key: value for key, value in load.items() if key != "memory"})
     store = SQLiteStore(load["memory"]) if load["memory"] else None   # refused before any work if bad
-    load_qa = functools.partial(BilingualQA.from_pretrained, spec.llm, spec.ja_en, spec.en_ja,
-                                device=spec.device, dtype=spec.dtype, engine=spec.engine,
-                                mt_backend=spec.mt_backend, beams=spec.beams, memory=store, base=spec.base)
+    load_qa = functools.partial(BilingualQA.from_pretrained, spec.llm, spec.ja_en, spec.en_ja, device=spec.device,
+                                dtype=spec.dtype, engine=spec.engine, mt_backend=spec.mt_backend, beams=spec.beams,
+                                memory=store, base=spec.base, lean=True)
     summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=spec.fingerprint("ask"),
                             source_lang=forced, settings=settings, field=field, errors=errors_path,
                             restart=restart, quiet=quiet, chunk_rows=chunk_rows, workers=workers,

@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from pipeline.errors import DeviceError, JobError, ModelLoadError
-from pipeline.jobs.files import input_format
 from pipeline.spec import (BACKEND_CHOICES, DEFAULT_EN_JA, DEFAULT_JA_EN, ENGINE_CHOICES, MAX_SEED,
                            GenerationSettings)
 
@@ -129,6 +128,8 @@ def given_on_command_line(names: dict[str, str]) -> list[str]:
 
 def field_for(input: str | Path, field: str | None, column: str | None) -> str:
     """The JSONL field or CSV column that holds the text, refusing the option of the other format."""
+    from pipeline.jobs.files import input_format
+
     fmt = input_format(Path(input))
     if fmt in ("csv", "tsv") and field is not None:
         raise JobError("--field is for .jsonl input; use --column for .csv/.tsv")

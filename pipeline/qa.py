@@ -6,8 +6,9 @@ answers one question (`ask`) or many together (`ask_batch`, each stage batched a
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -43,24 +44,30 @@ class _StageClock:
 
 
 class BilingualQA:
-    def __init__(self, answerer: Answerer, ja_en: Translator, en_ja: Translator, spec: LoadSpec | None = None):
-        self.answerer = answerer
+    """`answerer` may be a function that returns it: it is called when the answer stage is first
+    needed (from_pretrained's lean load, whose weights are still being read meanwhile)."""
+
+    def __init__(self, answerer: Answerer | Callable[[], Answerer], ja_en: Translator, en_ja: Translator,
+                 spec: LoadSpec | None = None):
+        self._answerer = answerer
         self.ja_en = ja_en
         self.en_ja = en_ja
         # What was asked for (from_pretrained's arguments); for stages built by hand, their names.
-        self.spec = spec or LoadSpec.resolve(answerer.name, ja_en.name, en_ja.name)
+        self.spec = spec or LoadSpec.resolve(self.answerer.name, ja_en.name, en_ja.name)
 
     @classmethod
     def from_pretrained(cls, llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None, *,
                         device: str = "auto", dtype: str | None = None, engine: str = "auto",
                         mt_backend: str = "auto", beams: int | None = None, memory=None,
-                        base: str | None = None) -> "BilingualQA":
+                        base: str | None = None, lean: bool = False) -> "BilingualQA":
         """Load the three models (hub ids or local directories) once, onto one device.
 
         `llm` may be a LoRA adapter, merged into `base` (default: the base its adapter_config.json
         names, or $BILINGUAL_QA_BASE). `beams` is the translators' beam width; by default each model's
         published generation config. `memory` is both translators' translation memory (a store or an
-        SQLite path; see mt/memory.py).
+        SQLite path; see mt/memory.py). `lean`: a process that answers and exits loads phi-2 for
+        the fast engine alone where it runs (see Answerer.from_pretrained); its weights are read in
+        the background while the translators load and the question is translated.
         """
         spec = LoadSpec.resolve(llm, ja_en, en_ja, device=device, dtype=dtype, engine=engine,
                                 mt_backend=mt_backend, beams=beams, base=base)
@@ -69,6 +76,7 @@ class BilingualQA:
         source = resolve_llm(llm, base)  # a missing or unfit model fails now, before minutes of loading
         for name, option in ((ja_en, "--ja-en"), (en_ja, "--en-ja")):
             locate_model(name, option)
+        weights = Answerer.read_ahead(source, resolved, dtype, engine) if lean else None
         # One after another: transformers' from_pretrained sets process-wide state while it builds a
         # model (the default device, meta-device init), so two loads in threads break each other
         # ("Tensor on device cpu is not on the expected device meta!"; docs/design.md, Cold start).
@@ -78,8 +86,19 @@ class BilingualQA:
                                        memory=memory)
             for name, target, option in ((ja_en, "en", "--ja-en"), (en_ja, "ja", "--en-ja"))
         ]
-        answerer = Answerer.from_pretrained(source, device=resolved, dtype=dtype, engine=engine)
-        return cls(answerer, *translators, spec=spec)
+        answerer = functools.partial(Answerer.from_pretrained, source, device=resolved, dtype=dtype, engine=engine,
+                                     lean=lean, weights=weights)
+        return cls(answerer if weights is not None else answerer(), *translators, spec=spec)
+
+    @property
+    def answerer(self) -> Answerer:
+        if not isinstance(self._answerer, Answerer) and self._answerer is not None:
+            self._answerer = self._answerer()
+        return self._answerer
+
+    @answerer.setter
+    def answerer(self, answerer: Answerer | None) -> None:
+        self._answerer = answerer
 
     @property
     def models(self) -> dict[str, str]:

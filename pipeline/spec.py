@@ -18,6 +18,10 @@ DEFAULT_LLM = "microsoft/phi-2"
 DEFAULT_JA_EN = "Helsinki-NLP/opus-mt-ja-en"
 DEFAULT_EN_JA = "staka/fugumt-en-ja"
 DEFAULT_BATCH_TOKENS = 8192
+# Rows per chunk of a file job (jobs/workers.py), here so the CLI shows them without importing the
+# job room. One ask chunk holds one best batch of the fast engine (128 rows); a crash costs at most that.
+TRANSLATE_CHUNK_ROWS = 512
+ASK_CHUNK_ROWS = 128
 
 # The environment variable that names each role's model when no option does.
 MODEL_ENV = {"llm": "BILINGUAL_QA_LLM", "ja_en": "BILINGUAL_QA_JA_EN", "en_ja": "BILINGUAL_QA_EN_JA"}

@@ -44,3 +44,13 @@ def test_errors_that_need_no_model_import_no_torch(args, message):
     assert proc.returncode == 2
     assert message in proc.stderr.decode()
     assert modules & HEAVY == set()
+
+
+def test_ask_through_a_server_imports_neither_torch_nor_the_job_room():
+    # Port 9 (discard) has no server on loopback: the unreachable-server line, after every import
+    # the command makes on its way to the server.
+    modules, proc = imported("ask", "--server", "http://127.0.0.1:9", "What is a bond?")
+    assert proc.returncode == 2
+    assert "cannot reach the server" in proc.stderr.decode()
+    assert "pipeline.remote.client" in modules
+    assert modules & HEAVY == set() and not any(name.startswith("pipeline.jobs") for name in modules)

@@ -19,12 +19,8 @@ from typing import Callable, Protocol
 from pipeline.errors import BilingualQAError, JobError
 from pipeline.jobs.files import CsvWriter, JsonlWriter, Outcome, TxtWriter, input_format, open_reader
 from pipeline.jobs.runner import Checkpoint, JobPaths, JobSummary, Report, no_checkpoint, run_job
-from pipeline.spec import GenerationSettings
+from pipeline.spec import ASK_CHUNK_ROWS, TRANSLATE_CHUNK_ROWS, GenerationSettings
 from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language
-
-TRANSLATE_CHUNK_ROWS = 512
-# One chunk holds one best batch of the fast engine (128 rows); a crash costs at most that much work.
-ASK_CHUNK_ROWS = 128
 ASK_BATCH_ROWS = 32  # questions per LLM batch where the answer stage names no better size
 
 

@@ -10,6 +10,7 @@ on this machine (dtype, engine, kernels) is hardware.py's plan.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -21,7 +22,8 @@ from pipeline.llm.detokenize import GrowingText
 from pipeline.llm.engine import (FINISH_STOP, Engine, Generated, GenerationSettings, StopCheck, TransformersEngine,
                                  finish_row)
 from pipeline.llm.hardware import Plan, plan, probe
-from pipeline.llm.models import LLMSource, load_llm, tokenizer_for
+from pipeline.llm.models import LLMSource, load_llm, read_ahead, tokenizer_for
+from pipeline.llm.phi_direct import DirectPhi
 from pipeline.loading import DTYPES, resolve_device, status
 from pipeline.spec import DEFAULT_LLM
 from pipeline.text.answer_end import EndWatch, LineMemo, locate_answer, settled_span
@@ -76,18 +78,32 @@ class Answerer:
     @classmethod
     def from_pretrained(cls, name: str | LLMSource = DEFAULT_LLM, *, base: str | None = None,
                         device: str | torch.device = "auto", dtype: str | None = None,
-                        engine: str = "auto") -> "Answerer":
+                        engine: str = "auto", lean: bool = False, weights: Future | None = None) -> "Answerer":
         """`name`: a phi-2-family checkpoint, an older phi-msft one, or a LoRA adapter (on `base`, or the
-        base its adapter_config.json names); hub id, directory or an already resolved LLMSource."""
+        base its adapter_config.json names); hub id, directory or an already resolved LLMSource.
+
+        `lean`: where the fast engine runs the model on CUDA, its weights load into the engine's own
+        modules (phi_direct.py), without transformers' model classes: a quicker start for a process
+        that answers and exits, but the model cannot take adapters in place later (`switch_to`).
+        `weights`: its tensors being read already (`read_ahead`)."""
         device = device if isinstance(device, torch.device) else resolve_device(device)
         hardware = probe(device)
         chosen = plan(hardware, dtype=dtype, engine=engine)
         if chosen.fallbacks and (dtype in (None, "auto") or engine == "auto"):
             status(f"on {hardware.name}: {chosen.summary()}")
-        loaded = load_llm(name, base=base, device=device, dtype=DTYPES[chosen.dtype])
+        lean = lean and device.type == "cuda" and chosen.engine == "fast"
+        loaded = load_llm(name, base=base, device=device, dtype=DTYPES[chosen.dtype], lean=lean, weights=weights)
         model, tokenizer = loaded.model, loaded.tokenizer
         return cls(model, tokenizer, choose_engine(engine, model, _eos(tokenizer, model), device, chosen),
                    loaded.source.name, source=loaded.source, applied=loaded.applied, engine_choice=engine)
+
+    @staticmethod
+    def read_ahead(source: LLMSource, device: torch.device, dtype: str | None = None,
+                   engine: str = "auto") -> Future | None:
+        """Start reading the weights `from_pretrained(source, lean=True)` will take, in the background
+        (None where it will not take them): the caller does other work meanwhile."""
+        chosen = plan(probe(device), dtype=dtype, engine=engine)
+        return read_ahead(source, device, DTYPES[chosen.dtype]) if chosen.engine == "fast" else None
 
     @property
     def base_name(self) -> str | None:
@@ -95,8 +111,10 @@ class Answerer:
         return self.source.base_name if self.source is not None and self.source.adapter else None
 
     def shares_weights_with(self, source: LLMSource) -> bool:
-        """Whether `source` can be served by swapping adapters on this model's base weights."""
-        return self.source is not None and self.source.weights_key == source.weights_key
+        """Whether `source` can be served by swapping adapters on this model's base weights (not on
+        a lean model's: peft merges into transformers modules only)."""
+        return (self.source is not None and self.source.weights_key == source.weights_key
+                and not isinstance(self.model, DirectPhi))
 
     def switch_to(self, source: LLMSource) -> None:
         """Serve `source` (this model's base, or an adapter of it) by removing the merged adapter and

@@ -26,13 +26,12 @@ from pipeline.llm.decode_config import DEFAULT_DECODE, DecodeConfig
 from pipeline.llm.engine import (Generated, GenerationSettings, StopCheck, finish_row, generate_shrinking,
                                  non_finite_error, shifted)
 from pipeline.llm.memory import CACHE_FIT_SHARE, rows_that_fit, usable_memory
-from pipeline.llm.phi_model import DecodeState, decode_step, prefill
+from pipeline.llm.phi_model import DecodeState, decode_step, prefill, unsupported_config
 from pipeline.llm.phi_weights import phi_weights, rope_tables
 
 CACHE_COLUMNS_STEP = 64  # cache length is rounded up to a multiple of this many columns
 PREFILL_TOKENS = 16384  # prompts are prefilled in row groups of at most this many (padded) tokens
 CACHE_MEMORY_SHARE = 0.3  # share of free GPU memory a cache may take to keep rows it no longer needs
-SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def _model_device(model) -> torch.device:
@@ -47,20 +46,10 @@ class FastPhiEngine:
     @staticmethod
     def unsupported_reason(model, device, *, use_graphs: bool | None = None) -> str | None:
         """None when this engine can serve `model` on `device`, else why not (one line)."""
-        config = getattr(model, "config", None)
-        kind = getattr(config, "model_type", type(model).__name__)
-        if kind != "phi" or not hasattr(model, "lm_head"):
-            return f"the fast engine serves phi-2-family causal LMs, not '{kind}'"
-        if getattr(config, "qk_layernorm", False):
-            return "the fast engine does not implement phi's qk_layernorm variant"
-        if config.num_key_value_heads not in (None, config.num_attention_heads):
-            return "the fast engine does not implement grouped-query attention"
-        # transformers 5 names it rope_parameters (rope_scaling is an alias), 4.x rope_scaling
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            return "the fast engine implements only phi-2's default rotary embedding"
-        if config.hidden_act not in SUPPORTED_ACTIVATIONS:
-            return f"the fast engine does not implement the activation '{config.hidden_act}'"
+        config = getattr(model, "config", None) if hasattr(model, "lm_head") else None  # None: no causal LM
+        reason = unsupported_config(config, type(model).__name__)
+        if reason is not None:
+            return reason
         device = torch.device(device)
         if _model_device(model).type != device.type:
             return f"the model's weights are on {_model_device(model)}, not {device}"

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.errors import ModelLoadError
 from pipeline.loading import status
+from pipeline.weights import read_weights
 
 LEGACY_MODEL_TYPES = ("phi-msft",)
 
@@ -93,25 +94,6 @@ def convert_state_dict(legacy: dict[str, torch.Tensor], hidden: int) -> dict[str
     return converted
 
 
-def _read_weights(directory: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    files = sorted(directory.glob("*.safetensors"))
-    if files:
-        from safetensors import safe_open
-
-        tensors = {}
-        for file in files:
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
-        return tensors
-    files = sorted(directory.glob("pytorch_model*.bin"))
-    if not files:
-        raise ModelLoadError(f"'{directory}' holds no weights (*.safetensors or pytorch_model*.bin)")
-    tensors = {}
-    for file in files:  # weights_only: a pickle may not run code
-        tensors.update(torch.load(file, map_location=device, weights_only=True))
-    return tensors
-
-
 def load_legacy_phi(directory: str, name: str, device: torch.device, dtype: torch.dtype, eos_token_id: int | None):
     """A PhiForCausalLM on `device` from a phi-msft checkpoint directory; no remote code runs."""
     from accelerate import init_empty_weights
@@ -120,7 +102,7 @@ def load_legacy_phi(directory: str, name: str, device: torch.device, dtype: torc
     legacy = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
     config = phi_config_from_legacy(legacy, eos_token_id)
     status(f"loading {name} on {device} ({str(dtype).removeprefix('torch.')}; phi-msft layout, converted)")
-    state = convert_state_dict(_read_weights(Path(directory), device), config.hidden_size)
+    state = convert_state_dict(read_weights(directory, device, name=name), config.hidden_size)
     with init_empty_weights(include_buffers=False):  # parameters on meta; the rotary buffers are real
         model = PhiForCausalLM(config)
     expected = set(model.state_dict())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,12 @@ import torch
 from pipeline.errors import ModelLoadError
 from pipeline.llm.adapters import AdapterError, AdapterSource, AppliedAdapter, apply_adapter, check_fits, \
     is_adapter_dir, read_adapter
-from pipeline.llm.legacy_phi import is_legacy_phi, load_legacy_phi, phi_config_from_legacy
+from pipeline.llm.legacy_phi import LEGACY_MODEL_TYPES, convert_state_dict, is_legacy_phi, load_legacy_phi, \
+    phi_config_from_legacy
+from pipeline.llm.phi_direct import load_direct_phi
+from pipeline.llm.phi_model import unsupported_config
 from pipeline.loading import load_pretrained, load_tokenizer, locate_model, status
+from pipeline.weights import read_in_background
 
 BASE_ENV = "BILINGUAL_QA_BASE"
 
@@ -97,15 +102,40 @@ class LoadedLLM:
     applied: AppliedAdapter | None = None
 
 
-def load_base(source: LLMSource, device: torch.device, dtype: torch.dtype, tokenizer) -> torch.nn.Module:
-    """The (base) weights of `source` on `device`, as a PhiForCausalLM (or another native causal LM)."""
+def read_ahead(source: LLMSource, device: torch.device, dtype: torch.dtype) -> Future | None:
+    """Start reading the weights a lean load of `source` takes (load_llm's `weights`) in the
+    background, where it may take them: on CUDA, a phi or phi-msft checkpoint, no adapter."""
+    name = source.base_name or source.name
+    if device.type != "cuda" or source.adapter is not None:
+        return None
+    if _read_config(source.directory, name).get("model_type") not in ("phi", *LEGACY_MODEL_TYPES):
+        return None
+    status(f"loading {name} on {device} ({str(dtype).removeprefix('torch.')})")
+    return read_in_background(source.directory, device, dtype, name)
+
+
+def load_base(source: LLMSource, device: torch.device, dtype: torch.dtype, tokenizer,
+              lean: bool = False, weights: Future | None = None) -> torch.nn.Module:
+    """The (base) weights of `source` on `device`, as a PhiForCausalLM (or another native causal LM);
+    `lean`: as the fast engine's own modules (phi_direct.py) where it implements the checkpoint, from
+    `weights` (read_ahead's) if given."""
+    name = source.base_name or source.name
+    raw = _read_config(source.directory, name)
+    legacy = is_legacy_phi(raw)
+    if lean:
+        config = phi_config_from_legacy(raw, tokenizer.eos_token_id) if legacy else _model_config(source.directory, name)
+        if unsupported_config(config) is None:
+            convert = (lambda tensors: convert_state_dict(tensors, config.hidden_size)) if legacy else None
+            tensors = weights.result() if weights is not None else None
+            return load_direct_phi(source.directory, name, config, device, dtype, convert, tensors)
+    if weights is not None:  # read for nothing: let the read end, then give its memory back
+        weights.result().clear()
+        torch.cuda.empty_cache()
+    if legacy:
+        return load_legacy_phi(source.directory, name, device, dtype, tokenizer.eos_token_id)
     from transformers import AutoModelForCausalLM
 
-    config = _read_config(source.directory, source.base_name or source.name)
-    if is_legacy_phi(config):
-        return load_legacy_phi(source.directory, source.base_name or source.name, device, dtype,
-                               tokenizer.eos_token_id)
-    return load_pretrained(AutoModelForCausalLM, source.directory, source.base_name or source.name, device, dtype)
+    return load_pretrained(AutoModelForCausalLM, source.directory, name, device, dtype)
 
 
 def tokenizer_for(source: LLMSource):
@@ -126,11 +156,13 @@ def tokenizer_for(source: LLMSource):
 
 
 def load_llm(name: str | LLMSource, *, base: str | None = None, device: torch.device,
-             dtype: torch.dtype) -> LoadedLLM:
-    """`--llm NAME` [`--base ID|DIR`] loaded on `device`: a model and its tokenizer, adapters merged."""
+             dtype: torch.dtype, lean: bool = False, weights: Future | None = None) -> LoadedLLM:
+    """`--llm NAME` [`--base ID|DIR`] loaded on `device`: a model and its tokenizer, adapters merged.
+    `lean` (no adapter): the fast engine's modules where it can run the model, from `weights`
+    (read_ahead's) if given (load_base)."""
     source = name if isinstance(name, LLMSource) else resolve_llm(name, base)
     tokenizer = tokenizer_for(source)
-    model = load_base(source, device, dtype, tokenizer)
+    model = load_base(source, device, dtype, tokenizer, lean and source.adapter is None, weights)
     applied = None
     if source.adapter is not None:
         status(f"merging adapter {source.name} into {source.base_name}")

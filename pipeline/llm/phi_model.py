@@ -36,6 +36,28 @@ from pipeline.llm.multi_lora import LayerLora, selection
 from pipeline.llm.phi_weights import PhiLayer, PhiWeights
 
 
+SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def unsupported_config(config, kind: str | None = None) -> str | None:
+    """None when these functions implement a checkpoint of this config (the fast engine's rule),
+    else why not; `kind` names a model without a config."""
+    kind = getattr(config, "model_type", kind)
+    if kind != "phi":
+        return f"the fast engine serves phi-2-family causal LMs, not '{kind}'"
+    if getattr(config, "qk_layernorm", False):
+        return "the fast engine does not implement phi's qk_layernorm variant"
+    if config.num_key_value_heads not in (None, config.num_attention_heads):
+        return "the fast engine does not implement grouped-query attention"
+    # transformers 5 names it rope_parameters (rope_scaling is an alias), 4.x rope_scaling
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        return "the fast engine implements only phi-2's default rotary embedding"
+    if config.hidden_act not in SUPPORTED_ACTIVATIONS:
+        return f"the fast engine does not implement the activation '{config.hidden_act}'"
+    return None
+
+
 @dataclass
 class DecodeState:
     """The tensors one decode step reads; fixed addresses, so a captured graph can replay the step."""

@@ -67,15 +67,21 @@ def _ctranslate2_backend(model, model_dir) -> MTBackend:
     return CTranslate2Backend(model_dir)
 
 
+def planned_choice(choice: str, device: torch.device) -> str:
+    """The backend `select_mt_backend(choice, ...)` will pick on `device` (before a fallback)."""
+    device = torch.device(device)
+    if choice != "auto":
+        return choice
+    from pipeline.mt.ctranslate2 import ctranslate2_available
+
+    return "fast" if device.type == "cuda" else (
+        "ctranslate2" if device.type == "cpu" and ctranslate2_available() else "transformers")
+
+
 def planned_backend(choice: str, device: torch.device, dtype: torch.dtype) -> str:
     """What `select_mt_backend(choice, ...)` will run on `device`, for the loading line: the backend
     and its precision (a fallback from auto's choice says so in its own notice)."""
-    device = torch.device(device)
-    if choice == "auto":
-        from pipeline.mt.ctranslate2 import ctranslate2_available
-
-        choice = "fast" if device.type == "cuda" else (
-            "ctranslate2" if device.type == "cpu" and ctranslate2_available() else "transformers")
+    choice = planned_choice(choice, device)
     if choice == "ctranslate2":
         return "CTranslate2 int8"
     return f"{choice}, {str(dtype).removeprefix('torch.')}"

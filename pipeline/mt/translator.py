@@ -17,8 +17,9 @@ import torch
 
 from pipeline.errors import InputTooLongError
 from pipeline.loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype
-from pipeline.mt.backends import planned_backend, select_mt_backend
+from pipeline.mt.backends import planned_backend, planned_choice, select_mt_backend
 from pipeline.mt.contract import MTBackend
+from pipeline.mt.marian_direct import lean_reason, load_direct_marian
 from pipeline.mt.ctranslate2 import cache_key
 from pipeline.mt.memory import MemoryStore, TranslationMemory, open_store
 from pipeline.spec import DEFAULT_BATCH_TOKENS, DIRECTION_ROLE, LoadSpec
@@ -58,6 +59,18 @@ class TranslationBatch:
     ids: list[list[int]]
 
 
+def _load_model(directory: str, name: str, device: torch.device, dtype: torch.dtype, runs_as: str, fast: bool):
+    if fast:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        if config.model_type == "marian" and lean_reason(config) is None:
+            return load_direct_marian(directory, name, config, device, dtype, runs_as)
+    from transformers import MarianMTModel
+
+    return load_pretrained(MarianMTModel, directory, name, device, dtype, runs_as=runs_as)
+
+
 class Translator:
     """`memory`: where translated sentences are kept (memory.py): an SQLite file's path, a store
     (to share one between translators), or None for this translator's own in-process memory.
@@ -86,15 +99,16 @@ class Translator:
                         backend: str = "auto", target_lang: str | None = None, num_beams: int | None = None,
                         batch_tokens: int = DEFAULT_BATCH_TOKENS, option: str = "--ja-en",
                         memory: MemoryStore | str | Path | None = None) -> "Translator":
-        """Load a MarianMT model by hub id or local directory (`option` names it in error messages)."""
-        from transformers import MarianMTModel
+        """Load a MarianMT model by hub id or local directory (`option` names it in error messages).
 
+        Where the fast backend will translate, the weights load into its own modules
+        (marian_direct.py) when it implements the checkpoint; else as a MarianMTModel."""
         store = open_store(memory)   # a bad memory file is refused before minutes of loading
         device = device if isinstance(device, torch.device) else resolve_device(device)
         directory = locate_model(name, option)
         torch_dtype = resolve_dtype(dtype, device)
-        model = load_pretrained(MarianMTModel, directory, name, device, torch_dtype,
-                                runs_as=planned_backend(backend, device, torch_dtype))
+        fast = device.type == "cuda" and planned_choice(backend, device) == "fast"
+        model = _load_model(directory, name, device, torch_dtype, planned_backend(backend, device, torch_dtype), fast)
         tokenizer = load_tokenizer(directory, name)
         target = target_lang or _guess_target_lang(tokenizer, name)
         spec = LoadSpec.resolve(**{DIRECTION_ROLE[target]: name}, dtype=dtype, mt_backend=backend,
