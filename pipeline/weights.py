@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelLoadError
+from pipeline.gpu_gate import GATE
 
 READERS = 4  # threads that copy tensors to the device: each copy waits on memory, not on Python
 
@@ -104,9 +105,13 @@ def read_in_background(directory: str | Path, device: torch.device, dtype: torch
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def read() -> dict[str, torch.Tensor]:
-        tensors = read_weights(directory, device, dtype, name, stream)
-        if stream is not None:
-            stream.synchronize()
+        # GPU work beside the main thread's: a graph capture there (a batch job's translator meets a
+        # shape twice while the read is still on, after a cold boot's slow disk) waits for the copies,
+        # which would break it (an allocation or a pageable copy during a capture).
+        with GATE.work():
+            tensors = read_weights(directory, device, dtype, name, stream)
+            if stream is not None:
+                stream.synchronize()
         return tensors
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="read-weights")

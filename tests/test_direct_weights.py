@@ -199,3 +199,25 @@ def test_a_pipeline_given_a_loader_for_its_answerer_loads_it_when_the_answer_sta
     settings = GenerationSettings(max_new_tokens=8)
     first, second = qa.ask("複利とは何ですか？", settings=settings), qa.ask("What is a bond?", settings=settings)
     assert calls == [0] and first.answer_en is not None and second.models["llm"] == str(tiny_phi2_dir)
+
+
+def test_a_graph_capture_waits_for_the_weights_read_in_the_background(tiny_phi2_dir, monkeypatch):
+    # Copies (allocations, pageable transfers) on another thread break a CUDA graph capture: the read
+    # holds the GPU gate's work side, so a capture starts only once the read is over.
+    import time
+
+    import pipeline.weights as weights
+    from pipeline.gpu_gate import GATE
+
+    placed = weights._placed
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return placed(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "_placed", slow)
+    reading = weights.read_in_background(str(tiny_phi2_dir), CPU, torch.float32, "tiny")
+    time.sleep(0.05)  # the read is under way (33 tensors, 20 ms each)
+    assert not reading.done()
+    with GATE.capture():
+        assert reading.done()
