@@ -58,6 +58,11 @@ def choose_engine(choice: str, model, eos_token_id: int, device: torch.device, c
     return TransformersEngine(model, eos_token_id, fp32_attention_scores=chosen.fp32_attention_scores)
 
 
+def _runs_lean(device: torch.device, chosen: Plan) -> bool:
+    """Where a lean load (phi_direct.py) may serve: the fast engine alone runs the model, on CUDA."""
+    return device.type == "cuda" and chosen.engine == "fast"
+
+
 def _eos(tokenizer, model) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
 
@@ -91,8 +96,8 @@ class Answerer:
         chosen = plan(hardware, dtype=dtype, engine=engine)
         if chosen.fallbacks and (dtype in (None, "auto") or engine == "auto"):
             status(f"on {hardware.name}: {chosen.summary()}")
-        lean = lean and device.type == "cuda" and chosen.engine == "fast"
-        loaded = load_llm(name, base=base, device=device, dtype=DTYPES[chosen.dtype], lean=lean, weights=weights)
+        loaded = load_llm(name, base=base, device=device, dtype=DTYPES[chosen.dtype],
+                          lean=lean and _runs_lean(device, chosen), weights=weights)
         model, tokenizer = loaded.model, loaded.tokenizer
         return cls(model, tokenizer, choose_engine(engine, model, _eos(tokenizer, model), device, chosen),
                    loaded.source.name, source=loaded.source, applied=loaded.applied, engine_choice=engine)
@@ -103,7 +108,7 @@ class Answerer:
         """Start reading the weights `from_pretrained(source, lean=True)` will take, in the background
         (None where it will not take them): the caller does other work meanwhile."""
         chosen = plan(probe(device), dtype=dtype, engine=engine)
-        return read_ahead(source, device, DTYPES[chosen.dtype]) if chosen.engine == "fast" else None
+        return read_ahead(source, device, DTYPES[chosen.dtype]) if _runs_lean(device, chosen) else None
 
     @property
     def base_name(self) -> str | None:

@@ -104,9 +104,10 @@ class LoadedLLM:
 
 def read_ahead(source: LLMSource, device: torch.device, dtype: torch.dtype) -> Future | None:
     """Start reading the weights a lean load of `source` takes (load_llm's `weights`) in the
-    background, where it may take them: on CUDA, a phi or phi-msft checkpoint, no adapter."""
+    background, where it may take them: a phi or phi-msft checkpoint, no adapter (the caller knows
+    the device runs lean: Answerer.read_ahead)."""
     name = source.base_name or source.name
-    if device.type != "cuda" or source.adapter is not None:
+    if source.adapter is not None:
         return None
     if _read_config(source.directory, name).get("model_type") not in ("phi", *LEGACY_MODEL_TYPES):
         return None

@@ -63,8 +63,9 @@ def load_direct_phi(directory: str, name: str, config, device: torch.device, dty
         tensors = read_weights(directory, device, dtype, name)
     if convert is not None:
         tensors = convert(tensors)
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in tensors:
-        tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
+    embed = tensors.get("model.embed_tokens.weight")
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in tensors and embed is not None:
+        tensors["lm_head.weight"] = embed
     with torch.device("meta"):
         model = DirectPhi(config, generation_config_of(directory, config))
-    return fill(model, {key: t for key, t in tensors.items() if t is not None}, name)
+    return fill(model, tensors, name)

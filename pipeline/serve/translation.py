@@ -131,14 +131,18 @@ class TranslationBatcher:
             if active:
                 self._translate_round(active)
 
+    def _translate_ids(self, ids: list[list[int]], beams: int) -> list[str]:
+        """One batch through the translator: alone where its backend is not concurrent, as GPU work."""
+        with self.one_at_a_time:
+            return _gated(self.translator.translate_ids, ids, beams)
+
     def _translate_round(self, active: list[_Translation]) -> None:
         beams = active[0].beams
         taken = _share_round([job for job in active if job.beams == beams], self.round_pieces)
         flat = [ids for job, count in taken for ids in job.ids[len(job.out):len(job.out) + count]]
         self.on_batch(len(flat))
         try:
-            with self.one_at_a_time:
-                out = _gated(self.translator.translate_ids, flat, beams)
+            out = self._translate_ids(flat, beams)
         except Exception as error:  # noqa: BLE001 - one caller's bad piece must not fail the others
             if len(taken) == 1:
                 taken[0][0].future.set_exception(error)
@@ -146,9 +150,7 @@ class TranslationBatcher:
                 return
             for job, count in taken:  # again, one caller at a time, to find whose piece it is
                 try:
-                    with self.one_at_a_time:
-                        job.out.extend(_gated(self.translator.translate_ids,
-                                              job.ids[len(job.out):len(job.out) + count], beams))
+                    job.out.extend(self._translate_ids(job.ids[len(job.out):len(job.out) + count], beams))
                 except Exception as own:  # noqa: BLE001
                     job.future.set_exception(own)
             out = None
