@@ -67,7 +67,8 @@ class BilingualQA:
         published generation config. `memory` is both translators' translation memory (a store or an
         SQLite path; see mt/memory.py). `lean`: a process that answers and exits loads phi-2 for
         the fast engine alone where it runs (see Answerer.from_pretrained); its weights are read in
-        the background while the translators load and the question is translated.
+        the background while the translators load and the question is translated, and the fast
+        translators' first use of the GPU is paid in another thread meanwhile (mt/prime.py).
         """
         spec = LoadSpec.resolve(llm, ja_en, en_ja, device=device, dtype=dtype, engine=engine,
                                 mt_backend=mt_backend, beams=beams, base=base)
@@ -77,6 +78,7 @@ class BilingualQA:
         for name, option in ((ja_en, "--ja-en"), (en_ja, "--en-ja")):
             locate_model(name, option)
         weights = Answerer.read_ahead(source, resolved, dtype, engine) if lean else None
+        primed = Translator.prime(device=resolved, dtype=dtype, backend=mt_backend) if lean else None
         # One after another: transformers' from_pretrained sets process-wide state while it builds a
         # model (the default device, meta-device init), so two loads in threads break each other
         # ("Tensor on device cpu is not on the expected device meta!"; docs/design.md, Cold start).
@@ -86,6 +88,8 @@ class BilingualQA:
                                        memory=memory)
             for name, target, option in ((ja_en, "en", "--ja-en"), (en_ja, "ja", "--en-ja"))
         ]
+        if primed is not None:
+            primed.result()  # no GPU work of the primer's runs beside the translations
         answerer = functools.partial(Answerer.from_pretrained, source, device=resolved, dtype=dtype, engine=engine,
                                      lean=lean, weights=weights)
         return cls(answerer if weights is not None else answerer(), *translators, spec=spec)

@@ -9,6 +9,7 @@ run away, and rebuilds every text in its original shape.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -116,6 +117,17 @@ class Translator:
         return cls(model, tokenizer, select_mt_backend(backend, model, directory, device), name=name,
                    target_lang=target, num_beams=num_beams, batch_tokens=batch_tokens, memory=store,
                    model_key=f"{Path(directory).name}-{cache_key(directory)}", spec=spec)
+
+    @staticmethod
+    def prime(*, device: torch.device, dtype: str | None = None, backend: str = "auto") -> Future | None:
+        """Where from_pretrained will translate on the fast backend, start paying the first use of
+        the GPU libraries it runs in the background (prime.py); else None. Wait for the future
+        before the first translation."""
+        if device.type != "cuda" or planned_choice(backend, device) != "fast":
+            return None
+        from pipeline.mt.prime import prime_in_background
+
+        return prime_in_background(device, resolve_dtype(dtype, device))
 
     def use_memory(self, memory: MemoryStore | str | Path | None) -> None:
         """Keep translations in `memory` from now on (see the class docstring); counters restart."""
