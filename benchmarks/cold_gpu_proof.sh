@@ -19,6 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 (cd benchmarks && timeout "${COLD_SECONDS:-300}" python3 cold_start.py --root "$ROOT" --answer-tokens 64 --help-runs 5 \
   --server-runs 5 --top 14 --cprofile "$OUT/cold.prof" --json "$OUT/cold.json") 2>&1 | tee "$OUT/cold.txt" | tail -70
 if [ -n "${BEFORE:-}" ]; then
+  BEFORE="$(cd "$BEFORE" && pwd)"   # absolute: the PYTHONPATH below is read after the cd
   (cd "$BEFORE/benchmarks" && PYTHONPATH="$BEFORE:${PYTHONPATH#*:}" timeout 200 python3 cold_start.py --root "$ROOT" \
     --answer-tokens 64 --help-runs 1 --no-server --top 6 --json "$OUT/before.json") 2>&1 | tee "$OUT/before.txt" | tail -30
 fi
