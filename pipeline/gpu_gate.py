@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator
 
 
 class GpuGate:
@@ -61,6 +62,19 @@ class GpuGate:
                 if mine:
                     self._working += 1
                 self._changed.notify_all()
+
+    def in_background(self, job: Callable[[], object], name: str) -> Future:
+        """`job()` in a thread of its own, as GPU work (inside `work()`): a capture on another thread
+        waits for it rather than breaking on its allocations or copies. The future holds its result."""
+
+        def gated():
+            with self.work():
+                return job()
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        future = pool.submit(gated)
+        pool.shutdown(wait=False)  # the thread ends with its job
+        return future
 
 
 GATE = GpuGate()

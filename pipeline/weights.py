@@ -105,19 +105,15 @@ def read_in_background(directory: str | Path, device: torch.device, dtype: torch
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def read() -> dict[str, torch.Tensor]:
-        # GPU work beside the main thread's: a graph capture there (a batch job's translator meets a
-        # shape twice while the read is still on, after a cold boot's slow disk) waits for the copies,
-        # which would break it (an allocation or a pageable copy during a capture).
-        with GATE.work():
-            tensors = read_weights(directory, device, dtype, name, stream)
-            if stream is not None:
-                stream.synchronize()
+        tensors = read_weights(directory, device, dtype, name, stream)
+        if stream is not None:
+            stream.synchronize()
         return tensors
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="read-weights")
-    future = pool.submit(read)
-    pool.shutdown(wait=False)  # the thread ends with its read
-    return future
+    # GPU work beside the main thread's: a graph capture there (a batch job's translator meets a
+    # shape twice while the read is still on, after a cold boot's slow disk) waits for the copies,
+    # which would break it (an allocation or a pageable copy during a capture).
+    return GATE.in_background(read, "read-weights")
 
 
 class DirectModel(nn.Module):

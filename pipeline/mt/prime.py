@@ -20,7 +20,7 @@ logged, not raised: the translation then pays its own first use, as without it.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +60,12 @@ def prime_in_background(device: torch.device, dtype: torch.dtype) -> Future:
     process's others (a capture elsewhere waits for it). The future is True when both ran."""
 
     def prime() -> bool:
-        with GATE.work():
-            try:
-                keyed = triton_cache_key()
-                first_products(device, dtype)
-                return keyed
-            except Exception as error:  # priming must never be why a translation fails
-                log.warning("priming the GPU for translation failed: %s", error)
-                return False
+        try:
+            keyed = triton_cache_key()
+            first_products(device, dtype)
+            return keyed
+        except Exception as error:  # priming must never be why a translation fails
+            log.warning("priming the GPU for translation failed: %s", error)
+            return False
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="prime-gpu")
-    future = pool.submit(prime)
-    pool.shutdown(wait=False)
-    return future
+    return GATE.in_background(prime, "prime-gpu")

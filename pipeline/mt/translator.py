@@ -60,6 +60,11 @@ class TranslationBatch:
     ids: list[list[int]]
 
 
+def _runs_fast(backend: str, device: torch.device) -> bool:
+    """Where the fast backend will translate: what lean loading and priming are for."""
+    return device.type == "cuda" and planned_choice(backend, device) == "fast"
+
+
 def _load_model(directory: str, name: str, device: torch.device, dtype: torch.dtype, runs_as: str, fast: bool):
     if fast:
         from transformers import AutoConfig
@@ -108,8 +113,8 @@ class Translator:
         device = device if isinstance(device, torch.device) else resolve_device(device)
         directory = locate_model(name, option)
         torch_dtype = resolve_dtype(dtype, device)
-        fast = device.type == "cuda" and planned_choice(backend, device) == "fast"
-        model = _load_model(directory, name, device, torch_dtype, planned_backend(backend, device, torch_dtype), fast)
+        model = _load_model(directory, name, device, torch_dtype, planned_backend(backend, device, torch_dtype),
+                            _runs_fast(backend, device))
         tokenizer = load_tokenizer(directory, name)
         target = target_lang or _guess_target_lang(tokenizer, name)
         spec = LoadSpec.resolve(**{DIRECTION_ROLE[target]: name}, dtype=dtype, mt_backend=backend,
@@ -123,7 +128,7 @@ class Translator:
         """Where from_pretrained will translate on the fast backend, start paying the first use of
         the GPU libraries it runs in the background (prime.py); else None. Wait for the future
         before the first translation."""
-        if device.type != "cuda" or planned_choice(backend, device) != "fast":
+        if not _runs_fast(backend, device):
             return None
         from pipeline.mt.prime import prime_in_background
 
