@@ -19,6 +19,7 @@ from pipeline.cli_options import (LOCAL_ONLY, base_option, check_before_loading,
                                   generation_options, given_on_command_line, job_options, model_options,
                                   server_options, settings_from)
 from pipeline.errors import BilingualQAError, EmptyInputError, ServerError
+from pipeline.quick_exit import ends_quickly
 from pipeline.quiet import quiet_libraries
 from pipeline.spec import (ASK_CHUNK_ROWS, BATCHING_CHOICES, DEFAULT_BATCH_TOKENS, DIRECTION_ROLE, ENGINE_CHOICES,
                            MODEL_OPTION, TRANSLATE_CHUNK_ROWS, GenerationSettings, LoadSpec)
@@ -408,13 +409,13 @@ def ask_batch_file(question, batch_path, output, field, column, errors_path, res
 def doctor(fmt, device, dtype, engine):
     """What this machine has and what will run here (dtype, engine, kernels, graphs, PDL), and why."""
     import json
-
     from pipeline import doctor as diagnosis
 
     info = diagnosis.report(device, dtype, engine)
     click.echo(json.dumps(info, indent=2) if fmt == "json" else diagnosis.render(info), nl=fmt == "json")
 
 
+@ends_quickly  # a process that used the GPU skips the interpreter's teardown (quick_exit.py)
 def run() -> None:
     """Console entry point: click's own usage errors also become one line and exit code 2."""
     try:

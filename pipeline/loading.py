@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import DeviceError, ModelLoadError
+from pipeline.model_files import read_tokenizer
 from pipeline.quiet import QUIET_ENV, QUIET_ENVIRONMENT, quiet_libraries, status  # noqa: F401 - their old home
 
 # What a model directory needs; weights come as safetensors where published, else as a legacy .bin
@@ -236,7 +237,12 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_tokenizer(directory: str, name: str):
+def load_tokenizer(directory: str, name: str, lean: bool = False):
+    """AutoTokenizer's tokenizer of the checkpoint; `lean` (no transformers model is built): read
+    without transformers where model_files.py reads its files as transformers does."""
+    tokenizer = read_tokenizer(directory) if lean else None
+    if tokenizer is not None:
+        return tokenizer
     from transformers import AutoTokenizer
 
     try:

@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.errors import ModelLoadError
 from pipeline.gpu_gate import GATE
+from pipeline.model_files import ConfigFile, read_generation_config
 
 READERS = 4  # threads that copy tensors to the device: each copy waits on memory, not on Python
 
@@ -151,7 +152,10 @@ def fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], name: str) -
 
 
 def generation_config_of(directory: str, config):
-    """The checkpoint's generation config, as from_pretrained gives it (else the model config's)."""
+    """The checkpoint's generation config, as from_pretrained gives it (else the model config's); for
+    a config read without transformers (model_files.py), read the same way."""
+    if isinstance(config, ConfigFile):
+        return read_generation_config(directory, config)
     from transformers import GenerationConfig
 
     if (Path(directory) / "generation_config.json").is_file():

@@ -146,24 +146,40 @@ from pipeline.llm.models import load_llm
 from pipeline.mt.fast_marian import FastMarianBackend
 from pipeline.mt.marian_direct import load_direct_marian
 from pipeline.loading import load_tokenizer
-from transformers import AutoConfig
+from pipeline.model_files import read_config
 phi, marian = sys.argv[1], sys.argv[2]
 loaded = load_llm(phi, device=torch.device("cpu"), dtype=torch.float32, lean=True)
 engine = FastPhiEngine(loaded.model, 0, use_graphs=False, use_triton=False)
-model = load_direct_marian(marian, "m", AutoConfig.from_pretrained(marian), torch.device("cpu"), torch.float32, "fast")
-tokenizer = load_tokenizer(marian, "m")
+model = load_direct_marian(marian, "m", read_config(marian), torch.device("cpu"), torch.float32, "fast")
+tokenizer = load_tokenizer(marian, "m", lean=True)
 FastMarianBackend(model, use_graphs=False).generate([tokenizer("こんにちは")["input_ids"]], 8, 2)
-heavy = ("sympy", "sklearn", "torch.distributed.tensor", "torch._dynamo", "transformers.modeling_utils",
+heavy = ("transformers", "sacremoses", "sympy", "sklearn", "torch.distributed.tensor", "torch._dynamo", "transformers.modeling_utils",
          "transformers.activations", "transformers.models.phi.modeling_phi", "transformers.models.marian.modeling_marian")
 print(type(loaded.model).__name__, " ".join(sorted(m for m in sys.modules if m in heavy)))
 """
 
 
-def test_lean_models_and_fast_engines_import_no_modeling_stack(tiny_phi2_dir, tiny_ja_en_dir):
+def test_lean_models_and_fast_engines_import_no_modeling_stack_nor_transformers(tiny_phi2_dir, tiny_ja_en_dir):
     proc = subprocess.run([sys.executable, "-c", LEAN_PROCESS, str(tiny_phi2_dir), str(tiny_ja_en_dir)],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["DirectPhi"]  # the model's class, then no heavy module at all
+
+
+@pytest.mark.parametrize("fixture", ["tiny_ja_en_dir", "tiny_phi2_dir"])
+def test_a_config_read_without_transformers_loads_the_same_lean_model(fixture, request):
+    from transformers import AutoConfig
+
+    from pipeline.model_files import read_config
+
+    directory = str(request.getfixturevalue(fixture))
+    load = load_direct_marian if fixture == "tiny_ja_en_dir" else load_direct_phi
+    args = ("fast, float32",) if load is load_direct_marian else ()
+    lean = load(directory, "tiny", read_config(directory), CPU, torch.float32, *args)
+    full = load(directory, "tiny", AutoConfig.from_pretrained(directory), CPU, torch.float32, *args)
+    _same_state(lean, full)
+    for field in ("num_beams", "forced_eos_token_id", "length_penalty", "max_length", "bad_words_ids"):
+        assert getattr(lean.generation_config, field) == getattr(full.generation_config, field)
 
 
 def test_weights_read_in_the_background_are_the_checkpoints_and_its_errors_come_with_them(tiny_phi2_dir, tmp_path):

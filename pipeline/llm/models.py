@@ -25,9 +25,10 @@ from pipeline.llm.adapters import AdapterError, AdapterSource, AppliedAdapter, a
     is_adapter_dir, read_adapter
 from pipeline.llm.legacy_phi import LEGACY_MODEL_TYPES, convert_state_dict, is_legacy_phi, load_legacy_phi, \
     phi_config_from_legacy
-from pipeline.llm.phi_direct import load_direct_phi
+from pipeline.llm.phi_direct import DirectPhi, load_direct_phi
 from pipeline.llm.phi_model import unsupported_config
 from pipeline.loading import load_pretrained, load_tokenizer, locate_model, status
+from pipeline.model_files import read_config, read_tokenizer
 from pipeline.weights import read_in_background
 
 BASE_ENV = "BILINGUAL_QA_BASE"
@@ -124,7 +125,8 @@ def load_base(source: LLMSource, device: torch.device, dtype: torch.dtype, token
     raw = _read_config(source.directory, name)
     legacy = is_legacy_phi(raw)
     if lean:
-        config = phi_config_from_legacy(raw, tokenizer.eos_token_id) if legacy else _model_config(source.directory, name)
+        config = (phi_config_from_legacy(raw, tokenizer.eos_token_id) if legacy
+                  else read_config(source.directory) or _model_config(source.directory, name))
         if unsupported_config(config) is None:
             convert = (lambda tensors: convert_state_dict(tensors, config.hidden_size)) if legacy else None
             tensors = weights.result() if weights is not None else None
@@ -139,10 +141,14 @@ def load_base(source: LLMSource, device: torch.device, dtype: torch.dtype, token
     return load_pretrained(AutoModelForCausalLM, source.directory, name, device, dtype)
 
 
-def tokenizer_for(source: LLMSource):
-    """The adapter's tokenizer when it ships one, else the checkpoint's."""
+def tokenizer_for(source: LLMSource, lean: bool = False):
+    """The adapter's tokenizer when it ships one, else the checkpoint's; `lean` (no transformers
+    model will be built): read without transformers where model_files.py can."""
     if source.adapter is not None and source.adapter.has_tokenizer:
         return load_tokenizer(source.adapter.directory, source.name)
+    tokenizer = read_tokenizer(source.directory) if lean else None
+    if tokenizer is not None:
+        return tokenizer
     from transformers.utils import logging
 
     # AutoTokenizer reads config.json too, and warns that phi-msft is no transformers model type.
@@ -162,8 +168,11 @@ def load_llm(name: str | LLMSource, *, base: str | None = None, device: torch.de
     `lean` (no adapter): the fast engine's modules where it can run the model, from `weights`
     (read_ahead's) if given (load_base)."""
     source = name if isinstance(name, LLMSource) else resolve_llm(name, base)
-    tokenizer = tokenizer_for(source)
-    model = load_base(source, device, dtype, tokenizer, lean and source.adapter is None, weights)
+    lean = lean and source.adapter is None
+    tokenizer = tokenizer_for(source, lean)
+    model = load_base(source, device, dtype, tokenizer, lean, weights)
+    if lean and not isinstance(model, DirectPhi):  # transformers' model after all: its tokenizer with it
+        tokenizer = tokenizer_for(source)
     applied = None
     if source.adapter is not None:
         status(f"merging adapter {source.name} into {source.base_name}")

@@ -20,7 +20,8 @@ from pipeline.errors import InputTooLongError
 from pipeline.loading import load_pretrained, load_tokenizer, locate_model, resolve_device, resolve_dtype
 from pipeline.mt.backends import planned_backend, planned_choice, select_mt_backend
 from pipeline.mt.contract import MTBackend
-from pipeline.mt.marian_direct import lean_reason, load_direct_marian
+from pipeline.model_files import read_config
+from pipeline.mt.marian_direct import DirectMarian, lean_reason, load_direct_marian
 from pipeline.mt.ctranslate2 import cache_key
 from pipeline.mt.memory import MemoryStore, TranslationMemory, open_store
 from pipeline.spec import DEFAULT_BATCH_TOKENS, DIRECTION_ROLE, LoadSpec
@@ -65,11 +66,15 @@ def _runs_fast(backend: str, device: torch.device) -> bool:
     return device.type == "cuda" and planned_choice(backend, device) == "fast"
 
 
+def _auto_config(directory: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(directory, trust_remote_code=False)
+
+
 def _load_model(directory: str, name: str, device: torch.device, dtype: torch.dtype, runs_as: str, fast: bool):
     if fast:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        config = read_config(directory) or _auto_config(directory)
         if config.model_type == "marian" and lean_reason(config) is None:
             return load_direct_marian(directory, name, config, device, dtype, runs_as)
     from transformers import MarianMTModel
@@ -115,7 +120,8 @@ class Translator:
         torch_dtype = resolve_dtype(dtype, device)
         model = _load_model(directory, name, device, torch_dtype, planned_backend(backend, device, torch_dtype),
                             _runs_fast(backend, device))
-        tokenizer = load_tokenizer(directory, name)
+        # No transformers model built: the tokenizer too is read without transformers where it can be.
+        tokenizer = load_tokenizer(directory, name, lean=isinstance(model, DirectMarian))
         target = target_lang or _guess_target_lang(tokenizer, name)
         spec = LoadSpec.resolve(**{DIRECTION_ROLE[target]: name}, dtype=dtype, mt_backend=backend,
                                 beams=num_beams, batch_tokens=batch_tokens)
