@@ -1,5 +1,6 @@
 """The part of a cold process's first GPU translation that waits on the disk and the GPU, paid in a
-thread while the main thread is still importing transformers.
+thread while the main thread loads the translators (it was measured beside transformers' import,
+which a lean process no longer pays: model_files.py).
 
 A cold process's first translation on CUDA took ~1.2 s more than the same translation of another
 shape later in the process (benchmarks/first_translation.py). cProfile of that first use (H200,
