@@ -101,6 +101,9 @@ _NEUTRAL_VALUES = {"add_prefix_space": False, "add_bos_token": False, "add_eos_t
                    "split_special_tokens": False, "additional_special_tokens": [], "extra_special_tokens": {}}
 
 
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")  # special_tokens_map.json may name these
+
+
 def _token(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
@@ -123,7 +126,9 @@ def read_tokenizer(directory: str | Path):
     settings = _json(folder / "tokenizer_config.json")
     if settings is None:
         settings = {} if not (folder / "tokenizer_config.json").exists() else None
-    if settings is None or not _plain_settings(settings):
+    mapped = _json(folder / "special_tokens_map.json") or {}
+    other_specials = [key for key, value in mapped.items() if value and key not in _NAMED_SPECIALS]
+    if settings is None or not _plain_settings(settings) or other_specials:
         return None
     kind = settings.get("tokenizer_class") or (_json(folder / "config.json") or {}).get("model_type")
     if kind in ("CodeGenTokenizer", "CodeGenTokenizerFast"):

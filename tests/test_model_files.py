@@ -127,6 +127,12 @@ def test_marian_tokenizer_files_of_another_shape_are_left_to_transformers(tiny_j
     assert read_tokenizer(directory) is None
 
 
+def test_a_special_tokens_map_with_more_special_tokens_is_left_to_transformers(tiny_ja_en_dir, tmp_path):
+    directory = _copy(tiny_ja_en_dir, tmp_path)
+    (directory / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "additional_special_tokens": ["<x>"]}))
+    assert read_tokenizer(directory) is None
+
+
 def test_a_tokenizer_without_its_files_is_left_to_transformers(tiny_phi2_dir, tmp_path):
     directory = _copy(tiny_phi2_dir, tmp_path)
     (directory / "tokenizer.json").unlink()
