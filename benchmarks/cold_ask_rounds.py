@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ask_end_to_end import QUESTION  # noqa: E402 - beside this file
+from cold_start import bytecode_cache  # noqa: E402
 
 
 def timed(command: list[str], env: dict, cwd: str) -> dict:
@@ -49,6 +50,12 @@ def timed(command: list[str], env: dict, cwd: str) -> dict:
             "status": [(round(t, 2), text) for t, tag, text in events if tag == "err"]}
 
 
+def ask_command(root: Path, answer_tokens: int = 64) -> list[str]:
+    """`ask` of the benchmark question on ROOT's checkpoints, as JSON (the bilingual-qa arguments)."""
+    return ["ask", QUESTION, "--format", "json", "--llm", str(root / "phi-2"), "--ja-en", str(root / "opus-mt-ja-en"),
+            "--en-ja", str(root / "fugumt-en-ja"), "--max-new-tokens", str(answer_tokens)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/cold"))
@@ -57,11 +64,8 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=64)
     args = parser.parse_args()
     root = args.root.resolve()
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
-    command = [sys.executable, "-m", "pipeline", "ask", QUESTION, "--format", "json", "--llm", str(root / "phi-2"),
-               "--ja-en", str(root / "opus-mt-ja-en"), "--en-ja", str(root / "fugumt-en-ja"),
-               "--max-new-tokens", str(args.answer_tokens)]
+    bytecode_cache("cache", root)
+    command = [sys.executable, "-m", "pipeline", *ask_command(root, args.answer_tokens)]
     rest = os.environ.get("PYTHONPATH", "").split(":", 1)[1:]  # the first entry is the tree's place
     trees = args.trees.split(",")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; command: {' '.join(sys.argv)}")

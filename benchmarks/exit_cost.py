@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from ask_end_to_end import QUESTION  # noqa: E402 - beside this file
-from cold_ask_rounds import timed  # noqa: E402
+from cold_ask_rounds import ask_command, timed  # noqa: E402 - beside this file
+from cold_start import bytecode_cache  # noqa: E402
 
 # The child: the command's own body (cli.run unwrapped), then the exit asked for.
 CHILD = """
@@ -41,10 +41,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     root = args.root.resolve()
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
-    ask = ["ask", QUESTION, "--format", "json", "--llm", str(root / "phi-2"), "--ja-en", str(root / "opus-mt-ja-en"),
-           "--en-ja", str(root / "fugumt-en-ja"), "--max-new-tokens", "64"]
+    bytecode_cache("cache", root)
+    ask = ask_command(root)
     for round_ in range(args.rounds):
         for mode in ("normal", "os._exit"):
             run = timed([sys.executable, "-c", CHILD, "-", *ask], dict(os.environ, EXIT_MODE=mode), str(root))

@@ -66,7 +66,11 @@ def _json(path: Path) -> dict | None:
 def read_config(directory: str | Path) -> ConfigFile | None:
     """The checkpoint's config.json where it is a phi or marian one holding every key the lean path
     reads (else None: read it with AutoConfig)."""
-    values = _json(Path(directory) / "config.json")
+    return config_from(_json(Path(directory) / "config.json"))
+
+
+def config_from(values: dict | None) -> ConfigFile | None:
+    """read_config for a config.json already parsed."""
     kind = values.get("model_type") if values else None
     if kind not in CONFIG_KEYS:
         return None
@@ -108,10 +112,9 @@ def _token(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _named(folder: Path, settings: dict, role: str) -> str | None:
-    """The `role` token (eos, unk, pad, bos) as tokenizer_config.json, else special_tokens_map.json, names it."""
-    mapped = _json(folder / "special_tokens_map.json") or {}
-    return _token(settings.get(f"{role}_token") or mapped.get(f"{role}_token"))
+def _named(settings: dict, role: str) -> str | None:
+    """The `role` token (eos, unk, pad, bos) as the settings name it (None where they do not)."""
+    return _token(settings.get(f"{role}_token")) or None
 
 
 def _plain_settings(settings: dict) -> bool:
@@ -130,6 +133,8 @@ def read_tokenizer(directory: str | Path):
     other_specials = [key for key, value in mapped.items() if value and key not in _NAMED_SPECIALS]
     if settings is None or not _plain_settings(settings) or other_specials:
         return None
+    # tokenizer_config.json names the special tokens, else special_tokens_map.json does
+    settings = {**settings, **{key: settings.get(key) or mapped[key] for key in _NAMED_SPECIALS if mapped.get(key)}}
     kind = settings.get("tokenizer_class") or (_json(folder / "config.json") or {}).get("model_type")
     if kind in ("CodeGenTokenizer", "CodeGenTokenizerFast"):
         return ByteLevelTokenizer.read(folder, settings)
@@ -160,12 +165,16 @@ class ByteLevelTokenizer:
 
     @classmethod
     def read(cls, folder: Path, settings: dict) -> "ByteLevelTokenizer | None":
-        spec = _json(folder / "tokenizer.json")
-        if spec is None or not _byte_level_bpe(spec) or not _same_added_tokens(folder, spec, settings):
+        try:
+            text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+            spec = json.loads(text)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(spec, dict) or not _byte_level_bpe(spec) or not _same_added_tokens(spec, settings):
             return None
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), _named(folder, settings, "eos"))
+        return cls(Tokenizer.from_str(text), _named(settings, "eos"))  # the text read once, parsed here too
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -186,14 +195,14 @@ def _byte_level_bpe(spec: dict) -> bool:
             and not pre.get("add_prefix_space") and pre.get("use_regex", True) and decoder.get("type") == "ByteLevel")
 
 
-def _same_added_tokens(folder: Path, spec: dict, settings: dict) -> bool:
+def _same_added_tokens(spec: dict, settings: dict) -> bool:
     """tokenizer_config.json adds no token, and changes none, that tokenizer.json does not hold."""
     held = {str(token["id"]): token for token in spec.get("added_tokens", [])}
     for index, token in (settings.get("added_tokens_decoder") or {}).items():
         known = held.get(str(index))
         if known is None or any(known.get(key) != value for key, value in token.items() if key != "__type"):
             return False
-    named = [_named(folder, settings, role) for role in ("bos", "eos", "unk", "pad")]
+    named = [_named(settings, role) for role in ("bos", "eos", "unk", "pad")]
     contents = {token["content"] for token in held.values()}
     return all(name is None or name in contents for name in named)
 
@@ -228,7 +237,7 @@ class SentencePieceMarian:
         if encoder is None or not all(file.is_file() for file in files):
             return None
         defaults = {"eos": "</s>", "unk": "<unk>", "pad": "<pad>"}
-        specials = {role: _named(folder, settings, role) or token for role, token in defaults.items()}
+        specials = {role: _named(settings, role) or token for role, token in defaults.items()}
         if not all(token in encoder for token in specials.values()):
             return None
         for index, token in (settings.get("added_tokens_decoder") or {}).items():  # only those, at their ids

@@ -6,7 +6,7 @@ destructors then tear down the CUDA context it had built. Nothing of that is wor
 command needs: its output is written and flushed, its files closed (the translation memory is
 SQLite in autocommit mode, each write its own transaction), and the operating system takes the
 memory back in one go. `os._exit` after flushing the standard streams ends it in 0.16-0.20 s
-(docs/benchmarks.md, "Ending the process").
+(docs/design.md, "Ending the process"; figures in docs/benchmarks.md, benchmarks/exit_cost.py).
 
 Only where it is safe: a process that never initialised CUDA exits normally (nothing slow to skip),
 and so does one with another thread still alive (it may be writing: a batch job's pool, a server) or

@@ -28,7 +28,7 @@ from pipeline.llm.legacy_phi import LEGACY_MODEL_TYPES, convert_state_dict, is_l
 from pipeline.llm.phi_direct import DirectPhi, load_direct_phi
 from pipeline.llm.phi_model import unsupported_config
 from pipeline.loading import load_pretrained, load_tokenizer, locate_model, status
-from pipeline.model_files import read_config, read_tokenizer
+from pipeline.model_files import config_from, read_tokenizer
 from pipeline.weights import read_in_background
 
 BASE_ENV = "BILINGUAL_QA_BASE"
@@ -126,7 +126,7 @@ def load_base(source: LLMSource, device: torch.device, dtype: torch.dtype, token
     legacy = is_legacy_phi(raw)
     if lean:
         config = (phi_config_from_legacy(raw, tokenizer.eos_token_id) if legacy
-                  else read_config(source.directory) or _model_config(source.directory, name))
+                  else config_from(raw) or _model_config(source.directory, name))
         if unsupported_config(config) is None:
             convert = (lambda tensors: convert_state_dict(tensors, config.hidden_size)) if legacy else None
             tensors = weights.result() if weights is not None else None
