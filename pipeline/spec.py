@@ -84,6 +84,9 @@ class LoadSpec:
 
 # What one answer is generated with (llm/engine.py's engines read it; the CLI and the server build it).
 MAX_SEED = 2**32 - 1  # what every engine's generator takes
+# The lowest temperature sampled with: a positive one below it is raised to it, as vLLM does. Logits
+# divided by 1e-300 are infinite, and their softmax is NaN; 0.01 is all but greedy already.
+MIN_TEMPERATURE = 0.01
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class GenerationSettings:
             raise SettingsError(f"max_new_tokens must be a whole number of at least 1, not {self.max_new_tokens!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
             raise SettingsError(f"temperature must be a finite number of 0 or more, not {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)  # frozen: set once, here
         if not (isinstance(self.top_p, (int, float)) and math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise SettingsError(f"top_p must be above 0 and at most 1, not {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)

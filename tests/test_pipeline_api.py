@@ -106,3 +106,13 @@ def test_generation_settings_out_of_range_are_refused_with_the_setting_named(bad
     with pytest.raises(BilingualQAError, match=name) as refused:
         GenerationSettings(**bad)
     assert "\n" not in str(refused.value) and isinstance(refused.value, ValueError)
+
+
+@pytest.mark.parametrize("tiny", [1e-300, 5e-324, 1e-3])
+def test_a_tiny_positive_temperature_is_raised_to_the_floor_and_samples(qa, tiny):
+    from pipeline.spec import MIN_TEMPERATURE
+
+    settings = GenerationSettings(max_new_tokens=8, temperature=tiny, seed=3)
+    assert settings.temperature == MIN_TEMPERATURE and not settings.greedy
+    result = qa.ask("What is a bond?", settings=settings)  # divided by 1e-300 the logits were inf: NaN
+    assert result.generated_tokens > 0
