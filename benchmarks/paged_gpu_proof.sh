@@ -34,7 +34,7 @@ if want tests; then
     tests/serve/test_scheduler.py ${EXTRA_TESTS:-} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
 fi
 if want decode; then
-  for round in 1 2; do
+  for round in $(seq "${DECODE_ROUNDS:-2}"); do
     for tree in "$HERE" $BEFORE; do
       echo "== llm_decode --quick, round $round, $tree"
       in_tree "$tree" timeout 300 python benchmarks/llm_decode.py --quick --skip-transformers 2>&1 \

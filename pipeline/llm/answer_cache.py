@@ -145,6 +145,24 @@ class AnswerCache:
             self.v[layer, block, :, offset] = values[group, :, source]
         return keep
 
+    def save(self, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """These blocks' keys and values, copied to the host (pinned, without waiting: the copy runs
+        after the steps that wrote them and before anything that writes the blocks again)."""
+        index = _staged(blocks).to(self.device, non_blocking=True)
+        pinned = self.device.type == "cuda"
+        saved = []
+        for pool in (self.k, self.v):
+            picked = pool.index_select(1, index)
+            saved.append(torch.empty(picked.shape, dtype=picked.dtype, pin_memory=pinned).copy_(picked,
+                                                                                               non_blocking=True))
+        return saved[0], saved[1]
+
+    def restore(self, saved: tuple[torch.Tensor, torch.Tensor], blocks: list[int]) -> None:
+        """`save`'s copy back, into the first of these blocks (a row's, in column order)."""
+        index = _staged(blocks[:saved[0].shape[1]]).to(self.device, non_blocking=True)
+        for pool, host in zip((self.k, self.v), saved):
+            pool.index_copy_(1, index, host.to(self.device, non_blocking=True))
+
     # ---- the step ----------------------------------------------------------------------------------
 
     def state(self, rows: int) -> DecodeState:

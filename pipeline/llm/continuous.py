@@ -39,7 +39,7 @@ import torch
 
 from pipeline.errors import InputTooLongError
 from pipeline.llm.engine import GenerationSettings, non_finite_error, pad_left
-from pipeline.llm.sampler import SamplingRows, choose, seed_of
+from pipeline.llm.sampler import choose, sampling_rows, seed_of
 
 
 class DecodeBatch(Protocol):
@@ -165,12 +165,10 @@ class TransformersDecodeBatch:
         self.rows.append(row)
         return row.key, row.next_token
 
-    def _choose(self, logits: torch.Tensor, settings: list[GenerationSettings], seeds: list[int],
+    @staticmethod
+    def _choose(logits: torch.Tensor, settings: list[GenerationSettings], seeds: list[int],
                 steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        sampled = None
-        if any(not s.greedy for s in settings):
-            sampled = SamplingRows.of(settings, seeds, steps, logits.device)
-        return choose(logits, sampled)
+        return choose(logits, sampling_rows(settings, seeds, steps, logits.device))
 
     @torch.inference_mode()
     def step(self) -> dict[int, int]:

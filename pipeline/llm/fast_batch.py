@@ -12,10 +12,10 @@ Joining rows are prefilled together (left-padded; each layer's keys go from a on
 the rows' blocks), each applying its own LoRA adapter (multi_lora.py; 0: the base). A step samples on
 the device (sampler.py: greedy rows their argmax, the others from their own seed and step) and
 hands the host its tokens one step late: the GPU computes the next step meanwhile. When a row needs
-a block and none is free, the most recently joined row is preempted: its blocks are freed and it
-waits, first in line, to be prefilled again with its prompt and the tokens it has (recomputation,
-vLLM's default); it then goes on from where it was, drawing the same tokens, and its caller sees
-only a pause. A row whose logits overflow fails alone.
+a block and none is free, the most recently joined row is preempted: its keys and values are copied
+to the host and its blocks freed, and it waits, first in line, for blocks to come back; then its
+keys and values return into new blocks and it goes on from where it was, drawing exactly the tokens
+it would have drawn (its own seed and step), and its caller sees only a pause. A row whose logits overflow fails alone.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pipeline.llm.blocks import OutOfBlocks
 from pipeline.llm.engine import left_padded, non_finite_error
 from pipeline.llm.phi_model import prefill
 from pipeline.llm.memory import CACHE_FIT_SHARE
-from pipeline.llm.sampler import SamplingRows, choose, seed_of
+from pipeline.llm.sampler import choose, sampling_rows, seed_of
 from pipeline.spec import GenerationSettings
 
 # Padded tokens per prefill group. Every group stalls the rows decoding and the callers after it, so
@@ -54,6 +54,7 @@ class _Row:
     out: list[int] = field(default_factory=list)  # the tokens handed back so far
     column: int = 0  # the column its next step writes (the host's copy of col[slot])
     unread: int = 0  # launched steps whose token the host has not read
+    saved: tuple | None = None  # a preempted row's keys and values, on the host
 
 
 @dataclass
@@ -280,24 +281,31 @@ class FastDecodeBatch:
         cache.reserve(blocks)
 
     def _preempt(self, key: int) -> None:
+        """The row leaves its blocks, its keys and values copied out to the host (swapped, as vLLM's
+        first scheduler did: recomputing them would round differently from the steps that made them)."""
         row = self.rows.pop(key)
+        row.saved = self.cache.save(self.cache.blocks.held(row.slot))
         self._vacate(row)
         self.parked[key] = row
         self.preempted.append(key)
         self.preemptions += 1
 
     def _resume(self) -> None:
-        """Prefill preempted rows again, oldest first, while slots and blocks allow (their tokens all read)."""
+        """Preempted rows back, oldest first, while slots and blocks allow (once their tokens are all
+        read): their keys and values into new blocks, and on from their next column and token."""
         while self.preempted:
             key = self.preempted[0]
             row = self.parked[key]
-            length = len(row.prompt) + len(row.out) - 1  # the last token is fed by the next step
-            if row.unread or not self._free_slots or not self._blocks_free_for(length + 1):
+            if row.unread or not self._free_slots or not self._blocks_free_for(row.column + 1):
                 return
             self.preempted.popleft()
             del self.parked[key]
             row.slot = self._take_slot()
-            self._prefill_rows([row], [row.prompt + row.out[:-1]])
+            self._grow(row, row.column + 1)
+            self.cache.restore(row.saved, self.cache.blocks.held(row.slot))
+            row.saved = None
+            self.cache.write_rows([row.slot], col=[row.column], positions=[row.column], advance=[1],
+                                  adapters=[row.adapter])
             self._write_sampling([row], tokens=[row.out[-1]], step=[len(row.out)])
             self.rows[key] = row
 
@@ -336,7 +344,7 @@ class FastDecodeBatch:
             row.slot = self._take_slot()
             row.column = len(row.prompt)
         try:
-            logits = self._prefill_rows(rows, [row.prompt for row in rows])
+            logits = self._prefill_rows(rows)
             firsts, values = self._first_tokens(rows, logits)
         except BaseException:
             for row in rows:
@@ -362,29 +370,20 @@ class FastDecodeBatch:
     @staticmethod
     def _first_tokens(rows: list[_Row], logits: torch.Tensor) -> tuple[list[int], list[float]]:
         """Each prefilled row's first token from the sampler (its step 0); the join's one wait."""
-        sampled = None
-        if any(not row.settings.greedy for row in rows):
-            sampled = SamplingRows.of([row.settings for row in rows], [row.seed for row in rows], [0] * len(rows),
-                                      logits.device)
-        tokens, values = choose(logits, sampled)
+        tokens, values = choose(logits, sampling_rows([row.settings for row in rows], [row.seed for row in rows],
+                                                      [0] * len(rows), logits.device))
         return tokens.tolist(), values.float().tolist()
 
-    def _prefill_rows(self, rows: list[_Row], prompts: list[list[int]]) -> torch.Tensor:
+    def _prefill_rows(self, rows: list[_Row]) -> torch.Tensor:
         """Blocks for the prompts' columns (and the next), then their keys and values into them, each
-        row applying its LoRA adapter; the last logits. Raises OutOfBlocks before any work."""
+        row applying its LoRA adapter; the last logits. Raises OutOfBlocks before any work (the
+        caller gives back what the rows took)."""
         engine, cache = self.engine, self.cache
+        prompts = [row.prompt for row in rows]
         if cache.blocks is None:
             cache.reserve(2)
-        taken = []
-        try:
-            for row, prompt in zip(rows, prompts):
-                self._grow(row, len(prompt) + 1)
-                taken.append(row)
-        except OutOfBlocks:
-            for row in taken:
-                cache.blocks.release(row.slot)
-                cache.free_row(row.slot)
-            raise
+        for row in rows:
+            self._grow(row, len(row.prompt) + 1)
         width, w = max(len(p) for p in prompts), engine.weights
         skip = [width - len(p) for p in prompts]
         keys = torch.zeros((len(prompts), w.heads, width, w.head_dim), dtype=w.dtype, device=engine.device)

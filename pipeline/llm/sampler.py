@@ -76,6 +76,14 @@ class SamplingRows:
                    any(s.top_p < 1.0 and not s.greedy for s in settings))
 
 
+def sampling_rows(settings: list[GenerationSettings], seeds: list[int], steps: list[int],
+                  device: torch.device | str) -> SamplingRows | None:
+    """SamplingRows for these rows, or None where every row is greedy (choose takes the argmax)."""
+    if all(s.greedy for s in settings):
+        return None
+    return SamplingRows.of(settings, seeds, steps, device)
+
+
 def seed_of(settings: GenerationSettings) -> int:
     """The seed a row samples with: its own, or a fresh one (greedy rows: 0, never read)."""
     if settings.greedy:

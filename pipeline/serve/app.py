@@ -111,7 +111,7 @@ async def _user_error(request: Request, error: Exception) -> Response:
 
 
 async def _stage_stopped(request: Request, error: StageStopped) -> Response:
-    return JSONResponse({"error": f"{error}; restart the server"}, status_code=503)
+    return JSONResponse({"error": f"{error}; {error.hint}"}, status_code=503)
 
 
 async def _server_error(request: Request, error: Exception) -> Response:

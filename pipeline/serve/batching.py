@@ -36,6 +36,13 @@ _STOP = object()  # queued to end a stage's thread
 
 class StageStopped(RuntimeError):
     """A stage's thread has stopped: the server cannot answer until it is restarted."""
+    hint = "restart the server"
+
+
+class StageFailed(StageStopped):
+    """A stage's thread met an error it did not expect while it held this request: the request is
+    dropped, the stage goes on serving the others."""
+    hint = "try again"
 
 
 class AnswerJob:
@@ -177,7 +184,8 @@ class AnswerScheduler:
                 except Exception as error:  # noqa: BLE001 - one request's trouble, not the server's
                     log.exception("the %s thread met an error; its rows fail and it goes on", self.thread.name)
                     try:
-                        self._fail_held(error)
+                        self._fail_held(StageFailed(
+                            f"the {self.thread.name} stage met an error ({type(error).__name__}) and dropped this request"))
                     except BaseException:  # noqa: BLE001 - cannot even recover: stop, loudly, hang nobody
                         break
                 except BaseException:  # noqa: BLE001 - a dead engine thread must be loud and hang nobody

@@ -105,11 +105,11 @@ def test_a_failed_prefill_leaves_no_row_behind(engine, monkeypatch):
     (kept, _), = batch.add([(SHORT, greedy(5))])
     calls = []
 
-    def failing(prompts, *rest):
-        calls.append(len(prompts))
+    def failing(rows):
+        calls.append(len(rows))
         if len(calls) == 2:  # the second group of this add
             raise RuntimeError("the GPU fell over")
-        return prefill(prompts, *rest)
+        return prefill(rows)
 
     prefill = batch._prefill_rows
     monkeypatch.setattr(batch, "_prefill_rows", failing)

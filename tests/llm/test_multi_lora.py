@@ -106,9 +106,9 @@ def test_groups_of_base_and_adapter_rows_join_a_running_fast_batch_each_as_its_m
     prefilled = []  # the adapters of each prefill group
     prefill = batch._prefill_rows
 
-    def recording(rows, prompts):
+    def recording(rows):
         prefilled.append(sorted(row.adapter for row in rows))
-        return prefill(rows, prompts)
+        return prefill(rows)
 
     monkeypatch.setattr(batch, "_prefill_rows", recording)
     # (model, question) pairs by the step before which they join: every pair once
