@@ -103,14 +103,8 @@ def test_a_burst_of_200_mixed_requests_against_a_64_row_batch_all_complete(engin
     assert scheduler.mode == "continuous" and scheduler.decode_batch.max_rows == 64
 
     async def answer(job):
-        count = 0
-        while True:
-            kind, value = await job.events.get()
-            if kind == "error":
-                raise value
-            if kind == "end":
-                return count, value
-            count += 1
+        count = sum([len(tokens) async for tokens in job])
+        return count, job.eos
 
     async def run():
         loop = asyncio.get_running_loop()
