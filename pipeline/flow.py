@@ -120,10 +120,15 @@ class Wording:
 class Report:
     """What a result reports and how its errors read, decided by the caller once."""
 
-    models: dict[str, str]  # the result's "models"; models["llm"] is the question event's "model"
+    # The result's "models" (models["llm"] is the question event's "model"); a function that gives
+    # them is called once the answer stage is reached (an answer model may still be loading before).
+    models: dict[str, str] | Callable[[], dict[str, str]]
     mt_backend: str
     wording: Wording = Wording()
     observe: Callable[[str, float], None] = lambda stage, seconds: None  # each stage's time
+
+    def model_names(self) -> dict[str, str]:
+        return dict(self.models() if callable(self.models) else self.models)
 
 
 class _Clock:
@@ -142,7 +147,9 @@ class _Clock:
 
 
 def compose(question: Question, answerer, report: Report) -> Flow:
-    """One question through the pipeline (see the module's docstring for the protocol)."""
+    """One question through the pipeline (see the module's docstring for the protocol). `answerer`
+    (llm/answerer.py's Answerer) may be given as a function that returns it, called once the answer
+    stage is reached: a lean load's weights go on loading while the question is translated."""
     clock = _Clock(report.observe)
     text = check_question(question.text)
     lang = report.wording.supported(question.source_lang or detect_language(text))
@@ -152,12 +159,12 @@ def compose(question: Question, answerer, report: Report) -> Flow:
     if lang == "ja":
         question_en = (yield Translate("en", [text], question.beams)).texts[0]
     clock.lap("translate_question")
-    settings = question.settings
+    settings, answerer, models = question.settings, _now(answerer), report.model_names()
     try:
         prompt = answerer.encode(question_en, settings.max_new_tokens)
     except InputTooLongError as error:
         raise report.wording.too_long(error, answerer.max_positions) from None
-    yield Event("question", {"source_lang": lang, "question_en": question_en, "model": report.models["llm"],
+    yield Event("question", {"source_lang": lang, "question_en": question_en, "model": models["llm"],
                              "prompt_tokens": len(prompt)})
 
     answer = yield from _answer(answerer, question_en, prompt, settings)
@@ -172,10 +179,14 @@ def compose(question: Question, answerer, report: Report) -> Flow:
         yield Event("japanese", {"text": sentence, "index": index})
     clock.lap("translate_answer")
     result = QAResult(source_lang=lang, question_en=question_en, question_ja=question_ja, answer_en=answer.text,
-                      answer_ja=answer_ja, finish_reason=answer.finish_reason, models=dict(report.models),
+                      answer_ja=answer_ja, finish_reason=answer.finish_reason, models=models,
                       timings=clock.total(), engine=answerer.engine.name, mt_backend=report.mt_backend,
                       generated_tokens=answer.generated_tokens, raw=settings.raw)
     yield Event("result", result.to_dict())
+
+
+def _now(answerer):
+    return answerer() if callable(answerer) else answerer
 
 
 def _answer(answerer, question_en: str, prompt: list[int], settings: GenerationSettings):
@@ -361,11 +372,16 @@ def translated(translator, plan, pieces: list[str], sentences: bool) -> Translat
 
 @dataclass
 class LocalStages:
-    """The stages in this process: two Translators and an answer engine, called directly."""
+    """The stages in this process: two Translators and an Answerer's engine, called directly
+    (`answerer` may be a function that returns it, as for `compose`)."""
 
     ja_en: Any
     en_ja: Any
-    engine: Any
+    answerer: Any
+
+    @property
+    def engine(self):
+        return _now(self.answerer).engine
 
     def translate(self, request: Translate) -> Translated:
         return self.translate_all([request])[0]

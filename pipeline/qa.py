@@ -135,16 +135,17 @@ class BilingualQA:
     def flow(self, question: Question, *, models: dict[str, str] | None = None, wording: Wording | None = None,
              observe: Callable[[str, float], None] | None = None) -> Flow:
         """The composition of this pipeline's stages for `question` (flow.compose), reporting
-        `models` (default: this pipeline's) with errors in `wording`'s words (default: the CLI's)."""
-        report = Report(self.models if models is None else models, self.ja_en.backend.name,
+        `models` (default: this pipeline's) with errors in `wording`'s words (default: the CLI's).
+        The answer model is taken when the answer stage is reached (it may still be loading)."""
+        report = Report((lambda: self.models) if models is None else models, self.ja_en.backend.name,
                         **({"wording": wording} if wording is not None else {}),
                         **({"observe": observe} if observe is not None else {}))
-        return compose(question, self.answerer, report)
+        return compose(question, lambda: self.answerer, report)
 
     @property
     def stages(self) -> LocalStages:
         """This process's stages, as the flow's drivers call them."""
-        return LocalStages(self.ja_en, self.en_ja, self.answerer.engine)
+        return LocalStages(self.ja_en, self.en_ja, lambda: self.answerer)
 
     def result(self, source_lang: str, question_en: str, question_ja: str, answer: AnswerText, answer_ja: str,
                timings: dict[str, float], raw: bool = False) -> QAResult:
