@@ -2,7 +2,8 @@
 the Python API (`ask`, `ask_batch`, the streamed events), the command line (`ask`, `ask --stream`,
 `ask --batch`, `compare`) and a server (`/v1/ask` whole and streamed, `/v1/chat/completions`, with
 continuous and micro batching; `ask --server`, `ask --batch --server`), greedy and seeded sampling,
-on the tiny checkpoints with the transformers engine on the CPU.
+on the tiny checkpoints on the CPU: every route with the transformers engine, the Python API and a
+server with the fast engine (graphs off).
 
 Every route is held to `BilingualQA.ask`. A seeded sample drawn in a batch beside other questions
 (`ask_batch`, `ask --batch`) differs today from the same question drawn alone: those cases are marked
@@ -205,3 +206,56 @@ def test_ask_and_ask_batch_through_a_server_give_what_ask_gives(server_url, expe
     for row, question in zip(map(json.loads, output.read_text("utf-8").splitlines()), QUESTIONS):
         assert comparable({key: value for key, value in row.items() if key != "question"}) == \
             expected[settings, question]
+
+
+# ---- the fast engine (graphs off, on the CPU) -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fast_qa(qa, tiny_phi2_dir):
+    """The same pipeline with FastPhiEngine answering (its own copy of the weights: it stacks them)."""
+    import torch
+    from transformers import PhiForCausalLM
+
+    from pipeline import BilingualQA
+    from pipeline.llm.answerer import Answerer
+    from pipeline.llm.fast_engine import FastPhiEngine
+
+    model = PhiForCausalLM.from_pretrained(tiny_phi2_dir, dtype=torch.float32).eval()
+    engine = FastPhiEngine(model, qa.answerer.engine.eos_token_id, use_graphs=False, use_triton=False,
+                           max_seq_len=512)
+    return BilingualQA(Answerer(model, qa.answerer.tokenizer, engine, qa.answerer.name), qa.ja_en, qa.en_ja,
+                       spec=qa.spec)
+
+
+@sampling()
+def test_the_fast_engine_streams_what_it_answers_whole(fast_qa, settings):
+    for question in QUESTIONS:
+        whole = comparable(fast_qa.ask(question, settings=settings).to_dict())
+        assert whole["engine"] == "fast"
+        assert comparable(list(fast_qa.ask_events(question, settings=settings))[-1].data) == whole
+
+
+@sampling(NEEDS_ONE_SAMPLER)
+def test_the_fast_engine_answers_in_a_batch_what_it_answers_alone(fast_qa, settings):
+    results = fast_qa.ask_batch([QUESTIONS[0], "How do banks make money?", QUESTIONS[1]], settings=settings)
+    assert [comparable(results[i].to_dict()) for i in (0, 2)] == \
+        [comparable(fast_qa.ask(question, settings=settings).to_dict()) for question in QUESTIONS]
+
+
+@pytest.mark.parametrize("batching", ["continuous", "micro"])
+@sampling()
+def test_a_server_on_the_fast_engine_gives_what_it_answers_in_process(fast_qa, settings, batching):
+    from starlette.testclient import TestClient
+
+    from pipeline.serve.app import ServerConfig, create_app
+    from pipeline.serve.models import ModelRegistry
+
+    registry = ModelRegistry({fast_qa.answerer.name: fast_qa}, max_rows=8, batching=batching)
+    try:
+        with TestClient(create_app(registry, ServerConfig(api_key=KEY)), raise_server_exceptions=False) as client:
+            for question in QUESTIONS:
+                reply = client.post("/v1/ask", json=fields(question, settings), headers=AUTH)
+                assert reply.status_code == 200, reply.text
+                assert comparable(reply.json()) == comparable(fast_qa.ask(question, settings=settings).to_dict())
+    finally:
+        registry.close()
