@@ -134,7 +134,7 @@ def small_kernel_warps(model, engine, batches: list[int], length: int) -> None:
     """Warps for the small kernels: the layer norm (whole decode steps) and the rotary (the prefill)."""
     from llm_decode import prompts_for, wall
 
-    from pipeline.llm.engine import GenerationSettings
+    from pipeline.spec import GenerationSettings
 
     for rows in batches:
         step_variants(engine, rows, length, {f"layer norm, {n} warps": {"norm_warps": n} for n in (1, 2, 4, 8, 16)})

@@ -54,7 +54,6 @@ class DecodeBatch(Protocol):
     def warm(self) -> None: ...
 
 
-from pipeline.spec import BATCHING_CHOICES  # noqa: E402,F401 - the CLI reads it there
 
 
 def open_decode_batch(engine, max_rows: int = 64, batching: str = "auto") -> DecodeBatch | None:

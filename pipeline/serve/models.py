@@ -22,7 +22,7 @@ from pipeline.errors import SettingsError
 from pipeline.llm.answerer import Answerer
 from pipeline.llm.models import LLMSource, resolve_llm
 from pipeline.llm.multi_lora import unshareable_reason
-from pipeline.loading import status
+from pipeline.quiet import status
 from pipeline.qa import BilingualQA, model_names
 from pipeline.serve.batching import AnswerScheduler
 from pipeline.serve.translation import TranslationBatcher

@@ -40,7 +40,7 @@ def engine():
 
 
 def settings(tokens: int):
-    from pipeline.llm.engine import GenerationSettings
+    from pipeline.spec import GenerationSettings
 
     return GenerationSettings(max_new_tokens=tokens)
 
@@ -92,7 +92,7 @@ def test_rows_of_20_to_1800_tokens_joining_and_leaving_a_64_row_batch_decode_as_
 
 
 def test_a_burst_of_200_mixed_requests_against_a_64_row_batch_all_complete(engine):
-    from pipeline.llm.engine import GenerationSettings
+    from pipeline.spec import GenerationSettings
     from pipeline.serve.batching import AnswerJob, AnswerScheduler
 
     rng = random.Random(9)
