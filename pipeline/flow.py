@@ -229,8 +229,9 @@ def _stage(request: Request) -> int:
 
 def run_one(flow: Flow, stages) -> Iterator[Event]:
     """The events of one composition, each stage called in turn: `stages.translate(Translate)` ->
-    Translated, `stages.stream(Answer)` -> an iterator of ids (closed once the answer is over)."""
-    reply, tokens, count = None, None, 0
+    Translated, `stages.answer(Answer)` -> a source with `next()` -> Tokens and `close()` (called once
+    the answer is over)."""
+    reply, source = None, None
     try:
         while True:
             try:
@@ -240,27 +241,20 @@ def run_one(flow: Flow, stages) -> Iterator[Event]:
             reply = None
             if isinstance(item, Event):
                 yield item
-                continue
-            if isinstance(item, Answer):
-                tokens, count, settings = stages.stream(item), 0, item.settings
-            if isinstance(item, (Answer, NextTokens)):
-                token = next(tokens, None)
-                count += token is not None
-                # A stream ends at end-of-text (never yielded), a stop or the length: short of the
-                # length and not stopped (the finish checks that first) means end-of-text.
-                reply = Tokens([token]) if token is not None else \
-                    Tokens([], ended=True, eos=count < settings.max_new_tokens)
-                continue
-            tokens = _closed(tokens)
-            reply = stages.translate(item)
+            elif isinstance(item, (Answer, NextTokens)):
+                source = stages.answer(item) if isinstance(item, Answer) else source
+                reply = source.next()
+            else:
+                source = _closed(source)
+                reply = stages.translate(item)
     finally:
-        _closed(tokens)
+        _closed(source)
         flow.close()
 
 
-def _closed(tokens) -> None:
-    if tokens is not None and hasattr(tokens, "close"):
-        tokens.close()
+def _closed(source) -> None:
+    if source is not None:
+        source.close()
     return None
 
 
@@ -281,7 +275,8 @@ def run_together(flows: list[Flow], stages, on_event: Callable[[int, Event], Non
         if not waiting:
             break
         first = min(_stage(request) for request in waiting.values())
-        chosen = {index: request for index, request in waiting.items() if _stage(request) == first}
+        # In the questions' order, as each batch always was (a seeded sample depends on its row).
+        chosen = {index: waiting[index] for index in sorted(waiting) if _stage(waiting[index]) == first}
         for index in chosen:
             del waiting[index]
         for group in _groups(chosen):
@@ -400,9 +395,11 @@ class LocalStages:
             at += count
         return out
 
-    def stream(self, request: Answer) -> Iterator[int]:
+    def answer(self, request: Answer) -> "TokenStream":
+        """The engine's stream of the answer's ids, one reply per id (what a terminal shows)."""
         adapter = {"adapter": request.adapter} if request.adapter else {}
-        return self.engine.stream(request.prompt, request.settings, request.stop_check, **adapter)
+        return TokenStream(self.engine.stream(request.prompt, request.settings, request.stop_check, **adapter),
+                           request.settings.max_new_tokens)
 
     def generate(self, requests: list[Answer]) -> list[Tokens]:
         """Answer requests of one settings as one batch; each row whole."""
@@ -413,3 +410,24 @@ class LocalStages:
         rows = self.engine.generate([request.prompt for request in requests], requests[0].settings, check,
                                     **({"adapters": adapters} if any(adapters) else {}))
         return [Tokens(row.token_ids, ended=True, eos=row.finish_reason == "eos", whole=True) for row in rows]
+
+
+class TokenStream:
+    """An engine's iterator of generated ids, read as the composition reads an answer."""
+
+    def __init__(self, ids: Iterator[int], max_new_tokens: int):
+        self.ids, self.max_new_tokens, self.count = ids, max_new_tokens, 0
+
+    def next(self) -> Tokens:
+        token = next(self.ids, None)
+        if token is None:
+            # A stream ends at end-of-text (never yielded), a stop or the length. Short of the length
+            # it is end-of-text or a stop, and the finish checks for a stop first.
+            return Tokens([], ended=True, eos=self.count < self.max_new_tokens)
+        self.count += 1
+        return Tokens([token])
+
+    def close(self) -> None:
+        close = getattr(self.ids, "close", None)  # a generator stops its engine's work when closed
+        if close is not None:
+            close()
