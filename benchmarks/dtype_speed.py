@@ -22,7 +22,7 @@ import torch
 
 from llm_decode import EOS, build_model, prompts_for, wall
 
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.llm.hardware import plan, probe
 

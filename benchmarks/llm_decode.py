@@ -28,7 +28,7 @@ import torch
 
 
 from pipeline.llm.decode_config import DEFAULT_DECODE
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 
 EOS = 50256

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")

@@ -28,7 +28,7 @@ from typing import Callable
 
 from pipeline.gpu_gate import GATE
 from pipeline.llm.continuous import open_decode_batch
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 
 log = logging.getLogger("bilingual_qa.serve")
 _STOP = object()  # queued to end a stage's thread
@@ -46,7 +46,10 @@ class StageFailed(StageStopped):
 
 
 class AnswerJob:
-    """One question's generation: its tokens arrive on `events` as ("token", id), then ("end", eos)."""
+    """One question's generation. The scheduler hands it tokens (`push`), then its end (`end(eos)`)
+    or a failure (`fail`); the caller reads it as an async iterator: each step, every id that has
+    arrived (a list), until the end (`eos` then tells whether it came at end-of-text). A failure is
+    raised to the reader."""
 
     def __init__(self, prompt: list[int], settings: GenerationSettings, loop: asyncio.AbstractEventLoop,
                  stop_check: Callable | None = None, adapter: int = 0):
@@ -55,10 +58,12 @@ class AnswerJob:
         self.settings = settings
         self.stop_check = stop_check  # used where the engine generates whole rows (micro-batching)
         self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.events: asyncio.Queue = asyncio.Queue()  # what the scheduler handed over, not yet read
         self.cancelled = False
         self.count = 0
         self.outbox: list | None = None  # set by a scheduler that hands a step's events over at once
+        self.finished = False  # the end has been read
+        self.eos = False
 
     def _put(self, item) -> None:
         if self.outbox is not None:
@@ -68,17 +73,43 @@ class AnswerJob:
 
     def push(self, token: int) -> None:
         self.count += 1
-        self._put(("token", token))
+        self._put((_TOKEN, token))
 
     def end(self, eos: bool) -> None:
-        self._put(("end", eos))
+        self._put((_END, eos))
 
     def fail(self, error: BaseException) -> None:
-        self._put(("error", error))
+        self._put((_ERROR, error))
 
     def cancel(self) -> None:
         """The caller is gone or has what it needs: the row is freed at the next step."""
         self.cancelled = True
+
+    def __aiter__(self) -> "AnswerJob":
+        return self
+
+    async def __anext__(self) -> list[int]:
+        """The ids that arrived since the last read, all of them: under load the caller's loop falls
+        behind the decode steps and then takes fewer, longer pieces instead of falling further behind."""
+        if self.finished:
+            raise StopAsyncIteration
+        items = [await self.events.get()]
+        while not self.events.empty():
+            items.append(self.events.get_nowait())
+        tokens = []
+        for kind, value in items:
+            if kind == _ERROR:
+                raise value
+            if kind == _END:
+                self.finished, self.eos = True, value
+                break
+            tokens.append(value)
+        if not tokens and self.finished:
+            raise StopAsyncIteration
+        return tokens
+
+
+_TOKEN, _END, _ERROR = "token", "end", "error"  # what a job's queue holds: (kind, value)
 
 
 def _hand_over(outbox: list) -> None:

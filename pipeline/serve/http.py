@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 
 from pipeline.errors import BilingualQAError
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.models import ModelRegistry
 from pipeline.serve.service import Service

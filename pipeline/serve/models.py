@@ -23,7 +23,8 @@ from pipeline.llm.answerer import Answerer
 from pipeline.llm.memory import DEFAULT_GPU_MEMORY, limit_process
 from pipeline.llm.models import LLMSource, resolve_llm
 from pipeline.llm.multi_lora import unshareable_reason
-from pipeline.loading import resolve_device, status
+from pipeline.loading import resolve_device
+from pipeline.quiet import status
 from pipeline.qa import BilingualQA, model_names
 from pipeline.serve.batching import AnswerScheduler
 from pipeline.serve.translation import TranslationBatcher

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputTooLongError
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_batch import FastDecodeBatch
 from pipeline.llm.fast_engine import FastPhiEngine
 

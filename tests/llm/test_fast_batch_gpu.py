@@ -40,7 +40,7 @@ def engine():
 
 
 def settings(tokens: int, **sampling):
-    from pipeline.llm.engine import GenerationSettings
+    from pipeline.spec import GenerationSettings
 
     return GenerationSettings(max_new_tokens=tokens, **sampling)
 
@@ -95,7 +95,7 @@ def test_rows_of_20_to_1800_tokens_joining_and_leaving_a_64_row_batch_decode_as_
 
 
 def test_a_burst_of_200_mixed_requests_against_a_64_row_batch_all_complete(engine):
-    from pipeline.llm.engine import GenerationSettings
+    from pipeline.spec import GenerationSettings
     from pipeline.serve.batching import AnswerJob, AnswerScheduler
 
     rng = random.Random(9)
@@ -106,14 +106,8 @@ def test_a_burst_of_200_mixed_requests_against_a_64_row_batch_all_complete(engin
     assert scheduler.mode == "continuous" and scheduler.decode_batch.max_rows == 64
 
     async def answer(job):
-        count = 0
-        while True:
-            kind, value = await job.events.get()
-            if kind == "error":
-                raise value
-            if kind == "end":
-                return count, value
-            count += 1
+        count = sum([len(tokens) async for tokens in job])
+        return count, job.eos
 
     async def run():
         loop = asyncio.get_running_loop()

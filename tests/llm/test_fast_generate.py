@@ -14,7 +14,8 @@ from dataclasses import replace
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.llm.decode_config import DEFAULT_DECODE
 from pipeline.llm.fast_engine import FastPhiEngine
-from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationSettings, TransformersEngine
+from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, TransformersEngine
+from pipeline.spec import GenerationSettings
 
 PROMPTS = [[5, 17, 99, 3], [42] * 11, list(range(100, 140)), [7], [300, 12, 12, 450, 8, 1, 77]]
 GREEDY = GenerationSettings(max_new_tokens=24)

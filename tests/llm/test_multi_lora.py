@@ -10,7 +10,7 @@ import torch
 
 from pipeline.llm.answerer import Answerer
 from pipeline.llm.decode_config import DEFAULT_DECODE
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.llm.models import resolve_llm
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.serve.batching import AnswerJob, AnswerScheduler
 
@@ -25,15 +25,7 @@ def engine(tiny_phi2_dir):
 
 
 async def answer(job: AnswerJob) -> list[int]:
-    tokens = []
-    while True:
-        kind, value = await job.events.get()
-        if kind == "token":
-            tokens.append(value)
-        elif kind == "end":
-            return tokens
-        else:
-            raise value
+    return [token async for tokens in job for token in tokens]
 
 
 def burst(count: int, seed: int) -> list[tuple[list[int], GenerationSettings]]:
