@@ -14,6 +14,9 @@ the directory's name for a local directory, else the hub id as given), never a p
 
 from __future__ import annotations
 
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -80,6 +83,9 @@ class ModelRegistry:
         self.translator_names = {"ja_en": served_name(first.ja_en.name), "en_ja": served_name(first.en_ja.name)}
         self.ja_en = TranslationBatcher(first.ja_en)
         self.en_ja = TranslationBatcher(first.en_ja)
+        # Language detection of long texts (/detect, /translate's auto): one thread of its own, so a
+        # flood of it waits there, not in the pool other work uses (langdetect runs one call at a time).
+        self.detector = ThreadPoolExecutor(1, thread_name_prefix="detect")
         # One scheduler per engine: a base and its attached adapters share one (one batch).
         by_engine: dict[int, AnswerScheduler] = {}
         self.schedulers = {}
@@ -157,16 +163,28 @@ class ModelRegistry:
                 return other
         return served_name(answerer.base_name)
 
+    async def detecting(self, call: Callable, *args):
+        """`call(*args)` (language detection) on the detection thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.detector, call, *args)
+
     def stopped_stages(self) -> list[str]:
         """The stage threads that have stopped (none until close(), unless one died)."""
         threads = [*self.ja_en.threads, *self.en_ja.threads, *(s.thread for s in self.schedulers.values())]
         return [thread.name for thread in threads if not thread.is_alive()]
 
-    def close(self) -> None:
-        for scheduler in {id(s): s for s in self.schedulers.values()}.values():
+    def close(self, idle_wait: float = 0.5) -> None:
+        """Stop every stage thread. A scheduler decodes the rows it still holds to their end when it
+        stops, so the rows of callers cut at shutdown (cancelled, dropped at its next step) are first
+        given up to `idle_wait` seconds to leave."""
+        schedulers = list({id(s): s for s in self.schedulers.values()}.values())
+        deadline = time.monotonic() + idle_wait
+        while any(s.running_rows for s in schedulers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for scheduler in schedulers:
             scheduler.close()
         self.ja_en.close()
         self.en_ja.close()
+        self.detector.shutdown(wait=False, cancel_futures=True)
 
 
 def families(sources: dict[str, LLMSource]) -> list[list[str]]:

@@ -111,7 +111,7 @@ class Service:
         """Each text in `target` (copied where it already is) and each text's detected language."""
         if target not in LANGUAGE_NAMES:
             raise BilingualQAError(f"target must be 'ja' or 'en', not '{target}'")
-        detected = await asyncio.to_thread(_detect_each, texts, source)  # long texts: off the event loop
+        detected = await self.models.detecting(_detect_each, texts, source)  # long texts: off the event loop
         todo = [index for index, found in enumerate(detected) if found["language"] != target]
         batcher = self.models.ja_en if target == "en" else self.models.en_ja
         out = list(texts)

@@ -21,6 +21,8 @@ BOUNDARY = re.compile(r"(?<=[。！？．])[」』）)\"'”’]*\s*|(?<=[.!?])[
 ABBREVIATIONS = re.compile(
     r"(?:\b(?:e\.g|i\.e|etc|vs|Mr|Mrs|Ms|Dr|Prof|St|No|Inc|Ltd|Co|Jr|Sr|U\.S|a\.m|p\.m|approx|Fig|cf)\.|\b[A-Z]\.)$"
 )
+# Enough of a sentence's end for ABBREVIATIONS: its longest word ("approx.") and the character before it.
+ABBREVIATION_TAIL = 16
 SEPARATOR = {"en": " ", "ja": ""}
 
 
@@ -47,14 +49,18 @@ def split_sentences(text: str) -> list[str]:
 
 
 def _merge_false_breaks(pieces: list[str]) -> list[str]:
-    """Undo breaks after an abbreviation or an initial, or before a lowercase word."""
-    merged: list[str] = []
+    """Undo breaks after an abbreviation or an initial, or before a lowercase word.
+
+    Linear in the text: a sentence is gathered as a list of pieces and joined once, and only the end
+    of its last piece is searched for an abbreviation (ABBREVIATIONS is anchored at the end). Joining
+    and searching the growing sentence took minutes on a document of lowercase "sentences"."""
+    merged: list[list[str]] = []
     for piece in pieces:
-        if merged and (ABBREVIATIONS.search(merged[-1]) or piece[0].islower()):
-            merged[-1] = f"{merged[-1]} {piece}"
+        if merged and (ABBREVIATIONS.search(merged[-1][-1][-ABBREVIATION_TAIL:]) or piece[0].islower()):
+            merged[-1].append(piece)
         else:
-            merged.append(piece)
-    return merged
+            merged.append([piece])
+    return [" ".join(parts) for parts in merged]
 
 
 def _plan_prose_line(line: str, layout: Layout) -> None:
@@ -121,31 +127,52 @@ def rebuild(layout: Layout, translations: Iterable[str], target_lang: str) -> st
     return "".join(out)
 
 
-def split_to_fit(sentence: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
+def split_to_fit(sentence: str, max_tokens: int, count_tokens: Callable[[str], int],
+                 count_each: Callable[[list[str]], list[int]] | None = None) -> list[str]:
     """Pieces of an over-long sentence that each fit the model, cut at commas, then at spaces,
-    then anywhere; never silently truncated."""
+    then anywhere; never silently truncated. `count_each` counts many texts in one call (a
+    tokenizer's batch), else `count_tokens` counts them one by one."""
     if count_tokens(sentence) <= max_tokens:
         return [sentence]
     for cut in (re.compile(r"(?<=[,;:、，；：])"), re.compile(r"(?<=\s)")):
         parts = [p for p in cut.split(sentence) if p.strip()]
         if len(parts) > 1:
-            return _pack(parts, max_tokens, count_tokens)
+            counts = count_each(parts) if count_each else [count_tokens(part) for part in parts]
+            return _pack(parts, counts, max_tokens, count_tokens, count_each)
     half = len(sentence) // 2
-    return split_to_fit(sentence[:half], max_tokens, count_tokens) + split_to_fit(sentence[half:], max_tokens, count_tokens)
+    return (split_to_fit(sentence[:half], max_tokens, count_tokens, count_each)
+            + split_to_fit(sentence[half:], max_tokens, count_tokens, count_each))
 
 
-def _pack(parts: list[str], max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
-    """Greedily join consecutive parts while they fit; split any part that alone does not."""
+def _pack(parts: list[str], counts: list[int], max_tokens: int, count_tokens: Callable[[str], int],
+          count_each: Callable[[list[str]], list[int]] | None) -> list[str]:
+    """Greedily join consecutive parts while their tokens fit; split any part that alone does not.
+
+    Each part is counted once and the counts added (counting the growing piece again at every part
+    made a document without sentence breaks quadratic: seconds of a shared tokenizer); a joined piece
+    is then counted whole, since joining can tokenise differently, and halved if it does not fit."""
     pieces: list[str] = []
-    current = ""
-    for part in parts:
-        if current and count_tokens(current + part) > max_tokens:
-            pieces.append(current.strip())
-            current = ""
-        if not current and count_tokens(part) > max_tokens:
-            pieces.extend(split_to_fit(part, max_tokens, count_tokens))
+    group: list[str] = []
+    total = 0
+    for part, count in zip(parts, counts):
+        if group and total + count > max_tokens:
+            pieces.extend(_fitted(group, max_tokens, count_tokens))
+            group, total = [], 0
+        if not group and count > max_tokens:
+            pieces.extend(split_to_fit(part, max_tokens, count_tokens, count_each))
             continue
-        current += part
-    if current.strip():
-        pieces.append(current.strip())
+        group.append(part)
+        total += count
+    pieces.extend(_fitted(group, max_tokens, count_tokens))
     return pieces
+
+
+def _fitted(group: list[str], max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
+    """`group` joined as one piece if it fits counted whole, else its halves, each checked so."""
+    text = "".join(group).strip()
+    if not text:
+        return []
+    if len(group) == 1 or count_tokens(text) <= max_tokens:
+        return [text]
+    half = len(group) // 2
+    return _fitted(group[:half], max_tokens, count_tokens) + _fitted(group[half:], max_tokens, count_tokens)
