@@ -187,6 +187,7 @@ class Soak:
 
 def run(args) -> dict:
     from pipeline.checkpoints import build_tiny_marian, build_tiny_phi2
+    from pipeline.serve.ready import ServerNotReady, wait_until_ready
 
     root = Path(tempfile.mkdtemp(prefix="serve-soak-"))
     models = ["--llm", str(build_tiny_phi2(root / "phi-2")), "--ja-en", str(build_tiny_marian(root / "opus-mt-ja-en",
@@ -197,15 +198,11 @@ def run(args) -> dict:
     server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port), "--device", "cpu",
                                "--engine", "transformers", "--mt-backend", "transformers",
                                *models], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 180
-    while True:
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise SystemExit(f"the server did not come up: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
+    try:
+        wait_until_ready(url, process=server, timeout=180)
+    except ServerNotReady as error:
+        server.kill()
+        raise SystemExit(f"{error}: {(root / 'server.log').read_text()[-2000:]}") from None
     soak = Soak(url, args.seed)
     rss = [(0.0, rss_mib(server.pid))]
     began = time.monotonic()

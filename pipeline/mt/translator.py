@@ -153,10 +153,6 @@ class Translator:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def count_each(self, texts: list[str]) -> list[int]:
-        """`count_tokens` of each text, in one call of the tokenizer."""
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
     def translate(self, texts: list[str], progress: Callable[[int, int], None] | None = None) -> list[str]:
         """Translate each text, keeping paragraphs, line breaks, list markers and code as they are.
 
@@ -178,7 +174,7 @@ class Translator:
                 pieces_per_sentence.append(1)
                 encoded.append(ids)
             else:
-                pieces = split_to_fit(sentence, MAX_SENTENCE_TOKENS, self.count_tokens, self.count_each)
+                pieces = split_to_fit(sentence, MAX_SENTENCE_TOKENS, self.count_tokens)
                 pieces_per_sentence.append(len(pieces))
                 encoded.extend(self._encode(pieces))
         return TranslationPlan(layouts, sentences, known, missing, pieces_per_sentence, encoded, num_beams)

@@ -8,6 +8,7 @@ language's sentence separator (a space in English, nothing in Japanese) and rest
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Union
@@ -24,6 +25,7 @@ ABBREVIATIONS = re.compile(
 # Enough of a sentence's end for ABBREVIATIONS: its longest word ("approx.") and the character before it.
 ABBREVIATION_TAIL = 16
 SEPARATOR = {"en": " ", "ja": ""}
+PACK_SHARE = 0.9  # an over-long sentence's pieces aim at this share of the model's limit
 
 
 @dataclass
@@ -127,52 +129,37 @@ def rebuild(layout: Layout, translations: Iterable[str], target_lang: str) -> st
     return "".join(out)
 
 
-def split_to_fit(sentence: str, max_tokens: int, count_tokens: Callable[[str], int],
-                 count_each: Callable[[list[str]], list[int]] | None = None) -> list[str]:
+def split_to_fit(sentence: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
     """Pieces of an over-long sentence that each fit the model, cut at commas, then at spaces,
-    then anywhere; never silently truncated. `count_each` counts many texts in one call (a
-    tokenizer's batch), else `count_tokens` counts them one by one."""
-    if count_tokens(sentence) <= max_tokens:
+    then anywhere; never silently truncated."""
+    tokens = count_tokens(sentence)
+    if tokens <= max_tokens:
         return [sentence]
     for cut in (re.compile(r"(?<=[,;:、，；：])"), re.compile(r"(?<=\s)")):
         parts = [p for p in cut.split(sentence) if p.strip()]
         if len(parts) > 1:
-            counts = count_each(parts) if count_each else [count_tokens(part) for part in parts]
-            return _pack(parts, counts, max_tokens, count_tokens, count_each)
-    half = len(sentence) // 2
-    return (split_to_fit(sentence[:half], max_tokens, count_tokens, count_each)
-            + split_to_fit(sentence[half:], max_tokens, count_tokens, count_each))
+            # Joined by characters, at the sentence's own characters per token (with room to spare),
+            # then each piece counted: a few hundred counts for a 200 KB "sentence", where counting
+            # the growing piece at every part took seconds of a tokenizer the server shares.
+            budget = max(1, int(len(sentence) * max_tokens * PACK_SHARE / tokens))
+            return [fitted for piece in _pack(parts, budget)
+                    for fitted in split_to_fit(piece, max_tokens, count_tokens)]
+    # No place to cut: equal spans, as many as its tokens need (each counted again, cut again if over).
+    spans = max(2, math.ceil(tokens / (max_tokens * PACK_SHARE)))
+    size = math.ceil(len(sentence) / spans)
+    return [fitted for start in range(0, len(sentence), size)
+            for fitted in split_to_fit(sentence[start:start + size], max_tokens, count_tokens)]
 
 
-def _pack(parts: list[str], counts: list[int], max_tokens: int, count_tokens: Callable[[str], int],
-          count_each: Callable[[list[str]], list[int]] | None) -> list[str]:
-    """Greedily join consecutive parts while their tokens fit; split any part that alone does not.
-
-    Each part is counted once and the counts added (counting the growing piece again at every part
-    made a document without sentence breaks quadratic: seconds of a shared tokenizer); a joined piece
-    is then counted whole, since joining can tokenise differently, and halved if it does not fit."""
+def _pack(parts: list[str], budget: int) -> list[str]:
+    """Consecutive parts joined while they stay within `budget` characters (a longer part alone)."""
     pieces: list[str] = []
-    group: list[str] = []
-    total = 0
-    for part, count in zip(parts, counts):
-        if group and total + count > max_tokens:
-            pieces.extend(_fitted(group, max_tokens, count_tokens))
-            group, total = [], 0
-        if not group and count > max_tokens:
-            pieces.extend(split_to_fit(part, max_tokens, count_tokens, count_each))
-            continue
-        group.append(part)
-        total += count
-    pieces.extend(_fitted(group, max_tokens, count_tokens))
+    current = ""
+    for part in parts:
+        if current and len(current) + len(part) > budget:
+            pieces.append(current.strip())
+            current = ""
+        current += part
+    if current.strip():
+        pieces.append(current.strip())
     return pieces
-
-
-def _fitted(group: list[str], max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
-    """`group` joined as one piece if it fits counted whole, else its halves, each checked so."""
-    text = "".join(group).strip()
-    if not text:
-        return []
-    if len(group) == 1 or count_tokens(text) <= max_tokens:
-        return [text]
-    half = len(group) // 2
-    return _fitted(group[:half], max_tokens, count_tokens) + _fitted(group[half:], max_tokens, count_tokens)

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipeline.serve.ready import wait_until_ready
 from serve_support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,15 +28,8 @@ def start_serve(model_args: list[str], *options: str) -> tuple[subprocess.Popen,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert time.monotonic() < deadline and proc.poll() is None, "the server did not come up"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
+    wait_until_ready(url, process=proc)
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> str:
