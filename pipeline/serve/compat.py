@@ -13,8 +13,7 @@ from starlette.routing import Route
 from pipeline.serve.http import (HTTPError, State, check_chars, flag, generation_settings, model_field, number, shown,
                                  sse, text_field)
 from pipeline.serve.routes import ModelCall, first_event, keyed_route, model_route, open_route
-from pipeline.serve.service import LANGUAGE_NAMES, AskRequest, confidence, result_of
-from pipeline.text.detect import detect_language
+from pipeline.serve.service import LANGUAGE_NAMES, AskRequest, result_of
 
 FORMATS = ("text", "html")
 
@@ -61,12 +60,8 @@ async def detect(call: ModelCall) -> Response:
     if not isinstance(q, str) or not q.strip():
         raise HTTPError(400, "q is missing: send the text whose language to detect")
     check_chars(call.state, [q])
-    return JSONResponse(await call.admit().models.detecting(_detected, q))
-
-
-def _detected(q: str) -> list[dict]:
-    lang = detect_language(q)
-    return [{"language": lang, "confidence": confidence(q, lang)}]
+    [(language, confidence)] = await call.admit().models.detector.languages([q])
+    return JSONResponse([{"language": language, "confidence": confidence}])
 
 
 @open_route

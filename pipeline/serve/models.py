@@ -14,9 +14,7 @@ the directory's name for a local directory, else the hub id as given), never a p
 
 from __future__ import annotations
 
-import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +26,7 @@ from pipeline.llm.multi_lora import unshareable_reason
 from pipeline.loading import status
 from pipeline.qa import BilingualQA, model_names
 from pipeline.serve.batching import AnswerScheduler
+from pipeline.serve.detection import Detector
 from pipeline.serve.translation import TranslationBatcher
 
 
@@ -83,9 +82,7 @@ class ModelRegistry:
         self.translator_names = {"ja_en": served_name(first.ja_en.name), "en_ja": served_name(first.en_ja.name)}
         self.ja_en = TranslationBatcher(first.ja_en)
         self.en_ja = TranslationBatcher(first.en_ja)
-        # Language detection of long texts (/detect, /translate's auto): one thread of its own, so a
-        # flood of it waits there, not in the pool other work uses (langdetect runs one call at a time).
-        self.detector = ThreadPoolExecutor(1, thread_name_prefix="detect")
+        self.detector = Detector()  # /detect's and /translate's: long texts in a process of its own
         # One scheduler per engine: a base and its attached adapters share one (one batch).
         by_engine: dict[int, AnswerScheduler] = {}
         self.schedulers = {}
@@ -163,10 +160,6 @@ class ModelRegistry:
                 return other
         return served_name(answerer.base_name)
 
-    async def detecting(self, call: Callable, *args):
-        """`call(*args)` (language detection) on the detection thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.detector, call, *args)
-
     def stopped_stages(self) -> list[str]:
         """The stage threads that have stopped (none until close(), unless one died)."""
         threads = [*self.ja_en.threads, *self.en_ja.threads, *(s.thread for s in self.schedulers.values())]
@@ -184,7 +177,7 @@ class ModelRegistry:
             scheduler.close()
         self.ja_en.close()
         self.en_ja.close()
-        self.detector.shutdown(wait=False, cancel_futures=True)
+        self.detector.close()
 
 
 def families(sources: dict[str, LLMSource]) -> list[list[str]]:

@@ -19,7 +19,7 @@ from pipeline.llm.engine import GenerationSettings
 from pipeline.qa import check_question
 from pipeline.serve.batching import AnswerJob
 from pipeline.serve.models import ModelRegistry
-from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language, langdetect_candidates
+from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language
 from pipeline.text.sentences import sentences_of
 
 LANGUAGE_NAMES = {"en": "English", "ja": "Japanese"}
@@ -111,7 +111,7 @@ class Service:
         """Each text in `target` (copied where it already is) and each text's detected language."""
         if target not in LANGUAGE_NAMES:
             raise BilingualQAError(f"target must be 'ja' or 'en', not '{target}'")
-        detected = await self.models.detecting(_detect_each, texts, source)  # long texts: off the event loop
+        detected = _detect_each(await self.models.detector.languages(texts, source))
         todo = [index for index, found in enumerate(detected) if found["language"] != target]
         batcher = self.models.ja_en if target == "en" else self.models.en_ja
         out = list(texts)
@@ -173,14 +173,9 @@ async def until_gone(work: Awaitable, gone: Callable[[], Awaitable[bool]] | None
         task.cancel()
 
 
-def _detect_each(texts: list[str], source: str) -> list[dict]:
-    detected = []
-    for text in texts:
-        if not text.strip():
-            raise BilingualQAError("q is empty: give the text to translate")
-        lang = _supported(detect_language(text) if source == "auto" else source, "source")
-        detected.append({"language": lang, "confidence": confidence(text, lang) if source == "auto" else 100.0})
-    return detected
+def _detect_each(found: list[tuple[str, float]]) -> list[dict]:
+    """The detector's (language, confidence) of each text, each language one the pipeline takes."""
+    return [{"language": _supported(language, "source"), "confidence": confidence} for language, confidence in found]
 
 
 def _supported(language: str, field: str | None) -> str:
@@ -201,20 +196,6 @@ def _encode(qa, served: str, question_en: str, request: AskRequest) -> list[int]
             f"the question is too long for {served}: it reads at most {qa.answerer.max_positions} tokens, the"
             f" question in English and {request.settings.max_new_tokens} for the answer ({request.tokens_field})"
         ) from None
-
-
-def confidence(text: str, lang: str) -> float:
-    """LibreTranslate's 0-100 confidence: langdetect's probability for `lang`, or 100 where the script
-    decided alone (kana, hangul, short ASCII), which langdetect is not asked about."""
-    from langdetect.lang_detect_exception import LangDetectException
-
-    try:
-        for candidate in langdetect_candidates(text):
-            if candidate.lang.split("-")[0] == lang:
-                return round(candidate.prob * 100, 1)
-    except LangDetectException:
-        pass
-    return 100.0
 
 
 def _sentences(translator, plan, translated: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,7 @@ from typing import Callable
 from pipeline.serve.batching import _STOP, StageStopped, _gated, log
 
 
+BULK_NICENESS = 10
 QUICK_PLAN_CHARS = 16_000  # texts up to this (a question, an answer) are planned on the quick lane's planner
 
 
@@ -58,7 +60,8 @@ class TranslationBatcher:
         self.translator = translator
         self.on_batch = on_batch or (lambda n: None)
         self.round_pieces = round_pieces
-        self.planners = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"plan-{translator.target_lang}-{lane}")
+        self.planners = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"plan-{translator.target_lang}-{lane}",
+                                                  initializer=_background if lane == "bulk" else None)
                          for lane in ("quick", "bulk")}
         # The lanes translate at once where the backend allows it; the fast backend's graphs hold one
         # set of buffers per shape, so there a lane waits for the other's round (at most round_pieces).
@@ -120,6 +123,8 @@ class TranslationBatcher:
             thread.join(timeout=30)
 
     def _guarded(self, waiting: queue.Queue, active: list[_Translation]) -> None:
+        if waiting is self.waiting:
+            _background()
         try:
             self._run(waiting, active)
         except BaseException:  # noqa: BLE001 - a dead stage must be loud and must not hang its callers
@@ -182,6 +187,16 @@ class TranslationBatcher:
             if not job.future.done() and job.left == 0:
                 job.future.set_result(job.out)  # running futures cannot be cancelled: no InvalidStateError
         active.append(active.pop(0))  # the next round starts with another caller
+
+
+def _background() -> None:
+    """The calling thread (the bulk lane's, its planner's) yields the CPU to the others where cores
+    are short: Linux keeps a nice value per thread."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICENESS)
+        except OSError:
+            pass
 
 
 def _lane_of(texts: list[str]) -> str:
