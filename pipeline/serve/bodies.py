@@ -27,12 +27,21 @@ DISCARD_LIMIT = 16 * 2**20  # an over-long body is read (and dropped) up to this
 MAX_DEPTH = 32  # JSON nesting: the APIs need 4 (messages -> message -> content -> part)
 MAX_INT_DIGITS = 40  # a 128-bit integer has 39
 MAX_FORM_FIELDS = 1000
+# Arrays and objects in one JSON body: the APIs need a few hundred at most (q's texts, messages and
+# their parts); a megabyte of [] (330,000 lists) took seconds of the parser, which no thread interrupts.
+MAX_CONTAINERS = 10_000
 PARSE_INLINE_BYTES = 16_384  # smaller bodies parse in microseconds: on the loop; larger ones on the parse pool
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # A lone surrogate can reach a parsed value only through a JSON escape (\ud800-\udfff), since raw
 # surrogate bytes are not UTF-8: a body without such an escape needs no search of its strings.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Only a body with a run of more than MAX_INT_DIGITS digits can hold a too-long integer: the others
+# parse without a Python call per integer.
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_INT_DIGITS + 1))
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
 NEEDS_KEY = "an API key is needed: send 'Authorization: Bearer KEY'"
 
 
@@ -140,16 +149,33 @@ async def _off_the_loop(pool: Executor, call, *args):
 
 
 def _json_fields(body: bytes) -> dict:
+    shape = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKET)  # its brackets outside strings
+    if len(shape) > 2 * MAX_CONTAINERS:
+        raise HTTPError(400, f"the body holds more than {MAX_CONTAINERS} JSON arrays and objects")
+    hooks = {"parse_int": _short_int} if _LONG_DIGITS.search(body) else {}
     try:
-        fields = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_short_int)
+        fields = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float, **hooks)
     except RecursionError:
         raise HTTPError(400, f"the body is not valid JSON (nested deeper than {MAX_DEPTH})") from None
     except ValueError as error:  # JSONDecodeError, bad UTF-8, and the parse hooks' refusals
         raise HTTPError(400, f"the body is not valid JSON ({str(error)[:120]})") from None
     if not isinstance(fields, dict):
         raise HTTPError(400, "the body must be a JSON object")
-    _check_values(fields, strings=bool(_SURROGATE_ESCAPE.search(body)))
+    if _nested_deeper(shape, MAX_DEPTH):
+        raise HTTPError(400, f"the body is nested deeper than {MAX_DEPTH}")
+    if _SURROGATE_ESCAPE.search(body):
+        _check_values(fields)
     return fields
+
+
+def _nested_deeper(shape: bytes, depth: int) -> bool:
+    """Whether the brackets of a valid JSON body (`shape`) nest deeper than `depth`: the innermost
+    pairs removed once per level, in C-speed passes (a Python walk of the parsed values took seconds)."""
+    for _ in range(depth):
+        shape = _EMPTY_PAIR.sub(b"", shape)
+        if not shape:
+            return False
+    return True
 
 
 def _form_fields(body: bytes) -> dict:
@@ -179,7 +205,7 @@ def _checked(pairs: list[tuple[str, str]]) -> dict:
     for key, value in pairs:
         fields[key] = [*fields[key], value] if isinstance(fields.get(key), list) else \
             [fields[key], value] if key in fields else value
-    _check_values(fields, strings=True)
+    _check_values(fields)
     return fields
 
 
@@ -200,9 +226,9 @@ def _short_int(text: str) -> int:
     return int(text)
 
 
-def _check_values(fields: dict, strings: bool) -> None:
-    """No nesting deeper than MAX_DEPTH and, where `strings`, every string valid Unicode (a lone
-    surrogate cannot be encoded again). Only containers are walked into."""
+def _check_values(fields: dict) -> None:
+    """Every string valid Unicode (a lone surrogate cannot be encoded again) and no nesting deeper
+    than MAX_DEPTH (a form's fields are flat; JSON's depth is `_nested_deeper`'s)."""
     todo = [(fields, 1)]
     while todo:
         value, depth = todo.pop()
@@ -210,8 +236,7 @@ def _check_values(fields: dict, strings: bool) -> None:
             raise HTTPError(400, f"the body is nested deeper than {MAX_DEPTH}")
         pairs = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in pairs:
-            if strings and ((type(key) is str and _SURROGATE.search(key))
-                            or (type(item) is str and _SURROGATE.search(item))):
+            if (type(key) is str and _SURROGATE.search(key)) or (type(item) is str and _SURROGATE.search(item)):
                 raise HTTPError(400, f"{shown(key) if isinstance(key, str) else 'a value'} holds a lone"
                                      " surrogate (\\ud800-\\udfff): send valid Unicode text")
             if type(item) is dict or type(item) is list:
