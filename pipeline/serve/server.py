@@ -11,13 +11,14 @@ Connections are bounded in count and time with uvicorn's own settings (`limit_co
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import unquote_plus
 
 import h11
@@ -159,15 +160,23 @@ def check_models(options: LoadOptions) -> None:
 class ServeServer(uvicorn.Server):
     """uvicorn's server whose shutdown cuts the requests still in flight `grace` seconds after it
     began (drain.py), instead of uvicorn's cancelling them into 500s after its own timeout (kept,
-    a little later, as a backstop)."""
+    a little later, as a backstop), then stops the stage threads while its loop still runs (their
+    last tokens are handed to it; after it closed, that raised in the stage threads)."""
 
-    def __init__(self, config: uvicorn.Config, draining: Draining, grace: float):
+    def __init__(self, config: uvicorn.Config, draining: Draining, grace: float, stop_stages: Callable[[], None]):
         super().__init__(config)
-        self.draining, self.grace = draining, grace
+        self.draining, self.grace, self.stop_stages = draining, grace, stop_stages
 
     async def shutdown(self, sockets=None) -> None:
         self.draining.cut_after(self.grace)
         await super().shutdown(sockets)
+        closing = threading.Thread(target=self.stop_stages, name="close-models", daemon=True)
+        closing.start()
+        deadline = asyncio.get_running_loop().time() + EXIT_GRACE_SECONDS
+        while closing.is_alive() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        if closing.is_alive():  # a micro-batch's generate runs to its end: left to the process's end
+            log.warning("exiting with the stage threads still running")
 
 
 def uvicorn_config(app, host: str, port: int, limits: ConnectionLimits, log_level: str,
@@ -181,9 +190,10 @@ def uvicorn_config(app, host: str, port: int, limits: ConnectionLimits, log_leve
 
 
 def serve_app(app, host: str, port: int, limits: ConnectionLimits, log_level: str = "info") -> ServeServer:
-    """The uvicorn server `bilingual-qa serve` runs `app` with (tests run the same on a thread)."""
+    """The uvicorn server `bilingual-qa serve` runs `app` with: at shutdown it cuts what is left and
+    closes the app's models."""
     config = uvicorn_config(app, host, port, limits, log_level, app.state.serve.config.api_key)
-    return ServeServer(config, app.state.draining, limits.shutdown_timeout)
+    return ServeServer(config, app.state.draining, limits.shutdown_timeout, lambda: _close(app.state.serve.models))
 
 
 def run_server(options: LoadOptions, *, host: str = "127.0.0.1", port: int = 8000,
@@ -200,30 +210,24 @@ def run_server(options: LoadOptions, *, host: str = "127.0.0.1", port: int = 800
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.run()
-        if not server.started:  # as uvicorn.run: the address was taken, say (uvicorn logged why)
-            raise SystemExit(3)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _stop_stages(app.state.serve.models)
+    if not server.started:  # as uvicorn.run: the address was taken, say (uvicorn logged why)
+        _close(app.state.serve.models)
+        raise SystemExit(3)
+    _end_process()
 
 
-def _stop_stages(models: ModelRegistry | None) -> None:
-    """Stop the stage threads, giving them EXIT_GRACE_SECONDS. A thread still inside the model then
-    (a micro-batch's generate runs to its end) would make the interpreter's teardown wait for it, or
-    abort under it: the process ends at once instead, its log flushed (nothing else is left to write:
-    the server's translation memory is in-process)."""
-    if models is None:
-        return
-    closing = threading.Thread(target=models.close, name="close-models", daemon=True)
-    closing.start()
-    closing.join(EXIT_GRACE_SECONDS)
-    deadline = time.monotonic() + 0.1
-    busy = [thread.name for thread in threading.enumerate()
-            if thread is not threading.current_thread() and not thread.daemon
-            and (thread.join(max(deadline - time.monotonic(), 0)) or thread.is_alive())]
-    if closing.is_alive() or busy:
-        log.warning("exiting with work still running in %s", ", ".join(busy) or "the stage threads")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+def _close(models: ModelRegistry | None) -> None:
+    if models is not None:
+        models.close()
+
+
+def _end_process() -> None:
+    """Exit 0 now, without the interpreter's teardown: freeing torch's and transformers' objects one by
+    one took seconds after a drained shutdown, and under a thread still inside torch it could abort
+    (SIGABRT). Nothing is left to write: the log is flushed here, the translation memory is in-process."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

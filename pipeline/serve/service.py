@@ -158,7 +158,8 @@ async def result_of(events: AsyncIterator[tuple[str, dict]]) -> dict | None:
 
 async def until_gone(work: Awaitable, gone: Callable[[], Awaitable[bool]] | None):
     """`work`'s result, or None once `gone()` is true: then `work` is cancelled (a pipeline's
-    `finally` cancels its answer job, which frees the row at the next step)."""
+    `finally` cancels its answer job, which frees the row at the next step), and so it is when this
+    is cancelled (a request cut at shutdown); either way `work` has finished cancelling on return."""
     task = asyncio.ensure_future(work)
     if gone is None:
         return await task
@@ -170,7 +171,9 @@ async def until_gone(work: Awaitable, gone: Callable[[], Awaitable[bool]] | None
             if await gone():
                 return None
     finally:
-        task.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # its `finally` blocks run now, not after the loop has closed
 
 
 def _detect_each(found: list[tuple[str, float]]) -> list[dict]:
