@@ -141,7 +141,7 @@ def in_process(paths: dict[str, Path], tokens: int, batches: list[int], engine: 
 
 def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch: int,
                  batching: str = "auto", gpu_memory: str | None = None) -> tuple[subprocess.Popen, str]:
-    import httpx
+    from pipeline.serve.ready import ServerNotReady, wait_until_ready
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -157,18 +157,12 @@ def start_server(paths: dict[str, Path], engine: str, mt_backend: str, max_batch
     log = open(paths["llm"].parent / "server.log", "w")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited: {(paths['llm'].parent / 'server.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    server.kill()
-    raise SystemExit("the server did not load in 10 minutes")
+    try:
+        wait_until_ready(url, process=server, timeout=600)
+    except ServerNotReady as error:
+        server.kill()
+        raise SystemExit(f"{error}: {(paths['llm'].parent / 'server.log').read_text()[-2000:]}") from None
+    return server, url
 
 
 STAGES = ("translate_question", "answer", "translate_answer")

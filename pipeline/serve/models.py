@@ -14,6 +14,7 @@ the directory's name for a local directory, else the hub id as given), never a p
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,7 @@ from pipeline.loading import resolve_device
 from pipeline.quiet import status
 from pipeline.qa import BilingualQA, model_names
 from pipeline.serve.batching import AnswerScheduler
+from pipeline.serve.detection import Detector
 from pipeline.serve.translation import TranslationBatcher
 
 
@@ -84,6 +86,7 @@ class ModelRegistry:
         self.translator_names = {"ja_en": served_name(first.ja_en.name), "en_ja": served_name(first.en_ja.name)}
         self.ja_en = TranslationBatcher(first.ja_en)
         self.en_ja = TranslationBatcher(first.en_ja)
+        self.detector = Detector()  # /detect's and /translate's: long texts in a process of its own
         # One scheduler per engine: a base and its attached adapters share one (one batch).
         by_engine: dict[int, AnswerScheduler] = {}
         self.schedulers = {}
@@ -167,11 +170,19 @@ class ModelRegistry:
         threads = [*self.ja_en.threads, *self.en_ja.threads, *(s.thread for s in self.schedulers.values())]
         return [thread.name for thread in threads if not thread.is_alive()]
 
-    def close(self) -> None:
-        for scheduler in {id(s): s for s in self.schedulers.values()}.values():
+    def close(self, idle_wait: float = 0.5) -> None:
+        """Stop every stage thread. A scheduler decodes the rows it still holds to their end when it
+        stops, so the rows of callers cut at shutdown (cancelled, dropped at its next step) are first
+        given up to `idle_wait` seconds to leave."""
+        schedulers = list({id(s): s for s in self.schedulers.values()}.values())
+        deadline = time.monotonic() + idle_wait
+        while any(s.running_rows for s in schedulers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for scheduler in schedulers:
             scheduler.close()
         self.ja_en.close()
         self.en_ja.close()
+        self.detector.close()
 
 
 def families(sources: dict[str, LLMSource]) -> list[list[str]]:

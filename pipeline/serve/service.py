@@ -20,7 +20,7 @@ from pipeline.flow import (SERVED_EVENTS, Answer, Event, Question, Tokens, Trans
 from pipeline.serve.batching import AnswerJob, AnswerScheduler
 from pipeline.serve.models import ModelRegistry
 from pipeline.spec import GenerationSettings
-from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language, langdetect_candidates
+from pipeline.text.detect import SUPPORTED_LANGUAGES
 
 LANGUAGE_NAMES = {"en": "English", "ja": "Japanese"}
 GONE_POLL_SECONDS = 0.1  # how often a non-streaming request looks whether its caller is still there
@@ -70,7 +70,7 @@ class Service:
         """Each text in `target` (copied where it already is) and each text's detected language."""
         if target not in LANGUAGE_NAMES:
             raise BilingualQAError(f"target must be 'ja' or 'en', not '{target}'")
-        detected = await asyncio.to_thread(_detect_each, texts, source)  # long texts: off the event loop
+        detected = _detect_each(await self.models.detector.languages(texts, source))
         todo = [index for index, found in enumerate(detected) if found["language"] != target]
         batcher = self.models.ja_en if target == "en" else self.models.en_ja
         out = list(texts)
@@ -146,7 +146,8 @@ async def result_of(events: AsyncIterator[tuple[str, dict]]) -> dict | None:
 
 async def until_gone(work: Awaitable, gone: Callable[[], Awaitable[bool]] | None):
     """`work`'s result, or None once `gone()` is true: then `work` is cancelled (a pipeline's
-    `finally` cancels its answer job, which frees the row at the next step)."""
+    `finally` cancels its answer job, which frees the row at the next step), and so it is when this
+    is cancelled (a request cut at shutdown); either way `work` has finished cancelling on return."""
     task = asyncio.ensure_future(work)
     if gone is None:
         return await task
@@ -158,17 +159,14 @@ async def until_gone(work: Awaitable, gone: Callable[[], Awaitable[bool]] | None
             if await gone():
                 return None
     finally:
-        task.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # its `finally` blocks run now, not after the loop has closed
 
 
-def _detect_each(texts: list[str], source: str) -> list[dict]:
-    detected = []
-    for text in texts:
-        if not text.strip():
-            raise BilingualQAError("q is empty: give the text to translate")
-        lang = _supported(detect_language(text) if source == "auto" else source, "source")
-        detected.append({"language": lang, "confidence": confidence(text, lang) if source == "auto" else 100.0})
-    return detected
+def _detect_each(found: list[tuple[str, float]]) -> list[dict]:
+    """The detector's (language, confidence) of each text, each language one the pipeline takes."""
+    return [{"language": _supported(language, "source"), "confidence": confidence} for language, confidence in found]
 
 
 def _supported(language: str, field: str | None) -> str:
@@ -180,15 +178,3 @@ def _supported(language: str, field: str | None) -> str:
                                    f" are supported{hint}", language=language)
 
 
-def confidence(text: str, lang: str) -> float:
-    """LibreTranslate's 0-100 confidence: langdetect's probability for `lang`, or 100 where the script
-    decided alone (kana, hangul, short ASCII), which langdetect is not asked about."""
-    from langdetect.lang_detect_exception import LangDetectException
-
-    try:
-        for candidate in langdetect_candidates(text):
-            if candidate.lang.split("-")[0] == lang:
-                return round(candidate.prob * 100, 1)
-    except LangDetectException:
-        pass
-    return 100.0
