@@ -27,8 +27,6 @@ from mdit_py_plugins.front_matter import front_matter_plugin
 
 from pipeline.documents.segments import Piece, Segment, distribute, replace_pieces, worth_translating
 
-# Inline tokens whose source is kept whole: no piece is taken from inside them.
-HOLES = {"code_inline", "html_inline", "math_inline", "math_inline_double", "image"}
 BREAKS = {"softbreak", "hardbreak"}
 # `>` only means something at the start of a line (a block quote), where LINE_START_ESCAPED has it.
 ESCAPED = set("\\`*_[]<&|~$#")

@@ -27,7 +27,7 @@ from pipeline import documents
 from pipeline.errors import JobError
 from pipeline.jobs.files import InputRow, Outcome
 from pipeline.jobs.runner import Checkpoint, JobPaths, JobSummary, no_checkpoint, run_job
-from pipeline.jobs.workers import TranslationWorker, _chunk_runner, check_languages
+from pipeline.jobs.workers import TranslationWorker, chunk_runner, check_languages
 from pipeline.text.detect import SUPPORTED_LANGUAGES, other_language
 
 DOCUMENT_CHUNK_ROWS = 512
@@ -141,7 +141,7 @@ def translate_document_file(input: str | Path, output: str | Path, *, to: str, l
     return run_document_job(input, output, fmt=fmt, target_lang=to,
                             make_worker=functools.partial(TranslationWorker, load_translator, source_lang, to),
                             options={"from": source_lang, **options}, errors=errors, restart=restart,
-                            quiet=quiet, chunk_rows=chunk_rows, runner=_chunk_runner(workers, cluster),
+                            quiet=quiet, chunk_rows=chunk_rows, runner=chunk_runner(workers, cluster),
                             checkpoint=checkpoint)
 
 

@@ -140,7 +140,7 @@ class TranslationWorker:
         return Outcome(line=result, added=added, copied=copied)
 
 
-def _chunk_runner(workers: int | str | None, cluster: str | None):
+def chunk_runner(workers: int | str | None, cluster: str | None):
     """Where the chunks run: here (None: one worker, the default), or on a Dask cluster, local or at
     `cluster`. `auto` is one worker per GPU, so on a machine without one the job runs here."""
     from pipeline.jobs.cluster import dask_runner, worker_count
@@ -191,7 +191,7 @@ def translate_file(input: str | Path, output: str | Path, *, to: str, load_trans
     return run_job(paths, reader, writer, job_options,
                    functools.partial(TranslationWorker, load_translator, source_lang, to),
                    chunk_rows=chunk_rows, restart=restart, quiet=quiet, checkpoint=checkpoint,
-                   runner=_chunk_runner(workers, cluster))
+                   runner=chunk_runner(workers, cluster))
 
 
 class AnswerWorker:
@@ -249,4 +249,4 @@ def ask_file(input: str | Path, output: str | Path, *, load_qa: Callable[[], "Bi
                    "settings": asdict(settings), **options}
     return run_job(paths, reader, writer, job_options, functools.partial(answer_worker, load_qa, source_lang, settings),
                    chunk_rows=chunk_rows, restart=restart, quiet=quiet, checkpoint=checkpoint,
-                   runner=_chunk_runner(workers, cluster))
+                   runner=chunk_runner(workers, cluster))

@@ -27,7 +27,6 @@ from urllib.parse import urlsplit
 from pipeline.errors import BilingualQAError, ServerError
 from pipeline.text.detect import require_supported
 
-SERVER_ENV = "BILINGUAL_QA_SERVER"
 KEY_ENV = "BILINGUAL_QA_API_KEY"
 # A connection is refused at once; an answer of 2,000 tokens from a busy server may take minutes.
 CONNECT_SECONDS = 10.0

@@ -31,7 +31,7 @@ from pipeline.llm.continuous import open_decode_batch
 from pipeline.spec import GenerationSettings
 
 log = logging.getLogger("bilingual_qa.serve")
-_STOP = object()  # queued to end a stage's thread
+STOP = object()  # queued to end a stage's thread
 
 
 class StageStopped(RuntimeError):
@@ -182,9 +182,9 @@ class AnswerScheduler:
         self.waiting: queue.Queue = queue.Queue()
         self.running_rows = 0
         self._in_hand: list = []  # the containers of jobs the thread holds (failed if it dies)
-        self.decode_batch = _gated(open_decode_batch, engine, max_rows, batching, gpu_memory)
+        self.decode_batch = gated(open_decode_batch, engine, max_rows, batching, gpu_memory)
         if self.decode_batch is not None:
-            _gated(self.decode_batch.warm)  # the cache and every bucket's graph, before the first caller
+            gated(self.decode_batch.warm)  # the cache and every bucket's graph, before the first caller
         self.mode = "continuous" if self.decode_batch is not None else "micro-batch"
         target = self._run_continuous if self.decode_batch is not None else self._run_micro_batches
         self.thread = threading.Thread(target=self._guard(target), name=f"answer-{engine.name}", daemon=True)
@@ -200,7 +200,7 @@ class AnswerScheduler:
             self._fail_all(StageStopped(f"the {self.thread.name} stage has stopped"))
 
     def close(self) -> None:
-        self.waiting.put(_STOP)
+        self.waiting.put(STOP)
         self.thread.join(timeout=30)
 
     def _guard(self, target):
@@ -238,7 +238,7 @@ class AnswerScheduler:
                     job.outbox = None
                     job.fail(error)
                     if key is not None and self.decode_batch is not None:
-                        _gated(self.decode_batch.drop, key)
+                        gated(self.decode_batch.drop, key)
             held.clear()
         self._in_hand = []
 
@@ -251,7 +251,7 @@ class AnswerScheduler:
             except queue.Empty:
                 break
         for job in jobs:
-            if job is not _STOP:
+            if job is not STOP:
                 job.outbox = None  # straight to its caller: no step will hand it over
                 job.fail(failure)
 
@@ -278,20 +278,20 @@ class AnswerScheduler:
             self._admit(held, live, batch)
             _hand_over(outbox)  # the first tokens, before the next step
             for key in [key for key, job in live.items() if job.cancelled]:
-                _gated(batch.drop, key)
+                gated(batch.drop, key)
                 del live[key]
             self.running_rows = len(live)
             if not live:
                 continue
             try:
                 began = time.perf_counter()
-                tokens = _gated(batch.step)
+                tokens = gated(batch.step)
                 self.profile.step(len(live), time.perf_counter() - began)
             except Exception as error:  # noqa: BLE001 - fail the rows of this batch, keep serving
                 log.exception("decode step failed")
                 for key, job in list(live.items()):
                     job.fail(error)
-                    _gated(batch.drop, key)
+                    gated(batch.drop, key)
                 live.clear()
                 _hand_over(outbox)
                 continue
@@ -300,7 +300,7 @@ class AnswerScheduler:
                 if key in live:
                     self._deliver(key, live[key], token, live, batch)
                 else:  # a row no job holds (its job failed with the thread's last error): let it go
-                    _gated(batch.drop, key)
+                    gated(batch.drop, key)
             _hand_over(outbox)
             self.running_rows = len(live)
 
@@ -312,7 +312,7 @@ class AnswerScheduler:
             except queue.Empty:
                 return False
             block = False
-            if job is _STOP:
+            if job is STOP:
                 for waiting in held:
                     waiting.fail(RuntimeError("the server is shutting down"))
                 return True
@@ -348,7 +348,7 @@ class AnswerScheduler:
         so the one request that fails it fails alone."""
         try:
             began = time.perf_counter()
-            added = _gated(batch.add, [(job.prompt, job.settings, *_adapter_arg(job.adapter)) for job in joining])
+            added = gated(batch.add, [(job.prompt, job.settings, *_adapter_arg(job.adapter)) for job in joining])
             self.profile.add(len(joining), time.perf_counter() - began)
         except Exception as error:  # noqa: BLE001 - these callers' failure, not the others'
             if len(joining) > 1:
@@ -365,7 +365,7 @@ class AnswerScheduler:
     def _deliver(self, key: int, job: AnswerJob, token, live: dict, batch) -> None:
         if isinstance(token, BaseException):  # this row failed alone (the batch has let it go)
             job.fail(token)
-            _gated(batch.drop, key)
+            gated(batch.drop, key)
             del live[key]
             return
         if token == self.eos:
@@ -375,13 +375,13 @@ class AnswerScheduler:
             if job.count < job.settings.max_new_tokens:
                 return
             job.end(eos=False)
-        _gated(batch.drop, key)
+        gated(batch.drop, key)
         del live[key]
 
     def _finish_all(self, live: dict, batch) -> None:
         """Shutting down: the rows still decoding run to their end (the server drains before this)."""
         while live:
-            for key, token in _gated(batch.step).items():
+            for key, token in gated(batch.step).items():
                 self._deliver(key, live[key], token, live, batch)
 
     # ---- micro-batching ------------------------------------------------------------------------
@@ -394,8 +394,8 @@ class AnswerScheduler:
                     jobs.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            stopping = any(job is _STOP for job in jobs)
-            jobs = [job for job in jobs if job is not _STOP and not job.cancelled]
+            stopping = any(job is STOP for job in jobs)
+            jobs = [job for job in jobs if job is not STOP and not job.cancelled]
             self._in_hand = [jobs]
             groups: dict[GenerationSettings, list[AnswerJob]] = {}
             for job in jobs:
@@ -408,7 +408,7 @@ class AnswerScheduler:
     def _generate_group(self, settings: GenerationSettings, group: list[AnswerJob]) -> None:
         self.running_rows = len(group)
         try:
-            rows = _gated(self.engine.generate, [job.prompt for job in group], settings, _rows_check(group),
+            rows = gated(self.engine.generate, [job.prompt for job in group], settings, _rows_check(group),
                           *_adapter_arg([job.adapter for job in group], any(job.adapter for job in group)))
         except Exception as error:  # noqa: BLE001
             if len(group) > 1:  # one row's failure (its logits overflowed) is its request's alone
@@ -427,7 +427,7 @@ class AnswerScheduler:
             job.end(eos=row.finish_reason == "eos")
 
 
-def _gated(call, *args):
+def gated(call, *args):
     """`call(*args)` as GPU work: never beside another stage's CUDA graph capture (gpu_gate.py)."""
     with GATE.work():
         return call(*args)

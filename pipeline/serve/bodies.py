@@ -191,9 +191,11 @@ def _form_fields(body: bytes) -> dict:
 
 
 async def _multipart_pairs(request: Request, body: bytes) -> list[tuple[str, str]]:
-    request._body = body  # the stream is spent; Starlette's form parser reads the cached body
+    async def replay() -> dict:  # the stream is spent: the parser reads the body already read
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
+        form = await Request(request.scope, replay).form(max_files=0, max_fields=MAX_FORM_FIELDS)
     except (HTTPException, ValueError) as error:
         raise HTTPError(400, f"the multipart body cannot be read ({getattr(error, 'detail', error)})") from None
     return [(key, value) for key, value in form.multi_items() if isinstance(value, str)]

@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
-from pipeline.serve.batching import _STOP, StageStopped, _gated, log
+from pipeline.serve.batching import STOP, StageStopped, gated, log
 
 
 BULK_NICENESS = 10
@@ -116,7 +116,7 @@ class TranslationBatcher:
 
     def close(self) -> None:
         for lane in (self.waiting, self.quick):
-            lane.put(_STOP)
+            lane.put(STOP)
         for planner in self.planners.values():
             planner.shutdown(wait=False, cancel_futures=True)
         for thread in self.threads:
@@ -136,7 +136,7 @@ class TranslationBatcher:
                 except queue.Empty:
                     break
             for job in active:
-                if job is not _STOP and not job.future.done():
+                if job is not STOP and not job.future.done():
                     job.future.set_exception(failure)
 
     def _run(self, waiting: queue.Queue, active: list[_Translation]) -> None:
@@ -147,7 +147,7 @@ class TranslationBatcher:
                     job = waiting.get(block=not active)
                 except queue.Empty:
                     break
-                if job is _STOP:
+                if job is STOP:
                     stopping = True
                 elif job.future.set_running_or_notify_cancel():  # False: the caller left before it began
                     active.append(job)
@@ -158,7 +158,7 @@ class TranslationBatcher:
     def _translate_ids(self, ids: list[list[int]], beams: int) -> list[str]:
         """One batch through the translator: alone where its backend is not concurrent, as GPU work."""
         with self.one_at_a_time:
-            return _gated(self.translator.translate_ids, ids, beams)
+            return gated(self.translator.translate_ids, ids, beams)
 
     def _translate_round(self, active: list[_Translation]) -> None:
         beams = active[0].beams
