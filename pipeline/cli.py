@@ -247,8 +247,6 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
     forced, doc_format = doc_format, document_format(input_path, doc_format)
     if doc_format is not None and (field or column):
         fail("--field and --column are for .jsonl and .csv/.tsv input, not for documents")
-    if doc_format is not None and server:
-        fail("documents are translated with local models; --server takes .txt, .jsonl, .csv and .tsv rows")
     from pipeline.jobs import workers as jobs
     if doc_format is None:
         field = field_for(input_path, field, column)
@@ -258,7 +256,8 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
 
         return remote.translate(server, input_path, output, target=target, source=source, beams=beams,
                                 concurrency=concurrency, field=field, errors_path=errors_path, restart=restart,
-                                quiet=quiet, chunk_rows=chunk_rows, report=summary_line)
+                                quiet=quiet, chunk_rows=chunk_rows, report=summary_line,
+                                document=doc_format is not None, doc_format=forced)
     check_workers(workers, cluster, device)
     check_before_loading(device, None, mt_backend)
     from pipeline.mt.memory import SQLiteStore
