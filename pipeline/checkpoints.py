@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -325,3 +326,26 @@ def seed_hub_cache(hub_cache: Path, repo_id: str, directory: Path) -> None:
     shutil.copytree(directory, repo / "snapshots" / commit, dirs_exist_ok=True)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """The directories of a tiny set: the three models of the pipeline and a LoRA adapter of the phi-2."""
+
+    llm: Path
+    ja_en: Path
+    en_ja: Path
+    adapter: Path
+
+
+def build_tiny_models(directory: Path) -> TinyModels:
+    """phi-2, opus-mt-ja-en, fugumt-en-ja and a LoRA fine-tune of that phi-2, each in its published
+    format with tiny shapes and random weights, in `directory`: the whole pipeline runs on them (the
+    answers are noise; the loading, translation, answering, batching and serving are the real code)."""
+    directory = Path(directory).resolve()
+    llm = build_tiny_phi2(directory / "phi-2")
+    adapter = build_lora_adapter(directory / "phi-2-finance-lora", llm)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # as a published adapter ships its tokenizer
+        (adapter / name).write_bytes((llm / name).read_bytes())
+    return TinyModels(llm=llm, ja_en=build_tiny_marian(directory / "opus-mt-ja-en", "ja", "en"),
+                      en_ja=build_tiny_marian(directory / "fugumt-en-ja", "en", "ja"), adapter=adapter)

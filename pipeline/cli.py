@@ -15,6 +15,7 @@ import click
 
 # Only what --help and the checks that need no model use is imported here: no torch, transformers or job
 # room. The stages (and jobs) load inside the commands that run them (python -X importtime).
+from pipeline.cli_tiny_models import tiny_models
 from pipeline.cli_options import (LOCAL_ONLY, base_option, check_before_loading, check_workers, field_for,
                                   generation_options, given_on_command_line, job_options, model_options,
                                   server_options, settings_from)
@@ -94,7 +95,7 @@ def validate_language(question: str, source_lang: str) -> str | None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True,
-             epilog=ENV_EPILOG)
+             epilog=ENV_EPILOG, commands=[tiny_models])  # a command of its own module
 @click.version_option(package_name="bilingual-qa")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -256,8 +257,7 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
 
         return remote.translate(server, input_path, output, target=target, source=source, beams=beams,
                                 concurrency=concurrency, field=field, errors_path=errors_path, restart=restart,
-                                quiet=quiet, chunk_rows=chunk_rows, report=summary_line,
-                                document=doc_format is not None, doc_format=forced)
+                                quiet=quiet, chunk_rows=chunk_rows, report=summary_line, doc_format=forced)
     check_workers(workers, cluster, device)
     check_before_loading(device, None, mt_backend)
     from pipeline.mt.memory import SQLiteStore

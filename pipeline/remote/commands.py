@@ -78,16 +78,17 @@ def ask_batch(url: str, batch_path: str, output: str, *, model: str | None, beam
 
 def translate(url: str, input_path: str, output: str, *, target: str, source: str, beams: int | None,
               concurrency: int | None, field: str, errors_path, restart: bool, quiet: bool, chunk_rows: int,
-              report: Callable[[str], None], document: bool = False, doc_format: str | None = None) -> None:
+              report: Callable[[str], None], doc_format: str | None = None) -> None:
     """`translate` through the server: jobs.translate_file with RemoteTranslator as the translator; a
-    document (`document`; `doc_format` as --format gave it) is parsed and rebuilt here by the same
+    document (by its extension, or `doc_format`: --format) is parsed and rebuilt here by the same
     document job as in-process, only its segments' translations coming from the server."""
+    from pipeline.documents import format_of
     from pipeline.jobs import workers as jobs
     from pipeline.remote.stages import RemoteTranslator
 
     load = functools.partial(RemoteTranslator, url, target, beams=beams, concurrency=concurrency)
     options = remote_options(url, None, beams)
-    if document:
+    if format_of(input_path, doc_format) is not None:
         from pipeline.jobs.documents import translate_document_file
 
         summary = translate_document_file(input_path, output, to=target, load_translator=load, options=options,
