@@ -1,6 +1,7 @@
 """A stand-in for the Hugging Face hub on a loopback port: the few endpoints `snapshot_download`
-uses (a repo's revision, its file tree, each file's HEAD and GET), serving one local directory as a
-repo. Tests point HF_ENDPOINT at it, so the real download code runs and no test reaches the hub.
+(and so `hf download`) uses (a repo's revision, its file tree, each file's HEAD and GET), serving
+local directories as repos. Tests point HF_ENDPOINT at it, so the real download code runs and no
+test reaches the hub.
 
 `refuse_files`: the repo is listed but every file's GET fails (403) before a byte is sent.
 """
@@ -17,8 +18,13 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class FakeHub:
-    def __init__(self, repo_id: str, directory: Path, *, refuse_files: bool = False):
-        files = {path.name: path.read_bytes() for path in Path(directory).iterdir() if path.is_file()}
+    """`FakeHub(repo_id, directory)`, or `FakeHub(repos={repo_id: directory, ...})`."""
+
+    def __init__(self, repo_id: str | None = None, directory: Path | None = None, *, refuse_files: bool = False,
+                 repos: dict | None = None):
+        repos = dict(repos or {}) | ({repo_id: directory} if repo_id else {})
+        trees = {repo: {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+                 for repo, folder in repos.items()}
         self.requests: list[str] = []
         hub = self
 
@@ -34,11 +40,18 @@ class FakeHub:
                 if send_body:
                     self.wfile.write(body)
 
+            def repo(self, prefix: str = "/") -> tuple[str | None, str]:
+                """The repo a path names (after `prefix`), and the rest of the path."""
+                for repo in trees:
+                    if self.path.startswith(f"{prefix}{repo}/"):
+                        return repo, self.path[len(prefix) + len(repo) + 1:]
+                return None, ""
+
             def file(self) -> bytes | None:
-                prefix = f"/{repo_id}/resolve/"
-                if not self.path.startswith(prefix):
+                repo, rest = self.repo()
+                if repo is None or not rest.startswith("resolve/"):
                     return None
-                return files.get(self.path[len(prefix):].split("/", 1)[-1])
+                return trees[repo].get(rest.split("?")[0].split("/", 2)[-1])
 
             def do_HEAD(self) -> None:
                 self.send_file(send_body=False)
@@ -53,13 +66,14 @@ class FakeHub:
                            send_body)
 
             def do_GET(self) -> None:
-                api = f"/api/models/{repo_id}"
-                if self.path.startswith(f"{api}/tree/"):
+                repo, rest = self.repo("/api/models/")
+                files = trees.get(repo, {})
+                if repo and rest.startswith("tree/"):
                     tree = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
                             for name, data in files.items()]
                     return self.reply(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
-                if self.path.startswith(f"{api}/revision/"):
-                    info = {"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": name} for name in files]}
+                if repo and rest.startswith("revision/"):
+                    info = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": name} for name in files]}
                     return self.reply(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
                 if self.path.startswith("/api/"):
                     return self.reply(404, b'{"error": "Repository not found"}',
