@@ -31,7 +31,7 @@ def translate_document(source, output, translator, *, format=None, **options):
 
 __all__ = ["BilingualQA", "BilingualQAError", "GenerationSettings", "QAResult", "Translator", "detect_language",
            "translate_document", "trim_answer"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one definition: pyproject.toml's version is read from here
 
 
 def __getattr__(name: str):
