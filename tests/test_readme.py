@@ -66,7 +66,7 @@ def test_readme_command_runs(command, tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_
            "BILINGUAL_QA_LLM": str(tiny_phi2_dir), "BILINGUAL_QA_JA_EN": str(tiny_ja_en_dir),
            "BILINGUAL_QA_EN_JA": str(tiny_en_ja_dir)}
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    quick = " --beams 1" if " translate " in command else " --max-new-tokens 8 --beams 1"
+    quick = " --beams 1" if " translate " in command or " finetune " in command else " --max-new-tokens 8 --beams 1"
     shell = command.replace("bilingual-qa", executable, 1) + quick
     proc = subprocess.run(["bash", "-c", shell], capture_output=True, env=env, timeout=300, cwd=tmp_path)
     named = re.findall(r"--(?:llm|base|ja-en|en-ja) (\S+)", command)

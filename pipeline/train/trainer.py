@@ -46,7 +46,12 @@ class LoraTrainer:
         self.checkpointing = gradient_checkpointing
         model.config.use_cache = False
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5.25 renamed it (the old name warns); earlier 5.x have only the old one
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(options.seed)  # the adapter's initial A (B starts at zero): the same every run
         with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
             warnings.simplefilter("ignore", FutureWarning)
@@ -67,6 +72,7 @@ class LoraTrainer:
 
     def loss_sum(self, batch: Batch) -> torch.Tensor:
         """The summed cross-entropy of the batch's learned tokens."""
+        # No cache: transformers builds the packed sequences' block-diagonal mask only without one.
         hidden = self.blocks(input_ids=batch.ids, position_ids=batch.positions, use_cache=False).last_hidden_state
         learned = batch.targets != IGNORE
         picked, targets = hidden[learned], batch.targets[learned]
