@@ -19,6 +19,8 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 # The linear layers of phi-2 (PhiForCausalLM) a LoRA adapter can adapt and merge.
 PHI2_LINEAR = (*DEFAULT_TARGETS, "lm_head")
 GRADIENT_CHECKPOINTING_CHOICES = ("auto", "on", "off")
+# --dtype's names (loading.DTYPES, which needs torch, knows them too).
+DTYPE_NAMES = ("auto", "float16", "fp16", "half", "bfloat16", "bf16", "float32", "fp32", "float")
 PHI2_POSITIONS = 2048  # phi-2 reads at most this many tokens: --max-length cannot exceed it
 
 
@@ -79,6 +81,8 @@ class FineTune:
         if unknown:
             raise SettingsError(f"--target-modules: phi-2 has no linear layer '{unknown[0]}'; choose among"
                                 f" {', '.join(PHI2_LINEAR)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise SettingsError(f"unknown dtype '{self.dtype}': use auto, float16, bfloat16 or float32")
         if self.gradient_checkpointing not in GRADIENT_CHECKPOINTING_CHOICES:
             raise SettingsError(f"gradient_checkpointing must be one of {', '.join(GRADIENT_CHECKPOINTING_CHOICES)}")
 

@@ -204,7 +204,8 @@ def _train(job: FineTune, spec: LoadSpec, files: RunFiles, data: Path, layout: L
     tokenizer = tokenizer_for(source)
     summary = _prepare(job, spec, files, data, layout, tokenizer, fresh=not resumed, checkpoint=checkpoint)
     pairs = read_pairs(files.pairs)
-    if not pairs:
+    if not pairs:  # nothing trained: no run record stays (the pairs job's files show why)
+        files.progress.unlink(missing_ok=True)
         where = f" (see {files.errors})" if summary.failed else ""
         raise JobError(f"{data} has no usable question/answer pair: {summary.rows:,} rows, {summary.failed:,} refused"
                        f"{where}")

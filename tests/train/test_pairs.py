@@ -121,6 +121,7 @@ def test_options_that_cannot_train_are_refused_before_anything_is_read():
     from pipeline.train.options import FineTune
 
     for options, message in [({"lora_dropout": 1.0}, "lora_dropout"), ({"max_length": 4096}, "at most 2048"),
-                             ({"epochs": 0}, "epochs"), ({"learning_rate": float("nan")}, "learning_rate")]:
+                             ({"epochs": 0}, "epochs"), ({"learning_rate": float("nan")}, "learning_rate"),
+                             ({"dtype": "int8"}, "unknown dtype 'int8'")]:
         with pytest.raises(BilingualQAError, match=message):
             FineTune("d.jsonl", "out", **options).check()
