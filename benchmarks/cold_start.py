@@ -191,22 +191,12 @@ def measure_server(paths: dict[str, Path], tokens: int, runs: int, log: Path) ->
 
 
 def _wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
-    import httpx
+    from pipeline.serve.ready import ServerNotReady, wait_until_ready
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited ({server.returncode}) before it was ready")
-        try:
-            response = httpx.get(f"{url}/health", timeout=2)
-            if response.status_code == 200:
-                return
-            if response.json().get("status") == "error":  # loading failed: no point in waiting
-                raise SystemExit(f"the server could not load its models: {response.json().get('error')}")
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the server was not ready within {timeout:.0f} s")
+    try:
+        wait_until_ready(url, process=server, timeout=timeout, every=0.2)
+    except ServerNotReady as error:
+        raise SystemExit(str(error)) from None
 
 
 def device_name() -> tuple[str, str, str]:

@@ -89,7 +89,7 @@ def main() -> int:
 
     from pipeline import BilingualQA
     from pipeline.llm.answerer import Answerer
-    from pipeline.llm.engine import GenerationSettings
+    from pipeline.spec import GenerationSettings
     from pipeline.llm.models import resolve_llm
 
     root = args.root or Path(tempfile.gettempdir()) / f"bilingual-qa-compare-adapter{'-tiny' if args.tiny else ''}"

@@ -22,7 +22,7 @@ import torch
 
 from llm_decode import EOS, build_model, prompts_for, wall
 
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.llm.hardware import plan, probe
 
@@ -61,7 +61,7 @@ def capped(args) -> None:
     for label, count in (("ask", 1), ("ask --batch", args.cap_batch)):
         prompts = prompts_for(count, args.prompt_len, seed=count)
         settings = GenerationSettings(max_new_tokens=args.new_tokens)
-        rows = engine._rows_for(count, args.prompt_len + args.new_tokens)
+        rows = count  # the paged cache runs every row at once where its tokens fit (as they do here)
         torch.cuda.reset_peak_memory_stats()
         out = []
         seconds = wall(lambda: out.append(engine.generate(prompts, settings)))  # noqa: B023 - called now

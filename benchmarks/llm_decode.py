@@ -28,7 +28,7 @@ import torch
 
 
 from pipeline.llm.decode_config import DEFAULT_DECODE
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 
 EOS = 50256
@@ -153,19 +153,22 @@ def attention_candidates():
 
 class AttentionBench:
     """32 layers of decode attention (rope + cache write + attention [+ merge]) captured in one graph,
-    over a random cache of `length` columns per row: the shape one decode step reads."""
+    over a random paged cache of `length` columns per row: the shape one decode step reads."""
 
     def __init__(self, engine, rows: int, length: int):
         from pipeline.llm.phi_model import DecodeState
 
-        w = engine.weights
+        w, cache = engine.weights, engine.cache
         self.engine, self.length = engine, length
-        cache = engine._k_cache
-        assert cache.shape[1] >= rows and cache.shape[3] > length
-        self.k, self.v = engine._k_cache[:, :rows], engine._v_cache[:, :rows]
+        per_row = -(-(length + 1) // cache.block_size)
+        cache.reserve(1 + rows * per_row)
+        table = torch.arange(1, 1 + rows * per_row, device=engine.device).view(rows, per_row)
+        self.k, self.v = cache.k, cache.v
         long = dict(dtype=torch.long, device=engine.device)
+        self.table = table
         self.state = DecodeState(torch.zeros(rows, **long), torch.full((rows,), length - 1, **long),
-                                 torch.tensor([length - 1], **long), torch.zeros(rows, **long), self.k, self.v)
+                                 torch.tensor([length - 1], **long), torch.zeros(rows, **long), self.k, self.v,
+                                 table, cache.block_size)
         gen = torch.Generator(device=engine.device).manual_seed(rows)
         self.qkv = torch.randn((rows, 3 * w.heads * w.head_dim), device=engine.device, dtype=w.dtype,
                                generator=gen)
@@ -189,8 +192,13 @@ class AttentionBench:
         raw = self.qkv.view(-1, 3, w.heads, 1, w.head_dim)[:, 0]
         pos = self.state.positions
         q = _rotate(raw, e.cos[pos][:, None, None], e.sin[pos][:, None, None], w.rotary_dim)
-        keys = self.k[0][:, :, : self.length].float()
-        values = self.v[0][:, :, : self.length].float()
+        size = self.engine.cache.block_size
+        columns = torch.arange(self.length, device=self.table.device)
+
+        def rows_columns(paged):  # [rows, heads, length, head_dim]
+            return paged[self.table[:, columns // size], :, columns % size].permute(0, 2, 1, 3).float()
+
+        keys, values = rows_columns(self.k[0]), rows_columns(self.v[0])
         return torch.nn.functional.scaled_dot_product_attention(q.float(), keys, values).reshape(q.shape[0], -1)
 
     def time(self, config, replays: int = 15, rope_inside: bool = True) -> tuple[float, float]:
@@ -242,6 +250,16 @@ def tune_attention(engine, batches: list[int], length: int, log: list[str]) -> d
               f"best {winner[2]} {winner[0]:.1f} us/layer ({kv_bytes(rows) / winner[0] / 1e6:.2f} TB/s)", flush=True)
         del bench
     return best
+
+
+def warmup(engine, batches, prompt_len: int, new_tokens: int) -> float:
+    """The block pool for the largest batch's whole run, and each batch size's graph; seconds spent."""
+    began = time.perf_counter()
+    engine.generate(prompts_for(max(batches), prompt_len), GenerationSettings(max_new_tokens=new_tokens))
+    for batch in batches:
+        engine.generate(prompts_for(batch, prompt_len), GenerationSettings(max_new_tokens=2))
+    torch.cuda.synchronize()
+    return time.perf_counter() - began
 
 
 def main() -> None:
@@ -320,9 +338,9 @@ def main() -> None:
         nonlocal decode_config
         engine = FastPhiEngine(model, EOS, max_batch_size=max(batches), use_graphs=False)
         length = args.prompt_len + args.new_tokens // 2  # the mean cache length over a generate call
-        engine._ensure_cache(max(batches), args.prompt_len + args.new_tokens)
-        engine._k_cache.normal_()
-        engine._v_cache.normal_()
+        engine.cache.reserve(1 + max(batches) * -(-(args.prompt_len + args.new_tokens) // engine.cache.block_size))
+        engine.cache.k.normal_()
+        engine.cache.v.normal_()
         log: list[str] = []
         try:
             with torch.inference_mode():
@@ -342,7 +360,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
         engine = FastPhiEngine(model, EOS, max_batch_size=max(batches), config=decode_config)
-        warm = engine.warmup(batch_sizes=batches, seq_len=args.prompt_len + args.new_tokens)
+        warm = warmup(engine, batches, args.prompt_len, args.new_tokens)
         facts["startup"] = time.perf_counter() - began
         facts["warmup"] = warm
         engines["fast"] = engine
@@ -364,7 +382,7 @@ def main() -> None:
         table.add("FastPhiEngine.stream", 1, args.new_tokens / seconds, seconds / args.new_tokens * 1e3,
                   "tokens reach the host every step")
         facts["peak_memory"] = torch.cuda.max_memory_allocated()
-        facts["cache_bytes"] = engine._k_cache.nbytes * 2
+        facts["cache_bytes"] = engine.cache.k.nbytes * 2
 
     def prefill():
         engine = engines["fast"]
@@ -379,7 +397,7 @@ def main() -> None:
 
     def torch_attention():
         engine = FastPhiEngine(model, EOS, max_batch_size=8, use_triton=False)
-        engine.warmup(batch_sizes=(1, 8), seq_len=args.prompt_len + args.new_tokens)
+        warmup(engine, (1, 8), args.prompt_len, args.new_tokens)
         settings = GenerationSettings(max_new_tokens=args.new_tokens)
         for batch in (1, 8):
             prompts = prompts_for(batch, args.prompt_len)
@@ -392,7 +410,7 @@ def main() -> None:
         """The engine again with DecodeConfig fields changed (batches on the fused path only)."""
         sizes = [b for b in batches if b >= decode_config.fused_min_rows]
         engine = FastPhiEngine(model, EOS, max_batch_size=max(sizes), config=replace(decode_config, **changes))
-        engine.warmup(batch_sizes=sizes, seq_len=args.prompt_len + args.new_tokens)
+        warmup(engine, sizes, args.prompt_len, args.new_tokens)
         settings = GenerationSettings(max_new_tokens=args.new_tokens)
         for batch in sizes:
             prompts = prompts_for(batch, args.prompt_len)
@@ -434,10 +452,11 @@ def main() -> None:
         engine = engines["fast"]
         for batch in sorted({1, max(batches)}):
             engine.generate(prompts_for(batch, args.prompt_len), GenerationSettings(max_new_tokens=160))
-            rows = engine._bucket(batch)
-            state = engine._state(rows)  # the cache as the last call left it: ~190 columns per row
+            rows = engine.bucket(batch)
+            state = engine.cache.state(rows)  # the rows as the last call left them (their blocks freed)
+            state.col.fill_(190)
             step = lambda: decode_step(engine.weights, state, engine.cos, engine.sin,  # noqa: E731
-                                       use_triton=engine.use_triton, attention=engine._attention(rows),
+                                       use_triton=engine.use_triton, attention=engine.config.attention(rows),
                                        config=engine.config)
             with torch.inference_mode():
                 step()
@@ -465,8 +484,8 @@ def main() -> None:
         print(f"-- prefill of {batch} x {args.prompt_len} tokens (+ 1 token)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
         engine.generate(prompts, GenerationSettings(max_new_tokens=args.new_tokens))
-        graph, _ = engine._graph_for(engine._bucket(batch))
-        state = engine._state(engine._bucket(batch))
+        graph, _ = engine.cache.graphs[engine.bucket(batch)]
+        state = engine.cache.state(engine.bucket(batch))
         replays = 50  # each moves the column on by one: centre them on a generate call's mean column
         state.col.fill_(args.prompt_len + (args.new_tokens - replays) // 2)
         state.positions.fill_(args.prompt_len + (args.new_tokens - replays) // 2)

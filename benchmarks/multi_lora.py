@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
@@ -135,8 +135,7 @@ def main() -> int:
     def configured(**changes) -> None:
         """The engine's DecodeConfig changed; graphs are captured again with it."""
         engine.config = dataclasses.replace(engine.config, **changes)
-        engine._graphs.clear()
-        engine._pool = torch.cuda.graph_pool_handle() if engine.use_graphs else None
+        engine.cache.drop_graphs()
 
     def measure(label: str, batch: int, adapters):
         seconds, tokens, out = timed(engine, prompts[batch], settings, adapters, device, args.repeat)

@@ -33,7 +33,7 @@ import regex
 import transformers
 
 from pipeline.checkpoints import build_phi2_tokenizer
-from pipeline.text.answer_end import END_OF_TEXT, EndWatch, answer_ended, find_stop, locate_answer, trim_answer
+from pipeline.text.answer_end import END_OF_TEXT, EndWatch, locate_answer, trim_answer
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "text" / "answer_corpus.py"
 # GPT-2's pre-tokenizer pattern (phi-2 uses the same byte-level BPE scheme)
@@ -53,7 +53,7 @@ def cut_quality(samples) -> dict[str, float]:
     cuts_made = cuts_needed = cuts_right = starts_needed = starts_right = starts_wrong = exact = 0
     for s in samples:
         trimmed = trim_answer(s.output, s.question)[0]
-        made = find_stop(s.output, s.question) is not None
+        made = locate_answer(s.output, s.question).end is not None
         cuts_made += made
         cuts_needed += s.tail_cut
         cuts_right += made and s.tail_cut and trimmed == s.expected
@@ -77,7 +77,7 @@ def fire_at(pieces: list[str], question: str) -> int | None:
     text = ""
     for count, piece in enumerate(pieces, 1):
         text += piece
-        if answer_ended(text, question):
+        if locate_answer(text, question, final=False).end is not None:  # ended, judged from scratch
             return count
     return None
 
@@ -113,7 +113,7 @@ def check_cost(samples, tokenizer) -> dict[str, float]:
     return {
         "decode": mean_us(lambda s: tokenizer.decode(ids[s.name], skip_special_tokens=False)),
         "rules (EndWatch)": mean_us(lambda s: watches[s.name](s.output)),
-        "rules from scratch": mean_us(lambda s: answer_ended(s.output, s.question)),
+        "rules from scratch": mean_us(lambda s: locate_answer(s.output, s.question, final=False).end),
     }
 
 

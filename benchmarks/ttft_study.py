@@ -52,17 +52,13 @@ async def one(scheduler, prompt, settings, tokenizer, question) -> dict:
     scheduler.submit(job)
     first = text = None
     tokens = 0
-    while True:
-        kind, value = await job.events.get()
-        if kind == "error":
-            raise value
-        if kind == "end":
-            break
-        tokens += 1
-        now = time.perf_counter() - began
-        first = now if first is None else first
-        if text is None and pieces.push(value):
-            text = now
+    async for arrived in job:
+        for value in arrived:
+            tokens += 1
+            now = time.perf_counter() - began
+            first = now if first is None else first
+            if text is None and pieces.push(value):
+                text = now
     return {"first": first, "text": text if text is not None else float("nan"), "tokens": tokens,
             "total": time.perf_counter() - began}
 

@@ -32,7 +32,7 @@ def translate_document(source, output, translator, *, format=None, **options):
 
 __all__ = ["BilingualQA", "BilingualQAError", "FineTune", "GenerationSettings", "QAResult", "Translator",
            "detect_language", "finetune", "translate_document", "trim_answer"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one definition: pyproject.toml's version is read from here
 
 
 def __getattr__(name: str):

@@ -15,9 +15,9 @@ import click
 
 # Only what --help and the checks that need no model use is imported here: no torch, transformers or job
 # room. The stages (and jobs) load inside the commands that run them (python -X importtime).
-from pipeline.cli_options import (LOCAL_ONLY, base_option, check_before_loading, check_workers, field_for,
-                                  generation_options, given_on_command_line, job_options, model_options,
-                                  server_options, settings_from)
+from pipeline.cli_options import (LOCAL_ONLY, GpuMemory, base_option, check_before_loading, check_workers,
+                                  explicit_llm, field_for, generation_options, given_on_command_line, job_options,
+                                  model_options, server_options, settings_from)
 from pipeline.cli_finetune import finetune_command
 from pipeline.errors import BilingualQAError, EmptyInputError, ServerError
 from pipeline.quick_exit import ends_quickly
@@ -176,12 +176,6 @@ def refuse_local_options(command: str, server: str) -> None:
              f"options decide: leave it out (or drop --server to run {command} here)")
 
 
-def explicit_llm(llm: str | None) -> str | None:
-    """--llm given on the command line picks one of the server's models; BILINGUAL_QA_LLM does not
-    (it names what to load here)."""
-    return llm if given_on_command_line({"llm": "--llm"}) else None
-
-
 @main.command(epilog=ENV_EPILOG)
 @click.argument("question", required=False)
 @click.option("--llm", "llms", multiple=True, required=True,
@@ -333,12 +327,14 @@ def summary_line(text: str) -> None:
               help="Seconds a request has to send its whole body after its head.")
 @click.option("--max-connections", type=click.IntRange(1), default=512, show_default=True,
               help="Open connections beyond which new ones are closed (at the limit, requests get 503).")
+@click.option("--gpu-memory", type=GpuMemory(), default="0.9", show_default=True, help="The share of the GPU (or "
+              "bytes: 16GiB) this server may take; the answer cache gets what the models and working memory leave.")
 @click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds SIGTERM waits for requests in flight before it exits anyway.")
 @user_errors
 def serve(host, port, llms, base, ja_en, en_ja, device, dtype, mt_backend, beams, engine, api_key, max_queue,
           max_batch, max_body, batching, served_names, char_limit, batch_limit, allowed_hosts, cors_origins,
-          keep_alive_timeout, header_timeout, body_timeout, max_connections, shutdown_timeout):
+          keep_alive_timeout, header_timeout, body_timeout, max_connections, gpu_memory, shutdown_timeout):
     """Serve the models over HTTP: a web page, /v1/ask, LibreTranslate- and OpenAI-compatible APIs."""
     from pipeline import serve as serve_room  # the serve extra is imported only by this command
 
@@ -355,7 +351,7 @@ def serve(host, port, llms, base, ja_en, en_ja, device, dtype, mt_backend, beams
 
     options = LoadOptions(llms=list(llms), ja_en=ja_en, en_ja=en_ja, device=device, dtype=dtype, engine=engine,
                           mt_backend=mt_backend, beams=beams, max_rows=max_batch, batching=batching,
-                          served_names=list(served_names), base=base)
+                          served_names=list(served_names), base=base, gpu_memory=gpu_memory)
     limits = ConnectionLimits(keep_alive_timeout=keep_alive_timeout, header_timeout=header_timeout,
                               body_timeout=body_timeout, max_connections=max_connections,
                               shutdown_timeout=shutdown_timeout)

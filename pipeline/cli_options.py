@@ -4,6 +4,7 @@ model loads, and --quiet for a job: what `cli.py`'s commands are made of."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import click
@@ -26,6 +27,31 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
+
+
+class GpuMemory(click.ParamType):
+    """A share of the card (above 0, at most 1) or an amount of bytes: 16GiB, 40GB, 2e10."""
+
+    name = "FRACTION|SIZE"
+    UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+             "tib": 2**40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        match = re.fullmatch(r"\s*(\d*\.?\d+(?:e\d+)?)\s*([a-z]*)\s*", value.lower())
+        if not match or match.group(2) not in self.UNITS:
+            self.fail(f"{value!r} is neither a share of the card (0.9) nor an amount (16GiB, 40GB).", param, ctx)
+        amount = float(match.group(1)) * self.UNITS[match.group(2)]
+        if not 0 < amount <= 1 and amount < 2**30:
+            self.fail(f"{value!r} is no share of the card (above 0, at most 1) and under 1 GiB.", param, ctx)
+        return amount
+
+
+def explicit_llm(llm: str | None) -> str | None:
+    """--llm given on the command line picks one of the server's models; BILINGUAL_QA_LLM does not
+    (it names what to load here)."""
+    return llm if given_on_command_line({"llm": "--llm"}) else None
 
 
 def model_options(command):

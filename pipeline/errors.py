@@ -9,6 +9,11 @@ class EmptyInputError(BilingualQAError):
     pass
 
 
+class ControlCharacterError(EmptyInputError):
+    """Text holding a control character (NUL, ESC...): refused with the character and its position.
+    An EmptyInputError as before it had a class of its own, so callers that catch that still do."""
+
+
 class UnsupportedLanguageError(BilingualQAError):
     def __init__(self, message: str, language: str | None = None):
         super().__init__(message)

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.errors import DeviceError, ModelLoadError
 from pipeline.model_files import read_tokenizer
-from pipeline.quiet import QUIET_ENV, QUIET_ENVIRONMENT, quiet_libraries, status  # noqa: F401 - their old home
+from pipeline.quiet import status
 
 # What a model directory needs; weights come as safetensors where published, else as a legacy .bin
 # that transformers reads with torch's weights_only loader.

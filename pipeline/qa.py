@@ -1,28 +1,28 @@
 """The whole pipeline: detect -> translate (ja->en) -> answer -> translate (en->ja) -> render.
 
-This module only composes the stages. `BilingualQA` loads the three models once per process and
-answers one question (`ask`) or many together (`ask_batch`, each stage batched across questions).
+`BilingualQA` loads the three models once per process and runs the one composition of the stages
+(flow.py) on them: for one question (`ask`), many together (`ask_batch`, each stage batched across
+questions), or streamed (`ask_events`, `stream_text`). A server runs the same composition on its
+batching stages (serve/service.py).
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from typing import Callable, Iterator
 
 import torch
 
+from pipeline.errors import BilingualQAError
+from pipeline.flow import Event, Flow, LocalStages, Question, Report, Wording, compose, run_one, run_together
 from pipeline.llm.answerer import Answerer, AnswerText
-from pipeline.text.detect import detect_language, require_supported
-from pipeline.errors import BilingualQAError, InputTooLongError
-from pipeline.llm.engine import GenerationSettings
 from pipeline.llm.models import resolve_llm
 from pipeline.loading import locate_model, resolve_device
-from pipeline.text.question import MAX_QUESTION_CHARS, check_question  # noqa: F401 - part of qa's API
-from pipeline.text.render import DIVIDER
-from pipeline.text.result import QAResult
 from pipeline.mt.translator import Translator
-from pipeline.spec import LoadSpec
+from pipeline.spec import GenerationSettings, LoadSpec
+from pipeline.text.question import MAX_QUESTION_CHARS, check_question  # noqa: F401 - part of qa's API
+from pipeline.text.render import render_stream
+from pipeline.text.result import QAResult
 
 BATCH_ROWS, FAST_BATCH_ROWS = 32, 128  # questions per LLM batch of a file job (preferred_batch_rows)
 
@@ -30,17 +30,6 @@ BATCH_ROWS, FAST_BATCH_ROWS = 32, 128  # questions per LLM batch of a file job (
 def model_names(llm: str | None = None, ja_en: str | None = None, en_ja: str | None = None) -> dict[str, str]:
     """The models to load: those named, else the environment variables, else the published ones."""
     return LoadSpec.resolve(llm, ja_en, en_ja).models
-
-
-class _StageClock:
-    def __init__(self):
-        self.timings: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    def lap(self, stage: str, since: float) -> float:
-        now = time.perf_counter()
-        self.timings[stage] = round(now - since, 4)
-        return now
 
 
 class BilingualQA:
@@ -120,80 +109,54 @@ class BilingualQA:
 
     def ask_batch(self, texts: list[str], *, source_lang: str | None = None,
                   settings: GenerationSettings = GenerationSettings()) -> list[QAResult | BilingualQAError]:
-        """Answer many questions, each stage batched across them; a bad question gets its error
-        in its place and the others go on."""
-        clock = _StageClock()
-        langs: list[str | BilingualQAError] = []
-        for text in texts:
-            try:
-                question = check_question(text)
-                langs.append(require_supported(source_lang or detect_language(question)))
-            except BilingualQAError as error:
-                langs.append(error)
-        t = clock.lap("detect", clock.start)
+        """Answer many questions, each stage batched across them (flow.run_together); a bad
+        question gets its error in its place and the others go on."""
+        results: dict[int, QAResult] = {}
 
-        ja_rows = [i for i, lang in enumerate(langs) if lang == "ja"]
-        question_en = {i: texts[i].strip() for i, lang in enumerate(langs) if lang == "en"}
-        question_en.update(zip(ja_rows, self.ja_en.translate([texts[i].strip() for i in ja_rows])))
-        t = clock.lap("translate_question", t)
+        def keep(index: int, event: Event) -> None:
+            if event.kind == "result":
+                results[index] = QAResult.from_dict(event.data)
 
-        answers = self._answer_each(question_en, settings, langs)
-        t = clock.lap("answer", t)
+        flows = [self.flow(Question(text, source_lang, settings)) for text in texts]
+        errors = run_together(flows, self.stages, keep)
+        return [error if error is not None else results[index] for index, error in enumerate(errors)]
 
-        en_rows = [i for i in answers if langs[i] == "en"]
-        answered = sorted(answers)
-        ja_texts = self.en_ja.translate([answers[i].text for i in answered] + [question_en[i] for i in en_rows])
-        answer_ja = dict(zip(answered, ja_texts))
-        question_ja = {i: texts[i].strip() for i in ja_rows} | dict(zip(en_rows, ja_texts[len(answered):]))
-        clock.lap("translate_answer", t)
-        clock.timings["total"] = round(time.perf_counter() - clock.start, 4)
+    def ask_events(self, text: str, *, source_lang: str | None = None,
+                   settings: GenerationSettings = GenerationSettings()) -> Iterator[Event]:
+        """The question's way through the pipeline as events (flow.py), the English answer piece by
+        piece as phi-2 writes it; a problem with the question raises before the first."""
+        return run_one(self.flow(Question(text, source_lang, settings)), self.stages)
 
-        results: list[QAResult | BilingualQAError] = []
-        for i, lang in enumerate(langs):
-            if isinstance(lang, BilingualQAError):
-                results.append(lang)
-                continue
-            results.append(self.result(lang, question_en[i], question_ja[i], answers[i], answer_ja[i],
-                                       dict(clock.timings), settings.raw))
-        return results
+    def stream_text(self, text: str, *, source_lang: str | None = None,
+                    settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
+        """The `text` layout piece by piece, the English answer as phi-2 writes it (for a terminal)."""
+        return render_stream(self.ask_events(text, source_lang=source_lang, settings=settings))
+
+    def flow(self, question: Question, *, models: dict[str, str] | None = None, wording: Wording | None = None,
+             observe: Callable[[str, float], None] | None = None) -> Flow:
+        """The composition of this pipeline's stages for `question` (flow.compose), reporting
+        `models` (default: this pipeline's) with errors in `wording`'s words (default: the CLI's).
+        The answer model is taken when the answer stage is reached (it may still be loading)."""
+        report = Report((lambda: self.models) if models is None else models, self.ja_en.backend.name,
+                        **({"wording": wording} if wording is not None else {}),
+                        **({"observe": observe} if observe is not None else {}))
+        return compose(question, lambda: self.answerer, report)
+
+    @property
+    def stages(self) -> LocalStages:
+        """This process's stages, as the flow's drivers call them."""
+        return LocalStages(self.ja_en, self.en_ja, lambda: self.answerer)
 
     def result(self, source_lang: str, question_en: str, question_ja: str, answer: AnswerText, answer_ja: str,
                timings: dict[str, float], raw: bool = False) -> QAResult:
-        """One question's result from its stages' outputs (ask_batch's, or a server's that runs the
-        stages itself to batch them across callers)."""
+        """One question's result from its stages' outputs (what flow.compose builds; kept for callers
+        that ran the stages themselves)."""
         return QAResult(
             source_lang=source_lang, question_en=question_en, question_ja=question_ja, answer_en=answer.text,
             answer_ja=answer_ja, finish_reason=answer.finish_reason, models=self.models, timings=timings,
             engine=self.answerer.engine.name, mt_backend=self.ja_en.backend.name,
             generated_tokens=answer.generated_tokens, raw=raw,
         )
-
-    def _answer_each(self, question_en: dict[int, str], settings: GenerationSettings, langs: list) -> dict:
-        """Answer the questions that fit phi-2 together; one that is too long gets its error."""
-        prompts_ok = {}
-        for i, question in question_en.items():
-            try:
-                self.answerer.encode(question, settings.max_new_tokens)
-                prompts_ok[i] = question
-            except InputTooLongError as error:
-                langs[i] = error
-        rows = sorted(prompts_ok)
-        return dict(zip(rows, self.answerer.answer([prompts_ok[i] for i in rows], settings))) if rows else {}
-
-    def stream_text(self, text: str, *, source_lang: str | None = None,
-                    settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
-        """The `text` layout piece by piece, the English answer as phi-2 writes it (for a terminal)."""
-        question = check_question(text)
-        lang = require_supported(source_lang or detect_language(question))
-        question_en = self.ja_en.translate([question])[0] if lang == "ja" else question
-        yield f"Q: {question_en}\n\n"
-        pieces = []
-        for piece in self.answerer.stream(question_en, settings):
-            pieces.append(piece)
-            yield piece
-        answer_en = "".join(pieces)
-        answer_ja, *question_ja = self.en_ja.translate([answer_en] + ([question] if lang == "en" else []))
-        yield f"\n\n{DIVIDER}\n\nQ: {question_ja[0] if question_ja else question}\n\n{answer_ja}\n"
 
     def compare(self, text: str, llms: list[str], *, source_lang: str | None = None,
                 settings: GenerationSettings = GenerationSettings(), dtype: str | None = None,

@@ -109,7 +109,7 @@ def test_stream_with_json_is_refused(model_args):
 def whole_generation(tiny_phi2_dir, question: str, max_new_tokens: int) -> str:
     """What phi-2 (here the tiny checkpoint) writes after the prompt, untrimmed, greedy."""
     from pipeline.llm.answerer import Answerer
-    from pipeline.llm.engine import GenerationSettings
+    from pipeline.spec import GenerationSettings
 
     answerer = Answerer.from_pretrained(str(tiny_phi2_dir), device="cpu", engine="transformers")
     return answerer.answer([question], GenerationSettings(max_new_tokens=max_new_tokens, raw=True))[0].text

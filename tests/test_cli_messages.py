@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline import loading, quiet
+from pipeline import quiet
 from pipeline.qa import QAResult
 from cli_run import run_cli  # tests/cli_run.py
 
@@ -96,7 +96,7 @@ def test_first_ctranslate2_conversion_says_where_it_writes(tiny_ja_en_dir, tmp_p
     from pipeline.mt.ctranslate2 import converted_model_dir
 
     monkeypatch.delenv(quiet.QUIET_ENV, raising=False)
-    with loading.quiet_libraries(False):  # as every command runs: stderr is no terminal, so no bars
+    with quiet.quiet_libraries(False):  # as every command runs: stderr is no terminal, so no bars
         target = converted_model_dir(tiny_ja_en_dir, cache_root=tmp_path)
     first = capsys.readouterr().err
     assert "converting" in first and str(target) in first and len(first.strip().splitlines()) == 1

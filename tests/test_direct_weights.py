@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import ModelLoadError
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.llm.phi_direct import load_direct_phi
 from pipeline.mt.fast_marian import FastMarianBackend

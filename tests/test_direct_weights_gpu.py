@@ -32,7 +32,7 @@ def test_fast_backend_translates_the_same_from_direct_and_transformers_weights(t
 def test_fast_engine_decodes_the_same_from_direct_and_transformers_weights(tiny_phi2_dir):
     from transformers import AutoConfig, PhiForCausalLM
 
-    from pipeline.llm.engine import GenerationSettings
+    from pipeline.spec import GenerationSettings
     from pipeline.llm.fast_engine import FastPhiEngine
     from pipeline.llm.phi_direct import load_direct_phi
 
@@ -45,7 +45,7 @@ def test_fast_engine_decodes_the_same_from_direct_and_transformers_weights(tiny_
 
 
 def test_lean_pipeline_answers_as_the_full_one(tiny_phi2_dir, tiny_ja_en_dir, tiny_en_ja_dir):
-    from pipeline.llm.engine import GenerationSettings
+    from pipeline.spec import GenerationSettings
     from pipeline.llm.phi_direct import DirectPhi
     from pipeline.mt.marian_direct import DirectMarian
     from pipeline.qa import BilingualQA

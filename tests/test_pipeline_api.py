@@ -116,3 +116,18 @@ def test_a_tiny_positive_temperature_is_raised_to_the_floor_and_samples(qa, tiny
     assert settings.temperature == MIN_TEMPERATURE and not settings.greedy
     result = qa.ask("What is a bond?", settings=settings)  # divided by 1e-300 the logits were inf: NaN
     assert result.generated_tokens > 0
+
+
+def test_version_has_one_definition_that_the_package_metadata_reads():
+    """pyproject.toml takes the version from pipeline/__init__.py (no second spelling of it)."""
+    import importlib.metadata
+    from pathlib import Path
+
+    import pipeline
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text("utf-8"))
+    assert "version" in project["project"]["dynamic"] and "version" not in project["project"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "pipeline.__version__"}
+    assert pipeline.__version__ == importlib.metadata.version("bilingual-qa")

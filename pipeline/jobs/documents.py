@@ -27,8 +27,8 @@ from pipeline import documents
 from pipeline.errors import JobError
 from pipeline.jobs.files import InputRow, Outcome
 from pipeline.jobs.runner import Checkpoint, JobPaths, JobSummary, no_checkpoint, run_job
-from pipeline.jobs.workers import TranslationWorker, _chunk_runner, other_language
-from pipeline.text.detect import SUPPORTED_LANGUAGES
+from pipeline.jobs.workers import TranslationWorker, _chunk_runner, check_languages
+from pipeline.text.detect import SUPPORTED_LANGUAGES, other_language
 
 DOCUMENT_CHUNK_ROWS = 512
 
@@ -137,10 +137,7 @@ def translate_document_file(input: str | Path, output: str | Path, *, to: str, l
                             checkpoint: Checkpoint = no_checkpoint) -> JobSummary:
     """`bilingual-qa translate` on a document: segments in the target language are copied, others
     translated (the same worker as a .txt job, so the translation memory and --workers apply)."""
-    if to not in SUPPORTED_LANGUAGES or source_lang not in SUPPORTED_LANGUAGES + ("auto",):
-        raise JobError("translate between ja and en: --to ja|en, --from ja|en|auto")
-    if source_lang == to:
-        raise JobError(f"--from {source_lang} and --to {to} are the same language")
+    check_languages(to, source_lang)
     return run_document_job(input, output, fmt=fmt, target_lang=to,
                             make_worker=functools.partial(TranslationWorker, load_translator, source_lang, to),
                             options={"from": source_lang, **options}, errors=errors, restart=restart,

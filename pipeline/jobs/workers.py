@@ -20,7 +20,7 @@ from pipeline.errors import BilingualQAError, JobError
 from pipeline.jobs.files import CsvWriter, JsonlWriter, Outcome, TxtWriter, input_format, open_reader
 from pipeline.jobs.runner import Checkpoint, JobPaths, JobSummary, Report, no_checkpoint, run_job
 from pipeline.spec import ASK_CHUNK_ROWS, TRANSLATE_CHUNK_ROWS, GenerationSettings
-from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language
+from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language, other_language
 ASK_BATCH_ROWS = 32  # questions per LLM batch where the answer stage names no better size
 
 
@@ -40,10 +40,6 @@ class BilingualQA(Protocol):
     en_ja: Translator | None
 
     def ask_batch(self, texts: list[str], *, source_lang: str | None, settings: GenerationSettings) -> list: ...
-
-
-def other_language(language: str) -> str:
-    return "ja" if language == "en" else "en"
 
 
 def _takes_progress(function) -> bool:
@@ -155,13 +151,19 @@ def _chunk_runner(workers: int | str | None, cluster: str | None):
     return dask_runner(workers, cluster)
 
 
-def check_translation_job(input: str | Path, output: str | Path, to: str, source_lang: str = "auto",
-                          errors: str | Path | None = None) -> JobPaths:
-    """The job's files and languages, refused before anything loads (the CLI calls it first)."""
+def check_languages(to: str, source_lang: str = "auto") -> None:
+    """A translation job's languages (every file and document job's one check): into ja or en, from
+    the other or auto."""
     if to not in SUPPORTED_LANGUAGES or source_lang not in SUPPORTED_LANGUAGES + ("auto",):
         raise JobError("translate between ja and en: --to ja|en, --from ja|en|auto")
     if source_lang == to:
         raise JobError(f"--from {source_lang} and --to {to} are the same language")
+
+
+def check_translation_job(input: str | Path, output: str | Path, to: str, source_lang: str = "auto",
+                          errors: str | Path | None = None) -> JobPaths:
+    """The job's files and languages, refused before anything loads (the CLI calls it first)."""
+    check_languages(to, source_lang)
     paths = JobPaths.of(input, output, errors)
     input_format(paths.input)
     if paths.output.suffix.lower() != paths.input.suffix.lower():

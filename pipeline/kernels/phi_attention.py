@@ -1,9 +1,11 @@
 """Decode attention for phi-2 in Triton: each row's one query against its valid cache columns.
 
-Row b's valid keys are cache columns start[b]..col[b], and the kernels read only those, where
-scaled_dot_product_attention would read the whole cache under a mask (and attention over a cache
-reads slower the more unused columns it spans). `col` is one column for every row (`generate`'s
-left-padded batch: shape [1]) or one per row (the continuous batch's slots, fast_batch.py: [B]). The engine's
+Row b's valid keys are its columns start[b]..col[b], and the kernels read only those, where
+scaled_dot_product_attention would read the whole cache under a mask. The cache is paged
+(llm/blocks.py, llm/answer_cache.py): a layer's keys are [blocks, heads, block_size, head_dim], and
+row b's column c is at offset c % block_size of block table[b, c // block_size]; a tile of BLOCK_N
+columns (block_size a multiple of it) lies in one block, so each tile costs one lookup in the table.
+`col` is one column for every row (shape [1]) or one per row ([B]). The engine's
 form (`AttentionConfig("dot")`, one split, rope inside) is one kernel per layer that also applies the
 rotary embedding to the step's query and key and writes the key and value to the cache. The other
 forms are the tuner's alternatives, reachable only through an AttentionConfig or the `rope_inside`
@@ -86,8 +88,10 @@ class StepColumns(Protocol):
     """Where the step writes and what each row reads (the decode state's tensors)."""
 
     positions: torch.Tensor  # [B] long: each row's rotary position
-    starts: torch.Tensor  # [B] long: each row's first valid cache column
+    starts: torch.Tensor  # [B] long: each row's first valid column
     col: torch.Tensor  # [1] or [B] long: the column this step writes (shared, or each row's own)
+    table: torch.Tensor  # [B, blocks per row] long: each row's blocks, in column order
+    block_size: int  # columns per block
 
 
 def col_stride(col: torch.Tensor) -> int:
@@ -109,8 +113,11 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
     with programmatic dependent launch (pdl.py).
     """
     batch, heads, head_dim = qkv.shape[0], w.heads, w.head_dim
+    if s.block_size % config.block_n:
+        raise ValueError(f"a tile of {config.block_n} columns must lie in one block of {s.block_size}")
     gelu_args, block_g = gelu_share_args(gelu, qkv, heads)
-    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    # k_cache: [blocks, heads, block_size, head_dim]; then the table's row stride
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), s.table.stride(0))
     # fp32 caches (the tiny test models) keep full precision in tl.dot: no tf32
     precision = "ieee" if k_cache.dtype == torch.float32 else None
     splits = config.splits
@@ -119,22 +126,23 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
         out = torch.empty((batch, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
     if config.kernel == "dot" and splits == 1 and rope_inside:
         _rope_attn_kernel[(batch * heads,)](
-            qkv, k_cache, v_cache, cos, sin, s.positions, s.starts, s.col, out, qkv.stride(0), *cache_strides,
+            qkv, k_cache, v_cache, cos, sin, s.positions, s.starts, s.col, s.table, out, qkv.stride(0), *cache_strides,
             1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, COL_STRIDE=col_stride(s.col), HEADS=heads,
             HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
-            STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None,
+            STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None, BLOCK_SIZE=s.block_size,
             BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1), **pdl_options(pdl))
         return out
-    q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, s.positions, s.col, 1, w, gelu, warps=rope_warps)
+    q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, s.positions, s.col, 1, w, gelu, warps=rope_warps,
+                             table=s.table, block_size=s.block_size)
     partial = torch.empty((batch * heads, splits, head_dim), device=qkv.device, dtype=torch.float32)
     m = torch.empty((batch * heads, splits), device=qkv.device, dtype=torch.float32)
     l = torch.empty_like(m)
     kernel = _attn_dot_kernel if config.kernel == "dot" else _attn_sum_kernel
     kernel[(batch * heads, splits)](
-        q, k_cache, v_cache, s.starts, s.col, partial, m, l, out,
+        q, k_cache, v_cache, s.starts, s.col, s.table, partial, m, l, out,
         *cache_strides, 1.0 / math.sqrt(head_dim), splits,
         out.stride(0), COL_STRIDE=col_stride(s.col), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1,
-        BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages,
+        BLOCK_N=config.block_n, BLOCK_SIZE=s.block_size, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages,
         num_warps=config.warps, PRECISION=precision, num_stages=max(config.stages, 1),
     )
     if splits == 1:  # the split kernel wrote the output itself
@@ -159,11 +167,17 @@ if triton is not None:
         return lo, tl.minimum(lo + chunk, end)
 
     @triton.jit
-    def _attn_sum_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
-                         stride_cb, stride_ch, stride_cs, scale, n_splits, stride_out,
+    def _tile(table_row, n0, head_off, stride_cb, stride_cs, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """Offsets of a row's columns n0..n0+BLOCK_N-1 (n0 a multiple of BLOCK_N: one block holds them)."""
+        block = tl.load(table_row + n0 // BLOCK_SIZE)
+        return block * stride_cb + head_off + (n0 % BLOCK_SIZE + tl.arange(0, BLOCK_N))[:, None] * stride_cs
+
+    @triton.jit
+    def _attn_sum_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, table_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+                         stride_cb, stride_ch, stride_cs, stride_tb, scale, n_splits, stride_out,
                          COL_STRIDE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
-                         BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
-                         STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                         HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
         """Attention of one query over its columns on CUDA cores; head read as D0 (+ D1) columns."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -179,11 +193,11 @@ if triton is not None:
         l_i = tl.full([], 0.0, tl.float32)
         acc0 = tl.zeros([D0], dtype=tl.float32)
         acc1 = tl.zeros([D1], dtype=tl.float32)
-        base = b * stride_cb + h * stride_ch
-        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+        table_row = table_ptr + b * stride_tb
+        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N, num_stages=STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
-            valid_n = n < hi
-            offs = base + n[:, None] * stride_cs
+            valid_n = (n >= lo) & (n < hi)
+            offs = _tile(table_row, n0, h * stride_ch, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE)
             if D0 > HEAD_DIM:
                 mask0 = valid_n[:, None] & valid0[None, :]
             else:
@@ -224,9 +238,9 @@ if triton is not None:
             tl.store(l_ptr + bh * n_splits + split, l_i)
 
     @triton.jit
-    def _attn_dot_loop(q0, q1, k_ptr, v_ptr, base, stride_cs, lo, hi, scale, HEAD_DIM: tl.constexpr,
-                       BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
-                       STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    def _attn_dot_loop(q0, q1, k_ptr, v_ptr, table_row, head_off, stride_cb, stride_cs, lo, hi, scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D0: tl.constexpr,
+                       D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
         """Online softmax of the query (q0 | q1, in the cache's dtype) over cache columns lo..hi-1 on
         tensor cores: the query is row 0 of a 16-row tile (rows 1-15 zero).
 
@@ -246,10 +260,10 @@ if triton is not None:
         l_i = tl.zeros([16], dtype=tl.float32)
         acc0 = tl.zeros([16, D0], dtype=tl.float32)
         acc1 = tl.zeros([16, D1], dtype=tl.float32)
-        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N, num_stages=STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
-            valid_n = n < hi
-            offs = base + n[:, None] * stride_cs
+            valid_n = (n >= lo) & (n < hi)
+            offs = _tile(table_row, n0, head_off, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE)
             if D0 > HEAD_DIM:
                 mask0 = valid_n[:, None] & valid0[None, :]
             else:
@@ -279,11 +293,11 @@ if triton is not None:
         return out0, out1, m_0, l_0
 
     @triton.jit
-    def _attn_dot_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
-                         stride_cb, stride_ch, stride_cs, scale, n_splits, stride_out,
+    def _attn_dot_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, table_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+                         stride_cb, stride_ch, stride_cs, stride_tb, scale, n_splits, stride_out,
                          COL_STRIDE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
-                         BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr,
-                         STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                         HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
         """As _attn_sum_kernel on tensor cores (_attn_dot_loop)."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -294,20 +308,20 @@ if triton is not None:
         d1 = D0 + tl.arange(0, D1)
         q0 = tl.load(q_ptr + bh * HEAD_DIM + d0, mask=d0 < HEAD_DIM, other=0.0)
         q1 = tl.load(q_ptr + bh * HEAD_DIM + d1, mask=HAS_TAIL & (d1 < HEAD_DIM), other=0.0)
-        out0, out1, m_0, l_0 = _attn_dot_loop(q0, q1, k_ptr, v_ptr, b * stride_cb + h * stride_ch, stride_cs,
-                                              lo, hi, scale, HEAD_DIM, BLOCK_N, D0, D1, HAS_TAIL, STAGES,
-                                              PRECISION)
+        out0, out1, m_0, l_0 = _attn_dot_loop(q0, q1, k_ptr, v_ptr, table_ptr + b * stride_tb, h * stride_ch,
+                                              stride_cb, stride_cs, lo, hi, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
+                                              D0, D1, HAS_TAIL, STAGES, PRECISION)
         _attn_store(out0, out1, m_0, l_0, d0, d1, bh, b * stride_out + h * HEAD_DIM, split, n_splits, o_ptr,
                     m_ptr, l_ptr, out_ptr, HEAD_DIM, DIRECT, HAS_TAIL)
 
     @triton.jit
-    def _rope_attn_kernel(qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, starts_ptr, col_ptr, out_ptr,
-                          stride_qkv, stride_cb, stride_ch, stride_cs, scale, stride_out,
+    def _rope_attn_kernel(qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, starts_ptr, col_ptr, table_ptr, out_ptr,
+                          stride_qkv, stride_cb, stride_ch, stride_cs, stride_tb, scale, stride_out,
                           g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head, COL_STRIDE: tl.constexpr,
                           HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr,
                           D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
-                          PRECISION: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PRECISION: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          BLOCK_G: tl.constexpr, PDL: tl.constexpr):
         """_rope_write_kernel and _attn_dot_kernel (one split) as one kernel: one launch per layer.
 
         The step's own key and value go to the cache for later steps, but this step takes them from
@@ -335,14 +349,15 @@ if triton is not None:
         k1 = rotated(row + HEADS * HEAD_DIM, d1, cos_ptr, sin_ptr, pos, ROT, HEAD_DIM).to(dtype)
         v0 = tl.load(row + 2 * HEADS * HEAD_DIM + d0, mask=valid0, other=0.0).to(dtype)
         v1 = tl.load(row + 2 * HEADS * HEAD_DIM + d1, mask=valid1, other=0.0).to(dtype)
-        base = b * stride_cb + h * stride_ch
-        cell = base + col * stride_cs
+        table_row = table_ptr + b * stride_tb
+        cell = tl.load(table_row + col // BLOCK_SIZE) * stride_cb + h * stride_ch + (col % BLOCK_SIZE) * stride_cs
         tl.store(k_ptr + cell + d0, k0, mask=valid0)
         tl.store(v_ptr + cell + d0, v0, mask=valid0)
         tl.store(k_ptr + cell + d1, k1, mask=valid1)
         tl.store(v_ptr + cell + d1, v1, mask=valid1)
-        acc0, acc1, m_i, l_i = _attn_dot_loop(q0, q1, k_ptr, v_ptr, base, stride_cs, tl.load(starts_ptr + b), col,
-                                              scale, HEAD_DIM, BLOCK_N, D0, D1, HAS_TAIL, STAGES, PRECISION)
+        acc0, acc1, m_i, l_i = _attn_dot_loop(q0, q1, k_ptr, v_ptr, table_row, h * stride_ch, stride_cb, stride_cs,
+                                              tl.load(starts_ptr + b), col, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, D0,
+                                              D1, HAS_TAIL, STAGES, PRECISION)
         now = (tl.sum(q0.to(tl.float32) * k0.to(tl.float32), axis=0)
                + tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=0)) * scale
         top = tl.maximum(m_i, now)

@@ -35,22 +35,26 @@ def gelu_share_args(gelu: tuple[torch.Tensor, torch.Tensor] | None, qkv: torch.T
 
 def rope_and_cache_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, positions: torch.Tensor, col: torch.Tensor, tokens: int, w: HeadShape,
-                         gelu: tuple[torch.Tensor, torch.Tensor] | None = None, *, warps: int) -> torch.Tensor:
+                         gelu: tuple[torch.Tensor, torch.Tensor] | None = None, *, warps: int,
+                         table: torch.Tensor | None = None, block_size: int = 0) -> torch.Tensor:
     """Rotary and cache write for `tokens` consecutive tokens per batch row.
 
     qkv [batch * tokens, >= 3 * hidden] (rows may be strided), positions [batch * tokens] (each
     token's rotary position); token t of row b goes to cache column col + t, where col has one
-    element (every row's) or one per batch row. Returns the rotated
+    element (every row's) or one per batch row. The cache is [batch, heads, columns, head_dim] (the
+    prefill's scratch), or with `table` the paged cache [blocks, heads, block_size, head_dim] whose
+    row b's column c is in block table[b, c // block_size]. Returns the rotated
     queries, [batch, heads, tokens, head_dim]. gelu=(src, dst): also dst = gelu_new(src), row by row.
     """
     heads, head_dim = w.heads, w.head_dim
     q = torch.empty((qkv.shape[0] // tokens, heads, tokens, head_dim), device=qkv.device, dtype=qkv.dtype)
     gelu_args, block_g = gelu_share_args(gelu, qkv, heads)
     _rope_write_kernel[(qkv.shape[0], heads)](
-        qkv, q, k_cache, v_cache, cos, sin, positions, col, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), tokens, *gelu_args, COL_STRIDE=0 if col.numel() == 1 else 1, HEADS=heads,
+        qkv, q, k_cache, v_cache, cos, sin, positions, col, col if table is None else table, qkv.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0 if table is None else table.stride(0), tokens,
+        *gelu_args, COL_STRIDE=0 if col.numel() == 1 else 1, HEADS=heads,
         HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_GELU=gelu is not None,
-        BLOCK_G=block_g, num_warps=warps,
+        BLOCK_G=block_g, PAGED=table is not None, BLOCK_SIZE=max(block_size, 1), num_warps=warps,
     )
     return q
 
@@ -86,11 +90,12 @@ if triton is not None:
         return x * cos + x_p * sin
 
     @triton.jit
-    def _rope_write_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, col_ptr,
-                           stride_qkv, stride_cb, stride_ch, stride_cs, tokens,
+    def _rope_write_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, col_ptr, table_ptr,
+                           stride_qkv, stride_cb, stride_ch, stride_cs, stride_tb, tokens,
                            g_src_ptr, g_dst_ptr, stride_g_src, stride_g_dst, inner, per_head,
                            COL_STRIDE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
-                           BLOCK_D: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr):
+                           BLOCK_D: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_G: tl.constexpr,
+                           PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         """One head of one token: rotary on q (to q, [batch, heads, tokens, head_dim]) and k, k and v
         into cache column col + (the token's place in its row), optionally the MLP's GELU share."""
         r = tl.program_id(0)  # qkv row: token r % tokens of batch row r // tokens
@@ -108,6 +113,10 @@ if triton is not None:
         v = tl.load(base + 2 * HEADS * HEAD_DIM + d, mask=valid, other=0.0)
         tl.store(q_ptr + ((b * HEADS + h) * tokens + t) * HEAD_DIM + d, q.to(q_ptr.dtype.element_ty), mask=valid)
         col = tl.load(col_ptr + b * COL_STRIDE) + t
-        dst = b * stride_cb + h * stride_ch + col * stride_cs + d
+        if PAGED:
+            block = tl.load(table_ptr + b * stride_tb + col // BLOCK_SIZE)
+            dst = block * stride_cb + h * stride_ch + (col % BLOCK_SIZE) * stride_cs + d
+        else:
+            dst = b * stride_cb + h * stride_ch + col * stride_cs + d
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=valid)
         tl.store(v_cache_ptr + dst, v, mask=valid)

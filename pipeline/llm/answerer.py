@@ -19,17 +19,15 @@ import torch
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.llm.adapters import AdapterError, AppliedAdapter, apply_adapter
 from pipeline.llm.detokenize import GrowingText
-from pipeline.llm.engine import (FINISH_STOP, Engine, Generated, GenerationSettings, StopCheck, TransformersEngine,
-                                 finish_row)
+from pipeline.llm.engine import FINISH_STOP, Engine, Generated, StopCheck, TransformersEngine, finish_row
 from pipeline.llm.hardware import Plan, plan, probe
 from pipeline.llm.models import LLMSource, load_llm, read_ahead, tokenizer_for
 from pipeline.llm.phi_direct import DirectPhi
-from pipeline.llm.prompt import PROMPT, prompt_ids  # noqa: F401 - PROMPT: its old home
-from pipeline.loading import DTYPES, resolve_device, status
-from pipeline.spec import DEFAULT_LLM
+from pipeline.llm.prompt import prompt_ids
+from pipeline.loading import DTYPES, resolve_device
+from pipeline.quiet import status
+from pipeline.spec import DEFAULT_LLM, GenerationSettings
 from pipeline.text.answer_end import EndWatch, LineMemo, locate_answer, settled_span
-
-from pipeline.spec import ENGINE_CHOICES  # noqa: E402,F401 - the CLI reads it there
 
 
 @dataclass
@@ -212,6 +210,17 @@ class Answerer:
         named as the engines do."""
         check = None if raw else self.stop_check([question])
         return finish_row(ids, self.engine.eos_token_id, max_new_tokens, check)
+
+    def finish_tokens(self, question: str, prompt: list[int], ids: list[int], eos: bool,
+                      settings: GenerationSettings) -> AnswerText:
+        """The answer shown for `question` from the ids an answer stage generated after `prompt`
+        (`eos`: it stopped at end-of-text), cut, named and trimmed as every engine's rows are."""
+        row = self.finish_ids(ids + [self.engine.eos_token_id] * eos, settings.max_new_tokens, question, settings.raw)
+        return self.answer_text(question, prompt, row, settings.raw)
+
+    def pieces(self, question: str, raw: bool = False) -> "AnswerPieces":
+        """A fresh AnswerPieces for the answer to `question` (streamed piece by piece)."""
+        return AnswerPieces(self.tokenizer, question, raw)
 
     def stream(self, question: str, settings: GenerationSettings) -> Iterator[str]:
         """The answer's text as it is generated, piece by piece: each piece as soon as no later text

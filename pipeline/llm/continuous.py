@@ -6,14 +6,20 @@ row (prefilled alone, then decoded with the others) and drop a finished or aband
 
 The contract, all from one thread:
 - `room() -> int`: how many rows may join now (a request waits while there is none);
+- `can_take(lengths) -> bool`: whether prompts of these lengths can join together now (rows and the
+  cache's room for their prompts; a request waits while they cannot);
 - `check(prompt, settings)`: raise for a request that can never fit (InputTooLongError names the limit);
 - `add([(prompt, settings[, adapter]), ...]) -> [(row, first_token), ...]`: prefill prompts (together
   where the engine can), each applying the engine's LoRA adapter number `adapter` (0 or left out: the
-  base), return each one's row key and first token;
+  base), return each one's row key and first token, or an error in the token's place for a row that
+  failed alone (its logits overflowed; it did not join); a failure of the whole add joins none;
 - `step() -> {row: token}`: one decode step for every live row, feeding each the token it last
   returned; an engine may hand a step's tokens back from the next call (the GPU runs on meanwhile);
+  a row that failed alone gets its error in the token's place and is dropped;
 - `drop(row)`: forget a row (its cache columns are freed);
 - `warm()`: allocate and compile now, before the first request.
+
+Every token is chosen by the one sampler (sampler.py), from the row's own seed and step.
 
 `TransformersDecodeBatch` implements it for any transformers causal LM on any device: a manual decode
 loop over a DynamicCache whose rows are left-padded to a shared column count, each row with its own
@@ -32,7 +38,8 @@ from typing import Protocol
 import torch
 
 from pipeline.errors import InputTooLongError
-from pipeline.llm.engine import GenerationSettings
+from pipeline.llm.engine import GenerationSettings, non_finite_error, pad_left
+from pipeline.llm.sampler import choose, sampling_rows, seed_of
 
 
 class DecodeBatch(Protocol):
@@ -40,6 +47,8 @@ class DecodeBatch(Protocol):
     prefill_tokens: int  # padded prompt tokens one add() should hold (a caller admits in chunks)
 
     def room(self) -> int: ...
+
+    def can_take(self, lengths: list[int]) -> bool: ...
 
     def check(self, prompt: list[int], settings: GenerationSettings) -> None: ...
 
@@ -54,20 +63,19 @@ class DecodeBatch(Protocol):
     def warm(self) -> None: ...
 
 
-from pipeline.spec import BATCHING_CHOICES  # noqa: E402,F401 - the CLI reads it there
-
-
-def open_decode_batch(engine, max_rows: int = 64, batching: str = "auto") -> DecodeBatch | None:
+def open_decode_batch(engine, max_rows: int = 64, batching: str = "auto",
+                      gpu_memory: float | None = None) -> DecodeBatch | None:
     """A decode batch on `engine`'s model, or None for micro-batching (whole `generate` calls).
 
     `auto` and `continuous`: continuous batching where the engine can step (the fast engine's
-    slots, fast_batch.py; transformers' models here); `micro`: whole `generate` calls.
+    paged cache, fast_batch.py, its pool sized from `gpu_memory` bytes; transformers' models here);
+    `micro`: whole `generate` calls.
     """
     if batching == "micro":
         return None
     opener = getattr(engine, "decode_batch", None)
     if opener is not None:  # an engine with its own step-wise implementation
-        return opener(max_rows)
+        return opener(max_rows, gpu_memory=gpu_memory)
     if getattr(engine, "name", "") == "transformers":
         return TransformersDecodeBatch(engine.model, max_rows, engine.adapter_names)
     return None
@@ -79,22 +87,9 @@ class _Row:
     next_token: int  # returned to the caller, not yet in the cache
     position: int  # the next token's position id
     settings: GenerationSettings
-    generator: torch.Generator | None
+    seed: int  # the sampler's, for a sampling row
     adapter: int = 0
-
-
-def select_token(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> int:
-    """Greedy argmax, or temperature + top-p sampling from one row's logits."""
-    if settings.greedy:
-        return int(torch.argmax(logits))
-    scores = logits.float() / settings.temperature
-    if settings.top_p < 1.0:
-        ordered, order = scores.sort(descending=True)
-        probs = ordered.softmax(-1)
-        drop = probs.cumsum(-1) - probs > settings.top_p  # keep the fewest reaching top_p
-        scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    probs = scores.softmax(-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    step: int = 1  # tokens chosen so far
 
 
 class TransformersDecodeBatch:
@@ -120,6 +115,9 @@ class TransformersDecodeBatch:
     def room(self) -> int:
         return self.max_rows - len(self.rows)
 
+    def can_take(self, lengths: list[int]) -> bool:
+        return len(lengths) <= self.room()  # the DynamicCache grows as rows join
+
     def check(self, prompt: list[int], settings: GenerationSettings) -> None:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if not prompt:
@@ -139,10 +137,18 @@ class TransformersDecodeBatch:
             self.check(prompt, settings)
         if len(requests) > self.room():
             raise RuntimeError(f"the decode batch has room for {self.room()} more rows, not {len(requests)}")
-        return [self._add(*request) for request in requests]
+        added: list = []
+        try:
+            for request in requests:
+                added.append(self._add(*request))
+        except BaseException:  # none of these rows joins
+            for key, _ in added:
+                self.drop(key)
+            raise
+        return added
 
     @torch.inference_mode()
-    def _add(self, prompt: list[int], settings: GenerationSettings, adapter: int = 0) -> tuple[int, int]:
+    def _add(self, prompt: list[int], settings: GenerationSettings, adapter: int = 0) -> tuple[int, int | Exception]:
         from transformers import DynamicCache
 
         ids = torch.tensor([prompt], device=self.device)
@@ -150,15 +156,19 @@ class TransformersDecodeBatch:
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache},
                          position_ids=torch.arange(len(prompt), device=self.device)[None],
                          **self.adapter_names([adapter], 1))
-        generator = None
-        if not settings.greedy:
-            generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None
-                                                      else int(torch.randint(0, 2**31, ())))
-        first = select_token(out.logits[0, -1], settings, generator)
-        row = _Row(next(self._keys), first, len(prompt), settings, generator, adapter)
+        seed, key = seed_of(settings), next(self._keys)
+        first, value = self._choose(out.logits[:, -1], [settings], [seed], [0])
+        if not torch.isfinite(value[0]):
+            return key, non_finite_error(out.logits.dtype)
+        row = _Row(key, int(first[0]), len(prompt), settings, seed, adapter)
         self._merge(cache, len(prompt))
         self.rows.append(row)
-        return row.key, first
+        return row.key, row.next_token
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, settings: list[GenerationSettings], seeds: list[int],
+                steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return choose(logits, sampling_rows(settings, seeds, steps, logits.device))
 
     @torch.inference_mode()
     def step(self) -> dict[int, int]:
@@ -173,14 +183,20 @@ class TransformersDecodeBatch:
                          use_cache=True, **{self._cache_arg: self.cache},
                          cache_position=torch.tensor([columns], device=self.device),
                          **self.adapter_names([row.adapter for row in self.rows], len(self.rows)))
-        last = out.logits[:, -1]
-        greedy = last.argmax(-1).tolist()  # one device->host copy for every greedy row
-        chosen = {}
-        for index, row in enumerate(self.rows):
-            row.next_token = (greedy[index] if row.settings.greedy
-                              else select_token(last[index], row.settings, row.generator))
-            row.position += 1
+        rows = self.rows
+        tokens, values = self._choose(out.logits[:, -1], [r.settings for r in rows], [r.seed for r in rows],
+                                      [r.step for r in rows])
+        tokens, finite = tokens.tolist(), torch.isfinite(values).tolist()  # one copy to the host each
+        chosen: dict[int, int | Exception] = {}
+        for index, row in enumerate(rows):
+            if not finite[index]:  # this row's logits overflowed: it fails alone
+                chosen[row.key] = non_finite_error(out.logits.dtype)
+                continue
+            row.next_token, row.position, row.step = tokens[index], row.position + 1, row.step + 1
             chosen[row.key] = row.next_token
+        for key, token in chosen.items():
+            if isinstance(token, Exception):
+                self.drop(key)
         return chosen
 
     def drop(self, key: int) -> None:
@@ -207,16 +223,7 @@ class TransformersDecodeBatch:
             self.cache, self.mask = cache, new_mask
             return
         width = max(self.mask.shape[1], length)
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(new_mask, width)])
+        self.mask = torch.cat([pad_left(self.mask, width), pad_left(new_mask, width)])
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
-
-
-def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+            mine.keys = torch.cat([pad_left(mine.keys, width, 2), pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([pad_left(mine.values, width, 2), pad_left(theirs.values, width, 2)])

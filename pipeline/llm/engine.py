@@ -60,6 +60,27 @@ def finish_row(ids: Sequence[int], eos_token_id: int, max_new_tokens: int,
     return Generated(body, FINISH_EOS if ended else FINISH_LENGTH)
 
 
+def pad_left(tensor: torch.Tensor, width: int, dim: int = 1, value: int | float = 0) -> torch.Tensor:
+    """`tensor` widened to `width` along `dim` by `value`s on the left (the one left-padding of the
+    answer stage: prompts' ids and masks, and the caches of the transformers decode batch)."""
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_full(shape, value), tensor], dim=dim)
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one batch of ids [rows, longest] padded on the left with `pad_id`, and its
+    attention mask (1 on the prompts' tokens): every row's next token lands in the same column."""
+    width = max(len(p) for p in prompts)
+    rows = [torch.tensor([p], dtype=torch.long) for p in prompts]
+    ids = torch.cat([pad_left(row, width, value=pad_id) for row in rows])
+    mask = torch.cat([pad_left(torch.ones_like(row), width) for row in rows])
+    return ids, mask
+
+
 class NonFiniteLogitsError(BilingualQAError):
     """The answer model's logits became NaN or infinite (float16 overflow, as a rule): never answer
     with the garbage that would follow."""
@@ -119,6 +140,25 @@ class _FiniteLogits:
         if bool((scores.isnan() | scores.isposinf()).any()):
             raise non_finite_error(self.dtype)
         return scores
+
+
+class _SampleEachRow:
+    """A transformers logits processor that makes `generate`'s greedy choice the one sampler's
+    (sampler.py): every score but the sampled token's becomes -inf. So the transformers engine draws
+    exactly what the fast engine and the continuous batches draw for a row's seed and step."""
+
+    def __init__(self, settings: GenerationSettings, rows: int, prompt_length: int, device):
+        from pipeline.llm.sampler import SamplingRows, seed_of
+
+        self.rows = SamplingRows.of([settings] * rows, [seed_of(settings) for _ in range(rows)], [0] * rows, device)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from pipeline.llm.sampler import choose
+
+        self.rows.step.fill_(input_ids.shape[1] - self.prompt_length)
+        chosen, _ = choose(scores, self.rows)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
 
 
 class _StopEachRow:
@@ -197,32 +237,23 @@ class TransformersEngine:
         return fp32_scores(self.model.device) if self.fp32_scores else nullcontext()
 
     def _generate_kwargs(self, settings: GenerationSettings, prompt_length: int,
-                         stop_check: StopCheck | None) -> dict:
-        from transformers import StoppingCriteriaList
+                         stop_check: StopCheck | None, rows: int = 1) -> dict:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        from transformers import LogitsProcessorList
-
+        processors = [_FiniteLogits(self.model.dtype)]
+        if not settings.greedy:  # generate stays greedy over the sampler's one finite score
+            processors.append(_SampleEachRow(settings, rows, prompt_length, self.model.device))
         kwargs = dict(
             max_new_tokens=settings.max_new_tokens, eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id, do_sample=not settings.greedy,
-            logits_processor=LogitsProcessorList([_FiniteLogits(self.model.dtype)]),
+            pad_token_id=self.pad_token_id, do_sample=False, temperature=None, top_p=None, top_k=None,
+            logits_processor=LogitsProcessorList(processors),
         )
-        if not settings.greedy:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
         if stop_check is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_StopEachRow(prompt_length, stop_check)])
         return kwargs
 
     def _batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad prompts so every row's next token lands in the same column."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
+        ids, mask = left_padded(prompts, self.pad_token_id)
         return ids.to(self.model.device), mask.to(self.model.device)
 
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
@@ -239,11 +270,9 @@ class TransformersEngine:
     def _generate(self, prompts: list[list[int]], settings: GenerationSettings,
                   stop_check: StopCheck | None, adapters: list[int] | None = None) -> list[Generated]:
         ids, mask = self._batch(prompts)
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
         with self._scores_context():
             out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                      **self._generate_kwargs(settings, ids.shape[1], stop_check),
+                                      **self._generate_kwargs(settings, ids.shape[1], stop_check, len(prompts)),
                                       **self.adapter_names(adapters, len(prompts)))
         new = out[:, ids.shape[1]:].tolist()
         return [finish_row(row, self.eos_token_id, settings.max_new_tokens, stop_check, index)
@@ -255,8 +284,6 @@ class TransformersEngine:
         ids, mask = self._batch([prompt])
         streamer = _QueueStreamer()
         kwargs = {**self._generate_kwargs(settings, ids.shape[1], stop_check), **self.adapter_names([adapter], 1)}
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
 
         failed: list[BaseException] = []
 

@@ -1,310 +1,212 @@
-"""Continuous batching on FastPhiEngine's static cache and CUDA graphs (the DecodeBatch contract of
-continuous.py): a question that reaches the server joins the rows being decoded at the next step.
+"""Continuous batching on FastPhiEngine's paged answer cache (the DecodeBatch contract of
+continuous.py): a question that reaches the server joins the rows being decoded at the next step, and
+`generate` and `stream` run on the same loop.
 
-Each row of the engine's cache is a slot of its own length, as llama.cpp's server slots are: a step
-writes row b's token at its own column col[b] and attends over start[b]..col[b] (the attention kernel
-reads only those columns, whatever the others hold). So a long answer never pins a short one, a row
-frees its slot the moment it leaves, and the captured graph of a batch bucket serves any mix of
-lengths (it reads the columns from a tensor, as gpt-fast's decode step does). Slots rather than
-vLLM's paged blocks: phi-2's context is 2,048 tokens and a server runs 64 rows, so a full-context
-slot per row fits an H100/H200 beside the models (40 GiB in float16), and the kernels, prefill and
-graphs stay those `generate` uses, with no block table to read per tile.
+Each row is a slot of the step's tensors with its own length: a step writes row b's token at its
+column col[b] and attends over columns 0..col[b], all through its block table (answer_cache.py), so
+a long answer never pins a short one and a row frees its blocks the moment it leaves. A row holds the
+blocks its tokens fill, not a slot sized for the whole context, so as many rows run as their tokens
+fit the card (vLLM's paged attention). The captured graph of a batch bucket serves any mix of lengths.
 
-`SlotCache` owns the room: which slots are free and how many columns they have. Admission asks it
-(`room()`, `limit`): a request waits while no slot is free and is refused only when prompt + answer
-exceed the model's context. The cache starts with the columns short answers need and widens, in
-steps of FIRST_COLUMNS up to the context, when a longer request joins (attention reads a cache slower
-the wider it is, even columns it skips: the stride between a row's heads grows); its rows are what
-fits the memory left after the models at full width.
-
-Prompts that arrive together are prefilled together (left-padded, as `generate` does; each row's
-start is its first real column), each row applying its own LoRA adapter (multi_lora.py; 0: the
-base), whose index `_join` writes beside the row's other step inputs. A step runs the graph of the
-smallest bucket holding the highest live slot, feeds greedy rows their argmax on the device, and
-hands the host its tokens one step late: the GPU computes the next step while the server delivers
-this one's tokens.
+Joining rows are prefilled together (left-padded; each layer's keys go from a one-layer scratch into
+the rows' blocks), each applying its own LoRA adapter (multi_lora.py; 0: the base). A step samples on
+the device (sampler.py: greedy rows their argmax, the others from their own seed and step) and
+hands the host its tokens one step late: the GPU computes the next step meanwhile. When a row needs
+a block and none is free, the most recently joined row is preempted: its keys and values are copied
+to the host and its blocks freed, and it waits, first in line, for blocks to come back; then its
+keys and values return into new blocks and it goes on from where it was, drawing exactly the tokens
+it would have drawn (its own seed and step), and its caller sees only a pause. A row whose logits overflow fails alone.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 
 from pipeline.errors import InputTooLongError
-from pipeline.llm.continuous import select_token
-from pipeline.llm.engine import GenerationSettings, non_finite_error
-from pipeline.llm.memory import CACHE_FIT_SHARE, rows_that_fit
+from pipeline.llm.blocks import OutOfBlocks
+from pipeline.llm.engine import left_padded, non_finite_error
 from pipeline.llm.phi_model import prefill
+from pipeline.llm.memory import CACHE_FIT_SHARE
+from pipeline.llm.sampler import choose, sampling_rows, seed_of
+from pipeline.spec import GenerationSettings
 
-FIRST_COLUMNS = 512  # columns the cache starts with (a short prompt and a few hundred answer tokens)
-# Padded tokens per prefill group (its keys and values pass through a scratch cache). Every group
-# stalls the rows decoding and the callers after it, so it is as small as keeps the prefill's
-# throughput: on an H200 (benchmarks/ttft_study.py, 64 clients, ~900-token prompts) 4,096 gave the
-# tokens/s of 8,192 (-1.4%) at half the later arrivals' time to first token; 2,048 lost 10%.
+# Padded tokens per prefill group. Every group stalls the rows decoding and the callers after it, so
+# it is as small as keeps the prefill's throughput: on an H200 (benchmarks/ttft_study.py, 64 clients,
+# ~900-token prompts) 4,096 gave the tokens/s of 8,192 (-1.4%) at half the later arrivals' time to
+# first token; 2,048 lost 10%.
 PREFILL_TOKENS = 4096
-GROWTH_PEAK = 1.5  # while the cache doubles to its full width, old and new exist at once
-
-
-class SlotCache:
-    """The slots of the engine's cache: which are free, and the columns every slot has now and may reach."""
-
-    def __init__(self, rows: int, columns: int, limit: int):
-        self.rows = rows
-        self.columns = columns  # now
-        self.limit = limit  # at most: the model's context
-        self._free = list(range(rows))
-
-    def room(self) -> int:
-        return len(self._free)
-
-    def take(self) -> int:
-        """The lowest free slot (so a small batch runs in a small graph bucket)."""
-        self._free.sort()
-        return self._free.pop(0)
-
-    def give(self, slot: int) -> None:
-        self._free.append(slot)
-
-    def reset(self) -> None:
-        self._free = list(range(self.rows))
-
-    def width_for(self, need: int) -> int:
-        """Columns the cache needs for a row of `need` columns: now's, or `need` rounded up to a
-        multiple of FIRST_COLUMNS (at most a few growths up to the context, each by whole steps)."""
-        if need <= self.columns:
-            return self.columns
-        return min(-(-need // FIRST_COLUMNS) * FIRST_COLUMNS, self.limit)
+READ_BLOCKS_STEP = 16  # the torch path's graphs read a multiple of this many blocks per row
 
 
 @dataclass
-class _Live:
-    row: int  # its slot
+class _Row:
+    slot: int
+    prompt: list[int]
     settings: GenerationSettings
-    generator: torch.Generator | None  # for sampling
-    column: int  # the column its next step writes (the host's copy of col[row])
+    adapter: int
+    seed: int
+    order: int  # when it joined: the latest joined is preempted first
+    out: list[int] = field(default_factory=list)  # the tokens handed back so far
+    column: int = 0  # the column its next step writes (the host's copy of col[slot])
+    unread: int = 0  # launched steps whose token the host has not read
+    saved: tuple | None = None  # a preempted row's keys and values, on the host
 
 
 @dataclass
 class _Launched:
-    """A step whose tokens are on their way to the host."""
-
     rows: dict[int, int]  # key -> slot, of the rows it stepped
     tokens: torch.Tensor
     values: torch.Tensor  # each row's top logit: non-finite once the model overflowed
     event: torch.cuda.Event | None
-    logits: torch.Tensor  # the step's (a graph's output: valid until its next replay)
 
 
 class FastDecodeBatch:
-    def __init__(self, engine, max_rows: int = 64, columns: int = FIRST_COLUMNS, bucket: int | None = None):
-        """bucket: run every step in the graph of this many rows (tests compare rows at one shape)."""
+    def __init__(self, engine, max_rows: int = 64, bucket: int | None = None, gpu_memory: float | None = None,
+                 blocks: int | None = None):
+        """bucket: run every step in the graph of this many rows (tests compare rows at one shape).
+        gpu_memory: bytes the process may take in all (the server's --gpu-memory): the first row sizes
+        the block pool from it, once; blocks: a pool of exactly this many (tests); neither: the pool
+        grows to what the rows need, within a share of the free memory (generate)."""
         self.engine = engine
-        limit = engine.max_seq_len
-        rows = self._rows_that_fit(min(max_rows, engine.max_batch_size), limit)
-        self.max_rows = rows
+        self.cache = engine.cache
+        self.max_rows = min(max_rows, self.cache.rows)
         self.bucket = bucket
-        self.slots = SlotCache(rows, min(columns, limit), limit)
-        self.limit = limit
+        self.gpu_memory = gpu_memory
+        self.fixed = blocks  # the pool's size where it is fixed: from gpu_memory when the first row joins
+        self.limit = engine.max_seq_len
         self.prefill_tokens = PREFILL_TOKENS
-        self.rows: dict[int, _Live] = {}  # by the key add() returned
+        self.rows: dict[int, _Row] = {}  # by the key add() returned: live rows
+        self.preempted: deque[int] = deque()  # keys of rows waiting to be prefilled again
+        self.parked: dict[int, _Row] = {}  # their rows
+        self.preemptions = 0
+        self._free_slots = list(range(self.max_rows))
         self._keys = itertools.count()
         self._pending: _Launched | None = None
         # two sets of pinned host buffers for the steps' tokens: one being read, one being filled
         self._host = [self._host_buffers() for _ in range(2)] if engine.device.type == "cuda" else []
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.parked)
+
+    # ---- admission ---------------------------------------------------------------------------------
 
     def room(self) -> int:
-        """Rows that can join now."""
-        return self.slots.room()
+        """Rows that can join now (none while a preempted row waits to come back)."""
+        return 0 if self.parked else len(self._free_slots)
+
+    def can_take(self, lengths: list[int]) -> bool:
+        """Whether prompts of these lengths can all join now: slots, and blocks for their prompts
+        beside a block in hand for every row that will then be live (its next block)."""
+        if len(lengths) > self.room():
+            return False
+        blocks = self.cache.blocks
+        if blocks is None:
+            return True  # the pool is sized when the first row joins
+        need = sum(blocks.blocks_for(length + 1) for length in lengths)
+        return need + len(self.rows) + len(lengths) <= blocks.free or not self.rows
 
     def check(self, prompt: list[int], settings: GenerationSettings) -> None:
-        """Raise for a request that can never fit a slot (prompt + answer past the model's context)."""
+        """Raise for a request that can never fit (prompt + answer past the model's context or the pool)."""
         if not prompt:
             raise ValueError("every prompt needs at least one token")
-        if len(prompt) + settings.max_new_tokens > self.limit:
+        need = len(prompt) + settings.max_new_tokens
+        if need > self.limit:
             raise InputTooLongError(
                 f"the prompt has {len(prompt)} tokens and the answer may take {settings.max_new_tokens};"
                 f" the answer model holds at most {self.limit} tokens in all")
+        blocks = self.cache.blocks
+        if self.fixed is not None and blocks is not None and blocks.blocks_for(need) > blocks.usable:
+            raise InputTooLongError(
+                f"the prompt has {len(prompt)} tokens and the answer may take {settings.max_new_tokens}; the"
+                f" answer cache holds {blocks.usable * blocks.block_size} tokens in all (--gpu-memory)")
 
     @torch.inference_mode()
     def warm(self) -> None:
-        """Allocate the cache and capture every bucket's graph now, not when the first request needs it."""
+        """Size the block pool for serving and capture every bucket's graph now, not for the first caller."""
         self._begin()
-        if self.engine.use_graphs:
-            for bucket in self._buckets():
-                self._graph(bucket)
-        self._end()
+        try:
+            if self.engine.use_graphs:
+                for bucket in self._buckets():
+                    self._graph(bucket, 1)
+        finally:
+            self._end_if_idle()
 
     @torch.inference_mode()
-    def add(self, requests: list[tuple]) -> list[tuple[int, int]]:
+    def add(self, requests: list[tuple]) -> list[tuple[int, int | BaseException]]:
         """Prefill these (prompt, settings[, adapter]) requests (together where they fit one group) into
-        free slots, each applying its LoRA adapter (0 or left out: the base); (key, first token) each."""
+        free slots; (key, first token) each, or (key, error) for a row whose logits overflowed (it did
+        not join). A failure of the whole prefill leaves none of them joined and raises."""
         requests = [(*request, 0)[:3] for request in requests]
         for prompt, settings, _ in requests:
             self.check(prompt, settings)
         if len(requests) > self.room():
             raise RuntimeError(f"the decode batch has room for {self.room()} more rows, not {len(requests)}")
-        if not self.rows:
+        if not self.rows and not self.parked:
             self._begin()
-        out: list[tuple[int, int] | None] = [None] * len(requests)
+        out: list = [None] * len(requests)
         try:
-            for group in self._groups(requests):
-                for index, key_first in zip(group, self._add_group([requests[i] for i in group])):
+            for group in self._groups([len(prompt) for prompt, _, _ in requests]):
+                rows = [self._new_row(*requests[i]) for i in group]
+                for index, key_first in zip(group, self._join(rows)):
                     out[index] = key_first
-        except BaseException:  # none of these rows joins: their slots are free again
+        except BaseException:  # none of these rows joins: their slots and blocks are free again
             for key_first in out:
                 if key_first is not None:
                     self.drop(key_first[0])
-            if not self.rows:
-                self._end()
+            self._end_if_idle()
             raise
         return out
-
-    @torch.inference_mode()
-    def step(self) -> dict[int, int]:
-        """One decode step for every live row; returns {key: token} of the step the host has now.
-
-        With only greedy rows the tokens are those of the step before (this one runs meanwhile);
-        with a sampling row the step waits for its own tokens. A row dropped meanwhile gets none.
-        """
-        sampling = any(not live.settings.greedy for live in self.rows.values())
-        if self._pending is not None and (sampling or not self.rows):
-            return self._read(self._take_pending())
-        if not self.rows:
-            return {}
-        launched = self._launch()
-        if sampling:
-            return self._read(launched, sample=True)
-        previous, self._pending = self._pending, launched
-        return self._read(previous) if previous is not None else {}
 
     def drop(self, key: int) -> None:
-        live = self.rows.pop(key, None)
-        if live is None:
+        """Forget a row (live or preempted): its slot and blocks are free from the next step."""
+        row = self.rows.pop(key, None) or self.parked.pop(key, None)
+        if row is None:
             return
-        engine, row = self.engine, live.row
-        # From the next step the slot stays at its column 0 and attends only to it.
-        engine._advance[row] = 0
-        engine._col[row] = 0
-        engine._starts[row] = 0
-        engine._positions[row] = 0
-        engine._adapter_rows[row] = 0
-        self.slots.give(row)
-        if not self.rows:
-            self._end()
-
-    # ---- joining -----------------------------------------------------------------------------------
-
-    def _groups(self, requests) -> list[list[int]]:
-        """Request indices in prefill groups: by length, each group's padded width fitting every row."""
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
-        groups: list[list[int]] = []
-        for index in order:
-            length = len(requests[index][0])
-            group = groups[-1] if groups else None
-            if group is not None:
-                # sorted: this prompt is the group's longest, so its length is the group's width
-                fits = all(length + requests[i][1].max_new_tokens <= self.limit for i in group)
-                if fits and length * (len(group) + 1) <= self.prefill_tokens:
-                    group.append(index)
-                    continue
-            groups.append([index])
-        return groups
-
-    def _add_group(self, group) -> list[tuple[int, int]]:
-        prompts, adapters = [prompt for prompt, _, _ in group], [adapter for _, _, adapter in group]
-        width = max(len(prompt) for prompt in prompts)
-        need = max(width + settings.max_new_tokens for _, settings, _ in group)
-        if need > self.slots.columns:
-            self._grow(self.slots.width_for(need))
-        slots = [self.slots.take() for _ in group]
-        try:
-            logits = self._prefill(prompts, width, slots, adapters)
-            firsts, generators = self._first_tokens(group, logits)
-        except BaseException:
-            for slot in slots:
-                self.slots.give(slot)
-            raise
-        out = []
-        for slot, (_, settings, _), generator, first in zip(slots, group, generators, firsts):
-            key = next(self._keys)
-            self.rows[key] = _Live(slot, settings, generator, width)
-            out.append((key, first))
-        self._join(slots, firsts, [width - len(prompt) for prompt in prompts], width, adapters)
-        return out
-
-    def _first_tokens(self, group, logits: torch.Tensor) -> tuple[list[int], list]:
-        """Each prefilled row's first token (greedy, or sampled with its own generator) and generator."""
-        firsts, generators = [], []
-        for index, (_, settings, _) in enumerate(group):
-            generator = None
-            if not settings.greedy:
-                generator = torch.Generator(device="cpu").manual_seed(
-                    settings.seed if settings.seed is not None else int(torch.randint(0, 2**31, ())))
-            generators.append(generator)
-            firsts.append(None if settings.greedy else self._choose(logits[index], settings, generator))
-        values, greedy = torch.max(logits, -1)
-        values, greedy = values.tolist(), greedy.tolist()  # the join's one wait for the GPU
-        if not all(math.isfinite(value) for value in values):
-            raise non_finite_error(self.engine.weights.dtype)
-        return [g if f is None else f for g, f in zip(greedy, firsts)], generators
-
-    def _join(self, slots: list[int], firsts: list[int], starts: list[int], width: int,
-              adapters: list[int]) -> None:
-        """Each new row's step inputs, one write per tensor for the group (the LoRA adapter each row
-        applies among them: multi_lora.py)."""
-        engine = self.engine
-        index = torch.tensor(slots, dtype=torch.long, device=engine.device)
-        start = torch.tensor(starts, dtype=torch.long, device=engine.device)
-        engine._tokens[index] = torch.tensor(firsts, dtype=torch.long, device=engine.device)
-        engine._starts[index] = start
-        engine._col[index] = width
-        engine._positions[index] = width - start
-        engine._advance[index] = 1
-        engine._adapter_rows[index] = torch.tensor(adapters, dtype=torch.long, device=engine.device)
-
-    def _prefill(self, prompts: list[list[int]], width: int, slots: list[int], adapters: list[int]) -> torch.Tensor:
-        """The prompts' keys and values into their slots' columns 0..width-1 (left-padded), prompt i
-        applying LoRA adapter adapters[i]; last logits."""
-        engine, w = self.engine, self.engine.weights
-        shape = (len(w.layers), len(prompts), w.heads, width, w.head_dim)
-        keys = torch.zeros(shape, dtype=w.dtype, device=engine.device)
-        values = torch.zeros_like(keys)
-        ids = torch.full((len(prompts), width), engine.eos_token_id, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-        ids = ids.to(engine.device)
-        starts = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=engine.device)
-        rows_adapters = torch.tensor(adapters, dtype=torch.long, device=engine.device)
-        logits = prefill(w, ids, starts, keys, values, engine.cos, engine.sin, engine.use_triton, engine.config,
-                         rows_adapters)
-        index = torch.tensor(slots, dtype=torch.long, device=engine.device)
-        engine._k_cache[:, :, :, :width].index_copy_(1, index, keys)
-        engine._v_cache[:, :, :, :width].index_copy_(1, index, values)
-        return logits
+        if key in self.preempted:
+            self.preempted.remove(key)
+        else:
+            self._vacate(row)
+        self._end_if_idle()
 
     # ---- stepping ----------------------------------------------------------------------------------
 
+    @torch.inference_mode()
+    def step(self) -> dict[int, int | BaseException]:
+        """One decode step for every live row; {key: token} of the step the host has now (the one
+        before, while this one runs), or {key: error} for a row that failed (and was dropped)."""
+        self._resume()
+        if not self.rows:
+            return self._read(self._take_pending()) if self._pending is not None else {}
+        self._ensure_blocks()
+        launched = self._launch() if self.rows else None
+        previous, self._pending = self._pending, launched
+        return self._read(previous) if previous is not None else {}
+
     def _launch(self) -> _Launched:
-        engine = self.engine
-        bucket = self.bucket or engine._bucket(max(live.row for live in self.rows.values()) + 1)
+        cache, engine = self.cache, self.engine
+        bucket = self.bucket or engine.bucket(max(row.slot for row in self.rows.values()) + 1)
+        reach = max(row.column for row in self.rows.values()) + 1
         if engine.use_graphs:
-            graph, logits = self._graph(bucket)
+            graph, logits = self._graph(bucket, reach)
             graph.replay()
         else:
-            kv_len = min(max(live.column for live in self.rows.values()) + 1, self.slots.columns)
-            logits = engine._step(engine._state(bucket), bucket, kv_len=kv_len)
-        values, tokens = torch.max(logits, -1)
-        engine._tokens[:bucket].copy_(tokens)  # greedy rows feed themselves; sampling rows are overwritten
-        rows = {}
-        for key, live in self.rows.items():
-            rows[key] = live.row
-            live.column = min(live.column + 1, self.slots.columns - 1)
+            logits = engine.decode(cache.state(bucket), bucket, kv_len=reach)
+        sampling = [row for row in self.rows.values() if not row.settings.greedy]
+        rows = cache.sampling_rows(bucket, any(r.settings.top_p < 1 for r in sampling)) if sampling else None
+        tokens, values = choose(logits, rows)
+        cache.tokens[:bucket].copy_(tokens)  # each row feeds itself its token at the next step
+        if sampling:
+            cache.sampling.step[:bucket].add_(cache.advance[:bucket])
+        stepped = {}
+        for key, row in self.rows.items():
+            stepped[key] = row.slot
+            row.column = min(row.column + 1, self.limit - 1)  # as the step clamps col on the device
+            row.unread += 1
         event = None
         if self._host:
             self._host.reverse()  # the other set: the pending step may still be read from this one
@@ -312,108 +214,228 @@ class FastDecodeBatch:
             event = torch.cuda.Event()
             event.record()
             tokens, values = host
-        return _Launched(rows, tokens, values, event, logits)
+        return _Launched(stepped, tokens, values, event)
 
-    def _host_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.engine.max_batch_size
-        return (torch.empty(size, dtype=torch.long, pin_memory=True),
-                torch.empty(size, dtype=self.engine.weights.dtype, pin_memory=True))
+    def _read(self, launched: _Launched) -> dict[int, int | BaseException]:
+        if launched.event is not None:
+            launched.event.synchronize()
+        tokens, values = launched.tokens.tolist(), launched.values.tolist()
+        chosen: dict[int, int | BaseException] = {}
+        for key, slot in launched.rows.items():
+            row = self.rows.get(key) or self.parked.get(key)
+            if row is None:  # dropped since: its token is nobody's
+                continue
+            row.unread -= 1
+            if not math.isfinite(values[slot]):
+                chosen[key] = non_finite_error(self.engine.weights.dtype)
+                self.drop(key)
+                continue
+            chosen[key] = tokens[slot]
+            row.out.append(tokens[slot])
+        return chosen
 
     def _take_pending(self) -> _Launched:
         launched, self._pending = self._pending, None
         return launched
 
-    def _read(self, launched: _Launched, sample: bool = False) -> dict[int, int]:
-        if launched.event is not None:
-            launched.event.synchronize()
-        tokens, values = launched.tokens.tolist(), launched.values.tolist()
-        chosen = {}
-        for key, row in launched.rows.items():
-            live = self.rows.get(key)
-            if live is None:  # dropped since: its token is nobody's
-                continue
-            if not math.isfinite(values[row]):
-                raise non_finite_error(self.engine.weights.dtype)
-            chosen[key] = tokens[row]
-            if sample and not live.settings.greedy:
-                chosen[key] = self._choose(launched.logits[row], live.settings, live.generator)
-                self.engine._tokens[row] = chosen[key]
-        return chosen
+    def _host_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.cache.rows
+        return (torch.empty(size, dtype=torch.long, pin_memory=True),
+                torch.empty(size, dtype=self.engine.weights.dtype, pin_memory=True))
 
-    def _graph(self, bucket: int):
-        """The engine's captured step for `bucket` rows. Capturing resets the step's inputs and writes
-        cache columns 0 and 1 of every row (its warm-up runs): live rows get them back."""
+    # ---- blocks and preemption -----------------------------------------------------------------------
+
+    def _ensure_blocks(self) -> None:
+        """Every live row holds the block its next column falls in; where none is free, the latest
+        joined row is preempted (possibly the one asking), oldest rows first served."""
+        for key in sorted(self.rows, key=lambda k: self.rows[k].order):
+            row = self.rows.get(key)
+            while row is not None:
+                try:
+                    self._grow(row, row.column + 1)  # column < limit: within the row's table
+                    break
+                except OutOfBlocks:
+                    victim = max(self.rows, key=lambda k: self.rows[k].order)
+                    self._preempt(victim)
+                    if victim == key:
+                        row = None
+
+    def _grow(self, row: _Row, columns: int) -> None:
+        """Give the row the blocks it lacks for `columns` columns. Where too few are free, a batch
+        without a fixed pool (generate's) first grows the pool within its budget; else OutOfBlocks."""
+        blocks = self.cache.blocks
+        missing = blocks.missing(row.slot, columns)
+        if missing > blocks.free and self.fixed is None:
+            wanted = blocks.total + missing - blocks.free
+            self.reserve(wanted, at_least=0 if self.rows else wanted)  # the first row runs, budget or not
+        held = len(blocks.held(row.slot))
+        self.cache.place(row.slot, held, blocks.grow(row.slot, columns))
+
+    def reserve(self, blocks: int, at_least: int = 0) -> None:
+        """Grow the pool towards `blocks`, within a share of the free memory but to `at_least` in any
+        case (generate's rule; a serving batch's pool is sized once, from --gpu-memory)."""
+        cache = self.cache
+        if cache.device.type == "cuda":
+            held = 0 if cache.blocks is None else cache.blocks.total
+            blocks = min(blocks, max(cache.blocks_within(cache.budget(CACHE_FIT_SHARE)), held, at_least))
+        cache.reserve(blocks)
+
+    def _preempt(self, key: int) -> None:
+        """The row leaves its blocks, its keys and values copied out to the host (swapped, as vLLM's
+        first scheduler did: recomputing them would round differently from the steps that made them)."""
+        row = self.rows.pop(key)
+        row.saved = self.cache.save(self.cache.blocks.held(row.slot))
+        self._vacate(row)
+        self.parked[key] = row
+        self.preempted.append(key)
+        self.preemptions += 1
+
+    def _resume(self) -> None:
+        """Preempted rows back, oldest first, while slots and blocks allow (once their tokens are all
+        read): their keys and values into new blocks, and on from their next column and token."""
+        while self.preempted:
+            key = self.preempted[0]
+            row = self.parked[key]
+            if row.unread or not self._free_slots or not self._blocks_free_for(row.column + 1):
+                return
+            self.preempted.popleft()
+            del self.parked[key]
+            row.slot = self._take_slot()
+            self._grow(row, row.column + 1)
+            self.cache.restore(row.saved, self.cache.blocks.held(row.slot))
+            row.saved = None
+            self.cache.write_rows([row.slot], col=[row.column], positions=[row.column], advance=[1],
+                                  adapters=[row.adapter])
+            self._write_sampling([row], tokens=[row.out[-1]], step=[len(row.out)])
+            self.rows[key] = row
+
+    def _blocks_free_for(self, columns: int) -> bool:
+        blocks = self.cache.blocks
+        return blocks.blocks_for(columns) + len(self.rows) <= blocks.free or not self.rows
+
+    def _vacate(self, row: _Row) -> None:
+        self.cache.blocks.release(row.slot)
+        self.cache.free_row(row.slot)
+        self._free_slots.append(row.slot)
+
+    def _take_slot(self) -> int:
+        """The lowest free slot (so a small batch runs in a small graph bucket)."""
+        self._free_slots.sort()
+        return self._free_slots.pop(0)
+
+    # ---- joining -----------------------------------------------------------------------------------
+
+    def _new_row(self, prompt: list[int], settings: GenerationSettings, adapter: int) -> _Row:
+        return _Row(-1, list(prompt), settings, adapter, seed_of(settings), next(self._keys))
+
+    def _groups(self, lengths: list[int]) -> list[list[int]]:
+        """Request indices in prefill groups: by length, each group's padded width within prefill_tokens."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        groups: list[list[int]] = []
+        for index in order:
+            if groups and lengths[index] * (len(groups[-1]) + 1) <= self.prefill_tokens:
+                groups[-1].append(index)  # sorted: this prompt is the group's longest, its width
+            else:
+                groups.append([index])
+        return groups
+
+    def _join(self, rows: list[_Row]) -> list[tuple[int, int | BaseException]]:
+        for row in rows:
+            row.slot = self._take_slot()
+            row.column = len(row.prompt)
+        try:
+            logits = self._prefill_rows(rows)
+            firsts, values = self._first_tokens(rows, logits)
+        except BaseException:
+            for row in rows:
+                self._vacate(row)
+            raise
+        out = []
+        for row, first, value in zip(rows, firsts, values):
+            if not math.isfinite(value):
+                self._vacate(row)
+                out.append((row.order, non_finite_error(self.engine.weights.dtype)))
+                continue
+            row.out.append(first)
+            self.rows[row.order] = row
+            out.append((row.order, first))
+        self._write_sampling(rows, tokens=firsts, step=[1] * len(rows))
+        return out
+
+    def _write_sampling(self, rows: list[_Row], **values: list) -> None:
+        """The rows' sampling settings into their slots, with `values` (their next token, their step)."""
+        self.cache.write_rows([row.slot for row in rows], temperature=[row.settings.temperature for row in rows],
+                              top_p=[row.settings.top_p for row in rows], seed=[row.seed for row in rows], **values)
+
+    @staticmethod
+    def _first_tokens(rows: list[_Row], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Each prefilled row's first token from the sampler (its step 0); the join's one wait."""
+        tokens, values = choose(logits, sampling_rows([row.settings for row in rows], [row.seed for row in rows],
+                                                      [0] * len(rows), logits.device))
+        return tokens.tolist(), values.float().tolist()
+
+    def _prefill_rows(self, rows: list[_Row]) -> torch.Tensor:
+        """Blocks for the prompts' columns (and the next), then their keys and values into them, each
+        row applying its LoRA adapter; the last logits. Raises OutOfBlocks before any work (the
+        caller gives back what the rows took)."""
+        engine, cache = self.engine, self.cache
+        prompts = [row.prompt for row in rows]
+        if cache.blocks is None:
+            cache.reserve(2)
+        for row in rows:
+            self._grow(row, len(row.prompt) + 1)
+        width, w = max(len(p) for p in prompts), engine.weights
+        skip = [width - len(p) for p in prompts]
+        keys = torch.zeros((len(prompts), w.heads, width, w.head_dim), dtype=w.dtype, device=engine.device)
+        values = torch.zeros_like(keys)
+        ids, _ = left_padded(prompts, engine.eos_token_id)
+        device = engine.device
+        slots = [row.slot for row in rows]
+        keep = cache.keeper(slots, [len(p) for p in prompts], skip, keys, values)
+        logits = prefill(w, ids.to(device), torch.tensor(skip, device=device), keys, values, engine.cos, engine.sin,
+                         engine.use_triton, engine.config,
+                         torch.tensor([row.adapter for row in rows], dtype=torch.long, device=device), keep)
+        columns = [len(p) for p in prompts]
+        cache.write_rows(slots, col=columns, positions=columns, advance=[1] * len(rows),
+                         adapters=[row.adapter for row in rows])
+        for row, column in zip(rows, columns):
+            row.column = column
+        return logits
+
+    # ---- the pool and the graphs ---------------------------------------------------------------------
+
+    def _graph(self, bucket: int, reach: int):
+        """The captured step for `bucket` rows (on the torch path also for the blocks it reads)."""
         engine = self.engine
-        if bucket not in engine._graphs:
-            inputs = (engine._col, engine._positions, engine._starts, engine._tokens, engine._advance)
-            saved = [tensor.clone() for tensor in inputs]
-            columns = [cache[:, :, :, :2].clone() for cache in (engine._k_cache, engine._v_cache)]
-            engine._graph_for(bucket)
-            for tensor, value in zip(inputs, saved):
-                tensor.copy_(value)
-            for cache, value in zip((engine._k_cache, engine._v_cache), columns):
-                cache[:, :, :, :2] = value
-        return engine._graphs[bucket]
+        if engine.use_triton:
+            key, kv_len = bucket, None
+        else:
+            step = READ_BLOCKS_STEP * self.cache.block_size
+            kv_len = min(-(-reach // step) * step, self.cache.blocks_per_row * self.cache.block_size)
+            key = (bucket, kv_len)
+        state = self.cache.state(bucket)
+        return self.cache.graph(key, lambda: engine.decode(state, bucket, kv_len=kv_len))
 
     def _buckets(self) -> list[int]:
         if self.bucket:
             return [self.bucket]
-        return sorted({self.engine._bucket(rows) for rows in range(1, self.max_rows + 1)})
-
-    # ---- the cache ---------------------------------------------------------------------------------
-
-    def _rows_that_fit(self, wanted: int, limit: int) -> int:
-        """Slots whose full-context cache fits the memory left after the models (growth's peak included)."""
-        engine, w = self.engine, self.engine.weights
-        per_row = 2 * len(w.layers) * w.heads * w.head_dim * w.embed.element_size() * limit * GROWTH_PEAK
-        budget = engine._cache_budget(CACHE_FIT_SHARE) if engine.device.type == "cuda" else float("inf")
-        return rows_that_fit(wanted, int(per_row), budget)
+        return sorted({self.engine.bucket(rows) for rows in range(1, self.max_rows + 1)})
 
     def _begin(self) -> None:
         """Take the engine (and its cache) for the batch: the first row joins an empty batch."""
-        engine = self.engine
-        if engine._busy:
+        cache = self.cache
+        if cache.busy:
             raise RuntimeError("FastPhiEngine serves one generate/stream call or decode batch at a time")
-        engine._busy = True
-        rows = self.bucket or engine._bucket(self.max_rows)
-        engine._ensure_cache(rows, self.slots.columns)  # generate may have reshaped it meanwhile
-        self.slots.columns = min(engine._k_cache.shape[3], self.limit)
-        self.slots.reset()
-        for tensor in (engine._col, engine._starts, engine._positions, engine._advance, engine._adapter_rows):
-            tensor.zero_()
-        engine._tokens.fill_(engine.eos_token_id)
+        cache.busy = True
+        if self.gpu_memory is not None and self.fixed is None:
+            self.fixed = self.engine.serving_blocks(self.gpu_memory, self.prefill_tokens)
+        if self.fixed is not None:
+            cache.reserve(self.fixed)
+        cache.reset_rows()
         self._pending = None
 
-    def _end(self) -> None:
-        self.engine._busy = False
-        self._pending = None
+    def _end_if_idle(self) -> None:
+        if not self.rows and not self.parked:
+            self.cache.busy = False
+            self._pending = None
 
-    def _grow(self, columns: int) -> None:
-        """Widen every slot to `columns` (a longer request joins); live rows keep their columns. The
-        graphs hold the old cache's address: every bucket's graph is captured again here."""
-        engine = self.engine
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)  # no step of the old graphs may still be running
-        old = (engine._k_cache, engine._v_cache)
-        shape = list(old[0].shape)
-        shape[3] = columns
-        grown = []
-        for cache in old:
-            new = torch.zeros(shape, dtype=cache.dtype, device=cache.device)
-            new[:, :, :, :cache.shape[3]] = cache
-            grown.append(new)
-        engine._graphs.clear()
-        engine._pool = torch.cuda.graph_pool_handle() if engine.use_graphs else None
-        engine._k_cache, engine._v_cache = grown
-        del old
-        self.slots.columns = columns
-        if engine.use_graphs:  # now, once, rather than whenever a bucket is next met under load
-            for bucket in self._buckets():
-                self._graph(bucket)
-
-    @staticmethod
-    def _choose(logits: torch.Tensor, settings: GenerationSettings, generator) -> int:
-        value = logits.float().max()
-        if not bool(torch.isfinite(value)):
-            raise non_finite_error(logits.dtype)
-        return select_token(logits, settings, generator)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import ModelLoadError
-from pipeline.loading import status
+from pipeline.quiet import status
 from pipeline.weights import read_weights
 
 LEGACY_MODEL_TYPES = ("phi-msft",)

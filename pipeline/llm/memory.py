@@ -28,3 +28,22 @@ def rows_that_fit(wanted: int, bytes_per_row: int, budget: float) -> int:
     while rows * 2 < wanted and rows * 2 * bytes_per_row <= budget:
         rows *= 2
     return rows
+
+
+DEFAULT_GPU_MEMORY = 0.9  # a server's share of the card (as vLLM's --gpu-memory-utilization)
+
+
+def limit_process(amount: float, device: torch.device) -> int | None:
+    """Hold this process to `amount` of `device`'s memory (a fraction of the card up to 1, or bytes
+    above 1) through torch's per-process cap, so the models, the answer cache and the translators'
+    work all count; returns the bytes it may take (None off CUDA, where nothing is capped)."""
+    if torch.device(device).type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = int(amount * total) if amount <= 1 else int(amount)
+    if limit > total:
+        from pipeline.errors import SettingsError
+
+        raise SettingsError(f"--gpu-memory asks for {limit / 2**30:.1f} GiB; the card has {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    return limit

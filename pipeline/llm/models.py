@@ -27,7 +27,8 @@ from pipeline.llm.legacy_phi import LEGACY_MODEL_TYPES, convert_state_dict, is_l
     phi_config_from_legacy
 from pipeline.llm.phi_direct import DirectPhi, load_direct_phi
 from pipeline.llm.phi_model import unsupported_config
-from pipeline.loading import load_pretrained, load_tokenizer, locate_model, status
+from pipeline.loading import load_pretrained, load_tokenizer, locate_model
+from pipeline.quiet import status
 from pipeline.model_files import config_from, read_tokenizer
 from pipeline.weights import read_in_background
 

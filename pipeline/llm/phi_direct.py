@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.loading import status
+from pipeline.quiet import status
 from pipeline.weights import DirectModel, Embedding, LayerNorm, Linear, fill, generation_config_of, read_weights
 
 

@@ -1,15 +1,17 @@
 """phi-2's forward pass written for generation: a prefill over padded prompts and a one-token decode step.
 
-Only the model math lives here; the loop, the cache's lifetime, CUDA graphs and sampling are in
-`fast_engine.py`, the weights' layout in `phi_weights.py`, the Triton kernels in `pipeline/kernels/`.
-Both functions write keys and values into a preallocated cache shaped [layers, batch, heads, max_seq,
-head_dim], and take a `DecodeConfig` (decode_config.py) that says which paths and kernels to use.
+Only the model math lives here; the loop is `fast_batch.py`'s, the cache and the step's inputs
+`answer_cache.py`'s, sampling `sampler.py`'s, the weights' layout `phi_weights.py`'s, the Triton
+kernels are in `pipeline/kernels/`. Both functions take a `DecodeConfig` (decode_config.py) that says
+which paths and kernels to use. The prefill writes a group's keys and values into a scratch cache
+[layers, batch, heads, width, head_dim] (the batch copies them into its blocks); the decode step
+reads and writes the paged cache [layers, blocks, heads, block_size, head_dim] through each row's
+block table (llm/blocks.py).
 
-Row b's valid keys are the cache columns start[b]..col[b]. In `generate`'s left-padded batch every
-row's next token lands in the same column (col has one element); in the continuous batch
-(fast_batch.py) each row is a slot of its own length (col has one element per row). The decode step
-reads its inputs from tensors only (no Python numbers that change between steps), so one CUDA graph
-per batch size can replay it for every token, whatever mix of lengths its rows have.
+Row b's valid keys are its columns start[b]..col[b]; each row has its own length (col has one element
+per row). The decode step reads its inputs from tensors only (no Python numbers that change between
+steps), so one CUDA graph per batch size can replay it for every token, whatever mix of lengths its
+rows have.
 
 With Triton (use_triton), one kernel per layer replaces the rotary, cache-write and attention ops and
 reads only each row's valid cache columns, where scaled_dot_product_attention would read the whole
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +67,12 @@ class DecodeState:
 
     tokens: torch.Tensor  # [B] long: the token to feed
     positions: torch.Tensor  # [B] long: its rotary position (col - start)
-    col: torch.Tensor  # [1] or [B] long: the cache column it is written to (shared, or each row's)
-    starts: torch.Tensor  # [B] long: first valid cache column of each row
-    k_cache: torch.Tensor  # [layers, B, heads, S, head_dim]
+    col: torch.Tensor  # [1] or [B] long: the column it is written to (shared, or each row's)
+    starts: torch.Tensor  # [B] long: first valid column of each row
+    k_cache: torch.Tensor  # [layers, blocks, heads, block_size, head_dim]
     v_cache: torch.Tensor
+    table: torch.Tensor  # [B, blocks per row] long: row b's column c is in block table[b, c // block_size]
+    block_size: int
     adapters: torch.Tensor | None = None  # [B] long: each row's LoRA adapter (0: the base; multi_lora.py)
 
 
@@ -158,10 +163,13 @@ def _logits(w: PhiWeights, h: torch.Tensor, pending, use_triton: bool, config: D
 
 def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             cos: torch.Tensor, sin: torch.Tensor, use_triton: bool = False,
-            config: DecodeConfig = DEFAULT_DECODE, adapters: torch.Tensor | None = None) -> torch.Tensor:
-    """Run left-padded prompts ids [B, P], fill cache columns 0..P-1, return the last column's logits.
+            config: DecodeConfig = DEFAULT_DECODE, adapters: torch.Tensor | None = None,
+            keep: Callable[[int], None] = lambda layer: None) -> torch.Tensor:
+    """Run left-padded prompts ids [B, P], return the last column's logits.
 
-    starts[b] is the first real column of row b. k_cache/v_cache are [layers, B, heads, S, head_dim].
+    starts[b] is the first real column of row b. k_cache/v_cache are one layer's scratch, [B, heads,
+    >= P, head_dim]: each layer writes its keys and values to columns 0..P-1 there, then `keep(layer)`
+    copies them where they belong (the answer cache's blocks), so the scratch holds one layer, not 32.
     With use_triton, one kernel per layer does the rotary and the cache write (rope_and_cache_write),
     where torch takes a dozen elementwise kernels and copies. The two branches' outputs reach the
     residual stream through the next layer norm, as in the decode step. adapters[b]: row b's LoRA
@@ -193,15 +201,16 @@ def prefill(w: PhiWeights, ids: torch.Tensor, starts: torch.Tensor, k_cache: tor
         if lora is not None:
             lora.add("qkv", x, qkv)
         if use_triton:
-            q = rope_and_cache_write(qkv, k_cache[index], v_cache[index], cos, sin, positions.view(-1), first_col,
+            q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, positions.view(-1), first_col,
                                      width, w, warps=config.rope_warps)
-            k, v = k_cache[index, :, :, :width], v_cache[index, :, :, :width]
+            k, v = k_cache[:, :, :width], v_cache[:, :, :width]
         else:
             q, k, v = qkv.view(batch, width, 3, w.heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q = _rotate(q, cos_p, sin_p, w.rotary_dim)  # each [B, heads, P, head_dim]
             k = _rotate(k, cos_p, sin_p, w.rotary_dim)
-            k_cache[index, :, :, :width] = k
-            v_cache[index, :, :, :width] = v
+            k_cache[:, :, :width] = k
+            v_cache[:, :, :width] = v
+        keep(index)
         attn = _sdpa(q, k, v, mask, not padded, config.fp32_attention_scores)
         attn = attn.transpose(1, 2).reshape(tokens, hidden)
         up = _fc1_gelu(layer, x, lora)
@@ -218,9 +227,10 @@ def decode_step(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Ten
                 config: DecodeConfig = DEFAULT_DECODE) -> torch.Tensor:
     """One token for every row: write its key/value at column col, return logits [B, vocab].
 
-    kv_len bounds the columns the torch attention path reads (col + 1 in eager mode; the whole cache
-    when captured in a graph). The Triton path reads exactly start..col and ignores it; `attention`
-    picks its kernel and tiles (default: the config's for this batch size).
+    kv_len bounds the columns the torch attention path gathers from the blocks (the longest row's
+    col + 1 in eager mode; in a graph, what the graph was captured for). The Triton path reads exactly
+    start..col and ignores it; `attention` picks its kernel and tiles (default: the config's for this
+    batch size).
     """
     batch = s.tokens.shape[0]
     h = F.embedding(s.tokens, w.embed)
@@ -333,19 +343,22 @@ def _triton_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.
 
 def _torch_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.Tensor, kv_len: int | None,
                   fp32: bool = False):
-    """Rotary, cache write and SDPA under a mask over the first kv_len columns (the CPU's path)."""
-    kv_len = s.k_cache.shape[3] if kv_len is None else kv_len
-    key_cols = torch.arange(kv_len, device=s.tokens.device)
+    """Rotary, cache write and SDPA under a mask over each row's first kv_len columns, gathered from
+    its blocks (the CPU's path, and GPUs without the Triton kernels)."""
+    size = s.block_size
+    blocks = s.table.shape[1] if kv_len is None else -(-kv_len // size)
+    key_cols = torch.arange(blocks * size, device=s.tokens.device)
     mask = ((key_cols[None, :] >= s.starts[:, None]) & (key_cols[None, :] <= s.col[:, None]))[:, None, None]
     cos_p, sin_p = cos[s.positions][:, None, None], sin[s.positions][:, None, None]
     batch = s.tokens.shape[0]
+    col = s.col.expand(batch)
     rows = torch.arange(batch, device=s.tokens.device)
+    where = s.table[rows, col // size], col % size  # each row's block and offset for this step's column
 
-    def write(cache: torch.Tensor, new: torch.Tensor) -> None:
-        if s.col.numel() == 1:
-            cache.index_copy_(2, s.col, new)
-        else:  # each row at its own column
-            cache[rows, :, s.col] = new[:, :, 0]
+    def gathered(cache: torch.Tensor) -> torch.Tensor:
+        """[B, heads, blocks * size, head_dim]: each row's columns, from its blocks in order."""
+        rows_blocks = cache[s.table[:, :blocks]]  # [B, blocks, heads, size, head_dim]
+        return rows_blocks.transpose(1, 2).reshape(batch, w.heads, blocks * size, w.head_dim)
 
     def attend(index: int, qkv: torch.Tensor, out: torch.Tensor | None, gelu=None) -> torch.Tensor:
         """Attention of qkv's rows; with gelu=(src, dst), also dst = gelu_new(src)."""
@@ -354,9 +367,9 @@ def _torch_attend(w: PhiWeights, s: DecodeState, cos: torch.Tensor, sin: torch.T
         k_cache, v_cache = s.k_cache[index], s.v_cache[index]
         q, k, v = qkv.view(batch, 3, w.heads, 1, w.head_dim).unbind(1)
         q = _rotate(q, cos_p, sin_p, w.rotary_dim)
-        write(k_cache, _rotate(k, cos_p, sin_p, w.rotary_dim))
-        write(v_cache, v)
-        attn = _sdpa(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], mask, False, fp32)
+        k_cache[where[0], :, where[1]] = _rotate(k, cos_p, sin_p, w.rotary_dim)[:, :, 0]
+        v_cache[where[0], :, where[1]] = v[:, :, 0]
+        attn = _sdpa(q, gathered(k_cache), gathered(v_cache), mask, False, fp32)
         attn = attn.reshape(batch, -1)
         return attn if out is None else out.copy_(attn)
 

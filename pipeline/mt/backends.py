@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import ModelLoadError
-from pipeline.loading import status
+from pipeline.quiet import status
+from pipeline.spec import BACKEND_CHOICES
 from pipeline.mt.contract import MTBackend, right_pad, strip_special
 
 
@@ -38,9 +39,6 @@ class TransformersMTBackend:
         # Column 0 is the decoder start token.
         return [strip_special(row[1:], self.eos_token_id, self.pad_token_id, max_new_tokens)
                 for row in out.tolist()]
-
-
-from pipeline.spec import BACKEND_CHOICES  # noqa: E402,F401 - the CLI reads it there
 
 
 def notice(message: str) -> None:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import ModelLoadError
-from pipeline.loading import status
+from pipeline.quiet import status
 
 QUANTIZATIONS = ("int8", "float32")
 # Small files are hashed by content; the weights by size and modification time (hashing 300 MB

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.loading import status
+from pipeline.quiet import status
 from pipeline.weights import DirectModel, Embedding, LayerNorm, Linear, fill, generation_config_of, read_weights
 
 ACTIVATIONS = {"swish": F.silu, "silu": F.silu, "relu": F.relu, "gelu": F.gelu}  # transformers' ACT2FN of these

@@ -15,8 +15,7 @@ from pipeline.errors import ServerError
 from pipeline.remote.client import ServerClient
 from pipeline.remote.stages import ask_fields
 from pipeline.spec import GenerationSettings
-from pipeline.text.controls import strip_controls
-from pipeline.text.render import DIVIDER, render_comparison
+from pipeline.text.render import render_comparison, render_stream
 from pipeline.text.result import QAResult
 
 
@@ -33,20 +32,11 @@ def ask(url: str, question: str, fmt: str, stream: bool, source_lang: str | None
 
 
 def _stream(client: ServerClient, fields: dict) -> None:
-    """The layout of `BilingualQA.stream_text`, from the server's events."""
-    def show(text: str) -> None:
-        click.echo(strip_controls(text), nl=False)
+    """The server's events, shown by the renderer of the in-process `ask --stream`."""
+    cut = lambda: ServerError(f"the server at {client.url} ended the stream before the result")  # noqa: E731
+    for piece in render_stream(client.ask_events(fields), cut):
+        click.echo(piece, nl=False)
         sys.stdout.flush()
-
-    for event, data in client.ask_events(fields):
-        if event == "question":
-            show(f"Q: {data['question_en']}\n\n")
-        elif event == "english":
-            show(data["text"])
-        elif event == "result":
-            show(f"\n\n{DIVIDER}\n\nQ: {data['question_ja']}\n\n{data['answer_ja']}\n")
-            return
-    raise ServerError(f"the server at {client.url} ended the stream before the result")
 
 
 def compare(url: str, question: str, llms: list[str], fmt: str, source_lang: str | None,

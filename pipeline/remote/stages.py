@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline.errors import BilingualQAError
 from pipeline.remote.client import ServerClient
 from pipeline.spec import GenerationSettings
+from pipeline.text.detect import other_language
 from pipeline.text.result import QAResult
 
 # Bytes of texts per /translate request, well under the server's default --max-body of 1 MB.
@@ -43,7 +44,7 @@ class RemoteTranslator:
                  key: str | None = None):
         self.client, concurrency = _connect(url, key, concurrency)
         self.target_lang, self.beams, self.concurrency = target_lang, beams, concurrency
-        self.source_lang = "ja" if target_lang == "en" else "en"
+        self.source_lang = other_language(target_lang)
         self.memory = None  # the server keeps the translation memory: this side counts none
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="translate-remote")
 

@@ -14,29 +14,37 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.errors import BilingualQAError, EmptyInputError, InputTooLongError, UnsupportedLanguageError
+from pipeline.errors import (BilingualQAError, ControlCharacterError, EmptyInputError, InputTooLongError,
+                             UnsupportedLanguageError)
 from pipeline.serve.batching import StageStopped
+from pipeline.serve.drain import Drain, Draining
 from pipeline.serve.guard import SiteGuard
+from pipeline.serve.http import (HTTPError, ServerConfig, State, check_chars, flag, generation_settings, log,
+                                 model_field, number, source_language, sse)
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.models import ModelRegistry, UnknownModelError
-from pipeline.serve.http import (HTTPError, ServerConfig, State, check_chars, check_key, first_event, flag,
-                                 generation_settings, log, model_field, model_request, number, source_language, sse,
-                                 stream_with)
+from pipeline.serve.routes import ModelCall, first_event, keyed_route, model_route, open_route
 from pipeline.serve.service import AskRequest
 
+__all__ = ["ServerConfig", "create_app"]
+
+
+@open_route
 async def page(request: Request) -> Response:
     return HTMLResponse(resources.files("pipeline.serve").joinpath("page/index.html").read_text("utf-8"))
 
 
+@open_route
 async def favicon(request: Request) -> Response:
     # Served, so that a browser's request for it on every load is no 404 (and no error counted).
     icon = resources.files("pipeline.serve").joinpath("page/favicon.svg").read_bytes()
     return Response(icon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
 
+@open_route
 async def health(request: Request) -> Response:
     state: State = request.app.state.serve
     if state.service is None:
@@ -48,37 +56,27 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok", "max_batch": state.models.max_rows})
 
 
-async def ask(request: Request) -> Response:
-    state, fields = await model_request(request)
+@model_route()
+async def ask(call: ModelCall) -> Response:
+    fields = call.fields
     question = fields.get("question")
     if not isinstance(question, str):
         raise HTTPError(400, "question is missing: send {\"question\": \"...\"}")
-    check_chars(state, [question])
+    check_chars(call.state, [question])
     ask_request = AskRequest(question=question, source_lang=source_language(fields.get("source_lang")),
                              model=model_field(fields), settings=generation_settings(fields),
                              beams=number(fields, "beams", int, None, 1, 16), raw=flag(fields, "raw"))
-    service = state.require_service()
     streaming = flag(fields, "stream")
-    admission = state.admit()
+    service = call.admit()
     if not streaming:
-        try:
-            result = await service.ask(ask_request, gone=request.is_disconnected)
-            return JSONResponse(result) if result is not None else Response(status_code=499)  # nobody reads it
-        finally:
-            admission.release()
-    try:
-        events = service.ask_events(ask_request)
-        first = await first_event(events)
-    except BaseException:
-        admission.release()
-        raise
-    return StreamingResponse(stream_with(admission, first, events, sse), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await service.ask(ask_request))
+    events = service.ask_events(ask_request)
+    return call.stream(await first_event(events), events, sse)
 
 
+@keyed_route
 async def metrics(request: Request) -> Response:
     state: State = request.app.state.serve
-    check_key(request, state, None)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
@@ -97,7 +95,8 @@ async def _starlette_error(request: Request, error: HTTPException) -> Response:
 # Beside the message, a code a client can word its own way (the page does); UnsupportedLanguageError
 # also gives the language it saw.
 ERROR_CODES = {UnsupportedLanguageError: "unsupported_language", InputTooLongError: "too_long",
-               EmptyInputError: "empty", UnknownModelError: "unknown_model"}
+               ControlCharacterError: "control_character", EmptyInputError: "empty",
+               UnknownModelError: "unknown_model"}
 
 
 async def _user_error(request: Request, error: Exception) -> Response:
@@ -111,7 +110,7 @@ async def _user_error(request: Request, error: Exception) -> Response:
 
 
 async def _stage_stopped(request: Request, error: StageStopped) -> Response:
-    return JSONResponse({"error": f"{error}; restart the server"}, status_code=503)
+    return JSONResponse({"error": f"{error}; {error.hint}"}, status_code=503)
 
 
 async def _server_error(request: Request, error: Exception) -> Response:
@@ -180,6 +179,7 @@ def create_app(load: ModelRegistry | Callable[[], ModelRegistry], config: Server
         else:
             threading.Thread(target=run_loader, name="load-models", daemon=True).start()
         yield  # the models outlive the app: whoever runs it closes them (server.py), once requests drained
+        state.parse_pool.shutdown(wait=False, cancel_futures=True)
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         HTTPError: _http_error, HTTPException: _starlette_error, BilingualQAError: _user_error,
@@ -191,5 +191,7 @@ def create_app(load: ModelRegistry | Callable[[], ModelRegistry], config: Server
         app.add_middleware(CORSMiddleware, allow_origins=list(state.config.cors_origins), max_age=600,
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["authorization", "content-type"])
     app.add_middleware(SiteGuard, config=state.config)
+    app.state.draining = Draining()  # cut at --shutdown-timeout after SIGTERM (server.py)
+    app.add_middleware(Drain, draining=app.state.draining)
     app.add_middleware(_CountRequests, metrics=metrics_, paths={route.path for route in routes})
     return app

@@ -3,9 +3,12 @@
 `AnswerScheduler` owns one answer engine. Where the engine can decode step by step
 (llm/continuous.py), the questions that arrive while others are decoding join the running batch at
 the next step, prefilled together, and a finished or abandoned row leaves it at once (continuous
-batching); a question the batch has no room for waits for a row, never fails for it. Otherwise every
-question that arrived while the last batch ran goes into the next `generate` call (micro-batching).
-The engine thread hands tokens to the callers' loop and never waits for a caller.
+batching); a question the batch has no room for (rows, or the answer cache's blocks) waits, never
+fails for it. Otherwise every question that arrived while the last batch ran goes into the next
+`generate` call (micro-batching). The engine thread hands tokens to the callers' loop and never
+waits for a caller. Whatever one request brings about (a row whose logits overflow, a failed
+prefill, a bug met by one job), it fails that request, or the ones it shared the failing call with,
+and the thread goes on serving the others.
 
 The translators' stage, `TranslationBatcher`, is in translation.py.
 
@@ -25,7 +28,7 @@ from typing import Callable
 
 from pipeline.gpu_gate import GATE
 from pipeline.llm.continuous import open_decode_batch
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 
 log = logging.getLogger("bilingual_qa.serve")
 _STOP = object()  # queued to end a stage's thread
@@ -33,10 +36,20 @@ _STOP = object()  # queued to end a stage's thread
 
 class StageStopped(RuntimeError):
     """A stage's thread has stopped: the server cannot answer until it is restarted."""
+    hint = "restart the server"
+
+
+class StageFailed(StageStopped):
+    """A stage's thread met an error it did not expect while it held this request: the request is
+    dropped, the stage goes on serving the others."""
+    hint = "try again"
 
 
 class AnswerJob:
-    """One question's generation: its tokens arrive on `events` as ("token", id), then ("end", eos)."""
+    """One question's generation. The scheduler hands it tokens (`push`), then its end (`end(eos)`)
+    or a failure (`fail`); the caller reads it as an async iterator: each step, every id that has
+    arrived (a list), until the end (`eos` then tells whether it came at end-of-text). A failure is
+    raised to the reader."""
 
     def __init__(self, prompt: list[int], settings: GenerationSettings, loop: asyncio.AbstractEventLoop,
                  stop_check: Callable | None = None, adapter: int = 0):
@@ -45,10 +58,12 @@ class AnswerJob:
         self.settings = settings
         self.stop_check = stop_check  # used where the engine generates whole rows (micro-batching)
         self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.events: asyncio.Queue = asyncio.Queue()  # what the scheduler handed over, not yet read
         self.cancelled = False
         self.count = 0
         self.outbox: list | None = None  # set by a scheduler that hands a step's events over at once
+        self.finished = False  # the end has been read
+        self.eos = False
 
     def _put(self, item) -> None:
         if self.outbox is not None:
@@ -58,17 +73,43 @@ class AnswerJob:
 
     def push(self, token: int) -> None:
         self.count += 1
-        self._put(("token", token))
+        self._put((_TOKEN, token))
 
     def end(self, eos: bool) -> None:
-        self._put(("end", eos))
+        self._put((_END, eos))
 
     def fail(self, error: BaseException) -> None:
-        self._put(("error", error))
+        self._put((_ERROR, error))
 
     def cancel(self) -> None:
         """The caller is gone or has what it needs: the row is freed at the next step."""
         self.cancelled = True
+
+    def __aiter__(self) -> "AnswerJob":
+        return self
+
+    async def __anext__(self) -> list[int]:
+        """The ids that arrived since the last read, all of them: under load the caller's loop falls
+        behind the decode steps and then takes fewer, longer pieces instead of falling further behind."""
+        if self.finished:
+            raise StopAsyncIteration
+        items = [await self.events.get()]
+        while not self.events.empty():
+            items.append(self.events.get_nowait())
+        tokens = []
+        for kind, value in items:
+            if kind == _ERROR:
+                raise value
+            if kind == _END:
+                self.finished, self.eos = True, value
+                break
+            tokens.append(value)
+        if not tokens and self.finished:
+            raise StopAsyncIteration
+        return tokens
+
+
+_TOKEN, _END, _ERROR = "token", "end", "error"  # what a job's queue holds: (kind, value)
 
 
 def _hand_over(outbox: list) -> None:
@@ -88,18 +129,22 @@ def _put_all(items: list) -> None:
 
 class _Profile:
     """Where the decode thread's time goes, logged every REPORT_SECONDS while it works (the profile
-    serve_load.py's runs leave in the server's log)."""
+    serve_load.py's runs leave in the server's log), with the answer cache's blocks and preemptions."""
 
     REPORT_SECONDS = 5.0
 
-    def __init__(self):
+    def __init__(self, batch=None):
+        self.batch = batch
         self.began = time.perf_counter()
         self.steps = self.rows = self.adds = self.prompts = 0
         self.step_s = self.add_s = self.longest_step = 0.0
+        self.most_rows = 0
+        self.preempted_before = getattr(batch, "preemptions", 0)
 
     def step(self, rows: int, seconds: float) -> None:
         self.steps, self.rows, self.step_s = self.steps + 1, self.rows + rows, self.step_s + seconds
         self.longest_step = max(self.longest_step, seconds)
+        self.most_rows = max(self.most_rows, rows)
 
     def add(self, prompts: int, seconds: float) -> None:
         self.adds, self.prompts, self.add_s = self.adds + 1, self.prompts + prompts, self.add_s + seconds
@@ -110,15 +155,26 @@ class _Profile:
     def line(self) -> str:
         wall = time.perf_counter() - self.began
         steps = max(self.steps, 1)
-        return (f"answer engine, last {wall:.1f} s: {self.steps} steps, {self.rows / steps:.1f} rows and"
-                f" {self.step_s / steps * 1e3:.2f} ms each (longest {self.longest_step * 1e3:.0f} ms);"
-                f" {self.adds} prefills of {self.prompts} prompts, {self.add_s * 1e3:.0f} ms in all;"
-                f" {max(wall - self.step_s - self.add_s, 0):.2f} s neither")
+        line = (f"answer engine, last {wall:.1f} s: {self.steps} steps, {self.rows / steps:.1f} rows (at most"
+                f" {self.most_rows}) and {self.step_s / steps * 1e3:.2f} ms each (longest"
+                f" {self.longest_step * 1e3:.0f} ms); {self.adds} prefills of {self.prompts} prompts,"
+                f" {self.add_s * 1e3:.0f} ms in all; {max(wall - self.step_s - self.add_s, 0):.2f} s neither")
+        blocks = cache_blocks(self.batch)
+        if blocks is not None:
+            preempted = self.batch.preemptions - self.preempted_before
+            line += (f"; cache blocks {blocks[0]} in use, {blocks[1]} free; {preempted} rows preempted")
+        return line
+
+
+def cache_blocks(batch) -> tuple[int, int] | None:
+    """(blocks in use, blocks free) of a decode batch's paged answer cache, None where it has none."""
+    manager = getattr(getattr(batch, "cache", None), "blocks", None)
+    return None if manager is None else (manager.used, manager.free)
 
 
 class AnswerScheduler:
     def __init__(self, engine, *, max_rows: int = 64, on_tokens: Callable[[int], None] | None = None,
-                 batching: str = "auto"):
+                 batching: str = "auto", gpu_memory: float | None = None):
         self.engine = engine
         self.eos = engine.eos_token_id
         self.max_rows = max_rows
@@ -126,13 +182,17 @@ class AnswerScheduler:
         self.waiting: queue.Queue = queue.Queue()
         self.running_rows = 0
         self._in_hand: list = []  # the containers of jobs the thread holds (failed if it dies)
-        self.decode_batch = _gated(open_decode_batch, engine, max_rows, batching)
+        self.decode_batch = _gated(open_decode_batch, engine, max_rows, batching, gpu_memory)
         if self.decode_batch is not None:
             _gated(self.decode_batch.warm)  # the cache and every bucket's graph, before the first caller
         self.mode = "continuous" if self.decode_batch is not None else "micro-batch"
         target = self._run_continuous if self.decode_batch is not None else self._run_micro_batches
         self.thread = threading.Thread(target=self._guard(target), name=f"answer-{engine.name}", daemon=True)
         self.thread.start()
+
+    def cache_blocks(self) -> tuple[int, int] | None:
+        """(blocks in use, blocks free) of the paged answer cache; None where the engine has none."""
+        return cache_blocks(self.decode_batch)
 
     def submit(self, job: AnswerJob) -> None:
         self.waiting.put(job)
@@ -144,13 +204,43 @@ class AnswerScheduler:
         self.thread.join(timeout=30)
 
     def _guard(self, target):
+        """The thread's body: `target`, begun again after an error it did not expect (the jobs it held
+        fail with it; those still queued are served), so no request can stop the stage. Only a
+        failure to even begin again (or an interpreter shutting down) ends the thread."""
         def run():
-            try:
-                target()
-            except BaseException:  # noqa: BLE001 - a dead engine thread must be loud and hang nobody
-                log.exception("the %s thread stopped", self.thread.name)
-                self._fail_all(StageStopped(f"the {self.thread.name} stage has stopped"))
+            while True:
+                try:
+                    target()
+                    return
+                except Exception as error:  # noqa: BLE001 - one request's trouble, not the server's
+                    log.exception("the %s thread met an error; its rows fail and it goes on", self.thread.name)
+                    try:
+                        self._fail_held(StageFailed(
+                            f"the {self.thread.name} stage met an error ({type(error).__name__}) and dropped this request"))
+                    except BaseException:  # noqa: BLE001 - cannot even recover: stop, loudly, hang nobody
+                        break
+                except BaseException:  # noqa: BLE001 - a dead engine thread must be loud and hang nobody
+                    break
+            log.error("the %s thread stopped", self.thread.name)
+            self._fail_all(StageStopped(f"the {self.thread.name} stage has stopped"))
         return run
+
+    def _fail_held(self, error: BaseException) -> None:
+        """The jobs the thread was running when it met `error` fail with it (their rows leave the
+        batch); those still waiting for a row go back in the queue."""
+        for held in self._in_hand:
+            if isinstance(held, deque):
+                for job in held:
+                    self.waiting.put(job)
+            else:
+                jobs = list(held.items()) if isinstance(held, dict) else [(None, job) for job in held]
+                for key, job in jobs:
+                    job.outbox = None
+                    job.fail(error)
+                    if key is not None and self.decode_batch is not None:
+                        _gated(self.decode_batch.drop, key)
+            held.clear()
+        self._in_hand = []
 
     def _fail_all(self, failure: BaseException) -> None:
         """Every job the dead thread held or that waits for it gets `failure` (its caller a 503)."""
@@ -175,12 +265,12 @@ class AnswerScheduler:
         held: deque[AnswerJob] = deque()  # arrived, waiting for a free row
         outbox: list = []  # this step's events for the callers, handed over together
         self._in_hand = [live, held]
-        self.profile = _Profile()
+        self.profile = _Profile(batch)
         while True:
             if self.profile.due():
                 if self.profile.steps or self.profile.adds:
                     log.info(self.profile.line())
-                self.profile = _Profile()
+                self.profile = _Profile(batch)
             if self._take_arrivals(held, block=not live and not held, outbox=outbox):
                 self._finish_all(live, batch)
                 _hand_over(outbox)
@@ -205,9 +295,12 @@ class AnswerScheduler:
                 live.clear()
                 _hand_over(outbox)
                 continue
-            self.on_tokens(len(tokens))
+            self.on_tokens(sum(not isinstance(token, BaseException) for token in tokens.values()))
             for key, token in tokens.items():
-                self._deliver(key, live[key], token, live, batch)
+                if key in live:
+                    self._deliver(key, live[key], token, live, batch)
+                else:  # a row no job holds (its job failed with the thread's last error): let it go
+                    _gated(batch.drop, key)
             _hand_over(outbox)
             self.running_rows = len(live)
 
@@ -232,7 +325,7 @@ class AnswerScheduler:
         get their first token as soon as it is prefilled, and the rows decoding stall one chunk at a
         time."""
         joining, width = [], 0
-        while held and len(joining) < batch.room():
+        while held and batch.can_take([len(j.prompt) for j in joining] + [len(held[0].prompt)]):
             job = held[0]
             if job.cancelled:
                 held.popleft()
@@ -247,22 +340,34 @@ class AnswerScheduler:
                 continue
             joining.append(job)
             width = max(width, len(job.prompt))
-        if not joining:
-            return
+        if joining:
+            self._join(joining, live, batch)
+
+    def _join(self, joining: list[AnswerJob], live: dict, batch) -> None:
+        """Prefill `joining` together; if that fails (the batch has rolled the add back), each alone,
+        so the one request that fails it fails alone."""
         try:
             began = time.perf_counter()
             added = _gated(batch.add, [(job.prompt, job.settings, *_adapter_arg(job.adapter)) for job in joining])
             self.profile.add(len(joining), time.perf_counter() - began)
         except Exception as error:  # noqa: BLE001 - these callers' failure, not the others'
-            log.exception("prefill failed")
-            for job in joining:
-                job.fail(error)
+            if len(joining) > 1:
+                for job in joining:
+                    self._join([job], live, batch)
+                return
+            log.warning("prefill failed: %s", error)
+            joining[0].fail(error)
             return
         for job, (key, first) in zip(joining, added):
             live[key] = job
             self._deliver(key, job, first, live, batch)
 
-    def _deliver(self, key: int, job: AnswerJob, token: int, live: dict, batch) -> None:
+    def _deliver(self, key: int, job: AnswerJob, token, live: dict, batch) -> None:
+        if isinstance(token, BaseException):  # this row failed alone (the batch has let it go)
+            job.fail(token)
+            _gated(batch.drop, key)
+            del live[key]
+            return
         if token == self.eos:
             job.end(eos=True)
         else:
@@ -306,9 +411,12 @@ class AnswerScheduler:
             rows = _gated(self.engine.generate, [job.prompt for job in group], settings, _rows_check(group),
                           *_adapter_arg([job.adapter for job in group], any(job.adapter for job in group)))
         except Exception as error:  # noqa: BLE001
-            log.exception("generate failed")
-            for job in group:
-                job.fail(error)
+            if len(group) > 1:  # one row's failure (its logits overflowed) is its request's alone
+                for job in group:
+                    self._generate_group(settings, [job])
+                return
+            log.warning("answer failed: %s", error)
+            group[0].fail(error)
             return
         finally:
             self.running_rows = 0

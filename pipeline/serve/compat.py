@@ -3,18 +3,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.serve.http import (HTTPError, State, check_chars, check_key, first_event, flag, generation_settings,
-                                 model_field, model_request, number, shown, sse, stream_with, text_field)
-from pipeline.serve.service import LANGUAGE_NAMES, AskRequest, confidence, result_of, until_gone
-from pipeline.text.detect import detect_language
+from pipeline.serve.http import (HTTPError, State, check_chars, flag, generation_settings, model_field, number, shown,
+                                 sse, text_field)
+from pipeline.serve.routes import ModelCall, first_event, keyed_route, model_route, open_route
+from pipeline.serve.service import LANGUAGE_NAMES, AskRequest, result_of
 
 FORMATS = ("text", "html")
 
@@ -35,9 +34,10 @@ def _texts(state: State, fields: dict) -> tuple[list[str], bool]:
     return texts, many
 
 
-async def translate(request: Request) -> Response:
-    state, fields = await model_request(request, forms=True)
-    texts, many = _texts(state, fields)
+@model_route(forms=True)
+async def translate(call: ModelCall) -> Response:
+    fields = call.fields
+    texts, many = _texts(call.state, fields)
     source = text_field(fields, "source", "auto") or "auto"
     target = text_field(fields, "target")
     if source not in ("auto", *LANGUAGE_NAMES):
@@ -46,32 +46,25 @@ async def translate(request: Request) -> Response:
         raise HTTPError(400, f"target must be 'ja' or 'en', not {shown(target)}")
     if text_field(fields, "format", "text") not in FORMATS:
         raise HTTPError(400, "format must be 'text' or 'html'")
-    service = state.require_service()
-    admission = state.admit()
-    try:
-        out, detected = await service.translate(texts, source, target, number(fields, "beams", int, None, 1, 16))
-    finally:
-        admission.release()
+    beams = number(fields, "beams", int, None, 1, 16)
+    out, detected = await call.admit().translate(texts, source, target, beams)
     body = {"translatedText": out if many else out[0]}
     if source == "auto":
         body["detectedLanguage"] = detected if many else detected[0]
     return JSONResponse(body)
 
 
-async def detect(request: Request) -> Response:
-    state, fields = await model_request(request, forms=True)
-    q = fields.get("q")
+@model_route(forms=True)
+async def detect(call: ModelCall) -> Response:
+    q = call.fields.get("q")
     if not isinstance(q, str) or not q.strip():
         raise HTTPError(400, "q is missing: send the text whose language to detect")
-    check_chars(state, [q])
-    return JSONResponse(await asyncio.to_thread(_detected, q))  # a long text: off the event loop
+    check_chars(call.state, [q])
+    [(language, confidence)] = await call.admit().models.detector.languages([q])
+    return JSONResponse([{"language": language, "confidence": confidence}])
 
 
-def _detected(q: str) -> list[dict]:
-    lang = detect_language(q)
-    return [{"language": lang, "confidence": confidence(q, lang)}]
-
-
+@open_route
 async def languages(request: Request) -> Response:
     return JSONResponse([{"code": code, "name": name, "targets": [other for other in LANGUAGE_NAMES if other != code]}
                          for code, name in LANGUAGE_NAMES.items()])
@@ -101,41 +94,31 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-async def chat_completions(request: Request) -> Response:
-    state, fields = await model_request(request)
+@model_route()
+async def chat_completions(call: ModelCall) -> Response:
+    fields = call.fields
     question = _question(fields)
-    check_chars(state, [question])
+    check_chars(call.state, [question])
     if number(fields, "n", int, 1, 1, 1) != 1:
         raise HTTPError(400, "n must be 1")
     tokens_field = "max_completion_tokens" if fields.get("max_completion_tokens") is not None else "max_tokens"
     ask_request = AskRequest(question=question, model=model_field(fields),
                              settings=generation_settings(fields, tokens_field), tokens_field=tokens_field,
                              source_field=None)
-    service = state.require_service()
-    admission = state.admit()
-    created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     streaming = flag(fields, "stream")
-    try:
-        events = service.ask_events(ask_request)
-        first = await first_event(events)
-        model, lang, prompt_tokens = first[1]["model"], first[1]["source_lang"], first[1]["prompt_tokens"]
-        if not streaming:
-            result = await until_gone(result_of(events), request.is_disconnected)
-            if result is None:  # the caller left: its row was freed
-                return Response(status_code=499)
-            content = result["answer_ja"] if lang == "ja" else result["answer_en"]
-            return JSONResponse({
-                "id": ident, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": _finish(result["finish_reason"])}],
-                "usage": _usage(prompt_tokens, result), "bilingual_qa": result,
-            })
-    except BaseException:
-        admission.release()
-        raise
-    finally:
-        if not streaming:
-            admission.release()
+    created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+    events = call.admit().ask_events(ask_request)
+    first = await first_event(events)
+    model, lang, prompt_tokens = first[1]["model"], first[1]["source_lang"], first[1]["prompt_tokens"]
+    if not streaming:
+        result = await result_of(events)
+        content = result["answer_ja"] if lang == "ja" else result["answer_en"]
+        return JSONResponse({
+            "id": ident, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": _finish(result["finish_reason"])}],
+            "usage": _usage(prompt_tokens, result), "bilingual_qa": result,
+        })
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
         return sse(None, {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -150,8 +133,7 @@ async def chat_completions(request: Request) -> Response:
             return chunk({}, _finish(data["finish_reason"]), usage=_usage(prompt_tokens, data), bilingual_qa=data)
         return b""
 
-    return StreamingResponse(stream_with(admission, first, events, encode, closing=sse(None, "[DONE]")),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return call.stream(first, events, encode, closing=sse(None, "[DONE]"), headers={"Cache-Control": "no-cache"})
 
 
 def _usage(prompt_tokens: int, result: dict) -> dict:
@@ -160,9 +142,9 @@ def _usage(prompt_tokens: int, result: dict) -> dict:
             "total_tokens": prompt_tokens + completion}
 
 
+@keyed_route
 async def models(request: Request) -> Response:
     state: State = request.app.state.serve
-    check_key(request, state, None)
     models = state.require_service().models
     # An adapter's entry names its base ("base"; vLLM spells it "parent"): the page opens on the two.
     return JSONResponse({"object": "list", "data": [

@@ -1,26 +1,19 @@
 """What the server's routes share (app.py's own and compat.py's LibreTranslate/OpenAI ones): its
-state, admission, keys, reading fields from any body, typed fields and server-sent events."""
+state, admission, typed fields and server-sent events. Reading a request (key, body) is bodies.py;
+what every model route goes through, in one place, is routes.py."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import math
-import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
-from urllib.parse import parse_qsl
 
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
-
-from pipeline.errors import BilingualQAError
-from pipeline.llm.engine import GenerationSettings
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.models import ModelRegistry
 from pipeline.serve.service import Service
+from pipeline.spec import MAX_SEED, GenerationSettings
 
 log = logging.getLogger("bilingual_qa.serve")
 DEFAULT_MAX_BODY = 1_000_000
@@ -29,12 +22,8 @@ DEFAULT_MAX_QUEUE = 256
 # and texts in one /translate request. Far above what a person sends; a 100 KB document passes.
 DEFAULT_CHAR_LIMIT = 200_000
 DEFAULT_BATCH_LIMIT = 128
-DISCARD_LIMIT = 16 * 2**20  # an over-long body is read (and dropped) up to this, so the client sees the 413
-MAX_DEPTH = 32  # JSON nesting: the APIs need 4 (messages -> message -> content -> part)
-MAX_INT_DIGITS = 40  # a 128-bit integer has 39
-OPEN_PATHS = {"/", "/health", "/languages"}
-FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_NUMBER_CHARS = 40  # a number sent as text: a 128-bit integer has 39 digits
+PARSE_THREADS = 2  # bodies that take a while to parse, at most this many at once
 
 
 class HTTPError(Exception):
@@ -76,6 +65,7 @@ class State:
         self.service: Service | None = None
         self.load_error: str | None = None
         self.in_flight = 0
+        self.parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="parse-body")
 
     def ready(self, models: ModelRegistry) -> None:
         self.metrics.watch_batches(models.schedulers)
@@ -119,149 +109,7 @@ class _Admission:
             self.state.metrics.queue_depth.set(self.state.in_flight)
 
 
-# ---- request reading ---------------------------------------------------------------------------
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, or a 413 once it passes `limit`: the rest is read and dropped (up to DISCARD_LIMIT) so
-    that a client which sends the whole body before reading, as urllib, requests and httpx do, reads
-    the 413 instead of a reset connection; then the connection is closed."""
-    close = {"Connection": "close"}
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit and (
-            int(declared) > DISCARD_LIMIT or request.headers.get("expect", "").lower() == "100-continue"):
-        raise HTTPError(413, f"the body is {declared} bytes; the limit is {limit}", close)  # nothing sent yet
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            elif size > DISCARD_LIMIT:
-                break
-    except ClientDisconnect:
-        raise HTTPError(499, "the client closed the connection") from None
-    if size > limit:
-        raise HTTPError(413, f"the body is over the limit of {limit} bytes", close)
-    return b"".join(chunks)
-
-
-async def read_fields(request: Request, state: State, forms: bool = False) -> dict:
-    """The body as a dict: JSON from application/json only (so no other site's page can send it in a
-    plain form); form-encoded and multipart bodies too where `forms` (the LibreTranslate endpoints)."""
-    body = await read_body(request, state.config.max_body)
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not body.strip():
-        return {}
-    if forms and kind in FORM_TYPES:
-        return await _form_fields(request, body, kind)
-    if kind != "application/json":
-        accepted = "application/json, application/x-www-form-urlencoded or multipart/form-data" if forms \
-            else "application/json"
-        raise HTTPError(415, f"send the body as {accepted} (Content-Type), not {shown(kind or 'none')}")
-    try:
-        fields = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_short_int)
-    except RecursionError:
-        raise HTTPError(400, f"the body is not valid JSON (nested deeper than {MAX_DEPTH})") from None
-    except ValueError as error:  # JSONDecodeError, bad UTF-8, and the parse hooks' refusals
-        raise HTTPError(400, f"the body is not valid JSON ({str(error)[:120]})") from None
-    if not isinstance(fields, dict):
-        raise HTTPError(400, "the body must be a JSON object")
-    _check_values(fields)
-    return fields
-
-
-async def _form_fields(request: Request, body: bytes, kind: str) -> dict:
-    """A form's fields, a field sent twice as a list (so that a string field refuses it)."""
-    pairs: list[tuple[str, str]] = []
-    if kind == "multipart/form-data":
-        request._body = body  # the stream is spent; Starlette's form parser reads the cached body
-        try:
-            form = await request.form(max_files=0, max_fields=1000)
-        except (HTTPException, ValueError) as error:
-            raise HTTPError(400, f"the multipart body cannot be read ({getattr(error, 'detail', error)})") from None
-        pairs = [(key, value) for key, value in form.multi_items() if isinstance(value, str)]
-    else:
-        try:
-            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=1000)
-        except UnicodeDecodeError:
-            raise HTTPError(400, "the form body is not valid UTF-8") from None
-        except ValueError:
-            raise HTTPError(400, "the form has more than 1000 fields") from None
-    fields: dict = {}
-    for key, value in pairs:
-        fields[key] = [*fields[key], value] if isinstance(fields.get(key), list) else \
-            [fields[key], value] if key in fields else value
-    _check_values(fields)
-    return fields
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:20]} is too large a number")
-    return value
-
-
-def _short_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"an integer of {len(text)} digits is too long")
-    return int(text)
-
-
-def _check_values(fields: dict) -> None:
-    """Every string valid Unicode (a lone surrogate cannot be encoded again) and no deep nesting."""
-    todo = [(fields, 1)]
-    while todo:
-        value, depth = todo.pop()
-        if depth > MAX_DEPTH:
-            raise HTTPError(400, f"the body is nested deeper than {MAX_DEPTH}")
-        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
-        for key, item in items:
-            for text in (key, item):
-                if isinstance(text, str) and _SURROGATE.search(text):
-                    raise HTTPError(400, f"{shown(key) if isinstance(key, str) else 'a value'} holds a lone"
-                                         " surrogate (\\ud800-\\udfff): send valid Unicode text")
-            if isinstance(item, (dict, list)):
-                todo.append((item, depth + 1))
-
-
-def check_key(request: Request, state: State, fields: dict | None) -> None:
-    """A bearer token, or LibreTranslate's `api_key` field (body or query), compared in constant time."""
-    key = state.config.api_key
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header.lower().startswith("bearer ") else None
-    if not given and fields is not None and isinstance(fields.get("api_key"), str):
-        given = fields["api_key"]
-    given = given or request.query_params.get("api_key")
-    if not given or not given.strip():
-        raise HTTPError(401, "an API key is needed: send 'Authorization: Bearer KEY' or an api_key field")
-    if not hmac.compare_digest(_digest(given), _digest(key)):  # digests: equal length, no timing by length
-        raise HTTPError(401, "the API key is wrong")
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-
-
-async def model_request(request: Request, forms: bool = False) -> tuple[State, dict]:
-    """Body read and key checked for an endpoint that runs models (the key before any body error)."""
-    state: State = request.app.state.serve
-    has_bearer = request.headers.get("authorization", "").lower().startswith("bearer ")
-    try:
-        fields = await read_fields(request, state, forms)
-    except HTTPError as error:
-        if error.status in (400, 415) and state.config.api_key is not None and not has_bearer:
-            raise HTTPError(401, "an API key is needed: send 'Authorization: Bearer KEY' or an api_key field")
-        raise
-    check_key(request, state, fields)
-    return state, fields
-
+# ---- typed fields ------------------------------------------------------------------------------
 
 def text_field(fields: dict, name: str, default: str | None = None) -> str | None:
     """A field that must be a string (a form that sends it twice gives a list: refused)."""
@@ -287,7 +135,7 @@ def number(fields: dict, name: str, kind, default, low=None, high=None, low_open
     try:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError
-        if isinstance(value, str) and len(value) > MAX_INT_DIGITS:
+        if isinstance(value, str) and len(value) > MAX_NUMBER_CHARS:
             raise ValueError
         converted = kind(value)
         if kind is int and isinstance(value, float) and value != converted:
@@ -316,7 +164,7 @@ def generation_settings(fields: dict, tokens_field: str = "max_new_tokens") -> G
         max_new_tokens=number(fields, tokens_field, int, 256, 1, 2000),
         temperature=number(fields, "temperature", float, 0.0, 0.0, 5.0),
         top_p=number(fields, "top_p", float, 1.0, 0.0, 1.0, low_open=True),
-        seed=number(fields, "seed", int, None, -2**63, 2**63 - 1),
+        seed=number(fields, "seed", int, None, 0, MAX_SEED),  # GenerationSettings' range, in its words
     )
 
 
@@ -335,34 +183,6 @@ def sse(event: str | None, data) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return f"{head}data: {payload}\n\n".encode()
 
-
-async def stream_with(admission: _Admission, first, events, encode: Callable, closing: bytes = b""):
-    """A streamed body: the event already read, the rest, then `closing`; an error becomes an event."""
-    try:
-        yield encode(*first)
-        async for event in events:
-            yield encode(*event)
-        if closing:
-            yield closing
-    except Exception as error:  # noqa: BLE001 - the headers are sent: report in the stream, log the rest
-        if not isinstance(error, BilingualQAError):
-            log.exception("a streamed request failed")
-        yield sse("error", {"error": str(error) if isinstance(error, BilingualQAError) else "internal server error"})
-    finally:
-        await events.aclose()
-        admission.release()
-
-
-async def first_event(events):
-    """Run the pipeline to its first event, so bad input is still an HTTP error, not a stream."""
-    try:
-        return await events.__anext__()
-    except BaseException:
-        await events.aclose()
-        raise
-
-
-# ---- routes --------------------------------------------------------------------------------------
 
 def model_field(fields: dict) -> str | None:
     model = fields.get("model")

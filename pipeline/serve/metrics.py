@@ -22,6 +22,10 @@ class Metrics:
         self.batch_rows = Gauge("bilingual_qa_batch_rows", "Rows in the running decode batch, by model",
                                 ["model"], registry=self.registry)
         self.tokens = Counter("bilingual_qa_generated_tokens", "Answer tokens generated", registry=self.registry)
+        self.cache_blocks = Gauge("bilingual_qa_cache_blocks", "Blocks of the paged answer cache, by model and"
+                                  " state (used, free)", ["model", "state"], registry=self.registry)
+        self.preemptions = Gauge("bilingual_qa_preemptions", "Rows preempted so far (blocks ran short; each"
+                                 " resumed later), by model", ["model"], registry=self.registry)
         self.stage_seconds = Histogram("bilingual_qa_stage_seconds", "Seconds each pipeline stage took per request",
                                        ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
 
@@ -36,6 +40,12 @@ class Metrics:
     def watch_batches(self, schedulers: dict) -> None:
         for name, scheduler in schedulers.items():
             self.batch_rows.labels(name).set_function(lambda s=scheduler: s.running_rows)
+            if scheduler.cache_blocks() is None:
+                continue  # no paged cache (transformers' engine, or micro-batching)
+            for index, state in enumerate(("used", "free")):
+                self.cache_blocks.labels(name, state).set_function(
+                    lambda s=scheduler, i=index: (s.cache_blocks() or (0, 0))[i])
+            self.preemptions.labels(name).set_function(lambda s=scheduler: s.decode_batch.preemptions)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,17 +14,21 @@ the directory's name for a local directory, else the hub id as given), never a p
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from pipeline.errors import SettingsError
 from pipeline.llm.answerer import Answerer
+from pipeline.llm.memory import DEFAULT_GPU_MEMORY, limit_process
 from pipeline.llm.models import LLMSource, resolve_llm
 from pipeline.llm.multi_lora import unshareable_reason
-from pipeline.loading import status
+from pipeline.loading import resolve_device
+from pipeline.quiet import status
 from pipeline.qa import BilingualQA, model_names
 from pipeline.serve.batching import AnswerScheduler
+from pipeline.serve.detection import Detector
 from pipeline.serve.translation import TranslationBatcher
 
 
@@ -50,6 +54,7 @@ class LoadOptions:
     beams: int | None = None
     max_rows: int = 64
     batching: str = "auto"  # continuous, micro, or auto (llm/continuous.py's open_decode_batch)
+    gpu_memory: float = DEFAULT_GPU_MEMORY  # the card's share (<= 1) or bytes the process may take
     base: str | None = None  # the base of LoRA adapters given as llms (None: the one each names)
     served_names: list[str] = field(default_factory=list)  # per --llm, in order; the rest by served_name
 
@@ -70,7 +75,8 @@ class ModelRegistry:
     `served_name`)."""
 
     def __init__(self, qas: dict[str, BilingualQA], *, max_rows: int = 64,
-                 on_tokens: Callable[[int], None] | None = None, batching: str = "auto"):
+                 on_tokens: Callable[[int], None] | None = None, batching: str = "auto",
+                 gpu_memory: int | None = None):
         if not qas:
             raise ValueError("at least one answer model is needed")
         self.qas = dict(zip(served_names(list(qas)), qas.values()))
@@ -80,6 +86,7 @@ class ModelRegistry:
         self.translator_names = {"ja_en": served_name(first.ja_en.name), "en_ja": served_name(first.en_ja.name)}
         self.ja_en = TranslationBatcher(first.ja_en)
         self.en_ja = TranslationBatcher(first.en_ja)
+        self.detector = Detector()  # /detect's and /translate's: long texts in a process of its own
         # One scheduler per engine: a base and its attached adapters share one (one batch).
         by_engine: dict[int, AnswerScheduler] = {}
         self.schedulers = {}
@@ -87,13 +94,14 @@ class ModelRegistry:
             engine = qa.answerer.engine
             if id(engine) not in by_engine:
                 by_engine[id(engine)] = AnswerScheduler(engine, max_rows=max_rows, on_tokens=on_tokens,
-                                                        batching=batching)
+                                                        batching=batching, gpu_memory=gpu_memory)
             self.schedulers[name] = by_engine[id(engine)]
 
     @classmethod
     def load(cls, options: LoadOptions, on_tokens: Callable[[int], None] | None = None) -> "ModelRegistry":
         llms = list(dict.fromkeys(options.llms)) or [model_names()["llm"]]
         sources = {name: resolve_llm(name, options.base) for name in llms}
+        limit = limit_process(options.gpu_memory, resolve_device(options.device))  # before any weight loads
         loaded: list[BilingualQA] = []
 
         def load(name: str) -> Answerer:
@@ -118,7 +126,7 @@ class ModelRegistry:
         first = loaded[0]
         qas = {served: BilingualQA(answerers[name], first.ja_en, first.en_ja)
                for name, served in zip(llms, served_names(llms, options.served_names))}
-        return cls(qas, max_rows=options.max_rows, on_tokens=on_tokens, batching=options.batching)
+        return cls(qas, max_rows=options.max_rows, on_tokens=on_tokens, batching=options.batching, gpu_memory=limit)
 
     @property
     def names(self) -> list[str]:
@@ -162,11 +170,19 @@ class ModelRegistry:
         threads = [*self.ja_en.threads, *self.en_ja.threads, *(s.thread for s in self.schedulers.values())]
         return [thread.name for thread in threads if not thread.is_alive()]
 
-    def close(self) -> None:
-        for scheduler in {id(s): s for s in self.schedulers.values()}.values():
+    def close(self, idle_wait: float = 0.5) -> None:
+        """Stop every stage thread. A scheduler decodes the rows it still holds to their end when it
+        stops, so the rows of callers cut at shutdown (cancelled, dropped at its next step) are first
+        given up to `idle_wait` seconds to leave."""
+        schedulers = list({id(s): s for s in self.schedulers.values()}.values())
+        deadline = time.monotonic() + idle_wait
+        while any(s.running_rows for s in schedulers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for scheduler in schedulers:
             scheduler.close()
         self.ja_en.close()
         self.en_ja.close()
+        self.detector.close()
 
 
 def families(sources: dict[str, LLMSource]) -> list[list[str]]:

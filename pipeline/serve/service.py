@@ -1,5 +1,6 @@
-"""The pipeline for one caller among many: the same stages as `BilingualQA.ask`, each handed to the
-thread that batches it across callers (batching.py), yielding events as each stage finishes.
+"""The pipeline for one caller among many: the one composition of `BilingualQA.ask` (flow.py), each
+stage it asks for handed to the thread that batches it across callers (batching.py, translation.py),
+yielding events as each stage finishes.
 
 detect -> translate the question (ja->en batcher) -> answer (scheduler: English streams in) ->
 translate the answer (en->ja batcher: Japanese per sentence) -> the result object of `ask --format json`.
@@ -8,19 +9,18 @@ translate the answer (en->ja batcher: Japanese per sentence) -> the result objec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
 from pipeline.errors import BilingualQAError, InputTooLongError, UnsupportedLanguageError
-from pipeline.llm.answerer import AnswerPieces
-from pipeline.llm.engine import GenerationSettings
-from pipeline.qa import check_question
-from pipeline.serve.batching import AnswerJob
+from pipeline.flow import (SERVED_EVENTS, Answer, Event, Question, Tokens, Translate, Translated, Wording, run_async,
+                           translated)
+from pipeline.serve.batching import AnswerJob, AnswerScheduler
 from pipeline.serve.models import ModelRegistry
-from pipeline.text.detect import SUPPORTED_LANGUAGES, detect_language, langdetect_candidates
-from pipeline.text.sentences import sentences_of
+from pipeline.spec import GenerationSettings
+from pipeline.text.detect import SUPPORTED_LANGUAGES
 
 LANGUAGE_NAMES = {"en": "English", "ja": "Japanese"}
 GONE_POLL_SECONDS = 0.1  # how often a non-streaming request looks whether its caller is still there
@@ -49,69 +49,28 @@ class Service:
         freed at the next decode step instead of running to its end for nobody."""
         return await until_gone(result_of(self.ask_events(request)), gone)
 
-    async def ask_events(self, request: AskRequest) -> AsyncIterator[tuple[str, dict]]:
-        """("question", ...), ("english", {"text"})..., ("japanese", {"text", "index"})..., ("result", ...).
+    async def ask_events(self, request: AskRequest) -> AsyncIterator[Event]:
+        """("question", ...), ("english", {"text"})..., ("japanese", {"text", "index"})..., ("result", ...):
+        the one composition (flow.py) on the server's batching stages, as a server sends it.
 
         Everything the caller can get wrong is raised before the first event."""
         served, qa, scheduler = self.models.get(request.model)
-        timings: dict[str, float] = {}
-        start = t = time.perf_counter()
-        question = check_question(request.question)
-        lang = _supported(request.source_lang or detect_language(question), request.source_field)
-        t = self._lap(timings, "detect", t)
-        if lang == "ja":
-            question_en = (await self.models.ja_en.translate([question], request.beams))[0]
-        else:
-            question_en = question
-        t = self._lap(timings, "translate_question", t)
-        prompt = _encode(qa, served, question_en, request)
-        yield "question", {"source_lang": lang, "question_en": question_en, "model": served,
-                           "prompt_tokens": len(prompt)}
-
-        answerer, raw = qa.answerer, request.raw
-        pieces = AnswerPieces(answerer.tokenizer, question_en, raw)
-        settings = dataclasses.replace(request.settings, raw=raw)
-        job = AnswerJob(prompt, settings, asyncio.get_running_loop(),
-                        stop_check=None if raw else answerer.stop_check([question_en]), adapter=answerer.adapter)
-        scheduler.submit(job)
-        end = {"eos": False}
-        try:
-            async for text in _english(job, pieces, end):
-                yield "english", {"text": text}
-        finally:
-            job.cancel()  # frees the row at once when the caller left or the answer has ended
-        ids = pieces.ids + ([answerer.engine.eos_token_id] if end["eos"] else [])
-        answer = answerer.answer_text(question_en, prompt,
-                                      answerer.finish_ids(ids, settings.max_new_tokens, question_en, raw), raw)
-        if tail := pieces.finish():
-            yield "english", {"text": tail}
-        t = self._lap(timings, "answer", t)
-
-        texts = [answer.text] + ([question_en] if lang == "en" else [])
-        plan = await self.models.en_ja.plan(texts, request.beams)
-        translated = await asyncio.wrap_future(self.models.en_ja.submit(plan.ids, request.beams))
-        answer_ja, *question_ja = await self.models.en_ja.assemble(plan, translated)
-        for index, sentence in enumerate(_sentences(qa.en_ja, plan, translated)):
-            yield "japanese", {"text": sentence, "index": index}
-        self._lap(timings, "translate_answer", t)
-        timings["total"] = round(time.perf_counter() - start, 4)
-        result = qa.result(lang, question_en, question_ja[0] if question_ja else question, answer, answer_ja,
-                           timings, raw).to_dict()
-        result["models"] = self.models.models_of(served)  # names, not this machine's paths
-        yield "result", result
-
-    def _lap(self, timings: dict, stage: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[stage] = round(now - since, 4)
-        self.observe(stage, now - since)
-        return now
+        settings = dataclasses.replace(request.settings, raw=request.raw)
+        flow = qa.flow(Question(request.question, request.source_lang, settings, request.beams),
+                       models=self.models.models_of(served),  # names, not this machine's paths
+                       wording=_ApiWording(served, request), observe=self.observe)
+        # Closed with this generator, not later by the collector: its `finally` frees the answer's row.
+        async with contextlib.aclosing(run_async(flow, _ServerStages(self.models, scheduler))) as events:
+            async for event in events:
+                if event.kind in SERVED_EVENTS:
+                    yield event
 
     async def translate(self, texts: list[str], source: str, target: str,
                         beams: int | None = None) -> tuple[list[str], list[dict]]:
         """Each text in `target` (copied where it already is) and each text's detected language."""
         if target not in LANGUAGE_NAMES:
             raise BilingualQAError(f"target must be 'ja' or 'en', not '{target}'")
-        detected = await asyncio.to_thread(_detect_each, texts, source)  # long texts: off the event loop
+        detected = _detect_each(await self.models.detector.languages(texts, source))
         todo = [index for index, found in enumerate(detected) if found["language"] != target]
         batcher = self.models.ja_en if target == "en" else self.models.en_ja
         out = list(texts)
@@ -121,30 +80,59 @@ class Service:
         return out, detected
 
 
-async def _english(job: AnswerJob, pieces: AnswerPieces, end: dict) -> AsyncIterator[str]:
-    """The answer's new English as its tokens arrive; end["eos"] is set when it ended at end-of-text.
+class _ServerStages:
+    """The stages of flow.py's requests, each on the server's threads that batch it across callers:
+    the translators' TranslationBatchers and the model's AnswerScheduler (an AnswerJob per answer)."""
 
-    Every token already there goes into one piece: under load the loop falls behind the decode
-    steps, and the stream then carries fewer, longer pieces instead of falling further behind."""
-    while True:
-        events = [await job.events.get()]
-        while not job.events.empty():
-            events.append(job.events.get_nowait())
-        text, ended = "", False
-        for kind, value in events:
-            if kind == "error":
-                raise value
-            if kind == "end":
-                end["eos"], ended = value, True
-                break
-            text += pieces.push(value)
-            if pieces.ended:
-                ended = True
-                break
-        if text:
-            yield text
-        if ended:
-            return
+    def __init__(self, models: ModelRegistry, scheduler: AnswerScheduler):
+        self.models, self.scheduler = models, scheduler
+
+    async def translate(self, request: Translate) -> Translated:
+        batcher = self.models.ja_en if request.target == "en" else self.models.en_ja
+        if not request.sentences:
+            return Translated(await batcher.translate(request.texts, request.beams))
+        plan = await batcher.plan(request.texts, request.beams)
+        pieces = await asyncio.wrap_future(batcher.submit(plan.ids, request.beams))
+        texts = await batcher.assemble(plan, pieces)
+        return Translated(texts, translated(batcher.translator, plan, pieces, True).sentences)
+
+    def answer(self, request: Answer) -> "_JobTokens":
+        job = AnswerJob(request.prompt, request.settings, asyncio.get_running_loop(), stop_check=request.stop_check,
+                        adapter=request.adapter)
+        self.scheduler.submit(job)
+        return _JobTokens(job)
+
+
+class _JobTokens:
+    """An AnswerJob as the composition reads an answer: Tokens until the end; closing it cancels the
+    job, which frees its row at once (the caller left, or the answer has ended)."""
+
+    def __init__(self, job: AnswerJob):
+        self.job = job
+
+    async def next(self) -> Tokens:
+        try:
+            return Tokens(await self.job.__anext__())
+        except StopAsyncIteration:
+            return Tokens([], ended=True, eos=self.job.eos)
+
+    def close(self) -> None:
+        self.job.cancel()
+
+
+class _ApiWording(Wording):
+    """The question's errors in the API's words: its field names and the model's served name."""
+
+    def __init__(self, served: str, request: AskRequest):
+        self.served, self.request = served, request
+
+    def supported(self, language: str) -> str:
+        return _supported(language, self.request.source_field)
+
+    def too_long(self, error: InputTooLongError, max_positions: int) -> Exception:
+        return InputTooLongError(
+            f"the question is too long for {self.served}: it reads at most {max_positions} tokens, the question in"
+            f" English and {self.request.settings.max_new_tokens} for the answer ({self.request.tokens_field})")
 
 
 async def result_of(events: AsyncIterator[tuple[str, dict]]) -> dict | None:
@@ -158,7 +146,8 @@ async def result_of(events: AsyncIterator[tuple[str, dict]]) -> dict | None:
 
 async def until_gone(work: Awaitable, gone: Callable[[], Awaitable[bool]] | None):
     """`work`'s result, or None once `gone()` is true: then `work` is cancelled (a pipeline's
-    `finally` cancels its answer job, which frees the row at the next step)."""
+    `finally` cancels its answer job, which frees the row at the next step), and so it is when this
+    is cancelled (a request cut at shutdown); either way `work` has finished cancelling on return."""
     task = asyncio.ensure_future(work)
     if gone is None:
         return await task
@@ -170,17 +159,14 @@ async def until_gone(work: Awaitable, gone: Callable[[], Awaitable[bool]] | None
             if await gone():
                 return None
     finally:
-        task.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # its `finally` blocks run now, not after the loop has closed
 
 
-def _detect_each(texts: list[str], source: str) -> list[dict]:
-    detected = []
-    for text in texts:
-        if not text.strip():
-            raise BilingualQAError("q is empty: give the text to translate")
-        lang = _supported(detect_language(text) if source == "auto" else source, "source")
-        detected.append({"language": lang, "confidence": confidence(text, lang) if source == "auto" else 100.0})
-    return detected
+def _detect_each(found: list[tuple[str, float]]) -> list[dict]:
+    """The detector's (language, confidence) of each text, each language one the pipeline takes."""
+    return [{"language": _supported(language, "source"), "confidence": confidence} for language, confidence in found]
 
 
 def _supported(language: str, field: str | None) -> str:
@@ -192,31 +178,3 @@ def _supported(language: str, field: str | None) -> str:
                                    f" are supported{hint}", language=language)
 
 
-def _encode(qa, served: str, question_en: str, request: AskRequest) -> list[int]:
-    """The prompt's ids, or the answerer's too-long error in the API's words (and the served name)."""
-    try:
-        return qa.answerer.encode(question_en, request.settings.max_new_tokens)
-    except InputTooLongError:
-        raise InputTooLongError(
-            f"the question is too long for {served}: it reads at most {qa.answerer.max_positions} tokens, the"
-            f" question in English and {request.settings.max_new_tokens} for the answer ({request.tokens_field})"
-        ) from None
-
-
-def confidence(text: str, lang: str) -> float:
-    """LibreTranslate's 0-100 confidence: langdetect's probability for `lang`, or 100 where the script
-    decided alone (kana, hangul, short ASCII), which langdetect is not asked about."""
-    from langdetect.lang_detect_exception import LangDetectException
-
-    try:
-        for candidate in langdetect_candidates(text):
-            if candidate.lang.split("-")[0] == lang:
-                return round(candidate.prob * 100, 1)
-    except LangDetectException:
-        pass
-    return 100.0
-
-
-def _sentences(translator, plan, translated: list[str]) -> list[str]:
-    """The first text's sentences, translated, in order."""
-    return translator.sentence_translations(plan, translated)[:len(sentences_of(plan.layouts[0]))]

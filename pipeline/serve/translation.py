@@ -2,26 +2,44 @@
 together, in rounds of a bounded size that every caller shares (a long document never holds the rest).
 
 Like the answer stage (batching.py), it runs on threads of its own; callers on the asyncio loop get
-their results through concurrent futures, so no stage ever runs on the loop.
+their results through concurrent futures, so no stage ever runs on the loop. Each caller's plan
+(sentence splitting, cutting, tokenising) and assembly run on a planner thread of its lane, beside
+the others' (the tokenizer is only read and the memory keeps its own lock), so a question's plan
+never waits for a document's. A caller that goes abandons its future: its pieces leave the next round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import threading
-import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from pipeline.serve.batching import _STOP, StageStopped, _gated, log
 
 
+BULK_NICENESS = 10
+QUICK_PLAN_CHARS = 16_000  # texts up to this (a question, an answer) are planned on the quick lane's planner
+
+
+class TranslationFuture(Future):
+    """A caller's translation. Cancelling it (as asyncio does when the awaiting task is cancelled)
+    abandons it even once its pieces are being translated: the batcher drops it before the next round."""
+
+    abandoned = False
+
+    def cancel(self) -> bool:
+        self.abandoned = True
+        return super().cancel()
+
+
 class _Translation:
     """One caller's pieces and where their translations stand."""
 
-    def __init__(self, ids: list[list[int]], beams: int | None, future: Future):
+    def __init__(self, ids: list[list[int]], beams: int | None, future: TranslationFuture):
         self.ids, self.beams, self.future = ids, beams, future
         self.out: list[str] = []
         self.skipped = False  # left out of the last round (by callers that could finish in it)
@@ -42,7 +60,9 @@ class TranslationBatcher:
         self.translator = translator
         self.on_batch = on_batch or (lambda n: None)
         self.round_pieces = round_pieces
-        self.plan_lock = threading.Lock()  # the tokenizer and the memory: one plan or assembly at a time
+        self.planners = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"plan-{translator.target_lang}-{lane}",
+                                                  initializer=_background if lane == "bulk" else None)
+                         for lane in ("quick", "bulk")}
         # The lanes translate at once where the backend allows it; the fast backend's graphs hold one
         # set of buffers per shape, so there a lane waits for the other's round (at most round_pieces).
         # Taken outside the GPU gate: a capture inside a round waits for the other lanes' GPU work.
@@ -63,8 +83,8 @@ class TranslationBatcher:
     def threads(self) -> list[threading.Thread]:
         return [self.thread, self.quick_thread]
 
-    def submit(self, ids: list[list[int]], num_beams: int | None = None) -> Future:
-        future: Future = Future()
+    def submit(self, ids: list[list[int]], num_beams: int | None = None) -> TranslationFuture:
+        future = TranslationFuture()
         quick = len(ids) <= self.round_pieces
         lane, thread = (self.quick, self.quick_thread) if quick else (self.waiting, self.thread)
         if not ids:
@@ -76,19 +96,19 @@ class TranslationBatcher:
         return future
 
     async def plan(self, texts: list[str], num_beams: int | None = None):
-        """`Translator.plan`, off the event loop (a long document takes a while), one at a time."""
-        return await asyncio.to_thread(self._locked, self.translator.plan, texts, num_beams)
+        """`Translator.plan` on a planner thread: the quick lane's for short texts, else the bulk lane's."""
+        return await self._planned(_lane_of(texts), self.translator.plan, texts, num_beams)
 
     async def assemble(self, plan, pieces: list[str]) -> list[str]:
-        return await asyncio.to_thread(self._locked, self.translator.assemble, plan, pieces)
+        return await self._planned(_lane_of(plan.sentences), self.translator.assemble, plan, pieces)
 
     async def translate(self, texts: list[str], num_beams: int | None = None) -> list[str]:
+        """The texts translated; cancelling it (the caller went) abandons its pieces."""
         plan = await self.plan(texts, num_beams)
         return await self.assemble(plan, await asyncio.wrap_future(self.submit(plan.ids, num_beams)))
 
-    def _locked(self, call, *args):
-        with self.plan_lock:
-            return call(*args)
+    async def _planned(self, lane: str, call, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.planners[lane], call, *args)
 
     @property
     def busy(self) -> bool:
@@ -97,10 +117,14 @@ class TranslationBatcher:
     def close(self) -> None:
         for lane in (self.waiting, self.quick):
             lane.put(_STOP)
+        for planner in self.planners.values():
+            planner.shutdown(wait=False, cancel_futures=True)
         for thread in self.threads:
             thread.join(timeout=30)
 
     def _guarded(self, waiting: queue.Queue, active: list[_Translation]) -> None:
+        if waiting is self.waiting:
+            _background()
         try:
             self._run(waiting, active)
         except BaseException:  # noqa: BLE001 - a dead stage must be loud and must not hang its callers
@@ -127,7 +151,7 @@ class TranslationBatcher:
                     stopping = True
                 elif job.future.set_running_or_notify_cancel():  # False: the caller left before it began
                     active.append(job)
-            active[:] = [job for job in active if not job.future.done()]
+            _drop_abandoned(active)
             if active:
                 self._translate_round(active)
 
@@ -163,6 +187,28 @@ class TranslationBatcher:
             if not job.future.done() and job.left == 0:
                 job.future.set_result(job.out)  # running futures cannot be cancelled: no InvalidStateError
         active.append(active.pop(0))  # the next round starts with another caller
+
+
+def _background() -> None:
+    """The calling thread (the bulk lane's, its planner's) yields the CPU to the others where cores
+    are short: Linux keeps a nice value per thread."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICENESS)
+        except OSError:
+            pass
+
+
+def _lane_of(texts: list[str]) -> str:
+    return "quick" if sum(len(text) for text in texts) <= QUICK_PLAN_CHARS else "bulk"
+
+
+def _drop_abandoned(active: list[_Translation]) -> None:
+    """The jobs done or abandoned leave: an abandoned one that was running is ended here (nobody reads it)."""
+    for job in active:
+        if job.future.abandoned and not job.future.done():
+            job.future.set_exception(asyncio.CancelledError())
+    active[:] = [job for job in active if not job.future.done()]
 
 
 def _share_round(jobs: list[_Translation], budget: int) -> list[tuple[_Translation, int]]:

@@ -6,15 +6,14 @@ answering it goes on to invent the next turn of a textbook: a labelled one ("Exe
 answers. `trim_answer` keeps the answer only; the rules are in answer_rules.py and docs/design.md.
 
 The same rules run three ways, and agree: on the finished text (`trim_answer`), on the text while it
-is generated (`answer_ended`, the engines' stop check: true as soon as the end is certain), and for
-streaming (`settled_answer`: the part of the answer no later text can cut).
+is generated (`EndWatch`, the engines' stop check: true as soon as the end is certain), and for
+streaming (`settled_span`: the part of the answer no later text can cut).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from pipeline.text.answer_rules import (OPEN, STOP, BodyState, Undecided, asks_for_questions, echo_end, judge_line,
                                         leading_label_end, skip_space)
@@ -111,11 +110,6 @@ def partial_marker(text: str) -> int:
     return 0
 
 
-def find_stop(text: str, question: str | None = None) -> int | None:
-    """Index where the answer in the finished `text` ends because something else begins, or None."""
-    return locate_answer(text, question).end
-
-
 def trim_answer(text: str, question: str | None = None) -> tuple[str, bool]:
     """The answer alone, and True if anything was removed (a repeated question, a label, a tail).
 
@@ -128,13 +122,9 @@ def trim_answer(text: str, question: str | None = None) -> tuple[str, bool]:
     return text[span.start:end].strip(), span.end is not None or bool(head.strip())
 
 
-def answer_ended(text: str, question: str | None = None) -> bool:
-    """True once the text phi-2 is writing has certainly gone past the answer's end."""
-    return locate_answer(text, question, final=False).end is not None
-
-
 class EndWatch:
-    """`answer_ended` for one growing text, remembering the answer's start once it is known."""
+    """Whether one growing text has certainly gone past the answer's end, remembering the answer's
+    start once it is known."""
 
     def __init__(self, question: str | None):
         self.question, self.start, self.memo = question, None, LineMemo()
@@ -145,15 +135,11 @@ class EndWatch:
         return span.end is not None
 
 
-def settled_answer(text: str, question: str | None = None) -> str:
-    """The part of the trimmed answer that no continuation of `text` can change (for streaming)."""
-    return settled_span(text, question)[0]
-
-
 def settled_span(text: str, question: str | None = None, start: int | None = None,
                  memo: LineMemo | None = None) -> tuple[str, AnswerSpan]:
-    """`settled_answer` and the span it comes from (`start`: the answer's start if already known;
-    `memo`: the lines of this growing text judged before)."""
+    """The part of the trimmed answer that no continuation of `text` can change (for streaming), and
+    the span it comes from (`start`: the answer's start if already known; `memo`: the lines of this
+    growing text judged before)."""
     span = locate_answer(text, question, final=False, start=start, memo=memo)
     if span.start is None:
         return "", span
@@ -161,21 +147,3 @@ def settled_span(text: str, question: str | None = None, start: int | None = Non
         return text[span.start:span.end].strip(), span
     # A partly decoded character shows as U+FFFD; trailing space may turn out to be the answer's end.
     return text[span.start:span.settled].rstrip().rstrip("\ufffd").rstrip(), span
-
-
-def stream_answer(texts: Iterable[str], question: str | None = None) -> Iterator[str]:
-    """Pieces of the trimmed answer, given the text decoded so far after each new token.
-
-    The pieces joined equal `trim_answer(last text)`: nothing shown is ever taken back, and each
-    piece is shown as soon as no later text can cut it.
-    """
-    shown = ""
-    text = ""
-    for text in texts:
-        ready = settled_answer(text, question)
-        if len(ready) > len(shown):
-            yield ready[len(shown):]
-            shown = ready
-    final = trim_answer(text, question)[0]
-    if len(final) > len(shown):
-        yield final[len(shown):]

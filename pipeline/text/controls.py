@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from pipeline.errors import EmptyInputError
+from pipeline.errors import ControlCharacterError
 
 # C0 and C1 controls and DEL; tab, line feed and carriage return are ordinary text.
 INPUT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -28,7 +28,7 @@ def refuse_controls(text: str, what: str = "the question") -> str:
         character = found.group()
         label = unicodedata.name(character, "") or {"\x00": "NUL", "\x1b": "ESC", "\x7f": "DEL"}.get(
             character, "control character")
-        raise EmptyInputError(
+        raise ControlCharacterError(
             f"{what} holds a control character (U+{ord(character):04X} {label}) at position {found.start() + 1};"
             " remove it (terminal colours and binary data cannot be translated)"
         )

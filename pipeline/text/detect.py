@@ -19,6 +19,14 @@ from pipeline.errors import EmptyInputError, UnsupportedLanguageError
 
 SUPPORTED_LANGUAGES = ("ja", "en")
 
+
+def other_language(language: str) -> str:
+    """The other of the two languages the pipeline takes: the one a text in `language` is translated to.
+
+    ja and en are fixed on purpose (phi-2 answers in English; its Japanese is MarianMT's), so the
+    pair is two constants rather than a table of directions."""
+    return "ja" if language == "en" else "en"
+
 KANA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
 HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")

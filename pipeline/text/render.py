@@ -8,7 +8,7 @@ a model produced are removed there; JSON escapes them.
 from __future__ import annotations
 
 import json
-from typing import Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 from pipeline.text.controls import strip_controls
 
@@ -66,3 +66,19 @@ def render_comparison(results: list[Rendered], fmt: str) -> str:
     def label(models: dict) -> str:  # an adapter is named with its base
         return f"{models['llm']} (LoRA adapter on {models['llm_base']})" if "llm_base" in models else models["llm"]
     return "\n".join(heading.format(label(r.models)) + render(r, fmt) for r in results)
+
+
+def render_stream(events: Iterable[tuple[str, dict]], cut: Callable[[], Exception] | None = None) -> Iterator[str]:
+    """`ask --stream`: the `text` layout piece by piece from a question's events (flow.py's, in
+    process or read back from a server), the English answer as it comes. Events that end before the
+    result raise `cut()` where given."""
+    for kind, data in events:
+        if kind == "question":
+            yield strip_controls(f"Q: {data['question_en']}\n\n")
+        elif kind == "english":
+            yield strip_controls(data["text"])
+        elif kind == "result":
+            yield strip_controls(f"\n\n{DIVIDER}\n\nQ: {data['question_ja']}\n\n{data['answer_ja']}\n")
+            return
+    if cut is not None:
+        raise cut()

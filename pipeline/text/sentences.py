@@ -8,6 +8,7 @@ language's sentence separator (a space in English, nothing in Japanese) and rest
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Union
@@ -21,7 +22,10 @@ BOUNDARY = re.compile(r"(?<=[。！？．])[」』）)\"'”’]*\s*|(?<=[.!?])[
 ABBREVIATIONS = re.compile(
     r"(?:\b(?:e\.g|i\.e|etc|vs|Mr|Mrs|Ms|Dr|Prof|St|No|Inc|Ltd|Co|Jr|Sr|U\.S|a\.m|p\.m|approx|Fig|cf)\.|\b[A-Z]\.)$"
 )
+# Enough of a sentence's end for ABBREVIATIONS: its longest word ("approx.") and the character before it.
+ABBREVIATION_TAIL = 16
 SEPARATOR = {"en": " ", "ja": ""}
+PACK_SHARE = 0.9  # an over-long sentence's pieces aim at this share of the model's limit
 
 
 @dataclass
@@ -47,14 +51,18 @@ def split_sentences(text: str) -> list[str]:
 
 
 def _merge_false_breaks(pieces: list[str]) -> list[str]:
-    """Undo breaks after an abbreviation or an initial, or before a lowercase word."""
-    merged: list[str] = []
+    """Undo breaks after an abbreviation or an initial, or before a lowercase word.
+
+    Linear in the text: a sentence is gathered as a list of pieces and joined once, and only the end
+    of its last piece is searched for an abbreviation (ABBREVIATIONS is anchored at the end). Joining
+    and searching the growing sentence took minutes on a document of lowercase "sentences"."""
+    merged: list[list[str]] = []
     for piece in pieces:
-        if merged and (ABBREVIATIONS.search(merged[-1]) or piece[0].islower()):
-            merged[-1] = f"{merged[-1]} {piece}"
+        if merged and (ABBREVIATIONS.search(merged[-1][-1][-ABBREVIATION_TAIL:]) or piece[0].islower()):
+            merged[-1].append(piece)
         else:
-            merged.append(piece)
-    return merged
+            merged.append([piece])
+    return [" ".join(parts) for parts in merged]
 
 
 def _plan_prose_line(line: str, layout: Layout) -> None:
@@ -124,27 +132,33 @@ def rebuild(layout: Layout, translations: Iterable[str], target_lang: str) -> st
 def split_to_fit(sentence: str, max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
     """Pieces of an over-long sentence that each fit the model, cut at commas, then at spaces,
     then anywhere; never silently truncated."""
-    if count_tokens(sentence) <= max_tokens:
+    tokens = count_tokens(sentence)
+    if tokens <= max_tokens:
         return [sentence]
     for cut in (re.compile(r"(?<=[,;:、，；：])"), re.compile(r"(?<=\s)")):
         parts = [p for p in cut.split(sentence) if p.strip()]
         if len(parts) > 1:
-            return _pack(parts, max_tokens, count_tokens)
-    half = len(sentence) // 2
-    return split_to_fit(sentence[:half], max_tokens, count_tokens) + split_to_fit(sentence[half:], max_tokens, count_tokens)
+            # Joined by characters, at the sentence's own characters per token (with room to spare),
+            # then each piece counted: a few hundred counts for a 200 KB "sentence", where counting
+            # the growing piece at every part took seconds of a tokenizer the server shares.
+            budget = max(1, int(len(sentence) * max_tokens * PACK_SHARE / tokens))
+            return [fitted for piece in _pack(parts, budget)
+                    for fitted in split_to_fit(piece, max_tokens, count_tokens)]
+    # No place to cut: equal spans, as many as its tokens need (each counted again, cut again if over).
+    spans = max(2, math.ceil(tokens / (max_tokens * PACK_SHARE)))
+    size = math.ceil(len(sentence) / spans)
+    return [fitted for start in range(0, len(sentence), size)
+            for fitted in split_to_fit(sentence[start:start + size], max_tokens, count_tokens)]
 
 
-def _pack(parts: list[str], max_tokens: int, count_tokens: Callable[[str], int]) -> list[str]:
-    """Greedily join consecutive parts while they fit; split any part that alone does not."""
+def _pack(parts: list[str], budget: int) -> list[str]:
+    """Consecutive parts joined while they stay within `budget` characters (a longer part alone)."""
     pieces: list[str] = []
     current = ""
     for part in parts:
-        if current and count_tokens(current + part) > max_tokens:
+        if current and len(current) + len(part) > budget:
             pieces.append(current.strip())
             current = ""
-        if not current and count_tokens(part) > max_tokens:
-            pieces.extend(split_to_fit(part, max_tokens, count_tokens))
-            continue
         current += part
     if current.strip():
         pieces.append(current.strip())

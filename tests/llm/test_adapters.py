@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.llm.answerer import Answerer
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 
 SETTINGS = GenerationSettings(max_new_tokens=16)

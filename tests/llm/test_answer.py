@@ -1,10 +1,14 @@
 import pytest
 import torch
 
-from pipeline.llm.answerer import PROMPT, Answerer
+from pipeline.llm.answerer import Answerer
+from pipeline.llm.prompt import PROMPT
 from pipeline.errors import InputTooLongError
-from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationSettings, TransformersEngine, finish_row
-from pipeline.text.answer_end import END_OF_TEXT, find_stop, trim_answer
+from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, TransformersEngine, finish_row
+from pipeline.spec import GenerationSettings
+from pipeline.text.answer_end import END_OF_TEXT, trim_answer
+
+from answer_helpers import find_stop  # tests/answer_helpers.py
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Continuous batching: rows that join a running batch, or leave it, decode what they decode alone."""
 
 from pipeline.llm.continuous import open_decode_batch
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 
 SETTINGS = GenerationSettings(max_new_tokens=20)
 QUESTIONS = ["What is interest?", "How do banks make money when rates rise and fall?", "Why?",

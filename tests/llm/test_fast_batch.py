@@ -1,7 +1,8 @@
 """Continuous batching on FastPhiEngine (llm/fast_batch.py): rows of any length join and leave a
-running batch, each in a cache slot of its own length, and each decodes what it decodes alone (CPU,
-fp32, the engine's decode path without graphs; tests/llm/test_fast_batch_gpu.py runs the same on the
-GPU with graphs at phi-2's published shape)."""
+running batch, each holding the cache blocks its tokens fill, and each decodes what it decodes alone,
+also when the blocks run short and rows are preempted and resumed (CPU, fp32, the engine's decode path
+without graphs; tests/llm/test_fast_batch_gpu.py runs the same on the GPU with graphs at phi-2's
+published shape)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputTooLongError
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_batch import FastDecodeBatch
 from pipeline.llm.fast_engine import FastPhiEngine
 
@@ -70,12 +71,12 @@ def test_rows_of_any_length_joining_and_leaving_decode_what_they_decode_alone(en
     # width the batch started with: under one shared column this pinned the cache's left edge
     schedule = {0: [(SHORT, 200)], 2: [(MEDIUM, 12), (LONG, 30)], 9: [(SHORT, 5)], 30: [(LONG, 40)],
                 60: [(MEDIUM, 90), (SHORT, 3)], 75: [(LONG, 7)], 150: [(MEDIUM, 20)]}
-    batch = FastDecodeBatch(engine, max_rows=4, columns=64)
+    batch = FastDecodeBatch(engine, max_rows=4)
     got = drive(batch, schedule)
     want = [alone(engine, prompt, tokens) for step in sorted(schedule) for prompt, tokens in schedule[step]]
     assert [until_end(ids, engine.eos_token_id) for ids in got] == want
-    assert batch.slots.columns == 256  # grew for the long row (4 + 200 columns), to the context
-    assert len(batch) == 0 and not engine._busy and batch.room() == 4
+    assert len(batch) == 0 and not engine.cache.busy and batch.room() == 4
+    assert engine.cache.blocks.used == 0  # every row's blocks came back
 
 
 def test_a_request_that_does_not_fit_now_waits_and_one_that_never_fits_is_refused(engine):
@@ -90,7 +91,7 @@ def test_a_request_that_does_not_fit_now_waits_and_one_that_never_fits_is_refuse
     batch.drop(keys[0])
     assert batch.room() == 1
     (third, _), = batch.add([(LONG, greedy(5))])
-    assert batch.rows[third].row == 0  # the lowest free slot
+    assert batch.rows[third].slot == 0  # the lowest free slot
     with pytest.raises(RuntimeError, match="one generate"):
         engine.generate([SHORT], greedy(3))
     for key in (keys[1], third):
@@ -100,33 +101,35 @@ def test_a_request_that_does_not_fit_now_waits_and_one_that_never_fits_is_refuse
 
 def test_a_failed_prefill_leaves_no_row_behind(engine, monkeypatch):
     batch = FastDecodeBatch(engine, max_rows=4)
+    batch.prefill_tokens = 300  # the two prompts below are two prefill groups
     (kept, _), = batch.add([(SHORT, greedy(5))])
     calls = []
 
-    def failing(prompts, *rest):
-        calls.append(len(prompts))
+    def failing(rows):
+        calls.append(len(rows))
         if len(calls) == 2:  # the second group of this add
             raise RuntimeError("the GPU fell over")
-        return prefill(prompts, *rest)
+        return prefill(rows)
 
-    prefill = batch._prefill
-    monkeypatch.setattr(batch, "_prefill", failing)
+    prefill = batch._prefill_rows
+    monkeypatch.setattr(batch, "_prefill_rows", failing)
     with pytest.raises(RuntimeError, match="fell over"):
         batch.add([(SHORT, greedy(200)), (list(range(1, 255)), greedy(2))])  # two groups: one fails
     assert len(batch) == 1 and batch.room() == 3
+    assert engine.cache.blocks.held(batch.rows[kept].slot) and engine.cache.blocks.used == 1  # the kept row's
     batch.drop(kept)
-    assert not engine._busy
+    assert not engine.cache.busy
     with pytest.raises(RuntimeError, match="fell over"):
         calls.clear()
         batch.add([(SHORT, greedy(200)), (list(range(1, 255)), greedy(2))])
-    assert len(batch) == 0 and batch.room() == 4 and not engine._busy
+    assert len(batch) == 0 and batch.room() == 4 and not engine.cache.busy and engine.cache.blocks.used == 0
 
 
 def test_a_burst_of_mixed_lengths_against_a_small_batch_all_complete_each_as_alone(engine):
     rng = random.Random(7)
     requests = [([rng.randrange(1, 450) for _ in range(rng.randrange(1, 40))], rng.choice([2, 9, 30, 120]))
                 for _ in range(24)]
-    batch = FastDecodeBatch(engine, max_rows=4, columns=64)
+    batch = FastDecodeBatch(engine, max_rows=4)
     outputs, waiting, live = {}, list(range(len(requests))), {}
     for _ in range(5000):
         room = batch.room()
@@ -150,6 +153,7 @@ def test_a_burst_of_mixed_lengths_against_a_small_batch_all_complete_each_as_alo
 
 def test_sampling_rows_decode_beside_greedy_ones_and_are_reproducible(engine):
     sampled = GenerationSettings(max_new_tokens=15, temperature=0.8, top_p=0.9, seed=3)
+    lone = engine.generate([MEDIUM], sampled)[0].token_ids  # what `ask` draws for this seed
 
     def run(with_greedy: bool) -> list[int]:
         batch = FastDecodeBatch(engine, max_rows=2)
@@ -167,6 +171,7 @@ def test_sampling_rows_decode_beside_greedy_ones_and_are_reproducible(engine):
         return got[added[0][0]]
 
     assert run(True) == run(False)
+    assert until_end(run(False), engine.eos_token_id)[:len(lone)] == lone
 
 
 def test_the_server_batches_the_fast_engine_continuously_by_default(engine):
@@ -175,3 +180,64 @@ def test_the_server_batches_the_fast_engine_continuously_by_default(engine):
     assert isinstance(open_decode_batch(engine, 4), FastDecodeBatch)  # auto
     assert isinstance(open_decode_batch(engine, 4, "continuous"), FastDecodeBatch)
     assert open_decode_batch(engine, 4, "micro") is None
+
+
+@pytest.fixture
+def fresh_engine(tiny_phi2_dir):
+    """An engine of its own: a test that fixes a small block pool needs a cache nobody grew."""
+    from transformers import PhiForCausalLM
+
+    model = PhiForCausalLM.from_pretrained(tiny_phi2_dir, dtype=torch.float32).eval()
+    return FastPhiEngine(model, model.config.eos_token_id, use_graphs=False, max_seq_len=256)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_rows_preempted_when_the_blocks_run_short_resume_with_their_alone_tokens(fresh_engine, sampled):
+    engine = fresh_engine
+    rng = random.Random(11)
+    settings = (GenerationSettings(max_new_tokens=60, temperature=0.9, top_p=0.95, seed=5) if sampled
+                else greedy(60))
+    prompts = [[rng.randrange(1, 450) for _ in range(rng.randrange(20, 60))] for _ in range(6)]
+    want = [engine.generate([p], settings)[0].token_ids for p in prompts]
+    # 6 rows of ~100 columns need ~24 blocks of 32 at their ends; 12 usable blocks make rows wait and be preempted
+    batch = FastDecodeBatch(engine, max_rows=6, blocks=13)
+    outputs, live, waiting = {}, {}, list(range(len(prompts)))
+    for _ in range(5000):
+        while waiting and batch.can_take([len(prompts[waiting[0]])]):
+            index = waiting.pop(0)
+            (key, first), = batch.add([(prompts[index], settings)])
+            outputs[index], live[key] = [first], index
+        for key, token in batch.step().items():
+            outputs[live[key]].append(token)
+        for key, index in list(live.items()):
+            if len(outputs[index]) >= 60 or engine.eos_token_id in outputs[index]:
+                batch.drop(key)
+                del live[key]
+        assert engine.cache.blocks.used <= 12
+        if not live and not waiting:
+            break
+    assert batch.preemptions > 0
+    assert [until_end(outputs[i], engine.eos_token_id)[:60] for i in range(len(prompts))] == \
+        [w + [engine.eos_token_id] if len(w) < 60 else w for w in want]
+    assert engine.cache.blocks.used == 0 and not engine.cache.busy
+
+
+def test_a_row_whose_logits_overflow_fails_alone_and_the_others_decode_on(tiny_phi2_dir):
+    from transformers import PhiForCausalLM
+
+    model = PhiForCausalLM.from_pretrained(tiny_phi2_dir, dtype=torch.float32).eval()
+    poison = 7
+    with torch.no_grad():
+        model.model.embed_tokens.weight[poison] = float("inf")  # any row that reads it overflows
+    engine = FastPhiEngine(model, model.config.eos_token_id, use_graphs=False, max_seq_len=256)
+    clean = [SHORT, MEDIUM]
+    want = [alone(engine, p, 8) for p in clean]
+    batch = FastDecodeBatch(engine, max_rows=4)
+    added = batch.add([(SHORT, greedy(8)), ([5, poison, 9], greedy(8)), (MEDIUM, greedy(8))])
+    assert isinstance(added[1][1], BaseException) and "non-finite" in str(added[1][1])
+    assert len(batch) == 2
+    got = {added[0][0]: [added[0][1]], added[2][0]: [added[2][1]]}
+    while any(len(v) < 8 for v in got.values()):
+        for key, token in batch.step().items():
+            got[key].append(token)
+    assert [until_end(got[added[i][0]][:8], engine.eos_token_id) for i in (0, 2)] == want

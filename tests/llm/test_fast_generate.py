@@ -14,7 +14,8 @@ from dataclasses import replace
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.llm.decode_config import DEFAULT_DECODE
 from pipeline.llm.fast_engine import FastPhiEngine
-from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationSettings, TransformersEngine
+from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, TransformersEngine
+from pipeline.spec import GenerationSettings
 
 PROMPTS = [[5, 17, 99, 3], [42] * 11, list(range(100, 140)), [7], [300, 12, 12, 450, 8, 1, 77]]
 GREEDY = GenerationSettings(max_new_tokens=24)
@@ -168,25 +169,27 @@ def test_generation_stops_at_the_cache_length(model, eos):
         engine.generate([list(range(10, 50))], GREEDY)
 
 
-def test_cache_holds_the_columns_asked_for_and_grows_by_half_at_least(model, eos):
-    """Columns beyond those in use slow attention down, so the cache is sized to the need, rounded up
-    to CACHE_COLUMNS_STEP; growing, it takes 1.5x its old size at least, so reallocations stay few."""
-    from pipeline.llm.fast_engine import CACHE_COLUMNS_STEP
+def test_the_block_pool_holds_what_a_call_needs_and_grows_by_half_at_least(model, eos):
+    """The answer cache is a pool of blocks sized to what generate's rows need (prompt and answer),
+    not a slot of the whole context per row; a pool that must grow takes 1.5x its blocks at least, so
+    reallocations (and graph recaptures) stay few, and what its rows hold is kept."""
+    from pipeline.llm.answer_cache import BLOCK_SIZE
 
     engine = FastPhiEngine(model, eos, use_graphs=False, max_seq_len=2048)
-    columns = lambda: engine._k_cache.shape[3]  # noqa: E731
-    engine._ensure_cache(4, 100)
-    assert engine._k_cache.shape[1] == 4 and columns() == -(-100 // CACHE_COLUMNS_STEP) * CACHE_COLUMNS_STEP
-    held = engine._k_cache
-    engine._ensure_cache(2, 60)  # fits: kept as it is
-    assert engine._k_cache is held
-    engine._ensure_cache(4, columns() + 1)  # one column more: half as many again
-    assert columns() == -(-held.shape[3] * 3 // 2 // CACHE_COLUMNS_STEP) * CACHE_COLUMNS_STEP
-    grown = columns()
-    engine._ensure_cache(8, 10)  # more rows: the columns held are kept
-    assert engine._k_cache.shape[1] == 8 and columns() == grown
-    engine._ensure_cache(8, 5000)  # never past the model's reach
-    assert columns() == 2048
+    prompts = [list(range(10, 30)), list(range(40, 45))]
+    engine.generate(prompts, GenerationSettings(max_new_tokens=100))
+    pool = engine.cache.blocks
+    need = sum(-(-(len(p) + 100) // BLOCK_SIZE) for p in prompts) + 1  # and the trash block
+    assert pool.total == need and pool.used == 0
+    held = engine.cache.k
+    engine.generate(prompts[:1], GenerationSettings(max_new_tokens=50))  # fits: kept as it is
+    assert engine.cache.k is held
+    engine.generate(prompts, GenerationSettings(max_new_tokens=300))
+    assert engine.cache.blocks.total >= need * 3 // 2
+    engine.cache.reserve(engine.cache.blocks.total + 1)
+    before = engine.cache.k.clone()
+    engine.cache.reserve(engine.cache.blocks.total * 2)
+    assert torch.equal(engine.cache.k[:, :before.shape[1]], before)  # the blocks' contents go along
 
 
 def test_unsupported_reason_names_non_phi_models_and_plain_cpu(model):
@@ -235,13 +238,16 @@ def test_mlp_beside_attention_computes_the_fused_layer(phi2_dir):
     rows, columns, col = 24, 64, 40
     gen = torch.Generator().manual_seed(7)
     long = dict(dtype=torch.long, device="cuda")
-    cache = torch.randn(2, len(w.layers), rows, w.heads, columns, w.head_dim, generator=gen).cuda()
+    size = 32
+    per_row = columns // size
+    cache = torch.randn(2, len(w.layers), 1 + rows * per_row, w.heads, size, w.head_dim, generator=gen).cuda()
+    table = (torch.randperm(rows * per_row, generator=gen) + 1).view(rows, per_row).cuda()
     starts = torch.randint(0, col, (rows,), generator=gen).cuda()
     tokens = torch.randint(0, gpu.config.vocab_size, (rows,), generator=gen).cuda()
     logits = {}
     for beside in (True, False):
         state = DecodeState(tokens.clone(), col - starts, torch.tensor([col], **long), starts, cache[0].clone(),
-                            cache[1].clone())
+                            cache[1].clone(), table, size)
         logits[beside] = decode_step(w, state, cos, sin, use_triton=triton is not None,
                                      config=replace(DEFAULT_DECODE, mlp_beside_attention=beside))
     error = (logits[True] - logits[False]).norm() / logits[False].norm()
@@ -263,8 +269,9 @@ def _triton_checkable() -> bool:
 def test_every_triton_attention_variant_matches_attention_over_the_valid_columns(head_dim, rope_in_attention,
                                                                                  own_columns):
     """Each kernel/tile variant the benchmark may pick: rope + cache write + attention over start..col,
-    as one kernel or as a rotary kernel and an attention kernel; with one column for every row
-    (generate's) or each row's own (the continuous batch's slots), past which nothing is read."""
+    as one kernel or as a rotary kernel and an attention kernel; with one column for every row or each
+    row's own, past which nothing is read; every row's columns in blocks of the paged cache, found
+    through its block table (blocks shuffled, the pool's other blocks full of other values)."""
     from types import SimpleNamespace
 
     from pipeline.kernels.phi_attention import ATTENTION_TILES, AttentionConfig, triton_attention
@@ -275,8 +282,19 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
     batch, heads, columns, col, rot = 4, 2, 48, 37, head_dim // 4 * 2
     starts = torch.tensor([0, 5, 30, col])  # the last row's only column is this step's
     cols = torch.tensor([col, 20, 44, col]) if own_columns else torch.full((batch,), col)
-    k_cache = torch.randn(batch, heads, columns, head_dim, generator=gen).to(device)
-    v_cache = torch.randn(batch, heads, columns, head_dim, generator=gen).to(device)
+    size = 32  # columns per block: a multiple of every tile's block_n
+    per_row = -(-columns // size)
+    pool = 1 + batch * per_row + 3
+    table = (torch.randperm(pool - 1, generator=gen)[:batch * per_row] + 1).view(batch, per_row)
+    k_pool = torch.randn(pool, heads, size, head_dim, generator=gen).to(device)
+    v_pool = torch.randn(pool, heads, size, head_dim, generator=gen).to(device)
+    logical = torch.arange(per_row * size)
+    where = table[:, logical // size], logical % size  # [batch, columns] each: a row's column's block, offset
+
+    def rows_columns(paged):  # [batch, heads, columns, head_dim] as the rows read them
+        return paged.cpu()[where[0], :, where[1]].permute(0, 2, 1, 3)[:, :, :columns]
+
+    k_cache, v_cache = rows_columns(k_pool), rows_columns(v_pool)
     qkv = torch.randn(batch, 3 * heads * head_dim, generator=gen).to(device)
     positions = cols - starts
     angles = torch.rand(64, rot // 2, generator=gen) * 6
@@ -303,9 +321,10 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
     configs = {AttentionConfig(kernel, 16, 2, stages, splits, split_dims)
                for kernel in ("sum", "dot") for stages in (1, 3) for splits in (1, 3) for split_dims in (True, False)}
     for config in sorted(configs | {c for _, c in ATTENTION_TILES}, key=str):  # and the ones in use
-        kc, vc = k_cache.clone(), v_cache.clone()
+        kc, vc = k_pool.clone(), v_pool.clone()
         state = DecodeState(torch.zeros(batch, dtype=torch.long, device=device), positions.to(device),
-                            (cols if own_columns else torch.tensor([col])).to(device), starts.to(device), kc, vc)
+                            (cols if own_columns else torch.tensor([col])).to(device), starts.to(device), kc, vc,
+                            table.to(device), size)
         wide = torch.full((batch, heads * head_dim + 24), float("nan"), device=device)  # strided rows
         got = triton_attention(qkv, state, kc, vc, cos, sin, w, config, out=wide[:, 8:-16],
                                rope_inside=rope_in_attention)
@@ -314,7 +333,11 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
         got = got.double().cpu()
         error = (got - want).norm() / want.norm()
         assert error < 1e-5, (config, error.item())
-        assert torch.allclose(kc[rows.to(device), :, cols.to(device)].double().cpu(), keys[rows, :, cols], atol=1e-5)
+        written = kc.cpu()[table[rows, cols // size], :, cols % size].double()
+        assert torch.allclose(written, keys[rows, :, cols], atol=1e-5)
+        untouched = torch.ones(pool, size, dtype=torch.bool)
+        untouched[table[rows, cols // size], cols % size] = False
+        assert torch.equal(kc.cpu().permute(0, 2, 1, 3)[untouched], k_pool.cpu().permute(0, 2, 1, 3)[untouched])
 
     # the rotary kernel also applies the MLP's gelu_new where asked (strided rows, 38 columns per head
     # for 75 columns: the last head's share is partial)

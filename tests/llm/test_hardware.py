@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from pipeline.errors import BilingualQAError, DeviceError
-from pipeline.llm.engine import (AnswerOutOfMemoryError, GenerationSettings, NonFiniteLogitsError, TransformersEngine,
-                                 _FiniteLogits, generate_shrinking)
+from pipeline.llm.engine import (AnswerOutOfMemoryError, NonFiniteLogitsError, TransformersEngine, _FiniteLogits,
+                                 generate_shrinking)
 from pipeline.llm.hardware import Hardware, plan
+from pipeline.spec import GenerationSettings
 from pipeline.llm.memory import rows_that_fit
 from pipeline.loading import auto_dtype
 

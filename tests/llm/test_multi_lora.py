@@ -10,7 +10,7 @@ import torch
 
 from pipeline.llm.answerer import Answerer
 from pipeline.llm.decode_config import DEFAULT_DECODE
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.llm.models import resolve_llm
 
@@ -98,19 +98,19 @@ def test_groups_of_base_and_adapter_rows_join_a_running_fast_batch_each_as_its_m
         tiny_phi2_dir, tiny_lora_dir, tiny_lora_second_dir, expected, monkeypatch):
     """Prompts that arrive together join in one left-padded prefill (fast_batch.py's grouped join),
     rows of the base and both adapters mixed in it, while other rows decode; each row applies its own
-    adapter in that prefill and in every later step (the index `_join` writes to the row's slot)."""
+    adapter in that prefill and in every later step (the index the join writes to the row's slot)."""
     from pipeline.llm.continuous import open_decode_batch
 
     models = family(tiny_phi2_dir, (tiny_lora_dir, tiny_lora_second_dir), "fast")
     batch = open_decode_batch(models[0].engine, 16, "continuous")
     prefilled = []  # the adapters of each prefill group
-    prefill = batch._prefill
+    prefill = batch._prefill_rows
 
-    def recording(prompts, width, slots, adapters):
-        prefilled.append(sorted(adapters))
-        return prefill(prompts, width, slots, adapters)
+    def recording(rows):
+        prefilled.append(sorted(row.adapter for row in rows))
+        return prefill(rows)
 
-    monkeypatch.setattr(batch, "_prefill", recording)
+    monkeypatch.setattr(batch, "_prefill_rows", recording)
     # (model, question) pairs by the step before which they join: every pair once
     schedule = {0: [(0, 1)], 2: [(1, 0), (2, 1), (0, 2), (1, 2)], 5: [(2, 0), (0, 0), (1, 1), (2, 2)]}
     tokens: dict[tuple[int, int], list[int]] = {}
@@ -135,7 +135,7 @@ def test_groups_of_base_and_adapter_rows_join_a_running_fast_batch_each_as_its_m
     for (m, q), row in tokens.items():
         row = row[:SETTINGS.max_new_tokens]
         assert (row[:row.index(eos)] if eos in row else row) == expected[m][q], (m, q)
-    assert len(batch) == 0 and not models[0].engine._busy
+    assert len(batch) == 0 and not models[0].engine.cache.busy
 
 
 def test_the_base_weights_are_held_once_and_untouched(tiny_phi2_dir, tiny_lora_dir, tiny_lora_second_dir):

@@ -69,12 +69,19 @@ def test_malformed_json_is_a_400_naming_the_problem(live_server, path, body, say
     ("q=hello&target=ja&target=en", "target"),
     ("q=hello&source=en&source=ja&target=ja", "source"),
     ("q=hello&target=ja&format=text&format=html", "format"),
-    ("q=%ff%fe&target=ja", "looks like"),  # bad UTF-8 in a percent escape: U+FFFD, no language
 ])
 def test_form_with_a_field_twice_is_a_400(live_server, form, says):
     headers = {**AUTH, "Content-Type": "application/x-www-form-urlencoded"}
     response = post(live_server, "/translate", form.encode(), headers)
     assert response.status_code == 400 and says in response.json()["error"]
+
+
+def test_invalid_utf8_in_a_form_is_the_same_400_escaped_or_raw(live_server):
+    headers = {**AUTH, "Content-Type": "application/x-www-form-urlencoded"}
+    escaped = post(live_server, "/translate", b"q=%ff%fe&target=ja", headers)  # was U+FFFD, then "looks like"
+    raw = post(live_server, "/translate", b"q=\xff\xfe&target=ja", headers)
+    assert escaped.status_code == raw.status_code == 400
+    assert escaped.json()["error"] == raw.json()["error"] and "UTF-8" in raw.json()["error"]
 
 
 def test_http_errors_speak_the_apis_words_not_cli_flags(live_server, registry):

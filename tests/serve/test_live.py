@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipeline.serve.ready import wait_until_ready
 from serve_support import AUTH, KEY, QUESTIONS, TOKENS, comparable, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,15 +123,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits(model_args):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert time.monotonic() < deadline and server.poll() is None, "the server did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        wait_until_ready(url, process=server)
         events = []
         with httpx.stream("POST", f"{url}/v1/ask", timeout=120,
                           json={"question": "What is a bond?", "max_new_tokens": 120, "stream": True}) as response:

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from pipeline.llm.engine import GenerationSettings
+from pipeline.spec import GenerationSettings
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.serve.batching import AnswerJob, AnswerScheduler
 
@@ -25,15 +25,7 @@ def engine(tiny_phi2_dir):
 
 
 async def answer(job: AnswerJob) -> list[int]:
-    tokens = []
-    while True:
-        kind, value = await job.events.get()
-        if kind == "token":
-            tokens.append(value)
-        elif kind == "end":
-            return tokens
-        else:
-            raise value
+    return [token async for tokens in job for token in tokens]
 
 
 def burst(count: int, seed: int) -> list[tuple[list[int], GenerationSettings]]:
@@ -87,3 +79,45 @@ def test_a_caller_that_leaves_frees_its_row_at_the_next_step(engine):
     finally:
         scheduler.close()
     assert sum(produced) < 400 and count < 400
+
+
+def poisoned_engines(tiny_phi2_dir):
+    """Both engines over a tiny phi-2 whose token 7 overflows (its embedding is inf): any row that
+    reads it gets non-finite logits."""
+    from transformers import PhiForCausalLM
+
+    from pipeline.llm.engine import TransformersEngine
+
+    model = PhiForCausalLM.from_pretrained(tiny_phi2_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] = float("inf")
+    eos = model.config.eos_token_id
+    return {"fast": FastPhiEngine(model, eos, use_graphs=False, max_seq_len=512),
+            "transformers": TransformersEngine(model, eos)}
+
+
+@pytest.mark.parametrize("kind,batching", [("fast", "continuous"), ("transformers", "continuous"),
+                                           ("transformers", "micro")])
+def test_a_request_that_breaks_its_row_fails_alone_and_the_thread_serves_on(tiny_phi2_dir, kind, batching):
+    engine = poisoned_engines(tiny_phi2_dir)[kind]
+    settings = GenerationSettings(max_new_tokens=6, temperature=1e-300, seed=1)  # the floor: sampled, finite
+    good = [[5, 17, 99, 3], [12, 40, 41], [300, 301]]
+    bad = [[5, 7, 9], [len(good) * 10**9]]  # overflowing logits; a token id past the vocabulary
+    scheduler = AnswerScheduler(engine, max_rows=8, batching=batching)
+
+    async def run(prompts):
+        loop = asyncio.get_running_loop()
+        jobs = [AnswerJob(prompt, settings, loop) for prompt in prompts]
+        for job in jobs:  # together: they share a prefill
+            scheduler.submit(job)
+        return await asyncio.wait_for(asyncio.gather(*(answer(job) for job in jobs), return_exceptions=True), 120)
+
+    try:
+        first = asyncio.run(run([good[0], bad[0], good[1], bad[1], good[2]]))
+        again = asyncio.run(run(good))  # the stage still serves
+    finally:
+        scheduler.close()
+    assert all(isinstance(first[i], BaseException) for i in (1, 3))
+    want = [engine.generate([prompt], settings)[0].token_ids for prompt in good]
+    assert [first[0], first[2], first[4]] == want and again == want
+    assert scheduler.thread.is_alive() is False  # closed, not died: close() joined it

@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from pipeline.serve.ready import wait_until_ready
 from serve_support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,15 +29,8 @@ def start_serve(model_args: list[str], *options: str) -> tuple[subprocess.Popen,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert time.monotonic() < deadline and proc.poll() is None, "the server did not come up"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
+    wait_until_ready(url, process=proc)
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> str:
@@ -84,8 +79,14 @@ def test_the_key_never_reaches_the_log_wherever_it_is_sent(keyed_serve):  # last
         httpx.post(f"{url}/v1/ask", content=b'{"question": "\\ud800"}', timeout=30,
                    headers={**bearer, "Content-Type": "application/json"}),
         httpx.get(f"{url}/v1/models", headers=bearer, timeout=30),
+        httpx.get(f"{url}/v1/models?api%5Fkey={SECRET}", timeout=30),  # percent-escaped names authenticate
+        httpx.get(f"{url}/v1/models?%61pi_key={SECRET}", timeout=30),
+        httpx.get(f"{url}/v1/models?x=1;api_key={SECRET}", timeout=30),  # no key to the parser: refused
+        httpx.get(f"{url}/v1/models?token={SECRET}", timeout=30),
+        httpx.get(f"{url}/v1/models?api-key=%{ord(SECRET[0]):02X}{SECRET[1:]}", timeout=30),
     ]
-    assert [response.status_code for response in sent] == [200, 200, 200, 200, 200, 401, 400, 200]
+    assert [response.status_code for response in sent] == [200, 200, 200, 200, 200, 401, 400, 200,
+                                                            200, 200, 401, 401, 401]
     log = stop(proc)
     assert SECRET not in log
     assert "api_key=REDACTED" in log and "GET /v1/models" in log  # the access lines are there, redacted
@@ -124,3 +125,35 @@ def test_two_models_under_one_served_name_are_refused_in_one_line(model_args, se
                            "--served-model-name", "qa", "--served-model-name", "qa"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "served as 'qa'" in proc.stderr
+
+
+def test_sigterm_cuts_what_outlasts_the_shutdown_timeout_and_exits_0_on_time(model_args):
+    proc, url = start_serve(model_args, "--shutdown-timeout", "2")
+    long_answer = {"question": "What is a bond?", "max_new_tokens": 1500, "raw": True}
+    outcome: dict = {}
+
+    def whole():
+        outcome["whole"] = httpx.post(f"{url}/v1/ask", json=long_answer, timeout=60)
+
+    def streamed():
+        with httpx.stream("POST", f"{url}/v1/ask", json={**long_answer, "stream": True}, timeout=60) as response:
+            outcome["stream"] = [line for line in response.iter_lines() if line.startswith("event: ")]
+
+    askers = [threading.Thread(target=whole), threading.Thread(target=streamed)]
+    for asker in askers:
+        asker.start()
+    time.sleep(2)  # both answers decoding
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    took = time.monotonic() - began
+    for asker in askers:
+        asker.join(timeout=30)
+    log = proc.stdout.read().decode("utf-8", "replace")
+    assert code == 0 and took < 2 + 1.5, f"exit {code} after {took:.1f} s"
+    whole_response = outcome["whole"]
+    assert whole_response.status_code == 503 and whole_response.headers["retry-after"]
+    assert "shutting down" in whole_response.json()["error"]
+    assert outcome["stream"][0] == "event: question" and outcome["stream"][-1] == "event: error"
+    assert log.count("shutting down: POST /v1/ask cut") == 2
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]

@@ -85,7 +85,7 @@ def test_a_stage_thread_that_dies_makes_health_503_and_the_log_says_why(qa, capl
         registry.close()
 
 
-def test_an_answer_thread_that_dies_fails_its_callers_and_refuses_new_ones(qa, caplog):
+def test_an_answer_thread_that_meets_an_error_fails_the_rows_it_held_and_goes_on_serving(qa, caplog):
     from pipeline.serve.app import create_app
     from pipeline.serve.models import ModelRegistry
 
@@ -102,17 +102,16 @@ def test_an_answer_thread_that_dies_fails_its_callers_and_refuses_new_ones(qa, c
         assert scheduler.running_rows == 1  # its row is decoding
         with caplog.at_level(logging.ERROR, logger="bilingual_qa.serve"):
             scheduler.waiting.put(object())  # not a job: the thread fails on it, on purpose
-            scheduler.thread.join(timeout=30)
-        asking.join(timeout=30)
+            asking.join(timeout=30)
         assert not asking.is_alive()  # the caller whose row was decoding is answered, not left hanging
         failed = outcome["response"]
-        assert failed.status_code == 503 and scheduler.thread.name in failed.json()["error"]
-        assert f"the {scheduler.thread.name} thread stopped" in caplog.text
-        health = httpx.get(f"{url}/health", timeout=10)
-        assert health.status_code == 503 and scheduler.thread.name in health.json()["error"]
-        began = time.monotonic()
-        refused = ask(url, QUESTIONS[0])
-        assert refused.status_code == 503 and time.monotonic() - began < 10
+        assert failed.status_code == 503, failed.text
+        assert scheduler.thread.name in failed.json()["error"] and "try again" in failed.json()["error"]
+        assert f"the {scheduler.thread.name} thread met an error" in caplog.text
+        assert scheduler.thread.is_alive()
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        answered = ask(url, QUESTIONS[0])
+        assert answered.status_code == 200, answered.text
     finally:
         server.should_exit = True
         thread.join(timeout=30)

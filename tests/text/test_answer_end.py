@@ -4,10 +4,10 @@ finished text, while it is written (the engines' stop check) and while it is str
 import pytest
 
 from pipeline import trim_answer
-from pipeline.text.answer_end import (EndWatch, LineMemo, answer_ended, find_stop, settled_answer, settled_span,
-                                      stream_answer)
+from pipeline.text.answer_end import EndWatch, LineMemo, settled_span
 from pipeline.text.answer_rules import asks_for_questions
 from answer_corpus import SAMPLES  # tests/text/answer_corpus.py, beside this file
+from answer_helpers import answer_ended, find_stop, settled_answer, stream_answer  # tests/answer_helpers.py
 
 ANSWER = "Higher rates make loans more expensive.\nSo firms invest less."
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issues 31 and 32's GPU proof in one command, from the repository root (an H100/H200; ~15 minutes):
+#   bash benchmarks/paged_gpu_proof.sh                      # tests, decode, serving, the memory limits
+#   BEFORE=/path/to/older/checkout bash benchmarks/paged_gpu_proof.sh   # and the same figures of that tree,
+#                                                           # alternating with this one on the same GPU
+#   PARTS="tests decode" bash benchmarks/paged_gpu_proof.sh # some parts only (tests decode serve limits cold)
+# 1. tests: the paged cache's GPU tests at phi-2's published shape (random weights, CUDA graphs): rows of
+#    20 to 1,800 tokens joining and leaving a 64-row batch, each as alone; rows preempted when the blocks
+#    run short and resumed, greedy and seeded, each as alone; a seeded row the same from generate, stream
+#    and a busy batch; the Triton kernels through the block table against a float64 reference; the server's
+#    scheduler under a burst of 200;
+# 2. decode: benchmarks/llm_decode.py --quick (batch 1 and 128), this tree and BEFORE in turn, twice;
+# 3. serve: benchmarks/serve_load.py at 64 clients (200-token answers) with the engine's batch-64 bar;
+# 4. limits: serve_load.py --gpu-memory 16GiB 40GiB: 64 clients of 1,300-token requests against a server held
+#    to 16 GiB (the article's T4) and 40 GiB (an A100 40GB);
+# 5. cold: benchmarks/cold_ask_rounds.py, this tree against BEFORE (a cold `ask` no slower).
+# Figures go to stdout and, when OUT is set, to $OUT.
+set -u
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+HERE="$PWD"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$HERE"
+OUT="${OUT:-$(mktemp -d)}"
+PARTS="${PARTS:-tests decode serve limits cold}"
+BEFORE="${BEFORE:-}"
+[ -n "$BEFORE" ] && BEFORE="$(cd "$BEFORE" && pwd)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+want() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
+# the same command in another tree: its pipeline/ and benchmarks/ first on the path
+in_tree() { local tree="$1"; shift; (cd "$tree" && PYTHONPATH="${PYTHONPATH/$HERE/$tree}" "$@"); }
+
+if want tests; then
+  timeout "${TEST_SECONDS:-420}" python -m pytest -q -rs -x tests/llm/test_fast_batch_gpu.py \
+    tests/llm/test_fast_generate.py tests/llm/test_multi_lora.py tests/test_direct_weights_gpu.py \
+    tests/serve/test_scheduler.py ${EXTRA_TESTS:-} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+fi
+if want decode; then
+  for round in $(seq "${DECODE_ROUNDS:-2}"); do
+    for tree in "$HERE" $BEFORE; do
+      echo "== llm_decode --quick, round $round, $tree"
+      in_tree "$tree" timeout 300 python benchmarks/llm_decode.py --quick --skip-transformers 2>&1 \
+        | grep -E "^\| FastPhiEngine|prefill|peak" | tee -a "$OUT/decode.txt"
+    done
+  done
+fi
+if want serve; then
+  for tree in "$HERE" $BEFORE; do
+    echo "== serve_load, 64 clients, $tree"
+    in_tree "$tree" timeout 420 python benchmarks/serve_load.py --clients 64 --rounds "${ROUNDS:-3}" \
+      --mixed-clients 0 --models /tmp/serve-load-published 2>&1 | grep -v "Loading weights\|Writing model" \
+      | tail -12 | tee -a "$OUT/serve.txt"
+  done
+fi
+if want limits; then
+  echo "== serve_load --gpu-memory 16GiB 40GiB"
+  timeout 540 python benchmarks/serve_load.py --skip-load --gpu-memory 16GiB 40GiB \
+    --models /tmp/serve-load-published 2>&1 | grep -v "Loading weights\|Writing model" | tail -14 | tee "$OUT/limits.txt"
+fi
+if want cold && [ -n "$BEFORE" ]; then
+  echo "== cold ask, this tree against $BEFORE (a throwaway round first fills the caches)"
+  (cd benchmarks && timeout 200 python cold_start.py --root /tmp/cold --answer-tokens 64 --help-runs 1 --no-server \
+    --top 3 > /dev/null 2>&1; timeout 400 python cold_ask_rounds.py --root /tmp/cold --trees "$HERE,$BEFORE" \
+    --rounds "${COLD_ROUNDS:-3}") 2>&1 | tail -14 | tee "$OUT/cold.txt"
+fi
