@@ -18,6 +18,7 @@ import click
 from pipeline.cli_options import (LOCAL_ONLY, GpuMemory, base_option, check_before_loading, check_workers,
                                   explicit_llm, field_for, generation_options, given_on_command_line, job_options,
                                   model_options, server_options, settings_from)
+from pipeline.cli_finetune import finetune_command
 from pipeline.cli_tiny_models import tiny_models
 from pipeline.errors import BilingualQAError, EmptyInputError, ServerError
 from pipeline.quick_exit import ends_quickly
@@ -95,7 +96,7 @@ def validate_language(question: str, source_lang: str) -> str | None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True,
-             epilog=ENV_EPILOG, commands=[tiny_models])  # a command of its own module
+             epilog=ENV_EPILOG, commands=[tiny_models, finetune_command(user_errors)])  # commands of their own modules
 @click.version_option(package_name="bilingual-qa")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -390,8 +391,7 @@ def ask_batch_file(question, batch_path, output, field, column, errors_path, res
                                 memory=store, base=spec.base, lean=True)
     summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=spec.fingerprint("ask"),
                             source_lang=forced, settings=settings, field=field, errors=errors_path,
-                            restart=restart, quiet=quiet, chunk_rows=chunk_rows, workers=workers,
-                            cluster=cluster)
+                            restart=restart, quiet=quiet, chunk_rows=chunk_rows, workers=workers, cluster=cluster)
     summary_line(summary.describe())
 
 

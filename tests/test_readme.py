@@ -107,7 +107,7 @@ def quick(command: str) -> str:
     """The command, answering and translating briefly (8 tokens, one beam), run by our executable."""
     words = command.split("bilingual-qa ", 1)[1].split()
     flags = {"ask": " --max-new-tokens 8 --beams 1", "compare": " --max-new-tokens 8 --beams 1",
-             "translate": " --beams 1"}.get(words[0], "")
+             "translate": " --beams 1", "finetune": " --beams 1"}.get(words[0], "")
     return command.replace("bilingual-qa", EXECUTABLE, 1) + flags if flags else command.replace(
         "bilingual-qa", EXECUTABLE)
 
