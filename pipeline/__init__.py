@@ -16,6 +16,7 @@ _EXPORTS = {
     "BilingualQA": "pipeline.qa", "QAResult": "pipeline.text.result", "Translator": "pipeline.mt.translator",
     "BilingualQAError": "pipeline.errors", "GenerationSettings": "pipeline.spec",
     "detect_language": "pipeline.text.detect", "trim_answer": "pipeline.text.answer_end",
+    "finetune": "pipeline.train.run", "FineTune": "pipeline.train.options",
 }
 
 
@@ -29,8 +30,8 @@ def translate_document(source, output, translator, *, format=None, **options):
     return run(source, output, translator, format=format, **options)
 
 
-__all__ = ["BilingualQA", "BilingualQAError", "GenerationSettings", "QAResult", "Translator", "detect_language",
-           "translate_document", "trim_answer"]
+__all__ = ["BilingualQA", "BilingualQAError", "FineTune", "GenerationSettings", "QAResult", "Translator",
+           "detect_language", "finetune", "translate_document", "trim_answer"]
 __version__ = "0.1.0"  # the one definition: pyproject.toml's version is read from here
 
 

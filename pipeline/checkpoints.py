@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -234,31 +235,38 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 def build_lora_adapter(path: Path, base_dir: Path, *, base_name: str | None = None, r: int = 8,
                        targets=LORA_TARGETS, modules_to_save=None, seed: int = 1, scale: float = 0.05,
                        device: str = "cpu", dtype: torch.dtype | None = None) -> Path:
-    """A PEFT LoRA adapter of the phi-2 checkpoint in `base_dir`, made by peft itself.
+    """A PEFT LoRA adapter of the phi-2 checkpoint in `base_dir`, made by peft itself, in the layout
+    `PeftModel.save_pretrained` writes (adapter_config.json, adapter_model.safetensors).
 
     peft starts B at zero (the adapter changes nothing); here B is drawn at random, as after training,
     so the adapter's answers differ from the base's. `base_name` is written as
     `base_model_name_or_path` (default: `base_dir`). Saved modules (`modules_to_save`) are perturbed too.
+    peft's low-level API, not `get_peft_model`: its PeftModel wrapper reads transformers' deprecated
+    `is_gradient_checkpointing` and so prints a FutureWarning (llm/adapters.py loads the same way).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
     from transformers import PhiForCausalLM
 
     path = Path(path)
     model = PhiForCausalLM.from_pretrained(base_dir, dtype=dtype or "auto", device_map={"": device})
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), task_type="CAUSAL_LM",
-                        modules_to_save=list(modules_to_save) if modules_to_save else None)
-    peft_model = get_peft_model(model, config)
+                        modules_to_save=list(modules_to_save) if modules_to_save else None,
+                        base_model_name_or_path=base_name or str(base_dir))
+    inject_adapter_in_model(config, model)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
+        for name, parameter in model.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
                 noise = torch.randn(parameter.shape, generator=generator, device=device, dtype=parameter.dtype)
                 parameter.add_(noise * scale)
-    peft_model.save_pretrained(path)
-    config_file = path / "adapter_config.json"
-    saved = json.loads(config_file.read_text())
-    saved["base_model_name_or_path"] = base_name or str(base_dir)
-    config_file.write_text(json.dumps(saved, indent=1))
+    # What PeftModel saves: the adapter's tensors under the wrapper's prefix, and its config.
+    tensors = {f"base_model.model.{key}": tensor.detach().contiguous()
+               for key, tensor in get_peft_model_state_dict(model).items()}
+    path.mkdir(parents=True, exist_ok=True)
+    config.inference_mode = True  # as save_pretrained writes it
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(path))
     return path
 
 
@@ -318,3 +326,26 @@ def seed_hub_cache(hub_cache: Path, repo_id: str, directory: Path) -> None:
     shutil.copytree(directory, repo / "snapshots" / commit, dirs_exist_ok=True)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """The directories of a tiny set: the three models of the pipeline and a LoRA adapter of the phi-2."""
+
+    llm: Path
+    ja_en: Path
+    en_ja: Path
+    adapter: Path
+
+
+def build_tiny_models(directory: Path) -> TinyModels:
+    """phi-2, opus-mt-ja-en, fugumt-en-ja and a LoRA fine-tune of that phi-2, each in its published
+    format with tiny shapes and random weights, in `directory`: the whole pipeline runs on them (the
+    answers are noise; the loading, translation, answering, batching and serving are the real code)."""
+    directory = Path(directory).resolve()
+    llm = build_tiny_phi2(directory / "phi-2")
+    adapter = build_lora_adapter(directory / "phi-2-finance-lora", llm)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # as a published adapter ships its tokenizer
+        (adapter / name).write_bytes((llm / name).read_bytes())
+    return TinyModels(llm=llm, ja_en=build_tiny_marian(directory / "opus-mt-ja-en", "ja", "en"),
+                      en_ja=build_tiny_marian(directory / "fugumt-en-ja", "en", "ja"), adapter=adapter)

@@ -18,6 +18,8 @@ import click
 from pipeline.cli_options import (LOCAL_ONLY, GpuMemory, base_option, check_before_loading, check_workers,
                                   explicit_llm, field_for, generation_options, given_on_command_line, job_options,
                                   model_options, server_options, settings_from)
+from pipeline.cli_finetune import finetune_command
+from pipeline.cli_tiny_models import tiny_models
 from pipeline.errors import BilingualQAError, EmptyInputError, ServerError
 from pipeline.quick_exit import ends_quickly
 from pipeline.quiet import quiet_libraries
@@ -94,7 +96,7 @@ def validate_language(question: str, source_lang: str) -> str | None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True,
-             epilog=ENV_EPILOG)
+             epilog=ENV_EPILOG, commands=[tiny_models, finetune_command(user_errors)])  # commands of their own modules
 @click.version_option(package_name="bilingual-qa")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -241,8 +243,6 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
     forced, doc_format = doc_format, document_format(input_path, doc_format)
     if doc_format is not None and (field or column):
         fail("--field and --column are for .jsonl and .csv/.tsv input, not for documents")
-    if doc_format is not None and server:
-        fail("documents are translated with local models; --server takes .txt, .jsonl, .csv and .tsv rows")
     from pipeline.jobs import workers as jobs
     if doc_format is None:
         field = field_for(input_path, field, column)
@@ -252,7 +252,7 @@ def translate(input_path, output, target, source, ja_en, en_ja, device, dtype, m
 
         return remote.translate(server, input_path, output, target=target, source=source, beams=beams,
                                 concurrency=concurrency, field=field, errors_path=errors_path, restart=restart,
-                                quiet=quiet, chunk_rows=chunk_rows, report=summary_line)
+                                quiet=quiet, chunk_rows=chunk_rows, report=summary_line, doc_format=forced)
     check_workers(workers, cluster, device)
     check_before_loading(device, None, mt_backend)
     from pipeline.mt.memory import SQLiteStore
@@ -391,8 +391,7 @@ def ask_batch_file(question, batch_path, output, field, column, errors_path, res
                                 memory=store, base=spec.base, lean=True)
     summary = jobs.ask_file(batch_path, output, load_qa=load_qa, options=spec.fingerprint("ask"),
                             source_lang=forced, settings=settings, field=field, errors=errors_path,
-                            restart=restart, quiet=quiet, chunk_rows=chunk_rows, workers=workers,
-                            cluster=cluster)
+                            restart=restart, quiet=quiet, chunk_rows=chunk_rows, workers=workers, cluster=cluster)
     summary_line(summary.describe())
 
 

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import torch
@@ -185,11 +186,35 @@ def _check_safetensors(path: Path, name: str) -> None:
         raise _damaged(name, f"{path.name} is truncated or not a safetensors file ({error})") from None
 
 
+def announcing_bars(line: str) -> type:
+    """The hub's progress bar class, printing `line` (a status line) once, when the first bytes of a
+    download arrive: a hub that cannot be reached, or a model that is not there, is then one line
+    (the error), not a "downloading" line followed by it."""
+    from huggingface_hub.utils import tqdm as hub_bar
+
+    announced = threading.Event()
+
+    class AnnouncingBar(hub_bar):
+        def __init__(self, *args, **kwargs):
+            self.counts_bytes = kwargs.get("unit") == "B"  # not the bar counting files (some cached)
+            super().__init__(*args, **kwargs)  # a disabled bar (no terminal, --quiet) keeps no `unit`
+
+        def update(self, n=1):
+            if n and self.counts_bytes and not announced.is_set():
+                announced.set()
+                status(line)
+            return super().update(n)
+
+    return AnnouncingBar
+
+
 def _download(repo_id: str, option: str) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    # One line for the whole model, printed only when its first bytes arrive (see announcing_bars).
+    bars = announcing_bars(f"downloading {repo_id} from the Hugging Face hub (first use only; phi-2 is about 5.6 GB)")
     try:
         try:  # already cached: no network, no progress bar
             directory = snapshot_download(repo_id, allow_patterns=CONFIG_PATTERNS + SAFETENSORS_PATTERNS,
@@ -197,19 +222,30 @@ def _download(repo_id: str, option: str) -> str:
         except LocalEntryNotFoundError:
             if offline:
                 raise
-            status(f"downloading {repo_id} from the Hugging Face hub (first use only; phi-2 is about 5.6 GB)")
-            directory = snapshot_download(repo_id, allow_patterns=CONFIG_PATTERNS + SAFETENSORS_PATTERNS)
+            directory = snapshot_download(repo_id, allow_patterns=CONFIG_PATTERNS + SAFETENSORS_PATTERNS,
+                                          tqdm_class=bars)
         if not any(Path(directory).glob("*.safetensors")):
-            directory = snapshot_download(repo_id, allow_patterns=LEGACY_PATTERNS, local_files_only=offline)
+            directory = snapshot_download(repo_id, allow_patterns=LEGACY_PATTERNS, local_files_only=offline,
+                                          tqdm_class=bars)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise ModelLoadError(f"model '{repo_id}' does not exist on the hub (or needs a login: `hf auth login`);"
+                             f" check the id or pass {option} DIR") from None
     except (LocalEntryNotFoundError, OSError) as error:
-        where = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else f"it could not be downloaded ({type(error).__name__})"
+        where = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else f"it could not be downloaded ({_why(error)})"
         raise ModelLoadError(
             f"model '{repo_id}' is not in the local cache and {where}; download it on a connected machine"
             f" or pass a local directory with {option} DIR"
         ) from None
-    except (RepositoryNotFoundError, HFValidationError):
-        raise ModelLoadError(f"model '{repo_id}' does not exist on the hub; check the id or pass {option} DIR") from None
     return directory
+
+
+def _why(error: BaseException) -> str:
+    """What went wrong underneath the hub's own error (its message is a paragraph): `ConnectError:
+    [Errno 111] Connection refused`, a timeout, an HTTP status."""
+    cause = error.__cause__ or error.__context__
+    shown = cause if cause is not None and not isinstance(cause, type(error)) else error
+    text = " ".join(_first_line(shown).split())
+    return f"{type(shown).__name__}: {text[:160]}" if text != type(shown).__name__ else text
 
 
 def load_pretrained(model_class, directory: str, name: str, device: torch.device, dtype: torch.dtype,

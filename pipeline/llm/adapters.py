@@ -6,7 +6,7 @@ LoRA variants that do not merge as one delta) and `check_fits` compares every te
 the base's shapes, built on the meta device from the base's config: a mismatch costs one line, not
 minutes of loading.
 
-`apply_adapter` loads the adapter through peft onto the loaded base model, adds each LoRA delta
+`apply_adapter` loads the adapter through peft's low-level API (no PeftModel) onto the loaded base model, adds each LoRA delta
 (B @ A * scaling, computed by peft in float32) to the base weight in place, copies saved whole
 modules (`modules_to_save`, resized embeddings) over the base's, and takes peft's wrappers out
 again: the model is a plain `PhiForCausalLM` with the same parameter storage, so both engines serve
@@ -174,7 +174,6 @@ def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
 @torch.no_grad()
 def apply_adapter(model: torch.nn.Module, adapter: AdapterSource) -> AppliedAdapter:
     """Merge `adapter` into `model`'s weights in place (see the module docstring)."""
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
@@ -188,7 +187,7 @@ def apply_adapter(model: torch.nn.Module, adapter: AdapterSource) -> AppliedAdap
             applied.replaced.append((params[target], params[target].detach().to("cpu", copy=True)))
             applied.touches_engine_copies |= target.endswith(_ENGINE_COPIED)
     try:
-        PeftModel.from_pretrained(model, adapter.directory, adapter_name=ADAPTER_NAME, is_trainable=False)
+        inject_lora(model, adapter)
     except (RuntimeError, ValueError, KeyError) as error:
         _undo_wrappers(model)
         applied.remove()
@@ -208,6 +207,40 @@ def apply_adapter(model: torch.nn.Module, adapter: AdapterSource) -> AppliedAdap
                 parameter.copy_(trained[key])
     _undo_wrappers(model)
     return applied
+
+
+def inject_lora(model: torch.nn.Module, adapter: AdapterSource, adapter_name: str = ADAPTER_NAME) -> None:
+    """peft's LoRA layers (and saved-module wrappers) put into `model` under `adapter_name`, the
+    adapter's weights loaded into them, the factors in float32.
+
+    peft's low-level API rather than `PeftModel.from_pretrained`: the PeftModel wrapper (which we take
+    apart at once) reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates,
+    so every adapter load printed a FutureWarning no user could act on."""
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import load_peft_weights
+
+    config = PeftConfig.from_pretrained(adapter.directory)
+    config.inference_mode = True
+    inject_adapter_in_model(config, model, adapter_name=adapter_name, low_cpu_mem_usage=True)
+    device = next(model.parameters()).device
+    # Saved under PeftModel's prefix; the model here is the base itself.
+    weights = {key.removeprefix(PEFT_PREFIX): value
+               for key, value in load_peft_weights(adapter.directory, device=str(device)).items()}
+    loaded = set_peft_model_state_dict(model, weights, adapter_name=adapter_name, low_cpu_mem_usage=True)
+    missing = [key for key in loaded.missing_keys if f".{adapter_name}." in key]
+    if missing:  # left on the meta device, it would fail at the first answer
+        raise KeyError(f"its weights lack {missing[0]}")
+    # The factors in float32, as PeftModel keeps them (autocast_adapter_dtype): the delta added to a
+    # 16-bit weight is computed at full precision.
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for layers in (module.lora_A, module.lora_B):
+                if adapter_name in layers:
+                    layers[adapter_name].float()
+            for factors in (module.lora_embedding_A, module.lora_embedding_B):
+                if adapter_name in factors:
+                    factors[adapter_name] = torch.nn.Parameter(factors[adapter_name].float(), requires_grad=False)
 
 
 def _undo_wrappers(model: torch.nn.Module) -> None:

@@ -23,12 +23,11 @@ from pipeline.llm.engine import FINISH_STOP, Engine, Generated, StopCheck, Trans
 from pipeline.llm.hardware import Plan, plan, probe
 from pipeline.llm.models import LLMSource, load_llm, read_ahead, tokenizer_for
 from pipeline.llm.phi_direct import DirectPhi
+from pipeline.llm.prompt import prompt_ids
 from pipeline.loading import DTYPES, resolve_device
 from pipeline.quiet import status
 from pipeline.spec import DEFAULT_LLM, GenerationSettings
 from pipeline.text.answer_end import EndWatch, LineMemo, locate_answer, settled_span
-
-PROMPT = "Instruct: {question}\nOutput:"
 
 
 @dataclass
@@ -184,7 +183,7 @@ class Answerer:
         return text[span.start:end].strip(), FINISH_STOP if span.end is not None else finish_reason
 
     def encode(self, question: str, max_new_tokens: int) -> list[int]:
-        ids = self.tokenizer(PROMPT.format(question=question.strip()))["input_ids"]
+        ids = prompt_ids(self.tokenizer, question)
         if len(ids) + max_new_tokens > self.max_positions:
             raise InputTooLongError(
                 f"the question is {len(ids)} tokens long in English; {self.name} reads at most"

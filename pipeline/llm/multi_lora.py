@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.llm.adapters import AdapterError, AdapterSource, _undo_wrappers
+from pipeline.llm.adapters import AdapterError, AdapterSource, _undo_wrappers, inject_lora
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 _MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(" + "|".join(TARGETS) + r")$")
@@ -56,7 +56,6 @@ def unshareable_reason(adapter: AdapterSource) -> str | None:
 @torch.no_grad()
 def read_factors(model: torch.nn.Module, adapter: AdapterSource) -> AdapterFactors:
     """The adapter's factors as peft loads them onto `model` (float32, on the model's device)."""
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     reason = unshareable_reason(adapter)
@@ -64,7 +63,7 @@ def read_factors(model: torch.nn.Module, adapter: AdapterSource) -> AdapterFacto
         raise AdapterError(f"adapter '{adapter.name}' cannot share its base's weights unmerged: {reason}")
     factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     try:
-        PeftModel.from_pretrained(model, adapter.directory, adapter_name=_PEFT_NAME, is_trainable=False)
+        inject_lora(model, adapter, _PEFT_NAME)
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and _PEFT_NAME in module.lora_A:
                 layer, target = _MODULE.search(name).groups()

@@ -1,4 +1,4 @@
-"""`ask`, `compare`, `ask --batch` and `translate` with `--server URL`: the work goes to a running
+"""`ask`, `compare`, `ask --batch` and `translate` (rows or documents) with `--server URL`: the work goes to a running
 `bilingual-qa serve`, and what is printed is what the in-process command prints (the same
 renderers, the same stream layout, the same job runner and files). No torch is imported here.
 """
@@ -68,15 +68,26 @@ def ask_batch(url: str, batch_path: str, output: str, *, model: str | None, beam
 
 def translate(url: str, input_path: str, output: str, *, target: str, source: str, beams: int | None,
               concurrency: int | None, field: str, errors_path, restart: bool, quiet: bool, chunk_rows: int,
-              report: Callable[[str], None]) -> None:
-    """`translate` through the server: jobs.translate_file with RemoteTranslator as the translator."""
+              report: Callable[[str], None], doc_format: str | None = None) -> None:
+    """`translate` through the server: jobs.translate_file with RemoteTranslator as the translator; a
+    document (by its extension, or `doc_format`: --format) is parsed and rebuilt here by the same
+    document job as in-process, only its segments' translations coming from the server."""
+    from pipeline.documents import format_of
     from pipeline.jobs import workers as jobs
     from pipeline.remote.stages import RemoteTranslator
 
     load = functools.partial(RemoteTranslator, url, target, beams=beams, concurrency=concurrency)
-    summary = jobs.translate_file(input_path, output, to=target, load_translator=load,
-                                  options=remote_options(url, None, beams), source_lang=source, field=field,
-                                  errors=errors_path, restart=restart, quiet=quiet, chunk_rows=chunk_rows)
+    options = remote_options(url, None, beams)
+    if format_of(input_path, doc_format) is not None:
+        from pipeline.jobs.documents import translate_document_file
+
+        summary = translate_document_file(input_path, output, to=target, load_translator=load, options=options,
+                                          source_lang=source, fmt=doc_format, errors=errors_path, restart=restart,
+                                          quiet=quiet, chunk_rows=chunk_rows)
+    else:
+        summary = jobs.translate_file(input_path, output, to=target, load_translator=load, options=options,
+                                      source_lang=source, field=field, errors=errors_path, restart=restart,
+                                      quiet=quiet, chunk_rows=chunk_rows)
     report(summary.describe())
 
 

@@ -1,7 +1,7 @@
 """Stand-ins for the stages, backed by a server, for the batch jobs of jobs/workers.py: the same
-`translate_file` and `ask_file` (the same runner, readers, writers and fingerprints) run with these
-in place of a loaded Translator or BilingualQA, so a job through a server keeps every guarantee of a
-local one. Each chunk's rows go to the server `concurrency` requests at a time, in order.
+`translate_file`, `translate_document_file` and `ask_file` (the same runner, readers, writers,
+document parsers and fingerprints) run with these in place of a loaded Translator or BilingualQA,
+so a job through a server keeps every guarantee of a local one. Each chunk's rows go to the server `concurrency` requests at a time, in order.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from pipeline.spec import GenerationSettings
 from pipeline.text.detect import other_language
 from pipeline.text.result import QAResult
 
-# Bytes of texts per /translate request, well under the server's default --max-body of 1 MB.
+# Bytes of texts per /translate request, well under the server's default --max-body of 1 MB, and
+# texts per request: the server's default --batch-limit (a chunk of 512 rows or a document's segments
+# on one connection would otherwise be refused, then sent one text at a time).
 MAX_REQUEST_BYTES = 200_000
+MAX_REQUEST_TEXTS = 128
 DEFAULT_CONCURRENCY = 8  # a server too old to say its batch size
 
 
@@ -88,10 +91,11 @@ def ask_fields(question: str, source_lang: str | None, settings: GenerationSetti
 
 
 def _groups(texts: list[str], concurrency: int) -> list[list[str]]:
-    """The texts cut into about `concurrency` requests of consecutive texts, each under MAX_REQUEST_BYTES."""
+    """The texts cut into about `concurrency` requests of consecutive texts, each under MAX_REQUEST_BYTES
+    and MAX_REQUEST_TEXTS."""
     if not texts:
         return []
-    per_group = -(-len(texts) // concurrency)
+    per_group = min(-(-len(texts) // concurrency), MAX_REQUEST_TEXTS)
     groups, group, size = [], [], 0
     for text in texts:
         length = len(text.encode("utf-8", "surrogatepass"))

@@ -207,8 +207,10 @@ def test_the_readme_document_example_runs_as_written(tiny_ja_en_dir, tmp_path):
     import shutil
 
     root = Path(__file__).resolve().parents[2]
-    readme = (root / "README.md").read_text(encoding="utf-8")
-    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "translate_document(" in b]
+    pages = [(root / "README.md").read_text(encoding="utf-8")] + [page.read_text(encoding="utf-8")
+                                                                  for page in sorted((root / "docs").glob("*.md"))]
+    [block] = [b for page in pages for b in re.findall(r"```python\n(.*?)```", page, re.S)
+               if "translate_document(" in b]
     code = block.replace('"Helsinki-NLP/opus-mt-ja-en"', repr(str(tiny_ja_en_dir)))
     shutil.copytree(root / "examples", tmp_path / "examples")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=tmp_path, timeout=300,

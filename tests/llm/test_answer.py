@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pipeline.llm.answerer import PROMPT, Answerer
+from pipeline.llm.answerer import Answerer
+from pipeline.llm.prompt import PROMPT
 from pipeline.errors import InputTooLongError
 from pipeline.llm.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, TransformersEngine, finish_row
 from pipeline.spec import GenerationSettings

@@ -178,6 +178,73 @@ def test_a_chinese_question_is_an_error_in_its_own_box_in_the_pages_words(browse
     page.close()
 
 
+def test_a_stale_error_goes_when_a_new_different_error_appears(browser, page_server, fine_tune):
+    """The last question's error box, and the red outline of the field it pointed at, go when the next
+    error is another one: one at a field (max tokens) or in the box (an empty question)."""
+    page, _ = open_page(browser, page_server)
+    outlined = "[...document.querySelectorAll('.attention')].map(e => e.id)"
+    for next_error in ("max tokens", "empty question"):
+        page.fill("#max-tokens", "8")
+        page.fill("#question", "利率上升会怎样影响经济？")
+        page.click("#ask")
+        page.wait_for_selector("#ask-error:not([hidden])", timeout=60_000)
+        assert "Chinese" in page.inner_text("#ask-error") and page.evaluate(outlined) == ["source-lang"]
+        if next_error == "max tokens":
+            page.fill("#max-tokens", "abc")
+            page.click("#ask")
+            assert page.locator("#ask-error").is_hidden() and page.evaluate(outlined) == []
+            assert page.is_visible("#max-tokens-hint") and page.evaluate("document.activeElement.id") == "max-tokens"
+        else:
+            page.fill("#question", "  ")
+            page.click("#ask")
+            assert page.inner_text("#ask-error") == "Type a question first."
+            assert page.evaluate(outlined) == ["question"]
+    # An error of the translate box is its own: it leaves the question's box and outline alone.
+    page.fill("#translate-text", "")
+    page.click("#translate")
+    assert page.inner_text("#translate-error") == "Type the text to translate first."
+    assert page.inner_text("#ask-error") == "Type a question first." and page.evaluate(outlined) == ["question"]
+    page.close()
+
+
+def test_the_result_footer_says_seconds_and_why_it_ended_in_words(browser, page_server, fine_tune):
+    page, _ = open_page(browser, page_server)
+    page.uncheck("#compare")
+    page.fill("#max-tokens", "6")
+    page.fill("#question", QUESTIONS[1])
+    page.click("#ask")
+    page.wait_for_function(ANSWERED.format(1), timeout=60_000)
+    footer = page.inner_text("#answers .answer .status")
+    ending = "(finished|finished \\(what phi-2 wrote after the answer was cut\\)|stopped at the token limit)"
+    assert re.fullmatch(rf"\d+ tokens? · (\d+(\.\d{{1,2}})?|under 0\.01) s · {ending}", footer), footer
+    said = {reason: page.evaluate("footer", {"generated_tokens": 256, "timings": {"total": 2.8921},
+                                             "finish_reason": reason}) for reason in ("length", "eos", "stop")}
+    assert said["length"] == "256 tokens · 2.89 s · stopped at the token limit"
+    assert said["eos"] == "256 tokens · 2.89 s · finished" and "cut" in said["stop"]
+    assert page.evaluate("footer", {"generated_tokens": 1, "timings": {"total": 3}, "finish_reason": "eos"}) \
+        == "1 token · 3 s · finished"
+    page.close()
+
+
+def test_the_opened_key_box_stays_in_place_with_its_placeholder_whole_on_a_phone(browser, page_server, fine_tune):
+    page, _ = open_page(browser, page_server, width=390, height=844)
+    summary = page.locator("#key-box summary").bounding_box()
+    page.click("#key-box summary")
+    assert page.locator("#key-box summary").bounding_box() == summary  # it does not jump to the left
+    field = page.locator("#api-key").bounding_box()
+    assert field["x"] >= 0 and field["x"] + field["width"] <= 390 and field["y"] > summary["y"]
+    room, needed = page.evaluate("""() => {
+        const input = document.getElementById('api-key'), style = getComputedStyle(input);
+        const context = document.createElement('canvas').getContext('2d');
+        context.font = style.font;
+        return [input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight),
+                context.measureText(input.placeholder).width];
+    }""")
+    assert needed <= room, (needed, room)  # the placeholder shows whole
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.close()
+
+
 def test_a_missing_key_points_at_the_key_box(browser, live_server, registry):
     page, _ = open_page(browser, live_server, listed=False)  # this server has a key; the page has none yet
     page.wait_for_selector("#ask-error:not([hidden])")
