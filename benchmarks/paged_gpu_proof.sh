@@ -13,7 +13,11 @@
 # 3. serve: benchmarks/serve_load.py at 64 clients (200-token answers) with the engine's batch-64 bar;
 # 4. limits: serve_load.py --gpu-memory 16GiB 40GiB: 64 clients of 1,300-token requests against a server held
 #    to 16 GiB (the article's T4) and 40 GiB (an A100 40GB);
-# 5. cold: benchmarks/cold_ask_rounds.py, this tree against BEFORE (a cold `ask` no slower).
+# 5. cold: benchmarks/cold_ask_rounds.py, this tree against BEFORE (a cold `ask` no slower);
+# 6. finetune (issue 30, not in the default PARTS): benchmarks/finetune_speed.py, our trainer against
+#    peft + transformers' Trainer, tokens/s and peak memory at sequence 512.
+# Parts 1, 2 and 5 with BEFORE are issue 31's proof too (serve_load within 3%, the cold ask no slower,
+# the seeded row the same from generate, stream and a busy batch).
 # Figures go to stdout and, when OUT is set, to $OUT.
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -60,4 +64,8 @@ if want cold && [ -n "$BEFORE" ]; then
   (cd benchmarks && timeout 200 python cold_start.py --root /tmp/cold --answer-tokens 64 --help-runs 1 --no-server \
     --top 3 > /dev/null 2>&1; timeout 400 python cold_ask_rounds.py --root /tmp/cold --trees "$HERE,$BEFORE" \
     --rounds "${COLD_ROUNDS:-3}") 2>&1 | tail -14 | tee "$OUT/cold.txt"
+fi
+if want finetune; then
+  echo "== finetune_speed (our trainer against peft + transformers' Trainer)"
+  timeout "${FINETUNE_SECONDS:-540}" python benchmarks/finetune_speed.py 2>&1 | tail -20 | tee "$OUT/finetune.txt"
 fi

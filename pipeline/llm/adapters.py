@@ -189,7 +189,7 @@ def apply_adapter(model: torch.nn.Module, adapter: AdapterSource) -> AppliedAdap
     try:
         inject_lora(model, adapter)
     except (RuntimeError, ValueError, KeyError) as error:
-        _undo_wrappers(model)
+        undo_wrappers(model)
         applied.remove()
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AdapterError(f"cannot load adapter '{adapter.name}': {message}") from None
@@ -205,7 +205,7 @@ def apply_adapter(model: torch.nn.Module, adapter: AdapterSource) -> AppliedAdap
             trained = dict(module.modules_to_save[ADAPTER_NAME].named_parameters())
             for key, parameter in module.original_module.named_parameters():
                 parameter.copy_(trained[key])
-    _undo_wrappers(model)
+    undo_wrappers(model)
     return applied
 
 
@@ -243,7 +243,7 @@ def inject_lora(model: torch.nn.Module, adapter: AdapterSource, adapter_name: st
                     factors[adapter_name] = torch.nn.Parameter(factors[adapter_name].float(), requires_grad=False)
 
 
-def _undo_wrappers(model: torch.nn.Module) -> None:
+def undo_wrappers(model: torch.nn.Module) -> None:
     """Put the base's own modules back in place of peft's wrappers (their weights hold the merge)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper

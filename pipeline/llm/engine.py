@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
@@ -217,8 +218,12 @@ class TransformersEngine:
 
         name = f"adapter_{len(self.adapters) + 1}"  # peft keys modules by it: no dots, no user text
         if not self.adapters:
-            self.model = PeftModel.from_pretrained(self.model, adapter.directory, adapter_name=name,
-                                                   is_trainable=False)
+            # Mixed-adapter batches need PeftModel itself (adapters.inject_lora does not route rows); it
+            # reads transformers' deprecated is_gradient_checkpointing, a warning no user can act on.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                self.model = PeftModel.from_pretrained(self.model, adapter.directory, adapter_name=name,
+                                                       is_trainable=False)
         else:
             self.model.load_adapter(adapter.directory, adapter_name=name, is_trainable=False)
         self.adapters.append(adapter.name)

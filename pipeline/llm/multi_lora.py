@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.llm.adapters import AdapterError, AdapterSource, _undo_wrappers, inject_lora
+from pipeline.llm.adapters import AdapterError, AdapterSource, undo_wrappers, inject_lora
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 _MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(" + "|".join(TARGETS) + r")$")
@@ -74,7 +74,7 @@ def read_factors(model: torch.nn.Module, adapter: AdapterSource) -> AdapterFacto
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AdapterError(f"cannot load adapter '{adapter.name}': {message}") from None
     finally:
-        _undo_wrappers(model)
+        undo_wrappers(model)
     rank = max((a.shape[0] for a, _ in factors.values()), default=0)
     return AdapterFactors(adapter.name, rank, factors)
 
