@@ -90,19 +90,21 @@ class Soak:
         with httpx.Client(base_url=self.url, timeout=120, headers=AUTH) as http:
             while time.monotonic() < until:
                 roll = rng.random()
+                kind = "attack" if self.attacks and roll < 0.10 else "good" if roll < 0.55 else \
+                    "bad" if roll < 0.80 else "abandoned" if roll < 0.97 else "slow"
                 try:
-                    if self.attacks and roll < 0.10:
+                    if kind == "attack":
                         self.attack(http, rng)
-                    elif roll < 0.55:
+                    elif kind == "good":
                         self.good(http, rng)
-                    elif roll < 0.80:
+                    elif kind == "bad":
                         self.bad(http, rng)
-                    elif roll < 0.97:
+                    elif kind == "abandoned":
                         self.abandoned(rng)
                     else:
                         self.slow(rng)
-                except (httpx.TransportError, OSError) as error:
-                    self.record("transport-error", type(error).__name__)
+                except (httpx.TransportError, OSError) as error:  # by the kind that met it
+                    self.record(f"transport-error ({kind})", type(error).__name__)
                 except Exception as error:  # noqa: BLE001 - a client's own bug must not end the soak silently
                     self.record("client-error", f"{type(error).__name__}: {error}"[:80])
 
