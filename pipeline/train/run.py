@@ -56,7 +56,7 @@ class FineTuneResult:
         failed = f"{self.failed:,} refused" + (f" (see {self.errors_file})" if self.failed else "")
         eval_loss = "" if self.eval_loss is None else f", eval loss {self.eval_loss:.4f}"
         return (f"{self.rows:,} rows: {self.train_pairs:,} pairs trained on, {self.eval_pairs:,} held out, {failed};"
-                f" {self.steps:,} steps, train loss {self.train_loss:.4f}{eval_loss}; wrote {self.output} in"
+                f" {self.steps:,} step{'s' if self.steps != 1 else ''}, train loss {self.train_loss:.4f}{eval_loss}; wrote {self.output} in"
                 f" {self.seconds:.1f} s")
 
 

@@ -49,7 +49,7 @@ class TrainingSession:
             trainer.restore(state.tensors)
             status(f"resuming at step {state.step:,} of {plan.total:,} from {self.files.checkpoint}")
         status(f"training a LoRA adapter (r={job.lora_r}) of {self.source.name} on {len(examples):,} pairs: "
-               f"{plan.total:,} steps on {self.device} ({str(self.dtype).removeprefix('torch.')}"
+               f"{plan.total:,} step{'s' if plan.total != 1 else ''} on {self.device} ({str(self.dtype).removeprefix('torch.')}"
                f"{', gradient checkpointing' if self.checkpointing else ''})")
         progress = TrainingProgress(plan.total, state.step, job.quiet)
         try:
