@@ -38,8 +38,9 @@ from typing import Protocol
 import torch
 
 from pipeline.errors import InputTooLongError
-from pipeline.llm.engine import GenerationSettings, non_finite_error, pad_left
+from pipeline.llm.engine import non_finite_error, pad_left
 from pipeline.llm.sampler import choose, sampling_rows, seed_of
+from pipeline.spec import GenerationSettings
 
 
 class DecodeBatch(Protocol):

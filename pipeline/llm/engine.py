@@ -19,7 +19,7 @@ import torch
 
 from pipeline.errors import BilingualQAError
 # The settings live with the other options (no torch there); imported from here as ever.
-from pipeline.spec import MAX_SEED, GenerationSettings  # noqa: F401
+from pipeline.spec import GenerationSettings
 
 # Given a row's index in the call's prompts and its generated ids so far, True once its answer has
 # ended (each row has its own question, so the check needs to know which row it sees).

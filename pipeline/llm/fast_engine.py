@@ -23,11 +23,12 @@ import torch
 from pipeline.errors import InputTooLongError, ModelLoadError
 from pipeline.llm.answer_cache import AnswerCache
 from pipeline.llm.decode_config import DEFAULT_DECODE, DecodeConfig
-from pipeline.llm.engine import Generated, GenerationSettings, StopCheck, finish_row, generate_shrinking, shifted
+from pipeline.llm.engine import Generated, StopCheck, finish_row, generate_shrinking, shifted
 from pipeline.llm.memory import usable_memory
 from pipeline.llm.phi_model import DecodeState, decode_step, unsupported_config
 from pipeline.llm.phi_weights import phi_weights, rope_tables
 from pipeline.kernels.phi_attention import triton
+from pipeline.spec import GenerationSettings
 
 # What a serving pool leaves of --gpu-memory beside the models: the prefill's and the step's
 # activations, the graphs' memory, the sampler's and the translators' working memory.
