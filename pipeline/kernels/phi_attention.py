@@ -167,6 +167,13 @@ if triton is not None:
         return lo, tl.minimum(lo + chunk, end)
 
     @triton.jit
+    def _first_tile(lo, hi, BLOCK_N: tl.constexpr):
+        """The first tile of columns [lo, hi): lo rounded down to a whole tile (tiles must not cross a
+        block), or hi where the range is empty, so no tile is read in which every column is masked
+        (its scores all -inf would make the running max -inf and the online softmax NaN)."""
+        return tl.where(lo < hi, (lo // BLOCK_N) * BLOCK_N, hi)
+
+    @triton.jit
     def _tile(table_row, n0, head_off, stride_cb, stride_cs, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         """Offsets of a row's columns n0..n0+BLOCK_N-1 (n0 a multiple of BLOCK_N: one block holds them)."""
         block = tl.load(table_row + n0 // BLOCK_SIZE)
@@ -194,7 +201,7 @@ if triton is not None:
         acc0 = tl.zeros([D0], dtype=tl.float32)
         acc1 = tl.zeros([D1], dtype=tl.float32)
         table_row = table_ptr + b * stride_tb
-        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N, num_stages=STAGES):
+        for n0 in tl.range(_first_tile(lo, hi, BLOCK_N), hi, BLOCK_N, num_stages=STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
             valid_n = (n >= lo) & (n < hi)
             offs = _tile(table_row, n0, h * stride_ch, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE)
@@ -260,7 +267,7 @@ if triton is not None:
         l_i = tl.zeros([16], dtype=tl.float32)
         acc0 = tl.zeros([16, D0], dtype=tl.float32)
         acc1 = tl.zeros([16, D1], dtype=tl.float32)
-        for n0 in tl.range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N, num_stages=STAGES):
+        for n0 in tl.range(_first_tile(lo, hi, BLOCK_N), hi, BLOCK_N, num_stages=STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
             valid_n = (n >= lo) & (n < hi)
             offs = _tile(table_row, n0, head_off, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE)

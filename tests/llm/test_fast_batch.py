@@ -241,3 +241,28 @@ def test_a_row_whose_logits_overflow_fails_alone_and_the_others_decode_on(tiny_p
         for key, token in batch.step().items():
             got[key].append(token)
     assert [until_end(got[added[i][0]][:8], engine.eos_token_id) for i in (0, 2)] == want
+
+
+def _triton_runs_here() -> bool:
+    import os
+
+    from pipeline.kernels.phi_attention import triton
+
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(not _triton_runs_here(), reason="the Triton kernels need a GPU or TRITON_INTERPRET=1")
+def test_the_triton_kernels_decode_through_the_block_table_what_the_torch_path_decodes(tiny_phi2_dir):
+    """The same paged engine with the Triton kernels (on the CPU through Triton's interpreter: minutes)
+    and without: the same tokens alone, and rows preempted and resumed still as alone."""
+    from transformers import PhiForCausalLM
+
+    model = PhiForCausalLM.from_pretrained(tiny_phi2_dir, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    kernels, torch_path = (FastPhiEngine(model, model.config.eos_token_id, use_graphs=False, max_seq_len=256,
+                                         use_triton=use) for use in (True, False))
+    for prompt in (SHORT, MEDIUM, LONG):
+        assert kernels.generate([prompt], greedy(24))[0].token_ids == \
+            torch_path.generate([prompt], greedy(24))[0].token_ids
+    test_rows_preempted_when_the_blocks_run_short_resume_with_their_alone_tokens(kernels, sampled=False)
