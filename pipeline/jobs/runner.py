@@ -127,7 +127,8 @@ class Progress:
     version: int = PROGRESS_VERSION
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make a rename in `path` durable (where the system can open a directory)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # Windows cannot open a directory; its rename is durable enough
@@ -140,13 +141,18 @@ def _fsync_directory(path: Path) -> None:
 
 def save_progress(path: Path, progress: Progress) -> None:
     """Replace the record atomically: a crash leaves the old record or the new one, never half."""
+    write_json(path, asdict(progress))
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Replace `path` atomically (temporary sibling, fsync, rename, the directory synced)."""
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(asdict(progress), f, ensure_ascii=False, indent=1)
+        json.dump(value, f, ensure_ascii=False, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def load_progress(path: Path) -> Progress | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import JobError
+from pipeline.jobs.runner import fsync_directory, write_json
 
 CARD = "finetune.json"
 MADE_BY = "bilingual-qa finetune"
@@ -50,27 +51,6 @@ class RunFiles:
         return cls(target, beside(".progress.json"), beside(".pairs.jsonl"), beside(".errors.jsonl"),
                    beside(".checkpoint.pt"), beside(".lock"), beside(".partial"))
 
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, value: dict) -> None:
-    """Replace `path` atomically (temporary sibling, fsync, rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(value, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
 
 
 class RunLock:
@@ -168,11 +148,11 @@ def publish(files: RunFiles, save_adapter, base_name: str, card: dict) -> None:
     for file in files.partial.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_directory(files.partial)
+    fsync_directory(files.partial)
     old = files.output.with_name(files.output.name + ".old")
     if files.output.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(files.output, old)
     os.replace(files.partial, files.output)
-    _fsync_directory(files.output.parent)
+    fsync_directory(files.output.parent)
     shutil.rmtree(old, ignore_errors=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import JobError
+from pipeline.jobs.runner import fsync_directory
 
 STATE_VERSION = 1
 
@@ -33,17 +34,6 @@ class TrainState:
     tensors: dict = field(default_factory=dict)  # lora, optimizer, scheduler, scaler, rng (trainer.py)
 
 
-def _fsync_directory(path: Path) -> None:
-    """Make a rename in `path` durable (where the system can open a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def save_state(path: Path, state: TrainState, run_key: str) -> None:
     """Write `state` to `path` atomically (see the module docstring)."""
@@ -56,7 +46,7 @@ def save_state(path: Path, state: TrainState, run_key: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def load_state(path: Path, run_key: str) -> TrainState | None:
