@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, AsyncIterator, Callable, Generator, Iterator, NamedTuple
 
 from pipeline.errors import BilingualQAError, InputTooLongError
@@ -241,15 +242,23 @@ def run_one(flow: Flow, stages) -> Iterator[Event]:
             reply = None
             if isinstance(item, Event):
                 yield item
-            elif isinstance(item, (Answer, NextTokens)):
-                source = stages.answer(item) if isinstance(item, Answer) else source
-                reply = source.next()
             else:
-                source = _closed(source)
-                reply = stages.translate(item)
+                source, call = _stage_call(item, stages, source)
+                reply = call()
     finally:
         _closed(source)
         flow.close()
+
+
+def _stage_call(item: Request, stages, source):
+    """The stage call that answers one request, and the token source open after it: run_one calls it,
+    run_async awaits it (one routing for both drivers). A translation closes the answer's source first,
+    so its row is freed before the answer is translated back."""
+    if isinstance(item, Answer):
+        source = stages.answer(item)
+    if isinstance(item, (Answer, NextTokens)):
+        return source, source.next
+    return _closed(source), partial(stages.translate, item)
 
 
 def _closed(source) -> None:
@@ -339,12 +348,9 @@ async def run_async(flow: Flow, stages) -> AsyncIterator[Event]:
             reply = None
             if isinstance(item, Event):
                 yield item
-            elif isinstance(item, (Answer, NextTokens)):
-                source = stages.answer(item) if isinstance(item, Answer) else source
-                reply = await source.next()
             else:
-                source = _closed(source)
-                reply = await stages.translate(item)
+                source, call = _stage_call(item, stages, source)
+                reply = await call()
     finally:
         _closed(source)
         flow.close()
