@@ -39,8 +39,9 @@ class DecodeConfig:
     fused_min_rows: int = SKINNY_MAX_ROWS + 1
     # The attention kernel's tiles per batch-size bucket.
     attention_tiles: tuple[tuple[int, AttentionConfig], ...] = ATTENTION_TILES
-    # Attention scores in fp32 on the torch path (SDPA) too: float16 overflows there in phi-2's
-    # attention (transformers PR #28163). The Triton kernels always sum scores in fp32.
+    # Attention scores in fp32 on the torch path (SDPA) for bfloat16 too. float16 gets fp32 scores
+    # whatever this says (phi_model._sdpa): it overflows in phi-2's attention (transformers PR
+    # #28163). The Triton kernels always sum scores in fp32.
     fp32_attention_scores: bool = False
 
     def attention(self, rows: int) -> AttentionConfig:

@@ -203,9 +203,10 @@ class TransformersEngine:
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
-        # float16 overflows in phi-2's attention scores; the eager attention multiplies in float16,
+        # float16 overflows in phi-2's attention scores (so fp32 scores for it, whatever the caller
+        # asked); the eager attention multiplies in float16,
         # CUDA's SDPA flash and memory-efficient kernels sum in fp32 (fp32_scores keeps SDPA to them).
-        self.fp32_scores = model.dtype == torch.float16 if fp32_attention_scores is None else fp32_attention_scores
+        self.fp32_scores = model.dtype == torch.float16 or bool(fp32_attention_scores)
         if self.fp32_scores and getattr(model.config, "_attn_implementation", "sdpa") == "eager":
             model.set_attn_implementation("sdpa")
         self.adapters: list[str] = []  # LoRA adapters rows may apply unmerged (add_adapter), index + 1

@@ -96,7 +96,9 @@ def fp32_scores(device: torch.device | str):
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
           fp32: bool) -> torch.Tensor:
-    """scaled_dot_product_attention; with fp32, its scores in fp32 whatever the inputs' dtype."""
+    """scaled_dot_product_attention; with fp32, its scores in fp32 whatever the inputs' dtype. float16
+    inputs always get fp32 scores, whatever the config says: phi-2's scores overflow float16."""
+    fp32 = fp32 or q.dtype == torch.float16
     if not fp32 or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     if q.is_cuda:
