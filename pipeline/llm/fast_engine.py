@@ -196,25 +196,28 @@ class FastPhiEngine:
                 return True
             return stop_check is not None and count % every == 0 and stop_check(index, ids[index])
 
+        def settle(events: list[tuple[int, int, int | BaseException]]) -> Iterator[tuple[int, int]]:
+            for key, index, token in events:
+                if isinstance(token, BaseException):
+                    raise token
+                ids[index].append(token)
+                yield index, token
+                if ended(index, token):
+                    batch.drop(key)
+                    del live[key]
+
         try:
             while waiting or live:
                 joining = []
                 while waiting and batch.can_take([len(prompts[i]) for i in joining + [waiting[0]]]):
                     joining.append(waiting.popleft())
-                events = []
                 if joining:
                     added = batch.add([(prompts[i], rows[i], adapters[i]) for i in joining])
                     events = [(key, index, first) for index, (key, first) in zip(joining, added)]
                     live.update((key, index) for key, index, _ in events)
-                events += [(key, live[key], token) for key, token in batch.step().items()]
-                for key, index, token in events:
-                    if isinstance(token, BaseException):
-                        raise token
-                    ids[index].append(token)
-                    yield index, token
-                    if ended(index, token):
-                        batch.drop(key)
-                        del live[key]
+                    yield from settle(events)
+                if live:  # none left when every row ended on its first token: no step is run for nobody
+                    yield from settle([(key, live[key], token) for key, token in batch.step().items()])
         finally:
             for key in live:
                 batch.drop(key)
