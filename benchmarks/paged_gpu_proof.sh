@@ -41,6 +41,8 @@ if want decode; then
   for round in $(seq "${DECODE_ROUNDS:-2}"); do
     for tree in "$HERE" $BEFORE; do
       echo "== llm_decode --quick, round $round, $tree"
+      # any other process on the GPU (a test's leftover server) would slow this tree's figures
+      nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader | tee -a "$OUT/decode.txt"
       in_tree "$tree" timeout 300 python benchmarks/llm_decode.py --quick --skip-transformers 2>&1 \
         | grep -E "^\| FastPhiEngine|prefill|peak" | tee -a "$OUT/decode.txt"
     done
