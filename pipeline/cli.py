@@ -180,7 +180,8 @@ def refuse_local_options(command: str, server: str) -> None:
 @main.command(epilog=ENV_EPILOG)
 @click.argument("question", required=False)
 @click.option("--llm", "llms", multiple=True, required=True,
-              help="A phi-2-family model or LoRA adapter (hub id or directory); give it twice or more.")
+              help="A phi-2-family model or LoRA adapter (hub id or directory); give it twice or more, or once"
+                   " with a LoRA adapter to compare it with its base.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
 @base_option
 @model_options
@@ -202,10 +203,11 @@ def compare(question, llms, fmt, base, ja_en, en_ja, device, dtype, mt_backend, 
 
         return remote.compare(server, question, list(llms), fmt, forced, settings, beams)
     check_before_loading(device, engine, mt_backend)
-    from pipeline.llm.models import resolve_llm
+    from pipeline.llm.models import compared_models, resolve_llm
     from pipeline.qa import BilingualQA
     from pipeline.text.render import render_comparison
 
+    llms = compared_models(llms, base)
     for name in llms:  # every model checked before the first loads: none fails after an answer
         resolve_llm(name, base)
     qa = BilingualQA.from_pretrained(llms[0], ja_en, en_ja, device=device, dtype=dtype, engine=engine,

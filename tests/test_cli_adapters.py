@@ -32,6 +32,24 @@ def test_compare_base_and_adapter_names_both_and_loads_the_base_once(tiny_phi2_d
     assert text.index(f"=== {tiny_phi2_dir} ===") < text.index(f"=== {tiny_lora_dir} (")
 
 
+def test_compare_of_one_adapter_alone_pairs_it_with_its_base(tiny_phi2_dir, tiny_lora_dir, translators, tmp_path):
+    args = ["compare", "What is a bond?", *translators, *QUICK, "--format", "json"]
+    alone = run_cli(*args, "--llm", str(tiny_lora_dir))
+    both = run_cli(*args, "--llm", str(tiny_phi2_dir), "--llm", str(tiny_lora_dir))
+    assert alone.returncode == 0, alone.stderr.decode()
+    untimed = [[{k: v for k, v in result.items() if k != "timings"} for result in json.loads(proc.stdout)]
+               for proc in (alone, both)]
+    assert untimed[0] == untimed[1]  # the base first, as if named
+    # --base names the base it is paired with, as it names the one it runs on
+    adapter = shutil.copytree(tiny_lora_dir, tmp_path / "adapter")
+    _edit_config(adapter, base_model_name_or_path="microsoft/phi-2")  # not in this machine's (empty) cache
+    env = {"HF_HOME": str(tmp_path / "hf")}
+    proc = run_cli(*args, "--llm", str(adapter), "--base", str(tiny_phi2_dir), env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    base, tuned = json.loads(proc.stdout)
+    assert base["models"]["llm"] == str(tiny_phi2_dir) and tuned["models"]["llm_base"] == str(tiny_phi2_dir)
+
+
 def test_base_option_overrides_the_base_an_adapter_names(tiny_phi2_dir, tiny_lora_dir, translators, tmp_path):
     adapter = shutil.copytree(tiny_lora_dir, tmp_path / "adapter")
     config = json.loads((adapter / "adapter_config.json").read_text())

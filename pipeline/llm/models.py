@@ -96,6 +96,16 @@ def resolve_llm(name: str, base: str | None = None) -> LLMSource:
     return LLMSource(name, base_directory, base_name, adapter)
 
 
+def compared_models(names: list[str], base: str | None = None) -> list[str]:
+    """`compare`'s models: one LoRA adapter alone is compared with its base, the article's comparison
+    (`--llm ./my-adapter` after `finetune`, whatever the base is called where it runs)."""
+    if len(names) == 1:
+        source = resolve_llm(names[0], base)
+        if source.adapter is not None:
+            return [source.base_name, names[0]]
+    return list(names)
+
+
 @dataclass
 class LoadedLLM:
     source: LLMSource
