@@ -89,6 +89,10 @@ class ServerClient:
         """The server's /health once its models are loaded (its batch size included)."""
         return self._send("GET", "/health")
 
+    def models(self) -> list[dict]:
+        """/v1/models' entries: each model's `id`, and an adapter's `base`."""
+        return self._send("GET", "/v1/models")["data"]
+
     def ask(self, fields: dict) -> dict:
         """/v1/ask: the object of `ask --format json`."""
         return self._send("POST", "/v1/ask", fields)

@@ -44,11 +44,22 @@ def compare(url: str, question: str, llms: list[str], fmt: str, source_lang: str
     """Every model asked (in turn, as in-process: a model after an error is not asked), then printed."""
     client = ServerClient(url, connections=1)
     try:
+        llms = _paired_with_base(client, llms)
         results = [QAResult.from_dict(client.ask(ask_fields(question, source_lang, settings, name, beams)))
                    for name in llms]
     finally:
         client.close()
     click.echo(render_comparison(results, fmt), nl=False)
+
+
+def _paired_with_base(client: ServerClient, llms: list[str]) -> list[str]:
+    """As in-process (llm/models.py compared_models): one adapter alone is compared with its base, the
+    base the server runs it on (its /v1/models entry names it)."""
+    if len(llms) == 1:
+        for entry in client.models():
+            if entry.get("id") == llms[0] and entry.get("base"):
+                return [entry["base"], llms[0]]
+    return llms
 
 
 def ask_batch(url: str, batch_path: str, output: str, *, model: str | None, beams: int | None,
