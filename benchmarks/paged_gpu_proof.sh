@@ -19,6 +19,9 @@
 # Parts 1, 2 and 5 with BEFORE are issue 31's proof too (serve_load within 3%, the cold ask no slower,
 # the seeded row the same from generate, stream and a busy batch).
 # Figures go to stdout and, when OUT is set, to $OUT.
+# A session's 30 device minutes and a call's 10 do not hold it all: split it by PARTS, and where one part
+# of both trees is too long for a call (serve: up to 7 minutes a tree), run the older tree's alone from
+# its checkout: (cd /path/to/older/checkout && PARTS=serve bash /path/to/this/benchmarks/paged_gpu_proof.sh).
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 HERE="$PWD"
