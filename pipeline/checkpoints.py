@@ -260,9 +260,10 @@ def build_lora_adapter(path: Path, base_dir: Path, *, base_name: str | None = No
             if "lora_B" in name or "modules_to_save" in name:
                 noise = torch.randn(parameter.shape, generator=generator, device=device, dtype=parameter.dtype)
                 parameter.add_(noise * scale)
-    # What PeftModel saves: the adapter's tensors under the wrapper's prefix, and its config.
-    tensors = {f"base_model.model.{key}": tensor.detach().contiguous()
-               for key, tensor in get_peft_model_state_dict(model).items()}
+    # What PeftModel saves: the adapter's tensors under the wrapper's prefix, and its config. The
+    # vocabulary is never resized here: peft's "auto" would look the base up on the hub to check.
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    tensors = {f"base_model.model.{key}": tensor.detach().contiguous() for key, tensor in state.items()}
     path.mkdir(parents=True, exist_ok=True)
     config.inference_mode = True  # as save_pretrained writes it
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -78,3 +78,16 @@ def test_tiny_models_help_imports_no_torch():
     modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.decode().splitlines()
                if line.startswith("import time:")}
     assert "pipeline.cli_tiny_models" in modules and not modules & {"torch", "transformers"}
+
+
+def test_a_tiny_adapter_naming_a_hub_base_is_built_without_looking_the_base_up(tiny_phi2_dir, tmp_path):
+    """peft's default would fetch the base's config from the hub to check the vocabulary (a warning
+    offline, a network call online); a tiny adapter never resizes it."""
+    import warnings
+
+    from pipeline.checkpoints import build_lora_adapter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_lora_adapter(tmp_path / "adapter", tiny_phi2_dir, base_name="microsoft/phi-2")
+    assert not [w for w in caught if "config file" in str(w.message)], [str(w.message) for w in caught]
