@@ -203,13 +203,11 @@ def compare(question, llms, fmt, base, ja_en, en_ja, device, dtype, mt_backend, 
 
         return remote.compare(server, question, list(llms), fmt, forced, settings, beams)
     check_before_loading(device, engine, mt_backend)
-    from pipeline.llm.models import compared_models, resolve_llm
+    from pipeline.llm.models import compared_models
     from pipeline.qa import BilingualQA
     from pipeline.text.render import render_comparison
 
-    llms = compared_models(llms, base)
-    for name in llms:  # every model checked before the first loads: none fails after an answer
-        resolve_llm(name, base)
+    llms = compared_models(llms, base)  # every model checked before the first loads
     qa = BilingualQA.from_pretrained(llms[0], ja_en, en_ja, device=device, dtype=dtype, engine=engine,
                                      mt_backend=mt_backend, beams=beams, base=base)
     results = qa.compare(question, list(llms), source_lang=forced, dtype=dtype, engine=engine, base=base,

@@ -97,12 +97,13 @@ def resolve_llm(name: str, base: str | None = None) -> LLMSource:
 
 
 def compared_models(names: list[str], base: str | None = None) -> list[str]:
-    """`compare`'s models: one LoRA adapter alone is compared with its base, the article's comparison
-    (`--llm ./my-adapter` after `finetune`, whatever the base is called where it runs)."""
-    if len(names) == 1:
-        source = resolve_llm(names[0], base)
-        if source.adapter is not None:
-            return [source.base_name, names[0]]
+    """`compare`'s models, every one located and checked (no weights read) before the first loads, so
+    none fails after an answer. One LoRA adapter alone is compared with its base, the article's
+    comparison (`--llm ./my-adapter` after `finetune`, whatever the base is called where it runs);
+    resolving the adapter has checked that base already."""
+    sources = [resolve_llm(name, base) for name in names]
+    if len(sources) == 1 and sources[0].adapter is not None:
+        return [sources[0].base_name, names[0]]
     return list(names)
 
 
