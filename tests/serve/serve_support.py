@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 from pipeline import GenerationSettings
 
@@ -49,3 +50,23 @@ def start_server(app, limits=None):
         time.sleep(0.05)
     assert server.started, "the test server did not start"
     return server, thread, f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def base_and_adapter_server(phi2_dir, lora_dir, ja_en_dir, en_ja_dir):
+    """A server of its own (no key) over the tiny phi-2 and a LoRA adapter of it, loaded as `serve --llm
+    PHI2 --llm ADAPTER` loads them (one copy of the base, one batch), with the options of conftest's
+    `qa`; yields its URL, and stops it and frees its models after."""
+    from pipeline.serve.app import create_app
+    from pipeline.serve.models import LoadOptions, ModelRegistry
+
+    own = ModelRegistry.load(LoadOptions(llms=[str(phi2_dir), str(lora_dir)], ja_en=str(ja_en_dir),
+                                         en_ja=str(en_ja_dir), device="cpu", engine="transformers",
+                                         mt_backend="transformers", beams=1, max_rows=16))
+    server, thread, url = start_server(create_app(own))
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        own.close()

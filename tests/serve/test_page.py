@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from pipeline.text.controls import strip_controls
-from serve_support import AUTH, KEY, QUESTIONS, TOKENS, start_server
+from serve_support import AUTH, KEY, QUESTIONS, TOKENS, base_and_adapter_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Debian's chromium, headless, kept off the network (nothing to fetch: the page is self-contained).
@@ -39,21 +39,10 @@ def browser():
 
 @pytest.fixture(scope="module")
 def page_server(tiny_phi2_dir, tiny_lora_dir, tiny_ja_en_dir, tiny_en_ja_dir):
-    """The server as on one's own machine: no key; the tiny phi-2 and a LoRA adapter of it, loaded as
-    `serve --llm PHI2 --llm ADAPTER` loads them (one copy of the base, one batch), with the options of
-    conftest's `qa`, so that the base's answers are those `alone` holds. Its /metrics count only its
-    own rows and tokens."""
-    from pipeline.serve.app import create_app
-    from pipeline.serve.models import LoadOptions, ModelRegistry
-
-    own = ModelRegistry.load(LoadOptions(llms=[str(tiny_phi2_dir), str(tiny_lora_dir)], ja_en=str(tiny_ja_en_dir),
-                                         en_ja=str(tiny_en_ja_dir), device="cpu", engine="transformers",
-                                         mt_backend="transformers", beams=1, max_rows=16))
-    server, thread, url = start_server(create_app(own))
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
-    own.close()
+    """The server as on one's own machine: no key; the tiny phi-2 and a LoRA adapter of it, so that the
+    base's answers are those `alone` holds. Its /metrics count only its own rows and tokens."""
+    with base_and_adapter_server(tiny_phi2_dir, tiny_lora_dir, tiny_ja_en_dir, tiny_en_ja_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 
-from serve_support import KEY, QUESTIONS, free_port, start_server  # tests/serve/serve_support.py
+from serve_support import KEY, QUESTIONS, base_and_adapter_server, free_port  # tests/serve/serve_support.py
 
 TOKENS = "16"
 CRASH_DRIVER = str(Path(__file__).resolve().parents[1] / "jobs" / "crash_driver.py")
@@ -110,17 +110,8 @@ def test_compare_through_a_server_prints_what_compare_prints_here(live_server, l
 @pytest.fixture(scope="module")
 def adapter_server(tiny_phi2_dir, tiny_lora_dir, tiny_ja_en_dir, tiny_en_ja_dir):
     """`serve --llm PHI2 --llm ADAPTER` (no key): the adapter's /v1/models entry names its base."""
-    from pipeline.serve.app import create_app
-    from pipeline.serve.models import LoadOptions, ModelRegistry
-
-    own = ModelRegistry.load(LoadOptions(llms=[str(tiny_phi2_dir), str(tiny_lora_dir)], ja_en=str(tiny_ja_en_dir),
-                                         en_ja=str(tiny_en_ja_dir), device="cpu", engine="transformers",
-                                         mt_backend="transformers", beams=1, max_rows=16))
-    server, thread, url = start_server(create_app(own))
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
-    own.close()
+    with base_and_adapter_server(tiny_phi2_dir, tiny_lora_dir, tiny_ja_en_dir, tiny_en_ja_dir) as url:
+        yield url
 
 
 def test_compare_of_one_adapter_through_a_server_pairs_it_with_its_base(adapter_server, tiny_phi2_dir,
