@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from pipeline import documents
 from pipeline.errors import JobError
 from pipeline.jobs.files import InputRow, Outcome
-from pipeline.jobs.runner import Checkpoint, JobPaths, JobSummary, no_checkpoint, run_job
+from pipeline.jobs.runner import Checkpoint, JobPaths, JobSummary, no_checkpoint, run_job, write_atomically
 from pipeline.jobs.workers import TranslationWorker, chunk_runner, check_languages
 from pipeline.text.detect import SUPPORTED_LANGUAGES, other_language
 
@@ -61,21 +60,6 @@ class SegmentWriter:
     def row(self, row: InputRow, outcome: Outcome | None) -> bytes:
         text = row.text if outcome is None or outcome.error else outcome.line
         return (json.dumps(text, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def _read_document(source: Path, fmt: str) -> documents.Document:
@@ -125,7 +109,8 @@ def run_document_job(source: str | Path, output: str | Path, *, fmt: str | None,
         if len(translations) != len(document.segments):
             raise JobError(f"{paths.output} holds {len(translations)} of {len(document.segments)} segments; "
                            "pass --restart to start over")
-        _write_atomically(output, documents.rebuild(document, translations, target_lang))
+        data = documents.rebuild(document, translations, target_lang)
+        write_atomically(output, lambda f: f.write(data))
     paths.output.unlink(missing_ok=True)
     return summary
 

@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import BinaryIO, Callable, Iterator, Protocol
 
 from pipeline.errors import JobError
 from pipeline.jobs.files import InputRow, Outcome, error_record
@@ -144,15 +144,22 @@ def save_progress(path: Path, progress: Progress) -> None:
     write_json(path, asdict(progress))
 
 
-def write_json(path: Path, value: dict) -> None:
-    """Replace `path` atomically (temporary sibling, fsync, rename, the directory synced)."""
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace `path` with what `write` writes to a binary file, atomically: a temporary sibling,
+    fsynced, renamed over `path`, the directory synced (a crash leaves the old file or the new one)."""
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(value, f, ensure_ascii=False, indent=1)
+    with open(temporary, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
     fsync_directory(path.parent)
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Replace `path` with `value` as JSON, atomically (write_atomically)."""
+    data = json.dumps(value, ensure_ascii=False, indent=1).encode("utf-8")
+    write_atomically(path, lambda f: f.write(data))
 
 
 def load_progress(path: Path) -> Progress | None:

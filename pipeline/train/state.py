@@ -12,14 +12,13 @@ Read back with torch's weights_only loader: tensors, numbers, strings and contai
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import JobError
-from pipeline.jobs.runner import fsync_directory
+from pipeline.jobs.runner import write_atomically
 
 STATE_VERSION = 1
 
@@ -37,16 +36,10 @@ class TrainState:
 
 def save_state(path: Path, state: TrainState, run_key: str) -> None:
     """Write `state` to `path` atomically (see the module docstring)."""
-    temporary = path.with_name(path.name + ".tmp")
     payload = {"version": STATE_VERSION, "run": run_key, "step": state.step, "epoch_loss": state.epoch_loss,
                "epoch_tokens": state.epoch_tokens, "tokens_seen": state.tokens_seen, "history": state.history,
                **state.tensors}
-    with open(temporary, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    fsync_directory(path.parent)
+    write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def load_state(path: Path, run_key: str) -> TrainState | None:
