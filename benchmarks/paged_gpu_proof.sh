@@ -38,6 +38,7 @@ in_tree() { local tree="$1"; shift; (cd "$tree" && PYTHONPATH="${PYTHONPATH/$HER
 if want tests; then
   timeout "${TEST_SECONDS:-420}" python -m pytest -q -rs -x tests/llm/test_fast_batch_gpu.py \
     tests/llm/test_fast_batch.py tests/llm/test_fast_generate.py tests/llm/test_multi_lora.py tests/test_direct_weights_gpu.py \
+    tests/llm/test_hardware.py \
     tests/serve/test_scheduler.py ${EXTRA_TESTS:-} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
 fi
 if want decode; then

@@ -7,9 +7,17 @@ import torch
 CACHE_FIT_SHARE = 0.7  # share of usable GPU memory a batch's KV cache may take (the rest: activations, graphs)
 
 
+def cuda_index(device: torch.device | str) -> int:
+    """The card's number: "cuda" alone means the current one. torch's per-process cap takes only a
+    numbered device (set_per_process_memory_fraction(f, torch.device("cuda")) raises ValueError)."""
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 def usable_memory(device: torch.device) -> int:
     """Bytes this process can still allocate on `device`: free on the card plus what torch's caching
     allocator holds unused, within the per-process cap (torch.cuda.set_per_process_memory_fraction)."""
+    device = cuda_index(device)
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     usable = free + torch.cuda.memory_reserved(device) - allocated
@@ -39,6 +47,7 @@ def limit_process(amount: float, device: torch.device) -> int | None:
     work all count; returns the bytes it may take (None off CUDA, where nothing is capped)."""
     if torch.device(device).type != "cuda":
         return None
+    device = cuda_index(device)
     total = torch.cuda.get_device_properties(device).total_memory
     limit = int(amount * total) if amount <= 1 else int(amount)
     if limit > total:

@@ -247,3 +247,32 @@ def test_transformers_engine_in_float16_keeps_attention_scores_in_fp32(tiny_phi2
         runs[dtype] = [g.token_ids for g in engine.generate(prompts, settings)]
     same = sum(a == b for x, y in zip(runs[torch.float16], runs[torch.float32]) for a, b in zip(x, y))
     assert same >= 0.9 * sum(len(x) for x in runs[torch.float32])
+
+
+def test_gpu_memory_cap_of_a_server_on_the_unnumbered_cuda_device(monkeypatch):
+    """`serve --device auto` resolves to torch.device("cuda") (no number); torch's per-process cap
+    raises ValueError for such a device, which stopped every GPU server at start. torch's own check
+    stands in for the cap here, so a CPU machine shows what a GPU one would raise."""
+    from types import SimpleNamespace
+
+    from torch.cuda._utils import _get_device_index
+
+    from pipeline.llm.memory import limit_process
+
+    caps = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * GiB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device: caps.append((fraction, _get_device_index(device))))
+    assert limit_process(0.5, torch.device("cuda")) == 40 * GiB
+    assert limit_process(16 * GiB, torch.device("cuda:0")) == 16 * GiB
+    assert caps == [(0.5, 0), (0.2, 0)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_memory_cap_and_free_memory_on_a_real_card():
+    from pipeline.llm.memory import limit_process, usable_memory
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert limit_process(1.0, torch.device("cuda")) == total  # the whole card: caps nothing
+    assert 0 < usable_memory(torch.device("cuda")) <= total
