@@ -100,15 +100,21 @@ class FastDecodeBatch:
         return 0 if self.parked else len(self._free_slots)
 
     def can_take(self, lengths: list[int]) -> bool:
-        """Whether prompts of these lengths can all join now: slots, and blocks for their prompts
+        """Whether prompts of these lengths can all join now (joinable)."""
+        return self.joinable(lengths) == len(lengths)
+
+    def joinable(self, lengths: list[int]) -> int:
+        """How many of these prompts, in order, can join now: slots, and blocks for their prompts
         beside a block in hand for every row that will then be live (its next block)."""
-        if len(lengths) > self.room():
-            return False
-        blocks = self.cache.blocks
-        if blocks is None:
-            return True  # the pool is sized when the first row joins
-        need = sum(blocks.blocks_for(length + 1) for length in lengths)
-        return need + len(self.rows) + len(lengths) <= blocks.free or not self.rows
+        room, blocks = self.room(), self.cache.blocks
+        if blocks is None or not self.rows:
+            return min(len(lengths), room)  # the pool is sized (or grows) when the first row joins
+        need = len(self.rows)
+        for count, length in enumerate(lengths[:room]):
+            need += blocks.blocks_for(length + 1) + 1
+            if need > blocks.free:
+                return count
+        return min(len(lengths), room)
 
     def check(self, prompt: list[int], settings: GenerationSettings) -> None:
         """Raise for a request that can never fit (prompt + answer past the model's context or the pool)."""

@@ -14,6 +14,7 @@ same code runs op by op, also on the CPU, which is how CI checks it against tran
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import replace
 from typing import Iterator
@@ -208,9 +209,8 @@ class FastPhiEngine:
 
         try:
             while waiting or live:
-                joining = []
-                while waiting and batch.can_take([len(prompts[i]) for i in joining + [waiting[0]]]):
-                    joining.append(waiting.popleft())
+                heads = [len(prompts[i]) for i in itertools.islice(waiting, batch.room())]
+                joining = [waiting.popleft() for _ in range(batch.joinable(heads))]
                 if joining:
                     added = batch.add([(prompts[i], rows[i], adapters[i]) for i in joining])
                     events = [(key, index, first) for index, (key, first) in zip(joining, added)]
