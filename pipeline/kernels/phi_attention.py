@@ -177,8 +177,8 @@ if triton is not None:
     def _tile(table_row, n0, head_off, stride_cb, stride_cs, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         """Offsets of a row's columns n0..n0+BLOCK_N-1 (n0 a multiple of BLOCK_N: one block holds them).
         Each column's block is read (a vector load of BLOCK_N equal values), not the tile's one scalar:
-        Triton's software pipeliner prefetches vector loads, not scalar ones, and the key and value loads
-        depend on it; with the scalar, batch-1 decode ran 6-8% below the slot cache's (docs/benchmarks.md)."""
+        the key and value loads depend on it, and Triton's software pipeliner prefetches tensor loads, not
+        scalar ones. With the scalar, decode ran 6-8% below the slot cache's at batch 1 (docs/benchmarks.md)."""
         n = n0 + tl.arange(0, BLOCK_N)
         block = tl.load(table_row + n // BLOCK_SIZE)
         return block[:, None] * stride_cb + head_off + (n % BLOCK_SIZE)[:, None] * stride_cs
