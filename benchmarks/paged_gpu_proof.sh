@@ -8,7 +8,7 @@
 #    20 to 1,800 tokens joining and leaving a 64-row batch, each as alone; rows preempted when the blocks
 #    run short and resumed, greedy and seeded, each as alone; a seeded row the same from generate, stream
 #    and a busy batch; the Triton kernels through the block table against a float64 reference; the server's
-#    scheduler under a burst of 200;
+#    scheduler under a burst of 200; a server loading on the default device and memory cap;
 # 2. decode: benchmarks/llm_decode.py --quick (batch 1 and 128), this tree and BEFORE in turn, twice;
 # 3. serve: benchmarks/serve_load.py at 64 clients (200-token answers) with the engine's batch-64 bar;
 # 4. limits: serve_load.py --gpu-memory 16GiB 40GiB: 64 clients of 1,300-token requests against a server held
@@ -38,7 +38,7 @@ in_tree() { local tree="$1"; shift; (cd "$tree" && PYTHONPATH="${PYTHONPATH/$HER
 if want tests; then
   timeout "${TEST_SECONDS:-420}" python -m pytest -q -rs -x tests/llm/test_fast_batch_gpu.py \
     tests/llm/test_fast_batch.py tests/llm/test_fast_generate.py tests/llm/test_multi_lora.py tests/test_direct_weights_gpu.py \
-    tests/llm/test_hardware.py \
+    tests/llm/test_hardware.py tests/serve/test_serve_gpu.py \
     tests/serve/test_scheduler.py ${EXTRA_TESTS:-} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
 fi
 if want decode; then
