@@ -191,6 +191,23 @@ def fresh_engine(tiny_phi2_dir):
     return FastPhiEngine(model, model.config.eos_token_id, use_graphs=False, max_seq_len=256)
 
 
+def test_joinable_counts_the_waiting_prompts_that_fit_in_order_as_can_take_of_each_prefix(fresh_engine):
+    """generate admits its waiting prompts with one joinable() call; it must be can_take's answer
+    for every prefix: slots first, then blocks (a block in hand for every row then live)."""
+    batch = FastDecodeBatch(fresh_engine, max_rows=6, blocks=16)  # 15 usable blocks of 32 columns
+    key, _ = batch.add([(SHORT, greedy(5))])[0]
+    assert fresh_engine.cache.blocks.free == 14
+    for lengths in ([40] * 8, [100, 100, 100, 100], [200, 5, 5], [5] * 3, []):
+        count = batch.joinable(lengths)
+        assert all(batch.can_take(lengths[:k]) for k in range(count + 1))
+        assert count == len(lengths) or not batch.can_take(lengths[:count + 1])
+    # 14 blocks free beside the live row's one; each newcomer needs its prompt's blocks and one more
+    assert batch.joinable([5] * 8) == 5  # 1 + 2 * 5 blocks fit: the five free slots decide
+    assert batch.joinable([40] * 8) == 4  # 1 + 3 * 4 = 13 blocks fit, a fifth would make 16
+    assert batch.joinable([100] * 4) == 2  # 1 + 5 * 2 = 11, a third would make 16
+    batch.drop(key)
+
+
 @pytest.mark.parametrize("sampled", [False, True])
 def test_rows_preempted_when_the_blocks_run_short_resume_with_their_alone_tokens(fresh_engine, sampled):
     engine = fresh_engine
