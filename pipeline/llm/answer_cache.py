@@ -122,8 +122,10 @@ class AnswerCache:
             target.index_copy_(0, index, _staged(column, target.dtype).to(self.device, non_blocking=True))
 
     def free_row(self, row: int) -> None:
-        """Row `row` leaves: from the next step it writes to the trash block and attends to itself."""
-        self.write_rows([row], advance=[0], col=[0], positions=[0], adapters=[0], temperature=[0.0])
+        """Row `row` leaves: from the next step it writes to the trash block and attends to itself.
+        (Fills on the device: write_rows would pin and copy five one-element lists for every row that ends.)"""
+        for tensor in (self.advance, self.col, self.positions, self.adapters, self.sampling.temperature):
+            tensor[row] = 0
         self.table[row].fill_(TRASH_BLOCK)
 
     def keeper(self, rows: list[int], lengths: list[int], skip: list[int], keys: torch.Tensor,
