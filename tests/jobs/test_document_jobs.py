@@ -70,9 +70,9 @@ def test_a_crash_after_the_last_commit_is_rebuilt_from_the_segments_on_the_next_
     source = tmp_path / "in.srt"
     source.write_text(SRT, encoding="utf-8")
 
-    def dies(path, data):
+    def dies(path, write):
         raise Crash("before the rename")
-    monkeypatch.setattr(documents, "_write_atomically", dies)
+    monkeypatch.setattr(documents, "write_atomically", dies)
     with pytest.raises(Crash):
         translate_document(source, tmp_path / "out.srt", Counting())
     monkeypatch.undo()
