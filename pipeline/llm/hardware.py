@@ -19,6 +19,7 @@ import torch
 
 from pipeline.errors import DeviceError
 from pipeline.llm.decode_config import DEFAULT_DECODE, DecodeConfig
+from pipeline.llm.memory import cuda_index
 from pipeline.loading import DTYPES, auto_dtype
 
 TRITON_MIN = (3, 0)  # tl.range(num_stages=...) and tl.dot(input_precision=...)
@@ -167,7 +168,7 @@ def probe(device: torch.device | str) -> Hardware:
         triton_version = None
     if device.type != "cuda":
         return Hardware(str(device), triton=triton_version)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     props = torch.cuda.get_device_properties(index)
     free, total = torch.cuda.mem_get_info(index)
     return Hardware(str(device), props.name, torch.cuda.get_device_capability(index), total, free, triton_version)
