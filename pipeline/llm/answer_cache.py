@@ -51,6 +51,8 @@ class AnswerCache:
         floats = dict(dtype=torch.float32, device=device)
         self.sampling = SamplingRows(torch.zeros(rows, **floats), torch.ones(rows, **floats),
                                      torch.zeros(rows, **long), torch.zeros(rows, **long))
+        self._freed: list[int] = []  # rows freed and (row, block number, block) placed, not yet settled
+        self._placed: list[tuple[int, int, int]] = []
         self.graphs: dict = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.busy = False
@@ -103,43 +105,63 @@ class AnswerCache:
         self.drop_graphs()
         self.k = self.v = None
         self.blocks = None
+        self._freed, self._placed = [], []
         self.table.fill_(TRASH_BLOCK)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def place(self, row: int, first: int, blocks: list[int]) -> None:
-        """Write `blocks` into row `row`'s table from its block number `first` on (without waiting for
-        the GPU: the host list is copied from pinned memory that nothing writes again)."""
-        if blocks:
-            self.table[row, first:first + len(blocks)].copy_(_staged(blocks), non_blocking=True)
+        """Row `row`'s table holds `blocks` from its block number `first` on, once the table is next
+        read (`_settle`: one copy for every row placed meanwhile, without waiting for the GPU)."""
+        self._placed.extend((row, first + i, block) for i, block in enumerate(blocks))
 
     def write_rows(self, rows: list[int], **values: list) -> None:
         """Set several rows of the step's tensors by name (tokens, col, positions, advance, adapters,
         temperature, top_p, seed, step), one copy each, without waiting for the GPU."""
-        index = _staged(rows).to(self.device, non_blocking=True)
+        self._settle()
+        index = _sent(rows, self.device)
         for name, column in values.items():
             target = getattr(self.sampling, name) if hasattr(self.sampling, name) else getattr(self, name)
-            target.index_copy_(0, index, _staged(column, target.dtype).to(self.device, non_blocking=True))
+            target.index_copy_(0, index, _sent(column, self.device, target.dtype))
 
     def free_row(self, row: int) -> None:
         """Row `row` leaves: from the next step it writes to the trash block and attends to itself.
-        (Fills on the device: write_rows would pin and copy five one-element lists for every row that ends.)"""
-        for tensor in (self.advance, self.col, self.positions, self.adapters, self.sampling.temperature):
-            tensor[row] = 0
-        self.table[row].fill_(TRASH_BLOCK)
+        Settled with every other row freed before the table is next read: a batch of 128 rows ending
+        together takes six fills, not six per row. Blocks placed for the row and not yet settled are
+        void (a row placed after this keeps its own)."""
+        if any(placed[0] == row for placed in self._placed):
+            self._placed = [placed for placed in self._placed if placed[0] != row]
+        self._freed.append(row)
+
+    def _settle(self) -> None:
+        """Apply the rows freed and the blocks placed since last time, in that order (a slot freed and
+        taken again keeps its new blocks): before anything reads the table or writes a row."""
+        if self._freed:
+            index = _sent(self._freed, self.device)
+            for tensor in (self.advance, self.col, self.positions, self.adapters, self.sampling.temperature):
+                tensor.index_fill_(0, index, 0)
+            self.table.index_fill_(0, index, TRASH_BLOCK)
+            self._freed = []
+        if self._placed:
+            rows, columns, blocks = _sent(list(zip(*self._placed)), self.device)
+            self.table.index_put_((rows, columns), blocks)
+            self._placed = []
 
     def keeper(self, rows: list[int], lengths: list[int], skip: list[int], keys: torch.Tensor,
                values: torch.Tensor) -> Callable[[int], None]:
         """`keep(layer)` for a prefill (phi_model.prefill) into one layer's scratch keys and values
         ([n, heads, width, head_dim], left-padded: group row i's columns begin at skip[i]): copies
-        them into the blocks of rows[i], its columns 0..lengths[i]-1 (the rows hold those blocks)."""
-        device = self.device
-        counts = _staged(lengths).to(device, non_blocking=True)
-        group = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)  # each token's group row
-        before = torch.cumsum(counts, 0) - counts  # tokens of the group rows before each
-        column = torch.arange(int(sum(lengths)), device=device) - before[group]  # each token's column
-        source = _staged(skip).to(device, non_blocking=True)[group] + column
-        block = self.table[_staged(rows).to(device, non_blocking=True)[group], column // self.block_size]
+        them into the blocks of rows[i], its columns 0..lengths[i]-1 (the rows hold those blocks).
+        Each token's indices are worked out on the host and copied over at once (on the device,
+        repeat_interleave would wait for the GPU to learn its output's size)."""
+        self._settle()
+        counts = torch.tensor(lengths)
+        group = torch.repeat_interleave(torch.arange(len(rows)), counts)  # each token's group row
+        column = torch.arange(len(group)) - (torch.cumsum(counts, 0) - counts)[group]  # its column
+        source = torch.tensor(skip)[group] + column
+        slot = torch.tensor(rows)[group]
+        group, column, source, slot = _sent(torch.stack((group, column, source, slot)), self.device)
+        block = self.table[slot, column // self.block_size]
         offset = column % self.block_size
 
         def keep(layer: int) -> None:
@@ -150,7 +172,7 @@ class AnswerCache:
     def save(self, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """These blocks' keys and values, copied to the host (pinned, without waiting: the copy runs
         after the steps that wrote them and before anything that writes the blocks again)."""
-        index = _staged(blocks).to(self.device, non_blocking=True)
+        index = _sent(blocks, self.device)
         pinned = self.device.type == "cuda"
         saved = []
         for pool in (self.k, self.v):
@@ -161,14 +183,15 @@ class AnswerCache:
 
     def restore(self, saved: tuple[torch.Tensor, torch.Tensor], blocks: list[int]) -> None:
         """`save`'s copy back, into the first of these blocks (a row's, in column order)."""
-        index = _staged(blocks[:saved[0].shape[1]]).to(self.device, non_blocking=True)
+        index = _sent(blocks[:saved[0].shape[1]], self.device)
         for pool, host in zip((self.k, self.v), saved):
             pool.index_copy_(1, index, host.to(self.device, non_blocking=True))
 
     # ---- the step ----------------------------------------------------------------------------------
 
     def state(self, rows: int) -> DecodeState:
-        """The decode step's inputs for the first `rows` rows."""
+        """The decode step's inputs for the first `rows` rows (rows freed or placed so far applied)."""
+        self._settle()
         return DecodeState(self.tokens[:rows], self.positions[:rows], self.col[:rows], self.starts[:rows],
                            self.k, self.v, self.table[:rows], self.block_size, self.adapters[:rows])
 
@@ -178,6 +201,7 @@ class AnswerCache:
 
     def reset_rows(self) -> None:
         """Every row free (a batch starts)."""
+        self._freed, self._placed = [], []
         for tensor in (self.col, self.positions, self.advance, self.adapters, self.sampling.step):
             tensor.zero_()
         self.sampling.temperature.zero_()
@@ -218,7 +242,8 @@ class AnswerCache:
         return graph, logits
 
 
-def _staged(values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A host tensor of `values` that a non-blocking copy may read later (pinned where CUDA is)."""
-    tensor = torch.tensor(values, dtype=dtype)
-    return tensor.pin_memory() if torch.cuda.is_available() else tensor
+def _sent(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`values` (a list, or a host tensor) on `device`, copied without waiting for the GPU: from
+    pinned memory where CUDA is, which a non-blocking copy may read after this returns."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return (host.pin_memory() if torch.cuda.is_available() else host).to(device, non_blocking=True)

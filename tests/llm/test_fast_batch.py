@@ -208,6 +208,32 @@ def test_joinable_counts_the_waiting_prompts_that_fit_in_order_as_can_take_of_ea
     batch.drop(key)
 
 
+def test_rows_freed_and_blocks_placed_reach_the_table_in_their_order_before_it_is_read(fresh_engine):
+    """The cache settles frees and placements in one copy each before a step or prefill reads the
+    table: a row placed then freed points at the trash block and stops; a slot freed then taken again
+    keeps its new blocks and settings."""
+    from pipeline.llm.blocks import TRASH_BLOCK
+
+    cache = fresh_engine.cache
+    cache.reserve(8)
+    cache.reset_rows()
+    cache.write_rows([0, 1, 2], col=[40, 9, 3], advance=[1, 1, 1])
+    cache.place(0, 0, [3, 4])
+    cache.place(1, 0, [5])
+    cache.free_row(0)
+    cache.place(1, 1, [6])
+    cache.free_row(2)
+    cache.place(2, 0, [7])
+    table = cache.state(3).table
+    assert table[0].eq(TRASH_BLOCK).all() and cache.advance[0] == 0 and cache.col[0] == 0
+    assert table[1, :3].tolist() == [5, 6, TRASH_BLOCK] and cache.advance[1] == 1 and cache.col[1] == 9
+    assert table[2, :2].tolist() == [7, TRASH_BLOCK] and cache.advance[2] == 0
+    cache.write_rows([2], col=[5], advance=[1])  # the slot's new row
+    cache.free_row(1)
+    cache.write_rows([0], col=[1])  # writing a row settles the frees first
+    assert cache.table[1].eq(TRASH_BLOCK).all() and cache.col.tolist()[:3] == [1, 0, 5]
+
+
 @pytest.mark.parametrize("sampled", [False, True])
 def test_rows_preempted_when_the_blocks_run_short_resume_with_their_alone_tokens(fresh_engine, sampled):
     engine = fresh_engine
