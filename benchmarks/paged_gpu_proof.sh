@@ -3,13 +3,15 @@
 #   bash benchmarks/paged_gpu_proof.sh                      # tests, decode, serving, the memory limits
 #   BEFORE=/path/to/older/checkout bash benchmarks/paged_gpu_proof.sh   # and the same figures of that tree,
 #                                                           # alternating with this one on the same GPU
-#   PARTS="tests decode" bash benchmarks/paged_gpu_proof.sh # some parts only (tests decode serve limits cold)
+#   PARTS="tests decode" bash benchmarks/paged_gpu_proof.sh # some parts only (tests decode table serve limits cold)
 # 1. tests: the paged cache's GPU tests at phi-2's published shape (random weights, CUDA graphs): rows of
 #    20 to 1,800 tokens joining and leaving a 64-row batch, each as alone; rows preempted when the blocks
 #    run short and resumed, greedy and seeded, each as alone; a seeded row the same from generate, stream
 #    and a busy batch; the Triton kernels through the block table against a float64 reference; the server's
 #    scheduler under a burst of 200; a server loading on the default device and memory cap;
 # 2. decode: benchmarks/llm_decode.py --quick (batch 1 and 128), this tree and BEFORE in turn, twice;
+# 2b. table: benchmarks/block_table_study.py, the attention kernels reading the block table per tile
+#    (in use) against the row's whole table once (AttentionConfig.table_once): kernels alone and generate;
 # 3. serve: benchmarks/serve_load.py at 64 clients (200-token answers) with the engine's batch-64 bar;
 # 4. limits: serve_load.py --gpu-memory 16GiB 40GiB: 64 clients of 1,300-token requests against a server held
 #    to 16 GiB (the article's T4) and 40 GiB (an A100 40GB);
@@ -27,7 +29,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 HERE="$PWD"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$HERE"
 OUT="${OUT:-$(mktemp -d)}"
-PARTS="${PARTS:-tests decode serve limits cold}"
+PARTS="${PARTS:-tests decode table serve limits cold}"
 BEFORE="${BEFORE:-}"
 [ -n "$BEFORE" ] && BEFORE="$(cd "$BEFORE" && pwd)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
@@ -51,6 +53,10 @@ if want decode; then
         | grep -E "^\| FastPhiEngine|prefill|peak" | tee -a "$OUT/decode.txt"
     done
   done
+fi
+if want table; then
+  echo "== block table study (per tile against once per row)"
+  timeout 300 python benchmarks/block_table_study.py 2>&1 | grep --line-buffered "^table study" | tee "$OUT/table.txt"
 fi
 if want serve; then
   for tree in "$HERE" $BEFORE; do

@@ -4,7 +4,9 @@ Row b's valid keys are its columns start[b]..col[b], and the kernels read only t
 scaled_dot_product_attention would read the whole cache under a mask. The cache is paged
 (llm/blocks.py, llm/answer_cache.py): a layer's keys are [blocks, heads, block_size, head_dim], and
 row b's column c is at offset c % block_size of block table[b, c // block_size]; a tile of BLOCK_N
-columns (block_size a multiple of it) lies in one block, so each tile costs one lookup in the table.
+columns (block_size a multiple of it) lies in one block, so each tile costs one lookup in the table
+(or none: with `table_once` the kernel reads the row's table before its loop; which is faster is
+benchmarks/block_table_study.py's question).
 `col` is one column for every row (shape [1]) or one per row ([B]). The engine's
 form (`AttentionConfig("dot")`, one split, rope inside) is one kernel per layer that also applies the
 rotary embedding to the step's query and key and writes the key and value to the cache. The other
@@ -41,6 +43,8 @@ class AttentionConfig:
     block_n, warps, stages: columns per tile, warps per program, tiles in flight.
     splits: programs per (row, head) along the sequence (flash-decoding), merged by a second kernel.
     split_dims: read an 80-wide head as 64 + 16 columns instead of one tile padded to 128.
+    table_once: read the row's whole block table before the loop, each tile taking its block from
+    registers, instead of a load from the table per tile on which the tile's loads wait.
     """
 
     kernel: str = "dot"
@@ -49,6 +53,7 @@ class AttentionConfig:
     stages: int = 1
     splits: int = 1
     split_dims: bool = True
+    table_once: bool = False
 
 
 # Per batch-size bucket (the smallest key >= the batch serves it): the fastest variants timed on an
@@ -122,6 +127,7 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
     precision = "ieee" if k_cache.dtype == torch.float32 else None
     splits = config.splits
     d0, d1 = head_split(head_dim, config.split_dims)
+    table_width = triton.next_power_of_2(s.table.shape[1]) if config.table_once else 0
     if out is None:
         out = torch.empty((batch, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
     if config.kernel == "dot" and splits == 1 and rope_inside:
@@ -130,7 +136,7 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
             1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, COL_STRIDE=col_stride(s.col), HEADS=heads,
             HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
             STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None, BLOCK_SIZE=s.block_size,
-            BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1), **pdl_options(pdl))
+            TABLE_WIDTH=table_width, BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1), **pdl_options(pdl))
         return out
     q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, s.positions, s.col, 1, w, gelu, warps=rope_warps,
                              table=s.table, block_size=s.block_size)
@@ -143,7 +149,7 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
         *cache_strides, 1.0 / math.sqrt(head_dim), splits,
         out.stride(0), COL_STRIDE=col_stride(s.col), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1,
         BLOCK_N=config.block_n, BLOCK_SIZE=s.block_size, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages,
-        num_warps=config.warps, PRECISION=precision, num_stages=max(config.stages, 1),
+        TABLE_WIDTH=table_width, num_warps=config.warps, PRECISION=precision, num_stages=max(config.stages, 1),
     )
     if splits == 1:  # the split kernel wrote the output itself
         return out
@@ -174,21 +180,40 @@ if triton is not None:
         return tl.where(lo < hi, (lo // BLOCK_N) * BLOCK_N, hi)
 
     @triton.jit
-    def _tile(table_row, n0, head_off, stride_cb, stride_cs, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    def _row_blocks(table_row, hi, BLOCK_SIZE: tl.constexpr, TABLE_WIDTH: tl.constexpr):
+        """With TABLE_WIDTH (a power of two >= the table's width), the blocks of the row's columns
+        before `hi`, read once; else nothing (each tile reads its own)."""
+        if TABLE_WIDTH:
+            j = tl.arange(0, TABLE_WIDTH)
+            blocks = tl.load(table_row + j, mask=j < tl.cdiv(hi, BLOCK_SIZE), other=0)
+        else:
+            blocks = 0
+        return blocks
+
+    @triton.jit
+    def _tile(table_row, blocks, n0, head_off, stride_cb, stride_cs, BLOCK_N: tl.constexpr,
+              BLOCK_SIZE: tl.constexpr, TABLE_WIDTH: tl.constexpr):
         """Offsets of a row's columns n0..n0+BLOCK_N-1 (n0 a multiple of BLOCK_N: one block holds them).
-        Each column's block is read (a vector load of BLOCK_N equal values), not the tile's one scalar:
-        the key and value loads depend on it, and Triton's software pipeliner prefetches tensor loads, not
-        scalar ones. With the scalar, decode ran 6-8% below the slot cache's at batch 1 (docs/benchmarks.md)."""
+        Without the row's `blocks` in registers, each column's block is read (a vector load of BLOCK_N
+        equal values), not the tile's one scalar: the key and value loads depend on it, and Triton's
+        software pipeliner prefetches tensor loads, not scalar ones. With the scalar, decode ran 6-8%
+        below the slot cache's at batch 1 (docs/benchmarks.md)."""
         n = n0 + tl.arange(0, BLOCK_N)
-        block = tl.load(table_row + n // BLOCK_SIZE)
-        return block[:, None] * stride_cb + head_off + (n % BLOCK_SIZE)[:, None] * stride_cs
+        if TABLE_WIDTH:
+            block = tl.sum(tl.where(tl.arange(0, TABLE_WIDTH) == n0 // BLOCK_SIZE, blocks, 0), axis=0)
+            offs = block * stride_cb + head_off + (n % BLOCK_SIZE)[:, None] * stride_cs
+        else:
+            block = tl.load(table_row + n // BLOCK_SIZE)
+            offs = block[:, None] * stride_cb + head_off + (n % BLOCK_SIZE)[:, None] * stride_cs
+        return offs
 
     @triton.jit
     def _attn_sum_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, table_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
                          stride_cb, stride_ch, stride_cs, stride_tb, scale, n_splits, stride_out,
                          COL_STRIDE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                         HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                         HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
+                         TABLE_WIDTH: tl.constexpr):
         """Attention of one query over its columns on CUDA cores; head read as D0 (+ D1) columns."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -205,10 +230,11 @@ if triton is not None:
         acc0 = tl.zeros([D0], dtype=tl.float32)
         acc1 = tl.zeros([D1], dtype=tl.float32)
         table_row = table_ptr + b * stride_tb
+        blocks = _row_blocks(table_row, hi, BLOCK_SIZE, TABLE_WIDTH)
         for n0 in tl.range(_first_tile(lo, hi, BLOCK_N), hi, BLOCK_N, num_stages=STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
             valid_n = (n >= lo) & (n < hi)
-            offs = _tile(table_row, n0, h * stride_ch, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE)
+            offs = _tile(table_row, blocks, n0, h * stride_ch, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, TABLE_WIDTH)
             if D0 > HEAD_DIM:
                 mask0 = valid_n[:, None] & valid0[None, :]
             else:
@@ -251,7 +277,8 @@ if triton is not None:
     @triton.jit
     def _attn_dot_loop(q0, q1, k_ptr, v_ptr, table_row, head_off, stride_cb, stride_cs, lo, hi, scale,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D0: tl.constexpr,
-                       D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                       D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
+                       TABLE_WIDTH: tl.constexpr):
         """Online softmax of the query (q0 | q1, in the cache's dtype) over cache columns lo..hi-1 on
         tensor cores: the query is row 0 of a 16-row tile (rows 1-15 zero).
 
@@ -271,10 +298,11 @@ if triton is not None:
         l_i = tl.zeros([16], dtype=tl.float32)
         acc0 = tl.zeros([16, D0], dtype=tl.float32)
         acc1 = tl.zeros([16, D1], dtype=tl.float32)
+        blocks = _row_blocks(table_row, hi, BLOCK_SIZE, TABLE_WIDTH)
         for n0 in tl.range(_first_tile(lo, hi, BLOCK_N), hi, BLOCK_N, num_stages=STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
             valid_n = (n >= lo) & (n < hi)
-            offs = _tile(table_row, n0, head_off, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE)
+            offs = _tile(table_row, blocks, n0, head_off, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, TABLE_WIDTH)
             if D0 > HEAD_DIM:
                 mask0 = valid_n[:, None] & valid0[None, :]
             else:
@@ -308,7 +336,8 @@ if triton is not None:
                          stride_cb, stride_ch, stride_cs, stride_tb, scale, n_splits, stride_out,
                          COL_STRIDE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                         HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                         HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
+                         TABLE_WIDTH: tl.constexpr):
         """As _attn_sum_kernel on tensor cores (_attn_dot_loop)."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -321,7 +350,7 @@ if triton is not None:
         q1 = tl.load(q_ptr + bh * HEAD_DIM + d1, mask=HAS_TAIL & (d1 < HEAD_DIM), other=0.0)
         out0, out1, m_0, l_0 = _attn_dot_loop(q0, q1, k_ptr, v_ptr, table_ptr + b * stride_tb, h * stride_ch,
                                               stride_cb, stride_cs, lo, hi, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
-                                              D0, D1, HAS_TAIL, STAGES, PRECISION)
+                                              D0, D1, HAS_TAIL, STAGES, PRECISION, TABLE_WIDTH)
         _attn_store(out0, out1, m_0, l_0, d0, d1, bh, b * stride_out + h * HEAD_DIM, split, n_splits, o_ptr,
                     m_ptr, l_ptr, out_ptr, HEAD_DIM, DIRECT, HAS_TAIL)
 
@@ -332,7 +361,7 @@ if triton is not None:
                           HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr,
                           D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
                           PRECISION: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                          BLOCK_G: tl.constexpr, PDL: tl.constexpr):
+                          TABLE_WIDTH: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
         """_rope_write_kernel and _attn_dot_kernel (one split) as one kernel: one launch per layer.
 
         The step's own key and value go to the cache for later steps, but this step takes them from
@@ -368,7 +397,7 @@ if triton is not None:
         tl.store(v_ptr + cell + d1, v1, mask=valid1)
         acc0, acc1, m_i, l_i = _attn_dot_loop(q0, q1, k_ptr, v_ptr, table_row, h * stride_ch, stride_cb, stride_cs,
                                               tl.load(starts_ptr + b), col, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, D0,
-                                              D1, HAS_TAIL, STAGES, PRECISION)
+                                              D1, HAS_TAIL, STAGES, PRECISION, TABLE_WIDTH)
         now = (tl.sum(q0.to(tl.float32) * k0.to(tl.float32), axis=0)
                + tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=0)) * scale
         top = tl.maximum(m_i, now)

@@ -283,7 +283,7 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
     starts = torch.tensor([0, 5, 30, col])  # the last row's only column is this step's
     cols = torch.tensor([col, 20, 44, col]) if own_columns else torch.full((batch,), col)
     size = 32  # columns per block: a multiple of every tile's block_n
-    per_row = -(-columns // size)
+    per_row = -(-columns // size) + 1  # a table wider than the columns, not a power of two wide
     pool = 1 + batch * per_row + 3
     table = (torch.randperm(pool - 1, generator=gen)[:batch * per_row] + 1).view(batch, per_row)
     k_pool = torch.randn(pool, heads, size, head_dim, generator=gen).to(device)
@@ -320,7 +320,9 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
 
     configs = {AttentionConfig(kernel, 16, 2, stages, splits, split_dims)
                for kernel in ("sum", "dot") for stages in (1, 3) for splits in (1, 3) for split_dims in (True, False)}
-    for config in sorted(configs | {c for _, c in ATTENTION_TILES}, key=str):  # and the ones in use
+    configs |= {c for _, c in ATTENTION_TILES}  # and the ones in use, also reading the row's table once
+    configs |= {replace(c, table_once=True) for c in configs if c.stages == 3 or c in dict(ATTENTION_TILES).values()}
+    for config in sorted(configs, key=str):
         kc, vc = k_pool.clone(), v_pool.clone()
         state = DecodeState(torch.zeros(batch, dtype=torch.long, device=device), positions.to(device),
                             (cols if own_columns else torch.tensor([col])).to(device), starts.to(device), kc, vc,
@@ -351,6 +353,11 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
         assert wide[:, :20].isnan().all() and wide[:, 95:].isnan().all()
 
 
+# the attention kernels reading each row's block table once, before their loop (AttentionConfig.table_once)
+TABLE_ONCE = replace(DEFAULT_DECODE, attention_tiles=tuple((rows, replace(config, table_once=True))
+                                                           for rows, config in DEFAULT_DECODE.attention_tiles))
+
+
 @pytest.mark.skipif(not _triton_checkable(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 def test_engine_on_the_triton_kernels_gives_the_tokens_of_transformers(model, eos, reference):
     """Every kernel of the decode path at once (layer norm, skinny products, rotary + cache write in the
@@ -364,6 +371,6 @@ def test_engine_on_the_triton_kernels_gives_the_tokens_of_transformers(model, eo
         reference = TransformersEngine(model, eos)
     want = [g.token_ids for g in reference.generate(PROMPTS, GREEDY)]
     for config in (DEFAULT_DECODE, replace(DEFAULT_DECODE, fused_min_rows=1, mlp_beside_attention=False),
-                   replace(DEFAULT_DECODE, rope_in_attention=False, pdl=False)):
+                   replace(DEFAULT_DECODE, rope_in_attention=False, pdl=False), TABLE_ONCE):
         engine = FastPhiEngine(model, eos, use_graphs=False, use_triton=True, max_seq_len=256, config=config)
         assert [g.token_ids for g in engine.generate(PROMPTS, GREEDY)] == want, config
