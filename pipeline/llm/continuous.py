@@ -6,8 +6,8 @@ row (prefilled alone, then decoded with the others) and drop a finished or aband
 
 The contract, all from one thread:
 - `room() -> int`: how many rows may join now (a request waits while there is none);
-- `can_take(lengths) -> bool`: whether prompts of these lengths can join together now (rows and the
-  cache's room for their prompts; a request waits while they cannot);
+- `joinable(lengths) -> int`: how many of prompts of these lengths, in order, can join now (rows and
+  the cache's room for their prompts; a request waits while it cannot);
 - `check(prompt, settings)`: raise for a request that can never fit (InputTooLongError names the limit);
 - `add([(prompt, settings[, adapter]), ...]) -> [(row, first_token), ...]`: prefill prompts (together
   where the engine can), each applying the engine's LoRA adapter number `adapter` (0 or left out: the
@@ -49,7 +49,7 @@ class DecodeBatch(Protocol):
 
     def room(self) -> int: ...
 
-    def can_take(self, lengths: list[int]) -> bool: ...
+    def joinable(self, lengths: list[int]) -> int: ...
 
     def check(self, prompt: list[int], settings: GenerationSettings) -> None: ...
 
@@ -116,8 +116,8 @@ class TransformersDecodeBatch:
     def room(self) -> int:
         return self.max_rows - len(self.rows)
 
-    def can_take(self, lengths: list[int]) -> bool:
-        return len(lengths) <= self.room()  # the DynamicCache grows as rows join
+    def joinable(self, lengths: list[int]) -> int:
+        return min(len(lengths), self.room())  # the DynamicCache grows as rows join
 
     def check(self, prompt: list[int], settings: GenerationSettings) -> None:
         limit = getattr(self.model.config, "max_position_embeddings", None)

@@ -99,10 +99,6 @@ class FastDecodeBatch:
         """Rows that can join now (none while a preempted row waits to come back)."""
         return 0 if self.parked else len(self._free_slots)
 
-    def can_take(self, lengths: list[int]) -> bool:
-        """Whether prompts of these lengths can all join now (joinable)."""
-        return self.joinable(lengths) == len(lengths)
-
     def joinable(self, lengths: list[int]) -> int:
         """How many of these prompts, in order, can join now: slots, and blocks for their prompts
         beside a block in hand for every row that will then be live (its next block)."""

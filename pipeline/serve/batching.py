@@ -19,6 +19,7 @@ concurrent futures, so no stage ever runs on the loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -28,6 +29,7 @@ from typing import Callable
 
 from pipeline.gpu_gate import GATE
 from pipeline.llm.continuous import open_decode_batch
+from pipeline.serve.engine_profile import EngineProfile, cache_blocks
 from pipeline.spec import GenerationSettings
 
 log = logging.getLogger("bilingual_qa.serve")
@@ -127,51 +129,6 @@ def _put_all(items: list) -> None:
         events.put_nowait(item)
 
 
-class _Profile:
-    """Where the decode thread's time goes, logged every REPORT_SECONDS while it works (the profile
-    serve_load.py's runs leave in the server's log), with the answer cache's blocks and preemptions."""
-
-    REPORT_SECONDS = 5.0
-
-    def __init__(self, batch=None):
-        self.batch = batch
-        self.began = time.perf_counter()
-        self.steps = self.rows = self.adds = self.prompts = 0
-        self.step_s = self.add_s = self.longest_step = 0.0
-        self.most_rows = 0
-        self.preempted_before = getattr(batch, "preemptions", 0)
-
-    def step(self, rows: int, seconds: float) -> None:
-        self.steps, self.rows, self.step_s = self.steps + 1, self.rows + rows, self.step_s + seconds
-        self.longest_step = max(self.longest_step, seconds)
-        self.most_rows = max(self.most_rows, rows)
-
-    def add(self, prompts: int, seconds: float) -> None:
-        self.adds, self.prompts, self.add_s = self.adds + 1, self.prompts + prompts, self.add_s + seconds
-
-    def due(self) -> bool:
-        return time.perf_counter() - self.began >= self.REPORT_SECONDS
-
-    def line(self) -> str:
-        wall = time.perf_counter() - self.began
-        steps = max(self.steps, 1)
-        line = (f"answer engine, last {wall:.1f} s: {self.steps} steps, {self.rows / steps:.1f} rows (at most"
-                f" {self.most_rows}) and {self.step_s / steps * 1e3:.2f} ms each (longest"
-                f" {self.longest_step * 1e3:.0f} ms); {self.adds} prefills of {self.prompts} prompts,"
-                f" {self.add_s * 1e3:.0f} ms in all; {max(wall - self.step_s - self.add_s, 0):.2f} s neither")
-        blocks = cache_blocks(self.batch)
-        if blocks is not None:
-            preempted = self.batch.preemptions - self.preempted_before
-            line += (f"; cache blocks {blocks[0]} in use, {blocks[1]} free; {preempted} rows preempted")
-        return line
-
-
-def cache_blocks(batch) -> tuple[int, int] | None:
-    """(blocks in use, blocks free) of a decode batch's paged answer cache, None where it has none."""
-    manager = getattr(getattr(batch, "cache", None), "blocks", None)
-    return None if manager is None else (manager.used, manager.free)
-
-
 class AnswerScheduler:
     def __init__(self, engine, *, max_rows: int = 64, on_tokens: Callable[[int], None] | None = None,
                  batching: str = "auto", gpu_memory: float | None = None):
@@ -265,13 +222,14 @@ class AnswerScheduler:
         held: deque[AnswerJob] = deque()  # arrived, waiting for a free row
         outbox: list = []  # this step's events for the callers, handed over together
         self._in_hand = [live, held]
-        self.profile = _Profile(batch)
+        self.profile = EngineProfile(batch)
         while True:
             if self.profile.due():
                 if self.profile.steps or self.profile.adds:
                     log.info(self.profile.line())
-                self.profile = _Profile(batch)
-            if self._take_arrivals(held, block=not live and not held, outbox=outbox):
+                self.profile = EngineProfile(batch)
+            idle = not live and not held  # waits for work, but not past the profile's line
+            if self._take_arrivals(held, block=idle, outbox=outbox, timeout=self.profile.left() if idle else None):
                 self._finish_all(live, batch)
                 _hand_over(outbox)
                 return
@@ -304,11 +262,11 @@ class AnswerScheduler:
             _hand_over(outbox)
             self.running_rows = len(live)
 
-    def _take_arrivals(self, held: deque, block: bool, outbox: list) -> bool:
-        """Move every queued job to `held` (waiting for the first when `block`); True to stop."""
+    def _take_arrivals(self, held: deque, block: bool, outbox: list, timeout: float | None = None) -> bool:
+        """Move every queued job to `held` (waiting for the first when `block`, up to `timeout`); True to stop."""
         while True:
             try:
-                job = self.waiting.get(block=block)
+                job = self.waiting.get(block=block, timeout=timeout)
             except queue.Empty:
                 return False
             block = False
@@ -325,7 +283,8 @@ class AnswerScheduler:
         get their first token as soon as it is prefilled, and the rows decoding stall one chunk at a
         time."""
         joining, width = [], 0
-        while held and batch.can_take([len(j.prompt) for j in joining] + [len(held[0].prompt)]):
+        fits = batch.joinable([len(job.prompt) for job in itertools.islice(held, batch.room())])
+        for _ in range(fits):  # a cancelled or refused job leaves its place unused until the next step
             job = held[0]
             if job.cancelled:
                 held.popleft()

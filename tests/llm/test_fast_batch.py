@@ -191,16 +191,17 @@ def fresh_engine(tiny_phi2_dir):
     return FastPhiEngine(model, model.config.eos_token_id, use_graphs=False, max_seq_len=256)
 
 
-def test_joinable_counts_the_waiting_prompts_that_fit_in_order_as_can_take_of_each_prefix(fresh_engine):
-    """generate admits its waiting prompts with one joinable() call; it must be can_take's answer
-    for every prefix: slots first, then blocks (a block in hand for every row then live)."""
+def test_joinable_counts_the_waiting_prompts_that_fit_in_order(fresh_engine):
+    """generate and the server admit their waiting prompts with one joinable() call: slots first, then
+    blocks (a block in hand for every row then live); every prefix of what fits fits."""
     batch = FastDecodeBatch(fresh_engine, max_rows=6, blocks=16)  # 15 usable blocks of 32 columns
     key, _ = batch.add([(SHORT, greedy(5))])[0]
     assert fresh_engine.cache.blocks.free == 14
     for lengths in ([40] * 8, [100, 100, 100, 100], [200, 5, 5], [5] * 3, []):
         count = batch.joinable(lengths)
-        assert all(batch.can_take(lengths[:k]) for k in range(count + 1))
-        assert count == len(lengths) or not batch.can_take(lengths[:count + 1])
+        assert all(batch.joinable(lengths[:k]) == k for k in range(count + 1))
+        assert count == len(lengths) or batch.joinable(lengths[:count + 1]) == count
+    assert batch.joinable([200, 200, 5]) == 1  # 1 + 8 = 9 blocks, the second's 8 more would make 17: in order
     # 14 blocks free beside the live row's one; each newcomer needs its prompt's blocks and one more
     assert batch.joinable([5] * 8) == 5  # 1 + 2 * 5 blocks fit: the five free slots decide
     assert batch.joinable([40] * 8) == 4  # 1 + 3 * 4 = 13 blocks fit, a fifth would make 16
@@ -246,7 +247,7 @@ def test_rows_preempted_when_the_blocks_run_short_resume_with_their_alone_tokens
     batch = FastDecodeBatch(engine, max_rows=6, blocks=13)
     outputs, live, waiting = {}, {}, list(range(len(prompts)))
     for _ in range(5000):
-        while waiting and batch.can_take([len(prompts[waiting[0]])]):
+        while waiting and batch.joinable([len(prompts[waiting[0]])]):
             index = waiting.pop(0)
             (key, first), = batch.add([(prompts[index], settings)])
             outputs[index], live[key] = [first], index

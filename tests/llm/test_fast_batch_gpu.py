@@ -55,7 +55,7 @@ def decode(batch, schedule: dict[int, list[tuple[list[int], int]]], **sampling) 
     outputs, wanted, live, step, waiting = [], [], {}, 0, []
     while step <= max(schedule) or live or waiting:
         waiting += schedule.get(step, [])
-        while waiting and batch.can_take([len(waiting[0][0])]):
+        while waiting and batch.joinable([len(waiting[0][0])]):
             prompt, tokens = waiting.pop(0)
             (key, first), = batch.add([(prompt, settings(tokens, **sampling))])
             outputs.append([first])

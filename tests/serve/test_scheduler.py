@@ -81,6 +81,34 @@ def test_a_caller_that_leaves_frees_its_row_at_the_next_step(engine):
     assert sum(produced) < 400 and count < 400
 
 
+def test_the_engine_profile_is_logged_when_the_engine_goes_idle_not_at_the_next_arrival(engine, monkeypatch,
+                                                                                        caplog):
+    """The scheduler's line (rows, cache blocks, preemptions) comes every REPORT_SECONDS while it
+    works; the last stretch of a burst is logged once the engine idles, not held until someone asks
+    again (serve_load.py reads the rows a run reached from these lines)."""
+    from pipeline.serve.engine_profile import EngineProfile
+
+    monkeypatch.setattr(EngineProfile, "REPORT_SECONDS", 0.5)
+    scheduler = AnswerScheduler(engine, max_rows=4)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [AnswerJob([5, 17, 99, 3], GenerationSettings(max_new_tokens=3), loop) for _ in range(3)]
+        for job in jobs:
+            scheduler.submit(job)
+        await asyncio.gather(*(answer(job) for job in jobs))
+        await asyncio.sleep(1.5)  # idle: nothing arrives
+
+    try:
+        with caplog.at_level("INFO", logger="bilingual_qa.serve"):
+            asyncio.run(run())
+    finally:
+        scheduler.close()
+    lines = [record.getMessage() for record in caplog.records if "answer engine, last" in record.getMessage()]
+    assert lines and any("rows (at most 3)" in line for line in lines), lines
+    assert "cache blocks" in lines[-1] and lines[-1].endswith("0 rows preempted")
+
+
 def poisoned_engines(tiny_phi2_dir):
     """Both engines over a tiny phi-2 whose token 7 overflows (its embedding is inf): any row that
     reads it gets non-finite logits."""
