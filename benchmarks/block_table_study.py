@@ -5,8 +5,10 @@ Issue 32's batch-1 decode ran 6-8% below the slot cache's (docs/benchmarks.md): 
 times both ways on the same GPU at phi-2's published shape (random fp16 weights, random paged cache):
 
 1. the 32 layers' attention kernels alone, captured in one graph (llm_decode.py's AttentionBench),
-   us per layer, for the tiles in use (ATTENTION_TILES) and the same with table_once=True;
-2. FastPhiEngine.generate end to end with each, batch 1 and 128, tokens/s (alternating, `--rounds`).
+   us per layer, for the tiles in use (ATTENTION_TILES), the same with table_once=True, and tiles of
+   64 and 128 columns read per tile (each covering whole blocks);
+2. FastPhiEngine.generate end to end, batch 1 and 128, tokens/s (alternating, `--rounds`): the tiles
+   in use, table_once everywhere, and the fastest kernel of part 1 at batch 1.
 
     PYTHONPATH=. python benchmarks/block_table_study.py            # ~2 minutes on an H100
     PYTHONPATH=. python benchmarks/block_table_study.py --rounds 3 --new-tokens 256
@@ -25,6 +27,7 @@ import torch
 
 from llm_decode import EOS, AttentionBench, build_model, prompts_for, wall
 
+from pipeline.kernels.phi_attention import AttentionConfig
 from pipeline.llm.decode_config import DEFAULT_DECODE
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.spec import GenerationSettings
@@ -36,29 +39,49 @@ def once_everywhere(config):
                                                  for rows, tile in config.attention_tiles))
 
 
-def kernels(model, batches: list[int], lengths: list[int]) -> None:
+def candidates(tile) -> list:
+    """The tile in use, read per tile and once per row, and wider tiles read per tile (a tile of 64 or
+    128 columns covers whole blocks: fewer dependent loads one after another)."""
+    wider = [AttentionConfig("dot", n, warps, stages) for n in (64, 128) for warps in (2, 4) for stages in (2, 3, 4)]
+    return [tile, replace(tile, table_once=True), *wider]
+
+
+def kernels(model, batches: list[int], lengths: list[int]) -> dict:
+    """Each batch's candidates timed; the fastest correct one at the first length, by batch."""
     engine = FastPhiEngine(model, EOS, max_batch_size=max(batches), use_graphs=False)
+    fastest = {}
     for rows in batches:
         for length in lengths:
             if rows * length > 128 * 512:  # the pool for 128 rows of 1,024 columns is 44 GiB
                 continue
             bench = AttentionBench(engine, rows, length)
             bench.ref = bench.reference()
-            tile = engine.config.attention(rows)
-            (per_tile, err_tile), (once, err_once) = (bench.time(replace(tile, table_once=flag), replays=25)
-                                                      for flag in (False, True))
-            print(f"table study: kernels, batch {rows}, {length} columns: per tile {per_tile:.2f} us/layer"
-                  f" (error {err_tile:.1e}), table once {once:.2f} us/layer (error {err_once:.1e}); {tile}",
-                  flush=True)
+            timed = []
+            for config in candidates(engine.config.attention(rows)):
+                try:
+                    us, error = bench.time(config, replays=25)
+                except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported, skipped
+                    print(f"table study: kernels, batch {rows}: {config} failed: {type(exc).__name__} {exc}"[:300])
+                    continue
+                timed.append((us, error, config))
+                print(f"table study: kernels, batch {rows}, {length} columns: {us:.2f} us/layer (error"
+                      f" {error:.1e}) {config}", flush=True)
+            fastest.setdefault(rows, min((t for t in timed if t[1] < 2e-3), key=lambda t: t[0])[2])
             del bench
     engine.cache.release()
+    return fastest
 
 
-def generate(model, batches: list[int], prompt_len: int, new_tokens: int, rounds: int) -> None:
+def generate(model, batches: list[int], prompt_len: int, new_tokens: int, rounds: int, fastest: dict) -> None:
     settings = GenerationSettings(max_new_tokens=new_tokens)
+    chosen = dict(DEFAULT_DECODE.attention_tiles) | {1: fastest[1]} if 1 in fastest else None
     engines = {"per tile": FastPhiEngine(model, EOS, max_batch_size=max(batches)),
                "table once": FastPhiEngine(model, EOS, max_batch_size=max(batches),
                                            config=once_everywhere(DEFAULT_DECODE))}
+    if chosen:
+        print(f"table study: the fastest kernel at batch 1: {fastest[1]}", flush=True)
+        engines["fastest at batch 1"] = FastPhiEngine(model, EOS, max_batch_size=max(batches), config=replace(
+            DEFAULT_DECODE, attention_tiles=tuple(sorted(chosen.items()))))
     for engine in engines.values():  # each its pool and graphs, before any timing
         for batch in batches:
             engine.generate(prompts_for(batch, prompt_len), settings)
@@ -84,9 +107,9 @@ def main() -> None:
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}, command: {' '.join(sys.argv)}")
     model = build_model()
     batches = [int(b) for b in args.batches.split(",")]
-    kernels(model, batches, [int(n) for n in args.lengths.split(",")])
+    fastest = kernels(model, batches, [int(n) for n in args.lengths.split(",")])
     if not args.skip_generate:
-        generate(model, batches, args.prompt_len, args.new_tokens, args.rounds)
+        generate(model, batches, args.prompt_len, args.new_tokens, args.rounds, fastest)
 
 
 if __name__ == "__main__":

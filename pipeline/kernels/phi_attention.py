@@ -118,8 +118,10 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
     with programmatic dependent launch (pdl.py).
     """
     batch, heads, head_dim = qkv.shape[0], w.heads, w.head_dim
-    if s.block_size % config.block_n:
-        raise ValueError(f"a tile of {config.block_n} columns must lie in one block of {s.block_size}")
+    # a tile lies in one block, or (read per tile: each column's block is looked up) covers whole blocks
+    if s.block_size % config.block_n and (config.table_once or config.block_n % s.block_size):
+        raise ValueError(f"a tile of {config.block_n} columns must lie in one block of {s.block_size}"
+                         + ("" if config.table_once else " or cover whole blocks"))
     gelu_args, block_g = gelu_share_args(gelu, qkv, heads)
     # k_cache: [blocks, heads, block_size, head_dim]; then the table's row stride
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), s.table.stride(0))
@@ -193,9 +195,9 @@ if triton is not None:
     @triton.jit
     def _tile(table_row, blocks, n0, head_off, stride_cb, stride_cs, BLOCK_N: tl.constexpr,
               BLOCK_SIZE: tl.constexpr, TABLE_WIDTH: tl.constexpr):
-        """Offsets of a row's columns n0..n0+BLOCK_N-1 (n0 a multiple of BLOCK_N: one block holds them).
-        Without the row's `blocks` in registers, each column's block is read (a vector load of BLOCK_N
-        equal values), not the tile's one scalar: the key and value loads depend on it, and Triton's
+        """Offsets of a row's columns n0..n0+BLOCK_N-1 (n0 a multiple of BLOCK_N: one block holds them,
+        or, read per tile, they cover whole blocks). Without the row's `blocks` in registers, each
+        column's block is read (a vector load), not the tile's one scalar: the key and value loads depend on it, and Triton's
         software pipeliner prefetches tensor loads, not scalar ones. With the scalar, decode ran 6-8%
         below the slot cache's at batch 1 (docs/benchmarks.md)."""
         n = n0 + tl.arange(0, BLOCK_N)

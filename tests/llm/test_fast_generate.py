@@ -322,6 +322,7 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
                for kernel in ("sum", "dot") for stages in (1, 3) for splits in (1, 3) for split_dims in (True, False)}
     configs |= {c for _, c in ATTENTION_TILES}  # and the ones in use, also reading the row's table once
     configs |= {replace(c, table_once=True) for c in configs if c.stages == 3 or c in dict(ATTENTION_TILES).values()}
+    configs |= {AttentionConfig(kernel, 64, 2, 3, splits) for kernel in ("sum", "dot") for splits in (1, 3)}  # 2 blocks
     for config in sorted(configs, key=str):
         kc, vc = k_pool.clone(), v_pool.clone()
         state = DecodeState(torch.zeros(batch, dtype=torch.long, device=device), positions.to(device),
