@@ -39,11 +39,11 @@ def once_everywhere(config):
                                                  for rows, tile in config.attention_tiles))
 
 
-def candidates(tile) -> list:
-    """The tile in use, read per tile and once per row, and wider tiles read per tile (a tile of 64 or
-    128 columns covers whole blocks: fewer dependent loads one after another)."""
-    wider = [AttentionConfig("dot", n, warps, stages) for n in (64, 128) for warps in (2, 4) for stages in (2, 3, 4)]
-    return [tile, replace(tile, table_once=True), *wider]
+def candidates(tile, rows: int) -> list:
+    """The tile in use, read per tile and once per row, and for a few rows wider tiles read per tile (a
+    tile of 64 or 128 columns covers whole blocks: fewer dependent loads one after another)."""
+    wider = [AttentionConfig("dot", n, warps, stages) for n in (64, 128) for warps in (2, 4) for stages in (2, 4)]
+    return [tile, replace(tile, table_once=True), *(wider if rows <= 8 else [])]
 
 
 def kernels(model, batches: list[int], lengths: list[int]) -> dict:
@@ -57,7 +57,7 @@ def kernels(model, batches: list[int], lengths: list[int]) -> dict:
             bench = AttentionBench(engine, rows, length)
             bench.ref = bench.reference()
             timed = []
-            for config in candidates(engine.config.attention(rows)):
+            for config in candidates(engine.config.attention(rows), rows):
                 try:
                     us, error = bench.time(config, replays=25)
                 except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported, skipped
