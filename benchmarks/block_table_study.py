@@ -33,17 +33,21 @@ from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.spec import GenerationSettings
 
 
-def once_everywhere(config):
-    """`config` with every attention tile reading its row's table once."""
-    return replace(config, attention_tiles=tuple((rows, replace(tile, table_once=True))
+def once_everywhere(config, once: bool = True):
+    """`config` with every attention tile reading its row's table once (or, once=False, per tile)."""
+    return replace(config, attention_tiles=tuple((rows, replace(tile, table_once=once))
                                                  for rows, tile in config.attention_tiles))
+
+
+def per_tile(config):
+    return once_everywhere(config, once=False)
 
 
 def candidates(tile, rows: int) -> list:
     """The tile in use, read per tile and once per row, and for a few rows wider tiles read per tile (a
     tile of 64 or 128 columns covers whole blocks: fewer dependent loads one after another)."""
     wider = [AttentionConfig("dot", n, warps, stages) for n in (64, 128) for warps in (2, 4) for stages in (2, 4)]
-    return [tile, replace(tile, table_once=True), *(wider if rows <= 8 else [])]
+    return [replace(tile, table_once=False), replace(tile, table_once=True), *(wider if rows <= 8 else [])]
 
 
 def kernels(model, batches: list[int], lengths: list[int]) -> dict:
@@ -75,7 +79,7 @@ def kernels(model, batches: list[int], lengths: list[int]) -> dict:
 def generate(model, batches: list[int], prompt_len: int, new_tokens: int, rounds: int, fastest: dict) -> None:
     settings = GenerationSettings(max_new_tokens=new_tokens)
     chosen = dict(DEFAULT_DECODE.attention_tiles) | {1: fastest[1]} if 1 in fastest else None
-    engines = {"per tile": FastPhiEngine(model, EOS, max_batch_size=max(batches)),
+    engines = {"per tile": FastPhiEngine(model, EOS, max_batch_size=max(batches), config=per_tile(DEFAULT_DECODE)),
                "table once": FastPhiEngine(model, EOS, max_batch_size=max(batches),
                                            config=once_everywhere(DEFAULT_DECODE))}
     if chosen:

@@ -59,8 +59,10 @@ class AttentionConfig:
 # Per batch-size bucket (the smallest key >= the batch serves it): the fastest variants timed on an
 # H100 at phi-2's shape (benchmarks/llm_decode.py --tune-attention, then decode_step_study.py for
 # the one-kernel form; figures in docs/benchmarks.md). One split per (row, head) wins everywhere.
+# Batch 1 reads the row's block table once: its kernels 9.5 -> 6.4 us a layer at 160 columns, batch
+# 128 unchanged (benchmarks/block_table_study.py on an H100, 2026-12-07).
 ATTENTION_TILES: tuple[tuple[int, AttentionConfig], ...] = (
-    (1, AttentionConfig("dot", block_n=32, warps=2, stages=4, splits=1)),
+    (1, AttentionConfig("dot", block_n=32, warps=2, stages=4, splits=1, table_once=True)),
     (8, AttentionConfig("dot", block_n=32, warps=2, stages=3, splits=1)),
     (32, AttentionConfig("dot", block_n=16, warps=1, stages=2, splits=1)),
     (128, AttentionConfig("dot", block_n=16, warps=1, stages=3, splits=1)),
