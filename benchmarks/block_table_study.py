@@ -33,14 +33,10 @@ from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.spec import GenerationSettings
 
 
-def once_everywhere(config, once: bool = True):
-    """`config` with every attention tile reading its row's table once (or, once=False, per tile)."""
-    return replace(config, attention_tiles=tuple((rows, replace(tile, table_once=once))
+def every_tile(config, table_once: bool):
+    """`config` with every attention tile reading its row's table once, or each tile's from the table."""
+    return replace(config, attention_tiles=tuple((rows, replace(tile, table_once=table_once))
                                                  for rows, tile in config.attention_tiles))
-
-
-def per_tile(config):
-    return once_everywhere(config, once=False)
 
 
 def candidates(tile, rows: int) -> list:
@@ -78,11 +74,10 @@ def kernels(model, batches: list[int], lengths: list[int]) -> dict:
 
 def generate(model, batches: list[int], prompt_len: int, new_tokens: int, rounds: int, fastest: dict) -> None:
     settings = GenerationSettings(max_new_tokens=new_tokens)
-    chosen = dict(DEFAULT_DECODE.attention_tiles) | {1: fastest[1]} if 1 in fastest else None
-    engines = {"per tile": FastPhiEngine(model, EOS, max_batch_size=max(batches), config=per_tile(DEFAULT_DECODE)),
-               "table once": FastPhiEngine(model, EOS, max_batch_size=max(batches),
-                                           config=once_everywhere(DEFAULT_DECODE))}
-    if chosen:
+    engines = {name: FastPhiEngine(model, EOS, max_batch_size=max(batches), config=every_tile(DEFAULT_DECODE, once))
+               for name, once in (("per tile", False), ("table once", True))}
+    if 1 in fastest:
+        chosen = dict(DEFAULT_DECODE.attention_tiles) | {1: fastest[1]}
         print(f"table study: the fastest kernel at batch 1: {fastest[1]}", flush=True)
         engines["fastest at batch 1"] = FastPhiEngine(model, EOS, max_batch_size=max(batches), config=replace(
             DEFAULT_DECODE, attention_tiles=tuple(sorted(chosen.items()))))

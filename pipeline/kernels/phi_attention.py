@@ -140,7 +140,8 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
             1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, COL_STRIDE=col_stride(s.col), HEADS=heads,
             HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
             STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None, BLOCK_SIZE=s.block_size,
-            TABLE_WIDTH=table_width, BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1), **pdl_options(pdl))
+            TABLE_WIDTH=table_width, BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1),
+            **pdl_options(pdl))
         return out
     q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, s.positions, s.col, 1, w, gelu, warps=rope_warps,
                              table=s.table, block_size=s.block_size)
@@ -198,18 +199,16 @@ if triton is not None:
     def _tile(table_row, blocks, n0, head_off, stride_cb, stride_cs, BLOCK_N: tl.constexpr,
               BLOCK_SIZE: tl.constexpr, TABLE_WIDTH: tl.constexpr):
         """Offsets of a row's columns n0..n0+BLOCK_N-1 (n0 a multiple of BLOCK_N: one block holds them,
-        or, read per tile, they cover whole blocks). Without the row's `blocks` in registers, each
-        column's block is read (a vector load), not the tile's one scalar: the key and value loads depend on it, and Triton's
-        software pipeliner prefetches tensor loads, not scalar ones. With the scalar, decode ran 6-8%
-        below the slot cache's at batch 1 (docs/benchmarks.md)."""
+        or, read per tile, they cover whole blocks). With TABLE_WIDTH the tile's block comes from the
+        row's `blocks` in registers; else each column's block is loaded from the table (a vector load),
+        and the key and value loads wait for it: at batch 1 that cost the kernels a third of their time
+        on an H100 (benchmarks/block_table_study.py, docs/benchmarks.md)."""
         n = n0 + tl.arange(0, BLOCK_N)
         if TABLE_WIDTH:
             block = tl.sum(tl.where(tl.arange(0, TABLE_WIDTH) == n0 // BLOCK_SIZE, blocks, 0), axis=0)
-            offs = block * stride_cb + head_off + (n % BLOCK_SIZE)[:, None] * stride_cs
         else:
-            block = tl.load(table_row + n // BLOCK_SIZE)
-            offs = block[:, None] * stride_cb + head_off + (n % BLOCK_SIZE)[:, None] * stride_cs
-        return offs
+            block = tl.load(table_row + n // BLOCK_SIZE)[:, None]
+        return block * stride_cb + head_off + (n % BLOCK_SIZE)[:, None] * stride_cs
 
     @triton.jit
     def _attn_sum_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, table_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
