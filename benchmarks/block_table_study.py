@@ -5,10 +5,12 @@ Issue 32's batch-1 decode ran 6-8% below the slot cache's (docs/benchmarks.md): 
 times both ways on the same GPU at phi-2's published shape (random fp16 weights, random paged cache):
 
 1. the 32 layers' attention kernels alone, captured in one graph (llm_decode.py's AttentionBench),
-   us per layer, for the tiles in use (ATTENTION_TILES), the same with table_once=True, and tiles of
-   64 and 128 columns read per tile (each covering whole blocks);
-2. FastPhiEngine.generate end to end, batch 1 and 128, tokens/s (alternating, `--rounds`): the tiles
-   in use, table_once everywhere, and the fastest kernel of part 1 at batch 1.
+   us per layer, for the tiles in use (ATTENTION_TILES) read per tile, with table_once=True, and with
+   consecutive=True (each row's consecutive blocks found by arithmetic), and tiles of 64 and 128
+   columns read per tile (each covering whole blocks); the bench's rows hold consecutive blocks, as a
+   row alone does: the last two again with the blocks shuffled;
+2. FastPhiEngine.generate end to end, batch 1 and 128, tokens/s (alternating, `--rounds`): every tile
+   read per tile, once, once with consecutive blocks, and the fastest kernel of part 1 at batch 1.
 
     PYTHONPATH=. python benchmarks/block_table_study.py            # ~2 minutes on an H100
     PYTHONPATH=. python benchmarks/block_table_study.py --rounds 3 --new-tokens 256
@@ -27,23 +29,33 @@ import torch
 
 from llm_decode import EOS, AttentionBench, build_model, prompts_for, wall
 
-from pipeline.kernels.phi_attention import AttentionConfig
+from pipeline.kernels.attention_tiles import AttentionConfig
 from pipeline.llm.decode_config import DEFAULT_DECODE
 from pipeline.llm.fast_engine import FastPhiEngine
 from pipeline.spec import GenerationSettings
 
 
-def every_tile(config, table_once: bool):
-    """`config` with every attention tile reading its row's table once, or each tile's from the table."""
-    return replace(config, attention_tiles=tuple((rows, replace(tile, table_once=table_once))
+def every_tile(config, **reads):
+    """`config` with every attention tile reading the block table as `reads` say (table_once, consecutive)."""
+    return replace(config, attention_tiles=tuple((rows, replace(tile, **reads))
                                                  for rows, tile in config.attention_tiles))
 
 
 def candidates(tile, rows: int) -> list:
-    """The tile in use, read per tile and once per row, and for a few rows wider tiles read per tile (a
-    tile of 64 or 128 columns covers whole blocks: fewer dependent loads one after another)."""
+    """The tile in use, read per tile, once per row, and once with consecutive blocks found by arithmetic;
+    for a few rows wider tiles read per tile (a tile of 64 or 128 columns covers whole blocks: fewer
+    dependent loads one after another)."""
     wider = [AttentionConfig("dot", n, warps, stages) for n in (64, 128) for warps in (2, 4) for stages in (2, 4)]
-    return [replace(tile, table_once=False), replace(tile, table_once=True), *(wider if rows <= 8 else [])]
+    return [replace(tile, table_once=False, consecutive=False), replace(tile, table_once=True, consecutive=False),
+            replace(tile, table_once=True, consecutive=True), *(wider if rows <= 8 else [])]
+
+
+def shuffle(bench) -> None:
+    """The bench's rows hold consecutive blocks (as a row alone does); shuffle them, as rows that grew
+    side by side hold theirs."""
+    flat = bench.table.flatten()
+    bench.table.copy_(flat[torch.randperm(flat.numel(), device=flat.device)].view_as(bench.table))
+    bench.ref = bench.reference()
 
 
 def kernels(model, batches: list[int], lengths: list[int]) -> dict:
@@ -67,6 +79,11 @@ def kernels(model, batches: list[int], lengths: list[int]) -> dict:
                 print(f"table study: kernels, batch {rows}, {length} columns: {us:.2f} us/layer (error"
                       f" {error:.1e}) {config}", flush=True)
             fastest.setdefault(rows, min((t for t in timed if t[1] < 2e-3), key=lambda t: t[0])[2])
+            shuffle(bench)
+            for config in candidates(engine.config.attention(rows), rows)[1:3]:
+                us, error = bench.time(config, replays=25)
+                print(f"table study: kernels, batch {rows}, {length} columns, blocks shuffled: {us:.2f} us/layer"
+                      f" (error {error:.1e}) {config}", flush=True)
             del bench
     engine.cache.release()
     return fastest
@@ -74,8 +91,11 @@ def kernels(model, batches: list[int], lengths: list[int]) -> dict:
 
 def generate(model, batches: list[int], prompt_len: int, new_tokens: int, rounds: int, fastest: dict) -> None:
     settings = GenerationSettings(max_new_tokens=new_tokens)
-    engines = {name: FastPhiEngine(model, EOS, max_batch_size=max(batches), config=every_tile(DEFAULT_DECODE, once))
-               for name, once in (("per tile", False), ("table once", True))}
+    reads = {"per tile": {"table_once": False, "consecutive": False},
+             "table once": {"table_once": True, "consecutive": False},
+             "consecutive": {"table_once": True, "consecutive": True}}
+    engines = {name: FastPhiEngine(model, EOS, max_batch_size=max(batches), config=every_tile(DEFAULT_DECODE, **read))
+               for name, read in reads.items()}
     if 1 in fastest:
         chosen = dict(DEFAULT_DECODE.attention_tiles) | {1: fastest[1]}
         print(f"table study: the fastest kernel at batch 1: {fastest[1]}", flush=True)

@@ -140,7 +140,7 @@ def section(name: str, fn) -> None:
 def attention_candidates():
     """Kernel and tile variants of the decode attention: CUDA-core sums and tensor-core dots, the head
     read padded to 128 or as 64 + 16, tiles of 16-128 columns, 1-4 warps, 1-4 pipeline stages."""
-    from pipeline.kernels.phi_attention import AttentionConfig
+    from pipeline.kernels.attention_tiles import AttentionConfig
 
     out = [AttentionConfig("sum", n, w, st, 1, dims) for dims in (False, True) for n in (32, 64)
            for w in (2, 4) for st in (1, 3)]
@@ -184,7 +184,8 @@ class AttentionBench:
     def reference(self) -> torch.Tensor:
         """Layer 0's attention by SDPA in fp32 over columns 0..length-1 (after one kernel wrote the
         current key and value, which every variant writes identically)."""
-        from pipeline.kernels.phi_attention import AttentionConfig, triton_attention
+        from pipeline.kernels.attention_tiles import AttentionConfig
+        from pipeline.kernels.phi_attention import triton_attention
         from pipeline.llm.phi_model import _rotate  # the torch path's rotary, for the query
 
         e, w = self.engine, self.engine.weights

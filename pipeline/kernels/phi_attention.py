@@ -5,7 +5,8 @@ scaled_dot_product_attention would read the whole cache under a mask. The cache 
 (llm/blocks.py, llm/answer_cache.py): a layer's keys are [blocks, heads, block_size, head_dim], and
 row b's column c is at offset c % block_size of block table[b, c // block_size]; a tile of BLOCK_N
 columns (block_size a multiple of it) lies in one block, so each tile costs one lookup in the table
-(or none: with `table_once` the kernel reads the row's table before its loop; which is faster is
+(or none: with `table_once` the kernel reads the row's table before its loop, and with `consecutive`
+a row whose blocks follow one another runs a loop that finds them by arithmetic; which is faster is
 benchmarks/block_table_study.py's question).
 `col` is one column for every row (shape [1]) or one per row ([B]). The engine's
 form (`AttentionConfig("dot")`, one split, rope inside) is one kernel per layer that also applies the
@@ -19,11 +20,11 @@ and merged by a second kernel, as in flash-decoding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from pipeline.kernels.attention_tiles import AttentionConfig, head_split
 from pipeline.kernels.pdl import pdl_options
 from pipeline.kernels.phi_rope import HeadShape, gelu_share_args, rope_and_cache_write
 
@@ -32,63 +33,6 @@ try:  # absent on CPU-only installs, where the model code takes its torch path
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    """How the decode attention kernel reads the cache.
-
-    kernel: "dot" multiplies on tensor cores (the one query padded to 16 rows: arithmetic is free here,
-    and the loads feeding tl.dot are pipelined through shared memory), "sum" on CUDA cores.
-    block_n, warps, stages: columns per tile, warps per program, tiles in flight.
-    splits: programs per (row, head) along the sequence (flash-decoding), merged by a second kernel.
-    split_dims: read an 80-wide head as 64 + 16 columns instead of one tile padded to 128.
-    table_once: read the row's whole block table before the loop, each tile taking its block from
-    registers, instead of a load from the table per tile on which the tile's loads wait.
-    """
-
-    kernel: str = "dot"
-    block_n: int = 32
-    warps: int = 2
-    stages: int = 1
-    splits: int = 1
-    split_dims: bool = True
-    table_once: bool = False
-
-
-# Per batch-size bucket (the smallest key >= the batch serves it): the fastest variants timed on an
-# H100 at phi-2's shape (benchmarks/llm_decode.py --tune-attention, then decode_step_study.py for
-# the one-kernel form; figures in docs/benchmarks.md). One split per (row, head) wins everywhere.
-# Batch 1 reads the row's block table once: its kernels 9.5 -> 6.4 us a layer at 160 columns, batch
-# 128 unchanged (benchmarks/block_table_study.py on an H100, 2026-12-07).
-ATTENTION_TILES: tuple[tuple[int, AttentionConfig], ...] = (
-    (1, AttentionConfig("dot", block_n=32, warps=2, stages=4, splits=1, table_once=True)),
-    (8, AttentionConfig("dot", block_n=32, warps=2, stages=3, splits=1)),
-    (32, AttentionConfig("dot", block_n=16, warps=1, stages=2, splits=1)),
-    (128, AttentionConfig("dot", block_n=16, warps=1, stages=3, splits=1)),
-)
-
-
-def attention_config(rows: int, tiles: tuple[tuple[int, AttentionConfig], ...] = ATTENTION_TILES) -> AttentionConfig:
-    """The table's entry for a batch of `rows` rows: the smallest bucket that holds it, else the largest."""
-    ordered = sorted(tiles, key=lambda entry: entry[0])
-    return next((config for bucket, config in ordered if rows <= bucket), ordered[-1][1])
-
-
-def head_split(head_dim: int, split_dims: bool = True) -> tuple[int, int]:
-    """(D0, D1): a head read as D0 + D1 columns, both powers of two, D1 >= 16 or 0.
-
-    80 -> (64, 16). Where no such split exists (or split_dims is off), (next power of two, 0): one
-    padded, masked tile.
-    """
-    padded = 1 << (head_dim - 1).bit_length()
-    if not split_dims or padded == head_dim:
-        return padded, 0
-    low = padded // 2
-    rest = head_dim - low
-    if rest >= 16 and rest & (rest - 1) == 0:
-        return low, rest
-    return padded, 0
 
 
 class StepColumns(Protocol):
@@ -124,6 +68,8 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
     if s.block_size % config.block_n and (config.table_once or config.block_n % s.block_size):
         raise ValueError(f"a tile of {config.block_n} columns must lie in one block of {s.block_size}"
                          + ("" if config.table_once else " or cover whole blocks"))
+    if config.consecutive and not (config.table_once and config.kernel == "dot"):
+        raise ValueError("consecutive blocks are found in the table read once, by the dot kernel")
     gelu_args, block_g = gelu_share_args(gelu, qkv, heads)
     # k_cache: [blocks, heads, block_size, head_dim]; then the table's row stride
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), s.table.stride(0))
@@ -140,22 +86,23 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
             1.0 / math.sqrt(head_dim), out.stride(0), *gelu_args, COL_STRIDE=col_stride(s.col), HEADS=heads,
             HEAD_DIM=head_dim, ROT=w.rotary_dim, BLOCK_N=config.block_n, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0,
             STAGES=config.stages, PRECISION=precision, HAS_GELU=gelu is not None, BLOCK_SIZE=s.block_size,
-            TABLE_WIDTH=table_width, BLOCK_G=block_g, num_warps=config.warps, num_stages=max(config.stages, 1),
-            **pdl_options(pdl))
+            TABLE_WIDTH=table_width, CONSECUTIVE=config.consecutive, BLOCK_G=block_g, num_warps=config.warps,
+            num_stages=max(config.stages, 1), **pdl_options(pdl))
         return out
     q = rope_and_cache_write(qkv, k_cache, v_cache, cos, sin, s.positions, s.col, 1, w, gelu, warps=rope_warps,
                              table=s.table, block_size=s.block_size)
     partial = torch.empty((batch * heads, splits, head_dim), device=qkv.device, dtype=torch.float32)
     m = torch.empty((batch * heads, splits), device=qkv.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    kernel = _attn_dot_kernel if config.kernel == "dot" else _attn_sum_kernel
+    kernel, consecutive = ((_attn_dot_kernel, {"CONSECUTIVE": config.consecutive}) if config.kernel == "dot"
+                           else (_attn_sum_kernel, {}))
     kernel[(batch * heads, splits)](
         q, k_cache, v_cache, s.starts, s.col, s.table, partial, m, l, out,
         *cache_strides, 1.0 / math.sqrt(head_dim), splits,
         out.stride(0), COL_STRIDE=col_stride(s.col), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1,
         BLOCK_N=config.block_n, BLOCK_SIZE=s.block_size, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages,
         TABLE_WIDTH=table_width, num_warps=config.warps, PRECISION=precision, num_stages=max(config.stages, 1),
-    )
+        **consecutive)
     if splits == 1:  # the split kernel wrote the output itself
         return out
     _attn_merge_kernel[(batch * heads,)](partial, m, l, out, out.stride(0), HEADS=heads, HEAD_DIM=head_dim,
@@ -196,15 +143,27 @@ if triton is not None:
         return blocks
 
     @triton.jit
+    def _consecutive(blocks, hi, BLOCK_SIZE: tl.constexpr, TABLE_WIDTH: tl.constexpr):
+        """(the row's first block, whether its blocks before column `hi` are that one and the next ones
+        in turn): read once from the row's table in registers, before the loop."""
+        j = tl.arange(0, TABLE_WIDTH)
+        base = tl.sum(tl.where(j == 0, blocks, 0), axis=0)
+        strays = tl.sum(tl.where((j < tl.cdiv(hi, BLOCK_SIZE)) & (blocks != base + j), 1, 0), axis=0)
+        return base, strays == 0
+
+    @triton.jit
     def _tile(table_row, blocks, n0, head_off, stride_cb, stride_cs, BLOCK_N: tl.constexpr,
-              BLOCK_SIZE: tl.constexpr, TABLE_WIDTH: tl.constexpr):
+              BLOCK_SIZE: tl.constexpr, TABLE_WIDTH: tl.constexpr, AFFINE: tl.constexpr):
         """Offsets of a row's columns n0..n0+BLOCK_N-1 (n0 a multiple of BLOCK_N: one block holds them,
-        or, read per tile, they cover whole blocks). With TABLE_WIDTH the tile's block comes from the
-        row's `blocks` in registers; else each column's block is loaded from the table (a vector load),
-        and the key and value loads wait for it: at batch 1 that cost the kernels a third of their time
-        on an H100 (benchmarks/block_table_study.py, docs/benchmarks.md)."""
+        or, read per tile, they cover whole blocks). AFFINE: `blocks` is the first of the row's
+        consecutive blocks, so the tile's is found by arithmetic. Else with TABLE_WIDTH the tile's block
+        comes from the row's `blocks` in registers, or else each column's block is loaded from the table
+        (a vector load), and the key and value loads wait for it: at batch 1 that cost the kernels a
+        third of their time on an H100 (benchmarks/block_table_study.py, docs/benchmarks.md)."""
         n = n0 + tl.arange(0, BLOCK_N)
-        if TABLE_WIDTH:
+        if AFFINE:
+            block = blocks + n0 // BLOCK_SIZE
+        elif TABLE_WIDTH:
             block = tl.sum(tl.where(tl.arange(0, TABLE_WIDTH) == n0 // BLOCK_SIZE, blocks, 0), axis=0)
         else:
             block = tl.load(table_row + n // BLOCK_SIZE)[:, None]
@@ -237,7 +196,8 @@ if triton is not None:
         for n0 in tl.range(_first_tile(lo, hi, BLOCK_N), hi, BLOCK_N, num_stages=STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
             valid_n = (n >= lo) & (n < hi)
-            offs = _tile(table_row, blocks, n0, h * stride_ch, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, TABLE_WIDTH)
+            offs = _tile(table_row, blocks, n0, h * stride_ch, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, TABLE_WIDTH,
+                         False)
             if D0 > HEAD_DIM:
                 mask0 = valid_n[:, None] & valid0[None, :]
             else:
@@ -281,31 +241,59 @@ if triton is not None:
     def _attn_dot_loop(q0, q1, k_ptr, v_ptr, table_row, head_off, stride_cb, stride_cs, lo, hi, scale,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D0: tl.constexpr,
                        D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
-                       TABLE_WIDTH: tl.constexpr):
+                       TABLE_WIDTH: tl.constexpr, CONSECUTIVE: tl.constexpr):
         """Online softmax of the query (q0 | q1, in the cache's dtype) over cache columns lo..hi-1 on
         tensor cores: the query is row 0 of a 16-row tile (rows 1-15 zero).
 
         Returns (acc0, acc1, m, l): the unnormalised output, the running max and the sum of weights.
-        The loads feeding tl.dot are what Triton pipelines (cp.async into shared memory, STAGES
-        deep), which keeps more of the cache in flight than plain register loads.
+        CONSECUTIVE: a row whose blocks are consecutive runs a loop that finds them by arithmetic; the
+        others the loop through the table.
         """
         dtype = k_ptr.dtype.element_ty
         r = tl.arange(0, 16)
         first = r[:, None] == 0
+        q0 = tl.where(first, q0[None, :], 0.0).to(dtype)
+        q1 = tl.where(first, q1[None, :], 0.0).to(dtype)
+        blocks = _row_blocks(table_row, hi, BLOCK_SIZE, TABLE_WIDTH)
+        base, runs = blocks, False
+        if CONSECUTIVE:
+            base, runs = _consecutive(blocks, hi, BLOCK_SIZE, TABLE_WIDTH)
+        if runs:
+            acc0, acc1, m_i, l_i = _dot_tiles(q0, q1, k_ptr, v_ptr, table_row, base, head_off, stride_cb, stride_cs,
+                                              lo, hi, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, D0, D1, HAS_TAIL, STAGES,
+                                              PRECISION, TABLE_WIDTH, True)
+        else:
+            acc0, acc1, m_i, l_i = _dot_tiles(q0, q1, k_ptr, v_ptr, table_row, blocks, head_off, stride_cb, stride_cs,
+                                              lo, hi, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, D0, D1, HAS_TAIL, STAGES,
+                                              PRECISION, TABLE_WIDTH, False)
+        # row 0 holds the query's results
+        out0 = tl.sum(tl.where(first, acc0, 0.0), axis=0)
+        out1 = tl.sum(tl.where(first, acc1, 0.0), axis=0)
+        m_0 = tl.max(tl.where(r == 0, m_i, float("-inf")), axis=0)
+        l_0 = tl.sum(tl.where(r == 0, l_i, 0.0), axis=0)
+        return out0, out1, m_0, l_0
+
+    @triton.jit
+    def _dot_tiles(q0, q1, k_ptr, v_ptr, table_row, blocks, head_off, stride_cb, stride_cs, lo, hi, scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D0: tl.constexpr,
+                   D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
+                   TABLE_WIDTH: tl.constexpr, AFFINE: tl.constexpr):
+        """_attn_dot_loop's loop over the tiles (16-row query tiles q0 | q1; `blocks` as _tile reads it).
+        The loads feeding tl.dot are what Triton pipelines (cp.async into shared memory, STAGES deep),
+        which keeps more of the cache in flight than plain register loads."""
+        dtype = k_ptr.dtype.element_ty
         d0 = tl.arange(0, D0)
         d1 = D0 + tl.arange(0, D1)
         valid0 = d0 < HEAD_DIM
-        q0 = tl.where(first, q0[None, :], 0.0).to(dtype)
-        q1 = tl.where(first, q1[None, :], 0.0).to(dtype)
         m_i = tl.full([16], float("-inf"), tl.float32)
         l_i = tl.zeros([16], dtype=tl.float32)
         acc0 = tl.zeros([16, D0], dtype=tl.float32)
         acc1 = tl.zeros([16, D1], dtype=tl.float32)
-        blocks = _row_blocks(table_row, hi, BLOCK_SIZE, TABLE_WIDTH)
         for n0 in tl.range(_first_tile(lo, hi, BLOCK_N), hi, BLOCK_N, num_stages=STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
             valid_n = (n >= lo) & (n < hi)
-            offs = _tile(table_row, blocks, n0, head_off, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, TABLE_WIDTH)
+            offs = _tile(table_row, blocks, n0, head_off, stride_cb, stride_cs, BLOCK_N, BLOCK_SIZE, TABLE_WIDTH,
+                         AFFINE)
             if D0 > HEAD_DIM:
                 mask0 = valid_n[:, None] & valid0[None, :]
             else:
@@ -327,12 +315,7 @@ if triton is not None:
             if HAS_TAIL:
                 acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=PRECISION)
             m_i = m_new
-        # row 0 holds the query's results
-        out0 = tl.sum(tl.where(first, acc0, 0.0), axis=0)
-        out1 = tl.sum(tl.where(first, acc1, 0.0), axis=0)
-        m_0 = tl.max(tl.where(r == 0, m_i, float("-inf")), axis=0)
-        l_0 = tl.sum(tl.where(r == 0, l_i, 0.0), axis=0)
-        return out0, out1, m_0, l_0
+        return acc0, acc1, m_i, l_i
 
     @triton.jit
     def _attn_dot_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, col_ptr, table_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
@@ -340,7 +323,7 @@ if triton is not None:
                          COL_STRIDE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                          HAS_TAIL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
-                         TABLE_WIDTH: tl.constexpr):
+                         TABLE_WIDTH: tl.constexpr, CONSECUTIVE: tl.constexpr):
         """As _attn_sum_kernel on tensor cores (_attn_dot_loop)."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -353,7 +336,7 @@ if triton is not None:
         q1 = tl.load(q_ptr + bh * HEAD_DIM + d1, mask=HAS_TAIL & (d1 < HEAD_DIM), other=0.0)
         out0, out1, m_0, l_0 = _attn_dot_loop(q0, q1, k_ptr, v_ptr, table_ptr + b * stride_tb, h * stride_ch,
                                               stride_cb, stride_cs, lo, hi, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
-                                              D0, D1, HAS_TAIL, STAGES, PRECISION, TABLE_WIDTH)
+                                              D0, D1, HAS_TAIL, STAGES, PRECISION, TABLE_WIDTH, CONSECUTIVE)
         _attn_store(out0, out1, m_0, l_0, d0, d1, bh, b * stride_out + h * HEAD_DIM, split, n_splits, o_ptr,
                     m_ptr, l_ptr, out_ptr, HEAD_DIM, DIRECT, HAS_TAIL)
 
@@ -364,7 +347,8 @@ if triton is not None:
                           HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_N: tl.constexpr,
                           D0: tl.constexpr, D1: tl.constexpr, HAS_TAIL: tl.constexpr, STAGES: tl.constexpr,
                           PRECISION: tl.constexpr, HAS_GELU: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                          TABLE_WIDTH: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
+                          TABLE_WIDTH: tl.constexpr, CONSECUTIVE: tl.constexpr, BLOCK_G: tl.constexpr,
+                          PDL: tl.constexpr):
         """_rope_write_kernel and _attn_dot_kernel (one split) as one kernel: one launch per layer.
 
         The step's own key and value go to the cache for later steps, but this step takes them from
@@ -400,7 +384,7 @@ if triton is not None:
         tl.store(v_ptr + cell + d1, v1, mask=valid1)
         acc0, acc1, m_i, l_i = _attn_dot_loop(q0, q1, k_ptr, v_ptr, table_row, h * stride_ch, stride_cb, stride_cs,
                                               tl.load(starts_ptr + b), col, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, D0,
-                                              D1, HAS_TAIL, STAGES, PRECISION, TABLE_WIDTH)
+                                              D1, HAS_TAIL, STAGES, PRECISION, TABLE_WIDTH, CONSECUTIVE)
         now = (tl.sum(q0.to(tl.float32) * k0.to(tl.float32), axis=0)
                + tl.sum(q1.to(tl.float32) * k1.to(tl.float32), axis=0)) * scale
         top = tl.maximum(m_i, now)

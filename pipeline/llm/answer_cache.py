@@ -24,7 +24,7 @@ from pipeline.llm.memory import usable_memory
 from pipeline.llm.phi_model import DecodeState
 from pipeline.llm.sampler import SamplingRows
 
-BLOCK_SIZE = 32  # columns per block: a multiple of every attention tile (kernels/phi_attention.py)
+BLOCK_SIZE = 32  # columns per block: a multiple of every attention tile (kernels/attention_tiles.py)
 GROWTH = 1.5  # a pool that must grow takes at least this many times its blocks (few recaptures)
 
 

@@ -67,6 +67,9 @@ class BlockManager:
         """Free every block of `row` (none held: nothing); the blocks it held."""
         blocks = self._held.pop(row, [])
         self._free.extend(reversed(blocks))
+        if not self._held:  # rows that grew side by side left their blocks interleaved on the stack;
+            # in order again, the next row alone gets consecutive ones (the attention kernels' fast loop)
+            self._free.sort(reverse=True)
         return blocks
 
     def extend(self, blocks: int) -> None:

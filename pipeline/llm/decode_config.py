@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.kernels.linear import SKINNY_MAX_ROWS
-from pipeline.kernels.phi_attention import ATTENTION_TILES, AttentionConfig, attention_config
+from pipeline.kernels.attention_tiles import ATTENTION_TILES, AttentionConfig, attention_config
 
 
 @dataclass(frozen=True)

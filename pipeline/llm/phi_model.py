@@ -30,9 +30,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.kernels.attention_tiles import AttentionConfig
 from pipeline.kernels.linear import skinny_fits, skinny_linear
 from pipeline.kernels.norm import add_layer_norm
-from pipeline.kernels.phi_attention import AttentionConfig, triton_attention
+from pipeline.kernels.phi_attention import triton_attention
 from pipeline.kernels.phi_rope import rope_and_cache_write
 from pipeline.llm.decode_config import DEFAULT_DECODE, DecodeConfig
 from pipeline.llm.multi_lora import LayerLora, selection

@@ -40,6 +40,19 @@ def test_a_growing_pool_keeps_every_row_and_frees_only_the_new_blocks():
         blocks.extend(4)
 
 
+def test_a_row_alone_after_rows_grew_side_by_side_gets_consecutive_blocks():
+    blocks = BlockManager(12, 4)
+    for columns in range(4, 21, 4):  # two rows growing in turn hold interleaved blocks
+        blocks.grow(0, columns)
+        blocks.grow(1, columns)
+    assert blocks.held(0) == [1, 3, 5, 7, 9]
+    blocks.release(0)
+    assert blocks.grow(2, 12) == [1, 3, 5]  # a row beside another takes what the stack holds
+    blocks.release(2)
+    blocks.release(1)  # the pool is empty again: the next row alone gets blocks in order
+    assert blocks.grow(3, 16) == [1, 2, 3, 4]
+
+
 def test_ten_thousand_random_joins_growths_and_leaves_share_no_block_and_lose_none():
     rng = random.Random(3)
     blocks = BlockManager(200, 32)

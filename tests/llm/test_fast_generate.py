@@ -271,10 +271,12 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
     """Each kernel/tile variant the benchmark may pick: rope + cache write + attention over start..col,
     as one kernel or as a rotary kernel and an attention kernel; with one column for every row or each
     row's own, past which nothing is read; every row's columns in blocks of the paged cache, found
-    through its block table (blocks shuffled, the pool's other blocks full of other values)."""
+    through its block table (blocks shuffled but for two rows' consecutive ones, the pool's other blocks
+    full of other values)."""
     from types import SimpleNamespace
 
-    from pipeline.kernels.phi_attention import ATTENTION_TILES, AttentionConfig, triton_attention
+    from pipeline.kernels.attention_tiles import ATTENTION_TILES, AttentionConfig
+    from pipeline.kernels.phi_attention import triton_attention
     from pipeline.llm.phi_model import DecodeState
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -285,7 +287,9 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
     size = 32  # columns per block: a multiple of every tile's block_n
     per_row = -(-columns // size) + 1  # a table wider than the columns, not a power of two wide
     pool = 1 + batch * per_row + 3
-    table = (torch.randperm(pool - 1, generator=gen)[:batch * per_row] + 1).view(batch, per_row)
+    # rows 0 and 2 hold consecutive blocks (row 2's third, which it does not reach, is not the next)
+    others = (torch.randperm(pool - 6, generator=gen) + 6).tolist()
+    table = torch.tensor([[1, 2, 3], others[:3], [4, 5, others[3]], others[4:7]])
     k_pool = torch.randn(pool, heads, size, head_dim, generator=gen).to(device)
     v_pool = torch.randn(pool, heads, size, head_dim, generator=gen).to(device)
     logical = torch.arange(per_row * size)
@@ -322,6 +326,7 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
                for kernel in ("sum", "dot") for stages in (1, 3) for splits in (1, 3) for split_dims in (True, False)}
     configs |= {c for _, c in ATTENTION_TILES}  # and the ones in use, also reading the row's table once
     configs |= {replace(c, table_once=True) for c in configs if c.stages == 3 or c in dict(ATTENTION_TILES).values()}
+    configs |= {replace(c, consecutive=True) for c in configs if c.table_once and c.kernel == "dot"}
     configs |= {AttentionConfig(kernel, 64, 2, 3, splits) for kernel in ("sum", "dot") for splits in (1, 3)}  # 2 blocks
     for config in sorted(configs, key=str):
         kc, vc = k_pool.clone(), v_pool.clone()
@@ -354,9 +359,12 @@ def test_every_triton_attention_variant_matches_attention_over_the_valid_columns
         assert wide[:, :20].isnan().all() and wide[:, 95:].isnan().all()
 
 
-# the attention kernels reading each row's block table once, before their loop (AttentionConfig.table_once)
-TABLE_ONCE = replace(DEFAULT_DECODE, attention_tiles=tuple((rows, replace(config, table_once=True))
-                                                           for rows, config in DEFAULT_DECODE.attention_tiles))
+# the attention kernels reading each row's block table once, before their loop (AttentionConfig.table_once),
+# and finding consecutive blocks by arithmetic (rows joined together hold consecutive blocks for their
+# prompts, then interleaved ones as they grow side by side: both loops run)
+TABLE_ONCE, CONSECUTIVE = (replace(DEFAULT_DECODE, attention_tiles=tuple(
+    (rows, replace(config, table_once=True, consecutive=consecutive)) for rows, config in DEFAULT_DECODE.attention_tiles))
+    for consecutive in (False, True))
 
 
 @pytest.mark.skipif(not _triton_checkable(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
@@ -372,6 +380,6 @@ def test_engine_on_the_triton_kernels_gives_the_tokens_of_transformers(model, eo
         reference = TransformersEngine(model, eos)
     want = [g.token_ids for g in reference.generate(PROMPTS, GREEDY)]
     for config in (DEFAULT_DECODE, replace(DEFAULT_DECODE, fused_min_rows=1, mlp_beside_attention=False),
-                   replace(DEFAULT_DECODE, rope_in_attention=False, pdl=False), TABLE_ONCE):
+                   replace(DEFAULT_DECODE, rope_in_attention=False, pdl=False), TABLE_ONCE, CONSECUTIVE):
         engine = FastPhiEngine(model, eos, use_graphs=False, use_triton=True, max_seq_len=256, config=config)
         assert [g.token_ids for g in engine.generate(PROMPTS, GREEDY)] == want, config
