@@ -11,7 +11,8 @@
 #    scheduler under a burst of 200; a server loading on the default device and memory cap;
 # 2. decode: benchmarks/llm_decode.py --quick (batch 1 and 128), this tree and BEFORE in turn, twice;
 # 2b. table: benchmarks/block_table_study.py, the attention kernels reading the block table per tile
-#    (in use) against the row's whole table once (AttentionConfig.table_once): kernels alone and generate;
+#    (in use) against the row's whole table once (AttentionConfig.table_once) and consecutive blocks found by
+#    arithmetic (.consecutive): kernels alone and generate; with BEFORE, the slot cache's kernels alone too;
 # 3. serve: benchmarks/serve_load.py at 64 clients (200-token answers) with the engine's batch-64 bar;
 # 4. limits: serve_load.py --gpu-memory 16GiB 40GiB: 64 clients of 1,300-token requests against a server held
 #    to 16 GiB (the article's T4) and 40 GiB (an A100 40GB);
@@ -56,7 +57,9 @@ if want decode; then
 fi
 if want table; then
   echo "== block table study (per tile against once per row)"
-  timeout 300 python benchmarks/block_table_study.py 2>&1 | grep --line-buffered "^table study" | tee "$OUT/table.txt"
+  timeout 420 python benchmarks/block_table_study.py 2>&1 | grep --line-buffered "^table study" | tee "$OUT/table.txt"
+  [ -n "$BEFORE" ] && in_tree "$BEFORE" timeout 120 python "$HERE/benchmarks/slot_kernels.py" 2>&1 \
+    | grep "^table study" | tee -a "$OUT/table.txt"
 fi
 if want serve; then
   for tree in "$HERE" $BEFORE; do
