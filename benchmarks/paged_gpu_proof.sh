@@ -13,6 +13,8 @@
 # 2b. table: benchmarks/block_table_study.py, the attention kernels reading the block table per tile
 #    (in use) against the row's whole table once (AttentionConfig.table_once) and consecutive blocks found by
 #    arithmetic (.consecutive): kernels alone and generate; with BEFORE, the slot cache's kernels alone too;
+# 2c. profile (not in the default PARTS): benchmarks/step_profile.py at batch 1, this tree and BEFORE: the
+#    GPU's busy time per step against the wall time, and the kernels taking it;
 # 3. serve: benchmarks/serve_load.py at 64 clients (200-token answers) with the engine's batch-64 bar;
 # 4. limits: serve_load.py --gpu-memory 16GiB 40GiB: 64 clients of 1,300-token requests against a server held
 #    to 16 GiB (the article's T4) and 40 GiB (an A100 40GB);
@@ -60,6 +62,13 @@ if want table; then
   timeout 420 python benchmarks/block_table_study.py 2>&1 | grep --line-buffered "^table study" | tee "$OUT/table.txt"
   [ -n "$BEFORE" ] && in_tree "$BEFORE" timeout 120 python "$HERE/benchmarks/slot_kernels.py" 2>&1 \
     | grep "^table study" | tee -a "$OUT/table.txt"
+fi
+if want profile; then
+  for tree in "$HERE" $BEFORE; do
+    echo "== step profile, batch 1, $tree"
+    in_tree "$tree" timeout 200 python "$HERE/benchmarks/step_profile.py" --batch 1 2>&1 | grep "^step profile" \
+      | tee -a "$OUT/profile.txt"
+  done
 fi
 if want serve; then
   for tree in "$HERE" $BEFORE; do
