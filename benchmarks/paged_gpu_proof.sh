@@ -10,7 +10,7 @@
 #    and a busy batch; the Triton kernels through the block table against a float64 reference; the server's
 #    scheduler under a burst of 200; a server loading on the default device and memory cap;
 # 2. decode: benchmarks/llm_decode.py --quick (batch 1 and 128), this tree and BEFORE in turn, twice;
-# 2b. table: benchmarks/block_table_study.py, the attention kernels reading the block table per tile
+# 2b. table: benchmarks/block_table_study.py (TABLE_ARGS: its options, e.g. "--batches 1"), the attention kernels reading the block table per tile
 #    (in use) against the row's whole table once (AttentionConfig.table_once) and consecutive blocks found by
 #    arithmetic (.consecutive): kernels alone and generate; with BEFORE, the slot cache's kernels alone too;
 # 2c. profile (not in the default PARTS): benchmarks/step_profile.py at batch 1, this tree and BEFORE: the
@@ -59,7 +59,7 @@ if want decode; then
 fi
 if want table; then
   echo "== block table study (per tile against once per row)"
-  timeout 420 python benchmarks/block_table_study.py 2>&1 | grep --line-buffered "^table study" | tee "$OUT/table.txt"
+  timeout 420 python benchmarks/block_table_study.py ${TABLE_ARGS:-} 2>&1 | grep --line-buffered "^table study" | tee "$OUT/table.txt"
   [ -n "$BEFORE" ] && in_tree "$BEFORE" timeout 120 python "$HERE/benchmarks/slot_kernels.py" 2>&1 \
     | grep "^table study" | tee -a "$OUT/table.txt"
 fi
