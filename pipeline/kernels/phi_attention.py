@@ -255,13 +255,17 @@ if triton is not None:
         q0 = tl.where(first, q0[None, :], 0.0).to(dtype)
         q1 = tl.where(first, q1[None, :], 0.0).to(dtype)
         blocks = _row_blocks(table_row, hi, BLOCK_SIZE, TABLE_WIDTH)
-        base, runs = blocks, False
+        # (a branch on a tensor compiles both sides: the loop by arithmetic only where CONSECUTIVE)
         if CONSECUTIVE:
             base, runs = _consecutive(blocks, hi, BLOCK_SIZE, TABLE_WIDTH)
-        if runs:
-            acc0, acc1, m_i, l_i = _dot_tiles(q0, q1, k_ptr, v_ptr, table_row, base, head_off, stride_cb, stride_cs,
-                                              lo, hi, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, D0, D1, HAS_TAIL, STAGES,
-                                              PRECISION, TABLE_WIDTH, True)
+            if runs:
+                acc0, acc1, m_i, l_i = _dot_tiles(q0, q1, k_ptr, v_ptr, table_row, base, head_off, stride_cb,
+                                                  stride_cs, lo, hi, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, D0, D1,
+                                                  HAS_TAIL, STAGES, PRECISION, TABLE_WIDTH, True)
+            else:
+                acc0, acc1, m_i, l_i = _dot_tiles(q0, q1, k_ptr, v_ptr, table_row, blocks, head_off, stride_cb,
+                                                  stride_cs, lo, hi, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, D0, D1,
+                                                  HAS_TAIL, STAGES, PRECISION, TABLE_WIDTH, False)
         else:
             acc0, acc1, m_i, l_i = _dot_tiles(q0, q1, k_ptr, v_ptr, table_row, blocks, head_off, stride_cb, stride_cs,
                                               lo, hi, scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, D0, D1, HAS_TAIL, STAGES,
