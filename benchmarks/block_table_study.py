@@ -10,7 +10,9 @@ times both ways on the same GPU at phi-2's published shape (random fp16 weights,
    columns read per tile (each covering whole blocks); the bench's rows hold consecutive blocks, as a
    row alone does: the last two again with the blocks shuffled;
 2. FastPhiEngine.generate end to end, batch 1 and 128, tokens/s (alternating, `--rounds`): every tile
-   read per tile, once, once with consecutive blocks, and the fastest kernel of part 1 at batch 1.
+   read per tile, once, once with consecutive blocks, the defaults, the defaults with each step's
+   tokens copied to the host on a second stream (DecodeConfig.host_copy_beside), and the fastest
+   kernel of part 1 at batch 1.
 
     PYTHONPATH=. python benchmarks/block_table_study.py            # ~2 minutes on an H100
     PYTHONPATH=. python benchmarks/block_table_study.py --rounds 3 --new-tokens 256
@@ -91,11 +93,13 @@ def kernels(model, batches: list[int], lengths: list[int]) -> dict:
 
 def generate(model, batches: list[int], prompt_len: int, new_tokens: int, rounds: int, fastest: dict) -> None:
     settings = GenerationSettings(max_new_tokens=new_tokens)
-    reads = {"per tile": {"table_once": False, "consecutive": False},
-             "table once": {"table_once": True, "consecutive": False},
-             "consecutive": {"table_once": True, "consecutive": True}}
-    engines = {name: FastPhiEngine(model, EOS, max_batch_size=max(batches), config=every_tile(DEFAULT_DECODE, **read))
-               for name, read in reads.items()}
+    configs = {"per tile": every_tile(DEFAULT_DECODE, table_once=False, consecutive=False),
+               "table once": every_tile(DEFAULT_DECODE, table_once=True, consecutive=False),
+               "consecutive": every_tile(DEFAULT_DECODE, table_once=True, consecutive=True),
+               "default": DEFAULT_DECODE,
+               "default, tokens copied beside": replace(DEFAULT_DECODE, host_copy_beside=True)}
+    engines = {name: FastPhiEngine(model, EOS, max_batch_size=max(batches), config=config)
+               for name, config in configs.items()}
     if 1 in fastest:
         chosen = dict(DEFAULT_DECODE.attention_tiles) | {1: fastest[1]}
         print(f"table study: the fastest kernel at batch 1: {fastest[1]}", flush=True)

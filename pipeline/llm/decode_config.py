@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.kernels.linear import SKINNY_MAX_ROWS
 from pipeline.kernels.attention_tiles import ATTENTION_TILES, AttentionConfig, attention_config
+from pipeline.kernels.linear import SKINNY_MAX_ROWS
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class DecodeConfig:
     # whatever this says (phi_model._sdpa): it overflows in phi-2's attention (transformers PR
     # #28163). The Triton kernels always sum scores in fp32.
     fp32_attention_scores: bool = False
+    # Each step's tokens go to the host on a second stream, so the next step need not wait behind the
+    # copy (llm/step_reader.py); off until measured (benchmarks/block_table_study.py times both).
+    host_copy_beside: bool = False
 
     def attention(self, rows: int) -> AttentionConfig:
         """The attention kernel's tiles for a batch of `rows` rows."""

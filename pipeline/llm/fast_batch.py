@@ -33,6 +33,7 @@ from pipeline.llm.engine import left_padded, non_finite_error
 from pipeline.llm.phi_model import prefill
 from pipeline.llm.memory import CACHE_FIT_SHARE
 from pipeline.llm.sampler import choose, sampling_rows, seed_of
+from pipeline.llm.step_reader import Sent, StepReader
 from pipeline.spec import GenerationSettings
 
 # Padded tokens per prefill group. Every group stalls the rows decoding and the callers after it, so
@@ -60,9 +61,7 @@ class _Row:
 @dataclass
 class _Launched:
     rows: dict[int, int]  # key -> slot, of the rows it stepped
-    tokens: torch.Tensor
-    values: torch.Tensor  # each row's top logit: non-finite once the model overflowed
-    event: torch.cuda.Event | None
+    sent: Sent  # its tokens, and each row's top logit (non-finite once the model overflowed), to the host
 
 
 class FastDecodeBatch:
@@ -87,8 +86,8 @@ class FastDecodeBatch:
         self._free_slots = list(range(self.max_rows))
         self._keys = itertools.count()
         self._pending: _Launched | None = None
-        # two sets of pinned host buffers for the steps' tokens: one being read, one being filled
-        self._host = [self._host_buffers() for _ in range(2)] if engine.device.type == "cuda" else []
+        self._reader = StepReader(self.cache.rows, engine.weights.dtype, engine.device,
+                                  beside=engine.config.host_copy_beside)
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.parked)
@@ -209,19 +208,11 @@ class FastDecodeBatch:
             stepped[key] = row.slot
             row.column = min(row.column + 1, self.limit - 1)  # as the step clamps col on the device
             row.unread += 1
-        event = None
-        if self._host:
-            self._host.reverse()  # the other set: the pending step may still be read from this one
-            host = [buffer[:bucket].copy_(t, non_blocking=True) for buffer, t in zip(self._host[0], (tokens, values))]
-            event = torch.cuda.Event()
-            event.record()
-            tokens, values = host
-        return _Launched(stepped, tokens, values, event)
+        return _Launched(stepped, self._reader.send(tokens, values))
 
     def _read(self, launched: _Launched) -> dict[int, int | BaseException]:
-        if launched.event is not None:
-            launched.event.synchronize()
-        tokens, values = launched.tokens.tolist(), launched.values.tolist()
+        launched.sent.wait()
+        tokens, values = launched.sent.tokens.tolist(), launched.sent.values.tolist()
         chosen: dict[int, int | BaseException] = {}
         for key, slot in launched.rows.items():
             row = self.rows.get(key) or self.parked.get(key)
@@ -239,11 +230,6 @@ class FastDecodeBatch:
     def _take_pending(self) -> _Launched:
         launched, self._pending = self._pending, None
         return launched
-
-    def _host_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.cache.rows
-        return (torch.empty(size, dtype=torch.long, pin_memory=True),
-                torch.empty(size, dtype=self.engine.weights.dtype, pin_memory=True))
 
     # ---- blocks and preemption -----------------------------------------------------------------------
 

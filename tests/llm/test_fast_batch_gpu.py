@@ -24,19 +24,24 @@ BUCKET = 64
 
 
 @pytest.fixture(scope="module")
-def engine():
+def model():
     from transformers import PhiForCausalLM
 
     from pipeline.checkpoints import phi2_config
-    from pipeline.llm.fast_engine import FastPhiEngine
 
-    config = phi2_config(vocab_size=51200)  # the published shape
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = PhiForCausalLM(config).eval().to(torch.float16)
-    yield FastPhiEngine(model, config.eos_token_id, max_seq_len=2048)
+        model = PhiForCausalLM(phi2_config(vocab_size=51200)).eval().to(torch.float16)  # the published shape
+    yield model
     del model
     torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    from pipeline.llm.fast_engine import FastPhiEngine
+
+    return FastPhiEngine(model, model.config.eos_token_id, max_seq_len=2048)
 
 
 def settings(tokens: int, **sampling):
@@ -168,3 +173,24 @@ def test_a_seeded_answer_is_the_same_from_generate_stream_and_the_batch_in_one_b
     with_eos = lambda ids: ids + [engine.eos_token_id] if len(ids) < 200 else ids  # noqa: E731
     gen = engine.generate([prompt] * 64, settings(200, **sampling))  # generate's rows run in the 64 bucket
     assert all(with_eos(g.token_ids) == alone[:len(with_eos(g.token_ids))] for g in gen)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_p": 0.95, "seed": 9}])
+def test_tokens_copied_to_the_host_on_a_second_stream_are_the_tokens_copied_on_the_decode_stream(model, engine,
+                                                                                                  sampling):
+    """DecodeConfig.host_copy_beside: the copies overlap the next step, whose kernels write new tokens
+    (and whose allocations could take the copied tensors' memory): rows joining and leaving read the
+    same tokens either way, in the same bucket."""
+    from dataclasses import replace
+
+    from pipeline.llm.fast_batch import FastDecodeBatch
+    from pipeline.llm.fast_engine import FastPhiEngine
+
+    rng = random.Random(21)
+    schedule = {step: [(prompt_of(rng, rng.randrange(8, 300)), rng.randrange(20, 160)) for _ in range(6)]
+                for step in (0, 5, 30, 90)}
+    beside = FastPhiEngine(model, engine.eos_token_id, max_seq_len=2048,
+                           config=replace(engine.config, host_copy_beside=True))
+    want = decode(FastDecodeBatch(engine, max_rows=64, bucket=BUCKET), schedule, **sampling)
+    assert decode(FastDecodeBatch(beside, max_rows=64, bucket=BUCKET), schedule, **sampling) == want
+    beside.cache.release()
