@@ -94,15 +94,15 @@ def triton_attention(qkv: torch.Tensor, s: StepColumns, k_cache: torch.Tensor, v
     partial = torch.empty((batch * heads, splits, head_dim), device=qkv.device, dtype=torch.float32)
     m = torch.empty((batch * heads, splits), device=qkv.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    kernel, consecutive = ((_attn_dot_kernel, {"CONSECUTIVE": config.consecutive}) if config.kernel == "dot"
-                           else (_attn_sum_kernel, {}))
+    kernel = _attn_dot_kernel if config.kernel == "dot" else _attn_sum_kernel
+    dot_only = {"CONSECUTIVE": config.consecutive} if config.kernel == "dot" else {}
     kernel[(batch * heads, splits)](
         q, k_cache, v_cache, s.starts, s.col, s.table, partial, m, l, out,
         *cache_strides, 1.0 / math.sqrt(head_dim), splits,
         out.stride(0), COL_STRIDE=col_stride(s.col), HEADS=heads, HEAD_DIM=head_dim, DIRECT=splits == 1,
         BLOCK_N=config.block_n, BLOCK_SIZE=s.block_size, D0=d0, D1=max(d1, 16), HAS_TAIL=d1 > 0, STAGES=config.stages,
         TABLE_WIDTH=table_width, num_warps=config.warps, PRECISION=precision, num_stages=max(config.stages, 1),
-        **consecutive)
+        **dot_only)
     if splits == 1:  # the split kernel wrote the output itself
         return out
     _attn_merge_kernel[(batch * heads,)](partial, m, l, out, out.stride(0), HEADS=heads, HEAD_DIM=head_dim,
