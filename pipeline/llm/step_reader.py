@@ -29,9 +29,8 @@ class Sent:
 class StepReader:
     def __init__(self, rows: int, dtype: torch.dtype, device: torch.device, beside: bool):
         self.cuda = device.type == "cuda"
-        pinned = {"pin_memory": True} if self.cuda else {}
-        self._sets = [(torch.empty(rows, dtype=torch.long, **pinned), torch.empty(rows, dtype=dtype, **pinned))
-                      for _ in range(2)] if self.cuda else []
+        self._sets = [(torch.empty(rows, dtype=torch.long, pin_memory=True),
+                       torch.empty(rows, dtype=dtype, pin_memory=True)) for _ in range(2)] if self.cuda else []
         self._stream = torch.cuda.Stream(device) if self.cuda and beside else None
 
     def send(self, tokens: torch.Tensor, values: torch.Tensor) -> Sent:
